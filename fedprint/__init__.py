@@ -1,0 +1,1 @@
+"""fedprint: federated ten-print identification."""
