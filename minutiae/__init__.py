@@ -1,5 +1,25 @@
 """Minutiae templates: the in-memory model and the interchange formats (ISO/IEC 19794-2, NIST .xyt)."""
 
+from minutiae.iso19794_2 import (
+    ANGLE_ERROR_BOUND_DEGREES,
+    decode_record,
+    decode_template,
+    encode_record,
+    encode_template,
+)
 from minutiae.template import FingerTemplate, MinutiaKind, TemplateError, TenPrintTemplates
+from minutiae.xyt import read_xyt, write_xyt
 
-__all__ = ["FingerTemplate", "MinutiaKind", "TemplateError", "TenPrintTemplates"]
+__all__ = [
+    "ANGLE_ERROR_BOUND_DEGREES",
+    "FingerTemplate",
+    "MinutiaKind",
+    "TemplateError",
+    "TenPrintTemplates",
+    "decode_record",
+    "decode_template",
+    "encode_record",
+    "encode_template",
+    "read_xyt",
+    "write_xyt",
+]
