@@ -28,12 +28,16 @@ def generate(out: Path) -> list[Path]:
     sources = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
             f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
             f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
-            f"--python_out={out}", f"--mypy_out={out}",
-            f"--grpc_python_out={out}", f"--mypy_grpc_out={out}",
+            f"--python_out={out}",
+            f"--mypy_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_grpc_out={out}",
             *sources,
         ],
         check=True,

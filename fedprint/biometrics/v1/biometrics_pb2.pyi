@@ -111,6 +111,8 @@ class _FingerAbsenceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FingerA
     """ANSI/NIST "UP": bandaged, injured"""
     UNUSABLE: _FingerAbsence.ValueType  # 3
     """captured but too few minutiae to match"""
+    NOT_SUBMITTED: _FingerAbsence.ValueType  # 4
+    """the position is not in the request at all"""
 
 class FingerAbsence(_FingerAbsence, metaclass=_FingerAbsenceEnumTypeWrapper):
     """Why a finger of a ten-print carries no usable data."""
@@ -123,6 +125,8 @@ UNABLE_TO_PRINT: FingerAbsence.ValueType  # 2
 """ANSI/NIST "UP": bandaged, injured"""
 UNUSABLE: FingerAbsence.ValueType  # 3
 """captured but too few minutiae to match"""
+NOT_SUBMITTED: FingerAbsence.ValueType  # 4
+"""the position is not in the request at all"""
 Global___FingerAbsence: _TypeAlias = FingerAbsence  # noqa: Y015
 
 class _DecisionBand:

@@ -1,0 +1,1 @@
+"""The federation coordinator: booking intake, simultaneous node search, threat policy, ICE outbox."""

@@ -1,0 +1,276 @@
+"""The federation coordinator: ``fedprint.booking.v1.BookingService``.
+
+For each booking it searches IAFIS and IDENT at the same time, each under its own
+deadline; applies the threat policy; stores the decision, its audit entry and any
+ICE notification in one transaction; and answers within the caller's deadline.
+A node that does not answer makes the decision INCOMPLETE, never a no-hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+
+from federation.intake import UnauthorizedOri, check_booking
+from federation.outbox import OutboxDeliverer
+from federation.policy import ThreatPolicy
+from federation.store import CoordinatorStore
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
+from fedprint.config import CoordinatorConfig
+from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, insecure_channel
+
+log = structlog.get_logger(__name__)
+
+_OUTCOME_OF_CODE = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: bk.TIMED_OUT,
+    grpc.StatusCode.UNAVAILABLE: bk.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True)
+class NodeClient:
+    """A gallery node the coordinator searches."""
+
+    name: str
+    stub: gal_grpc.GalleryServiceAsyncStub
+
+
+class DecisionFeed:
+    """Fan-out of new decisions to WatchDecisions subscribers."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[bk.BookingDecision]] = set()
+
+    def publish(self, decision: bk.BookingDecision) -> None:
+        for queue in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):  # a stalled watcher loses updates, not the service
+                queue.put_nowait(decision)
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Any:
+        queue: asyncio.Queue[bk.BookingDecision] = asyncio.Queue(maxsize=1000)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+
+class Coordinator(bk_grpc.BookingServiceServicer):
+    """SubmitBooking, GetDecision and WatchDecisions."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: CoordinatorStore,
+        policy: ThreatPolicy,
+        iafis: NodeClient,
+        ident: NodeClient,
+        outbox: OutboxDeliverer,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.policy = policy
+        self.iafis = iafis
+        self.ident = ident
+        self.outbox = outbox
+        self.feed = DecisionFeed()
+        # One evaluation per TCN at a time: a resubmission waits for the first to finish.
+        # Weak values: a lock disappears once no call holds or awaits it.
+        self._tcn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def _search(self, node: NodeClient, booking: bk.Booking, deadline_s: float) -> bk.NodeResult:
+        started = time.perf_counter()
+        request = gal.IdentifyRequest(
+            probes=[gal.Probe(probe_id=booking.tcn, tenprint=booking.tenprint)],
+            max_results=self.config.max_candidates,
+        )
+        result = bk.NodeResult(node=node.name)
+        try:
+            response = await node.stub.Identify(request, timeout=deadline_s)
+        except grpc.aio.AioRpcError as error:
+            result.outcome = _OUTCOME_OF_CODE.get(error.code(), bk.FAILED)
+            result.error = f"{error.code().name}: {error.details()}"
+        else:
+            probe = response.results[0]
+            result.outcome = bk.ANSWERED
+            result.band = probe.decision
+            result.candidates.extend(probe.candidates)
+            result.thresholds.CopyFrom(probe.thresholds)
+            result.unusable_fingers.extend(probe.unusable_fingers)
+        result.latency_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    def _notification(self, booking: bk.Booking, decision: bk.BookingDecision) -> ice.Notification:
+        notification = ice.Notification(
+            tcn=booking.tcn,
+            ori=booking.ori,
+            booking_time=booking.booking_time,
+            level=decision.level,
+            charges=booking.charges,
+            ident_match=decision.ident.candidates[0],
+            hit_threshold=decision.ident.thresholds.hit,
+            policy_version=decision.policy_version,
+            reasons=decision.reasons,
+        )
+        if decision.iafis.band == bio.HIT and decision.iafis.candidates:
+            notification.iafis_match.CopyFrom(decision.iafis.candidates[0])
+        return notification
+
+    async def decide(self, booking: bk.Booking, deadline_s: float) -> bk.BookingDecision:
+        """Searches both nodes at once and applies the policy (does not store)."""
+        iafis, ident = await asyncio.gather(
+            self._search(self.iafis, booking, deadline_s), self._search(self.ident, booking, deadline_s)
+        )
+        outcome = self.policy.decide(booking.charges, iafis, ident)
+        complete = iafis.outcome == bk.ANSWERED and ident.outcome == bk.ANSWERED
+        decision = bk.BookingDecision(
+            tcn=booking.tcn,
+            ori=booking.ori,
+            status=bk.COMPLETE if complete else bk.INCOMPLETE,
+            iafis=iafis,
+            ident=ident,
+            level=outcome.level,
+            reasons=outcome.reasons,
+            policy_version=self.policy.version,
+            notification=outcome.notification,
+        )
+        decision.decided_at.GetCurrentTime()
+        return decision
+
+    async def SubmitBooking(
+        self, request: bk.Booking, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bk.BookingDecision:
+        try:
+            check_booking(request, self.config.authorized_oris)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        except UnauthorizedOri as error:
+            log.warning("unauthorised ORI", ori=request.ori, tcn=request.tcn)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        lock = self._tcn_locks.get(request.tcn)
+        if lock is None:
+            lock = self._tcn_locks[request.tcn] = asyncio.Lock()
+        async with lock:
+            return await self._submit(request, context)
+
+    async def _submit(
+        self, booking: bk.Booking, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bk.BookingDecision:
+        previous = await asyncio.to_thread(self.store.decision, booking.tcn)
+        if previous is not None and previous.ori != booking.ori:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"TCN {booking.tcn} was already used by another agency"
+            )
+        if previous is not None and previous.status == bk.COMPLETE:
+            log.info("booking already decided", tcn=booking.tcn)
+            return previous
+        timeout = self.config.node_deadline_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Leave the caller time to receive the answer after both searches.
+            timeout = max(0.1, min(timeout, remaining - 0.5))
+        decision = await self.decide(booking, timeout)
+        decision.attempt = (previous.attempt if previous is not None else 0) + 1
+        notification = self._notification(booking, decision) if decision.notification == bk.QUEUED else None
+        await asyncio.to_thread(self.store.record_decision, decision, notification)
+        if notification is not None:
+            self.outbox.wake()
+        self.feed.publish(decision)
+        log.info(
+            "booking decided",
+            tcn=decision.tcn,
+            ori=decision.ori,
+            status=bk.DecisionStatus.Name(decision.status),
+            iafis=bio.DecisionBand.Name(decision.iafis.band),
+            ident=bio.DecisionBand.Name(decision.ident.band),
+            level=decision.level,
+            notification=bk.NotificationState.Name(decision.notification),
+            attempt=decision.attempt,
+        )
+        return decision
+
+    async def GetDecision(
+        self, request: bk.GetDecisionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bk.BookingDecision:
+        decision = await asyncio.to_thread(self.store.decision, request.tcn)
+        if decision is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no decision for TCN {request.tcn}")
+        return decision
+
+    async def WatchDecisions(
+        self, request: bk.WatchDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bk.BookingDecision]:
+        with self.feed.subscribe() as queue:
+            while True:
+                decision = await queue.get()
+                if not request.ori or decision.ori == request.ori:
+                    yield decision
+
+
+@dataclass
+class CoordinatorService:
+    """A running coordinator: its host, the outbox task, and the channels to close."""
+
+    host: ServiceHost
+    coordinator: Coordinator
+    channels: list[grpc.aio.Channel]
+
+    async def start(self) -> int:
+        port = await self.host.start()
+        self.coordinator.outbox.start()
+        return port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.host.stop(grace_s)
+        await self.coordinator.outbox.stop()
+        for channel in self.channels:
+            await channel.close(None)
+        self.coordinator.store.close()
+
+
+def build_coordinator(config: CoordinatorConfig, database_url: str | None = None) -> CoordinatorService:
+    """Wires store, policy, node clients and outbox into a coordinator server (not yet started)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = CoordinatorStore(database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}")
+    policy = ThreatPolicy.load(config.policy_path)
+    channels = [insecure_channel(a) for a in (config.iafis_address, config.ident_address, config.ice_address)]
+    outbox = OutboxDeliverer(
+        store,
+        ice_grpc.IceNotificationServiceStub(channels[2]),
+        deadline_s=config.ice_deadline_s,
+        retry_initial_s=config.outbox_retry_initial_s,
+        retry_max_s=config.outbox_retry_max_s,
+    )
+    coordinator = Coordinator(
+        config,
+        store,
+        policy,
+        NodeClient("iafis", gal_grpc.GalleryServiceStub(channels[0])),
+        NodeClient("ident", gal_grpc.GalleryServiceStub(channels[1])),
+        outbox,
+    )
+    host = ServiceHost(
+        config.listen,
+        [
+            (
+                bk.DESCRIPTOR.services_by_name["BookingService"].full_name,
+                lambda server: bk_grpc.add_BookingServiceServicer_to_server(coordinator, server),
+            )
+        ],
+    )
+    return CoordinatorService(host, coordinator, channels)

@@ -1,0 +1,173 @@
+"""The threat-priority policy: offense codes to levels, the level of a booking, and
+what a decision means for notification. Loaded from a versioned YAML file.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.records.v1 import records_pb2 as rec
+
+BUNDLED_POLICY = "threat_policy.yaml"
+
+
+class CodeRange(BaseModel):
+    start: str = Field(alias="from", pattern=r"^\d{4}$")
+    end: str = Field(alias="to", pattern=r"^\d{4}$")
+    category: str
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CodeRange:
+        if self.start > self.end:
+            raise ValueError(f"range {self.start}-{self.end} is reversed")
+        return self
+
+    def contains(self, code: str) -> bool:
+        return self.start <= code <= self.end
+
+
+class SuppressionRule(BaseModel):
+    status: str
+    reason: str
+
+    @field_validator("status")
+    @classmethod
+    def _known_status(cls, status: str) -> str:
+        rec.ImmigrationStatus.Value(status)  # raises on an unknown name
+        return status
+
+
+class PolicyConfig(BaseModel):
+    version: str
+    default_level: int = Field(ge=1, le=3)
+    levels: dict[int, list[CodeRange]]
+    count_dispositions: list[str] = ["CONVICTED"]
+    suppress: list[SuppressionRule] = []
+
+    @model_validator(mode="after")
+    def _no_overlaps(self) -> PolicyConfig:
+        ranges = sorted((r.start, r.end, level) for level, rs in self.levels.items() for r in rs)
+        for (s1, e1, l1), (s2, e2, l2) in itertools.pairwise(ranges):
+            if s2 <= e1:
+                raise ValueError(f"ranges {s1}-{e1} (level {l1}) and {s2}-{e2} (level {l2}) overlap")
+        for level in self.levels:
+            if level not in (1, 2, 3):
+                raise ValueError(f"level {level} is not 1, 2 or 3")
+        for name in self.count_dispositions:
+            rec.Disposition.Value(name)
+        return self
+
+
+@dataclass(frozen=True)
+class Grade:
+    """The level of one charge and why."""
+
+    code: str
+    level: int
+    category: str
+
+
+@dataclass(frozen=True)
+class PolicyOutcome:
+    """What the policy makes of a booking's search results."""
+
+    level: rec.ThreatLevel.ValueType
+    notification: bk.NotificationState.ValueType
+    reasons: list[str]
+
+
+class ThreatPolicy:
+    """Grades charges and decides on notification, as configured."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self.version = config.version
+        self._counted = {rec.Disposition.Value(name) for name in config.count_dispositions}
+        self._suppress = {rec.ImmigrationStatus.Value(r.status): r.reason for r in config.suppress}
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> ThreatPolicy:
+        """Reads ``path``, or the policy bundled with the package."""
+        text = (
+            Path(path).read_text()
+            if path is not None
+            else resources.files("federation").joinpath(BUNDLED_POLICY).read_text()
+        )
+        return cls(PolicyConfig.model_validate(yaml.safe_load(text)))
+
+    def grade(self, code: str) -> Grade:
+        """The level of one NCIC offense code."""
+        for level in sorted(self.config.levels):
+            for r in self.config.levels[level]:
+                if r.contains(code):
+                    return Grade(code, level, r.category)
+        return Grade(code, self.config.default_level, "lesser offense")
+
+    def booking_level(
+        self, charges: Iterable[rec.Charge], history: rec.CriminalHistory | None
+    ) -> tuple[rec.ThreatLevel.ValueType, list[str]]:
+        """Most severe level of the current charges and the counted arrests of ``history``."""
+        graded: list[tuple[Grade, str]] = [(self.grade(c.ncic_code), "current charge") for c in charges]
+        if history is not None:
+            for arrest in history.arrests:
+                if arrest.disposition in self._counted:
+                    disposition = rec.Disposition.Name(arrest.disposition).lower()
+                    graded += [(self.grade(c.ncic_code), f"{disposition} arrest") for c in arrest.charges]
+        if not graded:
+            return rec.THREAT_LEVEL_UNSPECIFIED, ["no charge or counted conviction to grade"]
+        worst, source = min(graded, key=lambda g: g[0].level)
+        reason = f"level {worst.level}: {source} {worst.code} ({worst.category})"
+        return rec.ThreatLevel.Value(f"LEVEL_{worst.level}"), [reason]
+
+    def decide(
+        self, charges: Iterable[rec.Charge], iafis: bk.NodeResult, ident: bk.NodeResult
+    ) -> PolicyOutcome:
+        """Level, notification state and reasons for a booking's two node results."""
+        reasons: list[str] = []
+        complete = True
+        for node in (iafis, ident):
+            if node.outcome != bk.ANSWERED:
+                complete = False
+                reasons.append(
+                    f"{node.node} did not answer ({bk.NodeOutcome.Name(node.outcome)}): decision incomplete"
+                )
+        history = None
+        if iafis.outcome == bk.ANSWERED and iafis.band == bio.HIT and iafis.candidates:
+            history = iafis.candidates[0].criminal_history
+            reasons.append(
+                f"IAFIS hit {iafis.candidates[0].subject_id} (score {iafis.candidates[0].fused_score:.3f})"
+            )
+        elif iafis.outcome == bk.ANSWERED and iafis.band == bio.REVIEW:
+            reasons.append(
+                "IAFIS candidate in the review band: criminal history not used until an examiner verifies"
+            )
+        level, level_reasons = self.booking_level(charges, history)
+        reasons += level_reasons
+        if not complete:
+            return PolicyOutcome(level, bk.DEFERRED, reasons)
+        if ident.band == bio.HIT and ident.candidates:
+            top = ident.candidates[0]
+            reasons.append(
+                f"IDENT hit {top.subject_id} (score {top.fused_score:.3f} >= {ident.thresholds.hit:.3f})"
+            )
+            suppressed = self._suppress.get(top.immigration_history.status)
+            if suppressed is not None:
+                reasons.append(f"notification suppressed: {suppressed}")
+                return PolicyOutcome(level, bk.SUPPRESSED, reasons)
+            return PolicyOutcome(level, bk.QUEUED, reasons)
+        if ident.band == bio.REVIEW:
+            reasons.append(
+                "IDENT candidate in the review band: examiner verification before any notification"
+            )
+            return PolicyOutcome(level, bk.EXAMINER_REVIEW, reasons)
+        reasons.append("no IDENT hit: no notification")
+        return PolicyOutcome(level, bk.NOT_REQUIRED, reasons)

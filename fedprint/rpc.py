@@ -1,0 +1,154 @@
+"""What every fedprint gRPC server and client shares: hosting with health and
+reflection, graceful shutdown, errors with ``google.rpc`` details, and channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+log = structlog.get_logger(__name__)
+
+# Largest message a server accepts: a ten-print of templates is a few KB, a batch of
+# probes or a ten-print of WSQ images a few MB. Larger requests get RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field of a request: where it is (``tenprint.fingers[3].template``) and why."""
+
+    field: str
+    description: str
+
+
+class InvalidRequest(ValueError):
+    """A request failed validation; carries the field violations for the client."""
+
+    def __init__(self, violations: Sequence[FieldViolation], message: str = "invalid request") -> None:
+        super().__init__(f"{message}: " + "; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.message = message
+        self.violations = list(violations)
+
+
+def bad_request_status(error: InvalidRequest) -> grpc.Status:
+    """An INVALID_ARGUMENT status carrying a ``google.rpc.BadRequest`` with every violation."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+    )
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[detail])
+    )
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext[Any, Any], error: InvalidRequest) -> NoReturn:
+    """Ends the call with INVALID_ARGUMENT and field details; logs only field names."""
+    log.warning("request rejected", fields=[v.field for v in error.violations])
+    await context.abort_with_status(bad_request_status(error))  # type: ignore[attr-defined]
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[FieldViolation]:
+    """The ``BadRequest`` field violations of a failed call (empty when there are none)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    found: list[FieldViolation] = []
+    for detail in status.details if status is not None else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            found.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+    return found
+
+
+Registrar = Callable[[grpc.aio.Server], None]
+
+
+class ServiceHost:
+    """A ``grpc.aio`` server with health checking and reflection for the given services.
+
+    ``services`` pairs each full service name with the function that adds its
+    servicer. Health reports SERVING from :meth:`start` until :meth:`stop`.
+    """
+
+    def __init__(self, listen: str, services: Sequence[tuple[str, Registrar]]) -> None:
+        self.listen = listen
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._names = [name for name, _ in services]
+        for _, register in services:
+            register(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        """Binds and starts serving; returns the bound port (useful with port 0)."""
+        self.port = self._server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"could not bind {self.listen}")
+        await self._server.start()
+        for name in ["", *self._names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish for ``grace_s``, then stops."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve_until_signalled(
+    host: ServiceHost,
+    *,
+    on_started: Callable[[], Awaitable[None]] | None = None,
+    on_stopping: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Runs ``host`` until SIGTERM or SIGINT, then shuts it down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await host.start()
+    if on_started is not None:
+        await on_started()
+    log.info("serving", address=host.address, port=port)
+    await stop.wait()
+    log.info("shutting down", address=host.address)
+    if on_stopping is not None:
+        await on_stopping()
+    await host.stop()
+
+
+def insecure_channel(address: str) -> grpc.aio.Channel:
+    """A client channel with the same message-size limits as the servers."""
+    return grpc.aio.insecure_channel(address, options=_SERVER_OPTIONS)

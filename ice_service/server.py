@@ -1,0 +1,142 @@
+"""``fedprint.ice.v1.IceNotificationService``: stores notifications once per TCN and
+lists them by threat level, then by time received."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from sqlalchemy import DateTime, Integer, LargeBinary, String, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from fedprint.config import IceConfig
+from fedprint.database import connect
+from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.records.v1 import records_pb2 as rec
+from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid
+
+log = structlog.get_logger(__name__)
+MAX_LIST = 1000
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class NotificationRow(_Base):
+    __tablename__ = "notifications"
+    tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    notification: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class IceStore:
+    """Received notifications (SQLite by default)."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = connect(url)
+        _Base.metadata.create_all(self._engine)
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+
+    def add(self, notification: ice.Notification) -> tuple[bool, dt.datetime]:
+        """Stores a notification; returns (duplicate, when first received)."""
+        now = dt.datetime.now(dt.UTC)
+        try:
+            with self._sessions.begin() as session:
+                session.add(
+                    NotificationRow(
+                        tcn=notification.tcn,
+                        level=int(notification.level),
+                        received_at=now,
+                        notification=notification.SerializeToString(),
+                    )
+                )
+            return False, now
+        except IntegrityError:
+            with self._sessions() as session:
+                row = session.get(NotificationRow, notification.tcn)
+                assert row is not None
+                return True, row.received_at.replace(tzinfo=dt.UTC)
+
+    def list(self, limit: int, level: int = 0) -> list[tuple[ice.Notification, dt.datetime]]:
+        with self._sessions() as session:
+            query = select(NotificationRow).order_by(NotificationRow.level, NotificationRow.received_at)
+            if level:
+                query = query.where(NotificationRow.level == level)
+            rows = session.scalars(query.limit(limit))
+            return [
+                (ice.Notification.FromString(r.notification), r.received_at.replace(tzinfo=dt.UTC))
+                for r in rows
+            ]
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+class IceNotificationServer(ice_grpc.IceNotificationServiceServicer):
+    """Notify and ListNotifications."""
+
+    def __init__(self, store: IceStore) -> None:
+        self.store = store
+
+    async def Notify(self, request: ice.Notification, context: grpc.aio.ServicerContext[Any, Any]) -> ice.Ack:
+        violations = []
+        if not request.tcn:
+            violations.append(FieldViolation("tcn", "TCN is required"))
+        if request.level == rec.THREAT_LEVEL_UNSPECIFIED:
+            violations.append(FieldViolation("level", "threat level is required"))
+        if not request.ident_match.subject_id:
+            violations.append(
+                FieldViolation("ident_match.subject_id", "the matched IDENT subject is required")
+            )
+        if violations:
+            await abort_invalid(context, InvalidRequest(violations, "malformed notification"))
+        duplicate, received_at = await asyncio.to_thread(self.store.add, request)
+        log.info("notification received", tcn=request.tcn, level=request.level, duplicate=duplicate)
+        ack = ice.Ack(tcn=request.tcn, duplicate=duplicate)
+        ack.received_at.FromDatetime(received_at)
+        return ack
+
+    async def ListNotifications(
+        self, request: ice.ListNotificationsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ice.ListNotificationsResponse:
+        limit = min(request.limit or 100, MAX_LIST)
+        rows = await asyncio.to_thread(self.store.list, limit, int(request.level))
+        response = ice.ListNotificationsResponse()
+        for notification, received_at in rows:
+            item = response.notifications.add(notification=notification)
+            item.received_at.FromDatetime(received_at)
+        return response
+
+
+@dataclass
+class IceService:
+    host: ServiceHost
+    server: IceNotificationServer
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.host.stop(grace_s)
+        self.server.store.close()
+
+
+def build_ice(config: IceConfig, database_url: str | None = None) -> IceService:
+    """The ICE notification server over its store (not yet started)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    server = IceNotificationServer(IceStore(database_url or f"sqlite:///{config.data_dir / 'ice.sqlite'}"))
+    host = ServiceHost(
+        config.listen,
+        [
+            (
+                ice.DESCRIPTOR.services_by_name["IceNotificationService"].full_name,
+                lambda s: ice_grpc.add_IceNotificationServiceServicer_to_server(server, s),
+            )
+        ],
+    )
+    return IceService(host, server)

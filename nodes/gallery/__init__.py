@@ -1,0 +1,18 @@
+"""What both gallery nodes share: the server, its store, the in-memory gallery, the micro-batcher."""
+
+from nodes.gallery.batcher import MicroBatcher
+from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, Match
+from nodes.gallery.server import GalleryNode, GalleryServicer, build_node
+from nodes.gallery.store import Enrollment, GalleryStore
+
+__all__ = [
+    "TEMPLATE_FORMAT_VERSION",
+    "Enrollment",
+    "Gallery",
+    "GalleryNode",
+    "GalleryServicer",
+    "GalleryStore",
+    "Match",
+    "MicroBatcher",
+    "build_node",
+]

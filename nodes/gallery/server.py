@@ -1,0 +1,359 @@
+"""The gallery service both nodes run: ``fedprint.gallery.v1.GalleryService``.
+
+A node is this server plus its :class:`~nodes.gallery.records.RecordStore`
+(IAFIS: criminal histories, IDENT: immigration histories).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic
+
+import grpc
+import structlog
+
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
+from fedprint.config import NodeConfig, Thresholds
+from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid
+from gpu_kernels import TenPrintCylinders
+from minutiae.iso19794_2 import decode_template
+from minutiae.template import TenPrintTemplates
+from minutiae.wire import decode_tenprint
+from nodes.gallery.batcher import MicroBatcher
+from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, Match, resolve_device
+from nodes.gallery.records import RecordStore, RecordT
+from nodes.gallery.store import Enrollment, GalleryStore
+
+log = structlog.get_logger(__name__)
+
+SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+#: Most subjects one Enroll stream may carry; it is one transaction held in memory.
+MAX_ENROLL_PER_STREAM = 50_000
+#: Subjects encoded per device call when loading the gallery at start-up.
+LOAD_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class _SearchItem:
+    tenprint: TenPrintTemplates
+    k: int
+
+
+def band_of(score: float, thresholds: Thresholds) -> bio.DecisionBand.ValueType:
+    """HIT at or above the hit threshold, REVIEW at or above the review threshold, else NO_HIT."""
+    if score >= thresholds.hit:
+        return bio.HIT
+    if score >= thresholds.review:
+        return bio.REVIEW
+    return bio.NO_HIT
+
+
+def thresholds_proto(t: Thresholds) -> bio.Thresholds:
+    return bio.Thresholds(
+        hit=t.hit, review=t.review, hit_fpir=t.hit_fpir, review_fpir=t.review_fpir, source=t.source
+    )
+
+
+def load_gallery(store: GalleryStore[Any], gallery: Gallery) -> int:
+    """Decodes the stored templates and encodes them into ``gallery``; returns subjects loaded."""
+    ids: list[str] = []
+    tenprints: list[TenPrintTemplates] = []
+    loaded = 0
+
+    def flush() -> None:
+        nonlocal loaded
+        if ids:
+            gallery.add(ids, gallery.encode(tenprints))
+            loaded += len(ids)
+            ids.clear()
+            tenprints.clear()
+
+    for subject_id, fingers in store.templates():
+        ids.append(subject_id)
+        tenprints.append(TenPrintTemplates({p: decode_template(data) for p, (_, data) in fingers.items()}))
+        if len(ids) >= LOAD_CHUNK:
+            flush()
+    flush()
+    return loaded
+
+
+class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
+    """Identify, Enroll, Remove and GetStats over one node's store and in-memory gallery."""
+
+    def __init__(self, config: NodeConfig, store: GalleryStore[RecordT], gallery: Gallery) -> None:
+        self.config = config
+        self.node = config.node
+        self.store = store
+        self.gallery = gallery
+        self.batcher: MicroBatcher[_SearchItem, list[Match]] = MicroBatcher(
+            self._search_batch,
+            max_batch=config.batching.max_batch,
+            max_wait_s=config.batching.max_wait_ms / 1000,
+        )
+
+    @property
+    def records(self) -> RecordStore[RecordT]:
+        return self.store.records
+
+    # -- Identify ---------------------------------------------------------------------------
+
+    def _search_batch(self, items: Sequence[_SearchItem]) -> list[list[Match]]:
+        """One device call for every probe gathered by the batcher (runs in a worker thread)."""
+        probes = self.gallery.encode([item.tenprint for item in items])
+        results, _ = self.gallery.search(probes, max(item.k for item in items))
+        return [matches[: item.k] for matches, item in zip(results, items, strict=True)]
+
+    def _search_subset(
+        self, tenprints: Sequence[TenPrintTemplates], k: int, subset: Sequence[str]
+    ) -> tuple[list[list[Match]], int]:
+        probes: TenPrintCylinders = self.gallery.encode(tenprints)
+        return self.gallery.search(probes, k, subset)
+
+    def _validate_identify(self, request: gal.IdentifyRequest) -> tuple[list[Any], Thresholds, int]:
+        violations: list[FieldViolation] = []
+        if not request.probes:
+            violations.append(FieldViolation("probes", "at least one probe is required"))
+        if len(request.probes) > self.config.max_probes_per_request:
+            violations.append(
+                FieldViolation(
+                    "probes", f"{len(request.probes)} probes, at most {self.config.max_probes_per_request}"
+                )
+            )
+        if request.max_results > self.config.max_results_limit:
+            violations.append(
+                FieldViolation(
+                    "max_results", f"{request.max_results} exceeds {self.config.max_results_limit}"
+                )
+            )
+        if not 0.0 <= request.target_fpir < 1.0:
+            violations.append(FieldViolation("target_fpir", "must lie in (0, 1), or 0 for the default"))
+        thresholds = self.config.thresholds
+        if request.target_fpir > 0.0 and not violations:
+            derived = thresholds.for_fpir(request.target_fpir)
+            if derived is None:
+                violations.append(
+                    FieldViolation(
+                        "target_fpir", f"no calibration reaches FPIR {request.target_fpir:g} on this node"
+                    )
+                )
+            else:
+                thresholds = derived
+        decoded = []
+        seen: set[str] = set()
+        for i, probe in enumerate(request.probes):
+            if not probe.probe_id:
+                violations.append(FieldViolation(f"probes[{i}].probe_id", "probe id is required"))
+            elif probe.probe_id in seen:
+                violations.append(FieldViolation(f"probes[{i}].probe_id", "probe id repeated"))
+            seen.add(probe.probe_id)
+            try:
+                decoded.append(decode_tenprint(probe.tenprint, f"probes[{i}].tenprint"))
+            except InvalidRequest as error:
+                violations.extend(error.violations)
+        if violations:
+            raise InvalidRequest(violations, "malformed identify request")
+        return decoded, thresholds, request.max_results or 10
+
+    async def Identify(
+        self, request: gal.IdentifyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.IdentifyResponse:
+        started = time.perf_counter()
+        try:
+            decoded, thresholds, k = self._validate_identify(request)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        if request.subject_ids:
+            results, searched = await asyncio.to_thread(
+                self._search_subset, [d.templates for d in decoded], k, list(request.subject_ids)
+            )
+        else:
+            searched = len(self.gallery)
+            results = list(
+                await asyncio.gather(*(self.batcher.submit(_SearchItem(d.templates, k)) for d in decoded))
+            )
+        candidate_ids = sorted({m.subject_id for matches in results for m in matches})
+        records = await asyncio.to_thread(self.store.get_records, candidate_ids)
+        response = gal.IdentifyResponse(node=self.node)
+        for probe, d, matches in zip(request.probes, decoded, results, strict=True):
+            result = response.results.add(
+                probe_id=probe.probe_id,
+                thresholds=thresholds_proto(thresholds),
+                unusable_fingers=[issue.to_proto() for issue in d.issues],
+                searched_subjects=searched,
+            )
+            for rank, match in enumerate(matches, start=1):
+                candidate = result.candidates.add(
+                    subject_id=match.subject_id,
+                    rank=rank,
+                    fused_score=match.fused,
+                    band=band_of(match.fused, thresholds),
+                )
+                for position, score in sorted(match.finger_scores.items()):
+                    candidate.finger_scores.add(
+                        position=bio.FingerPosition.ValueType(position),
+                        score=score,
+                        probe_minutiae=d.templates.fingers[position].count,
+                    )
+                record = records.get(match.subject_id)
+                if record is not None:
+                    getattr(candidate, self.records.record_field).CopyFrom(record)
+            result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT
+        log.info(
+            "identify",
+            node=self.node,
+            probes=[p.probe_id for p in request.probes],
+            decisions=[bio.DecisionBand.Name(r.decision) for r in response.results],
+            top_scores=[
+                round(r.candidates[0].fused_score, 4) if r.candidates else None for r in response.results
+            ],
+            searched=searched,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return response
+
+    # -- Enroll / Remove / GetStats -------------------------------------------------------------
+
+    async def Enroll(
+        self, request_iterator: AsyncIterator[gal.EnrollRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.EnrollResponse:
+        enrollments: list[Enrollment[RecordT]] = []
+        tenprints: list[TenPrintTemplates] = []
+        violations: list[FieldViolation] = []
+        seen: set[str] = set()
+        i = -1
+        async for request in request_iterator:
+            i += 1
+            if i >= MAX_ENROLL_PER_STREAM:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"an Enroll stream carries at most {MAX_ENROLL_PER_STREAM} subjects; split it",
+                )
+            where = f"requests[{i}]"
+            found = self._validate_enrollment(request, where, seen)
+            if found:
+                violations.extend(found)
+                continue
+            try:
+                decoded = decode_tenprint(request.tenprint, f"{where}.tenprint")
+            except InvalidRequest as error:
+                violations.extend(error.violations)
+                continue
+            record: RecordT = getattr(request, self.records.record_field)
+            if not record.subject_id:  # type: ignore[attr-defined]
+                record.subject_id = request.subject_id  # type: ignore[attr-defined]
+            usable = {
+                int(f.position): (int(f.template.format), f.template.data)
+                for f in request.tenprint.fingers
+                if f.WhichOneof("data") == "template" and int(f.position) in decoded.templates.fingers
+            }
+            enrollments.append(Enrollment(request.subject_id, usable, record))
+            tenprints.append(decoded.templates)
+        if violations:
+            await abort_invalid(
+                context, InvalidRequest(violations, "enrollment rejected; nothing was stored")
+            )
+        if not enrollments:
+            return gal.EnrollResponse(enrolled=0, gallery_size=len(self.gallery))
+        # Encode before storing: if encoding fails, nothing has been written.
+        cylinders = await asyncio.to_thread(self.gallery.encode, tenprints)
+        await asyncio.to_thread(self.store.enroll, enrollments)
+        self.gallery.add([e.subject_id for e in enrollments], cylinders)
+        log.info("enrolled", node=self.node, subjects=len(enrollments), gallery_size=len(self.gallery))
+        return gal.EnrollResponse(enrolled=len(enrollments), gallery_size=len(self.gallery))
+
+    def _validate_enrollment(
+        self, request: gal.EnrollRequest, where: str, seen: set[str]
+    ) -> list[FieldViolation]:
+        if not SUBJECT_ID.match(request.subject_id):
+            return [
+                FieldViolation(f"{where}.subject_id", "1-64 letters, digits or _.:- starting alphanumeric")
+            ]
+        if request.subject_id in seen:
+            return [
+                FieldViolation(f"{where}.subject_id", f"{request.subject_id} appears twice in the stream")
+            ]
+        seen.add(request.subject_id)
+        field = self.records.record_field
+        if request.WhichOneof("record") != field:
+            return [FieldViolation(f"{where}.{field}", f"the {self.node} node needs a {field} record")]
+        return self.records.validate(getattr(request, field), request.subject_id, f"{where}.{field}")
+
+    async def Remove(
+        self, request: gal.RemoveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.RemoveResponse:
+        if not request.subject_ids:
+            await abort_invalid(
+                context, InvalidRequest([FieldViolation("subject_ids", "name at least one subject")])
+            )
+        ids = list(request.subject_ids)
+        removed = await asyncio.to_thread(self.store.remove, ids)
+        self.gallery.remove(ids)
+        log.info("removed", node=self.node, subjects=removed, gallery_size=len(self.gallery))
+        return gal.RemoveResponse(removed=removed, gallery_size=len(self.gallery))
+
+    async def GetStats(
+        self, request: gal.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.GalleryStats:
+        return gal.GalleryStats(
+            node=self.node,
+            gallery_size=len(self.gallery),
+            finger_count=self.gallery.finger_count,
+            template_format_version=TEMPLATE_FORMAT_VERSION,
+            device=str(self.gallery.device),
+            thresholds=thresholds_proto(self.config.thresholds),
+        )
+
+
+def record_store_for(node: str) -> RecordStore[Any]:
+    """The record model of a node by name."""
+    if node == "iafis":
+        from nodes.iafis import CriminalHistoryStore
+
+        return CriminalHistoryStore()
+    if node == "ident":
+        from nodes.ident import ImmigrationHistoryStore
+
+        return ImmigrationHistoryStore()
+    raise ValueError(f"unknown node {node!r}")
+
+
+@dataclass
+class GalleryNode:
+    """A running node: its gRPC host and what to close on shutdown."""
+
+    host: ServiceHost
+    servicer: GalleryServicer[Any]
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.host.stop(grace_s)
+        await self.servicer.batcher.close()
+        self.servicer.store.close()
+
+
+def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNode:
+    """Opens the node's store, loads its gallery onto the device, and prepares the server."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    url = database_url or f"sqlite:///{config.data_dir / (config.node + '.sqlite')}"
+    store = GalleryStore(url, record_store_for(config.node))
+    gallery = Gallery(resolve_device(config.device))
+    loaded = load_gallery(store, gallery)
+    log.info(
+        "gallery loaded", node=config.node, subjects=loaded, device=str(gallery.device), bytes=gallery.nbytes
+    )
+    servicer: GalleryServicer[Any] = GalleryServicer(config, store, gallery)
+    host = ServiceHost(
+        config.listen,
+        [
+            (
+                gal.DESCRIPTOR.services_by_name["GalleryService"].full_name,
+                lambda server: gal_grpc.add_GalleryServiceServicer_to_server(servicer, server),
+            )
+        ],
+    )
+    return GalleryNode(host, servicer)
