@@ -1,0 +1,310 @@
+"""Synthetic fingers: master minutiae sets shaped by ridge flow, and impressions of them.
+
+A *master* is the finger itself: every minutia the finger has, in a canonical pose.
+An *impression* is what one capture of that finger yields: the master moved, rotated,
+elastically distorted, cut to the contact area, with minutiae lost and spurious ones
+added, and every position and angle perturbed. Two impressions of one finger are never
+identical, and neither is the master; that is what makes the data honest for matching.
+
+Plausibility, not realism (a later issue adds pattern-class statistics, density
+variation and ridge-count consistency):
+
+- the finger is an ellipse of about 300x380 px (500 ppi) in a 400x500 image;
+- the ridge orientation field follows the Sherlock-Monro zero-pole model: each core adds
+  half the angle of ``z - core``, each delta subtracts half the angle of ``z - delta``,
+  giving loops (one core, one delta), whorls (two cores, two deltas), tented arches
+  (core above a close delta) and plain arches (a smooth bump, no singularity);
+- minutiae are spread with a minimum spacing (real minutiae are rarely closer than
+  about a ridge period, ~10 px at 500 ppi) and point along the local ridge orientation.
+
+All angles follow :mod:`minutiae.template`: radians, counter-clockwise as viewed, y down.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from minutiae.template import FingerTemplate, MinutiaKind
+
+IMAGE_WIDTH = 400
+IMAGE_HEIGHT = 500
+RESOLUTION_PPI = 500
+
+#: Finger ellipse semi-axes (x, y) in pixels for a thumb; other fingers are scaled down.
+FINGER_SEMI_AXES = (150.0, 190.0)
+#: Relative finger size by FGP position (index 0 unused): thumbs largest, little fingers smallest.
+_FINGER_SCALE = (1.0, 1.0, 0.93, 0.95, 0.9, 0.8, 1.0, 0.93, 0.95, 0.9, 0.8)
+MIN_MINUTIAE, MAX_MINUTIAE = 35, 60
+#: Minimum distance between master minutiae, about one ridge period at 500 ppi.
+MIN_SPACING = 10.0
+#: An impression with fewer minutiae is captured again (a booking officer re-rolls a bad print).
+MIN_IMPRESSION_MINUTIAE = 12
+_UPPER = np.triu(np.ones((3 * MAX_MINUTIAE, 3 * MAX_MINUTIAE), bool), 1)
+
+
+class PatternClass(enum.Enum):
+    """Henry pattern classes the orientation model can produce."""
+
+    ARCH = "arch"
+    TENTED_ARCH = "tented_arch"
+    LEFT_LOOP = "left_loop"
+    RIGHT_LOOP = "right_loop"
+    WHORL = "whorl"
+
+
+@dataclass(frozen=True)
+class RidgeFlow:
+    """A ridge orientation field: singular points in image coordinates, and the pattern they make."""
+
+    pattern: PatternClass
+    cores: tuple[tuple[float, float], ...]
+    deltas: tuple[tuple[float, float], ...]
+    centre: tuple[float, float]
+
+    def orientation(self, x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Ridge orientation (radians mod π, counter-clockwise as viewed) at image points ``[N]``."""
+        if self.pattern is PatternClass.ARCH:
+            # Ridges v = h·exp(-u²/2s²) (v upwards): the slope of that bump is the orientation.
+            cx, cy = self.centre
+            u = x - cx
+            h = 80.0 * np.exp(-(((y - cy) / 140.0) ** 2))
+            s = 90.0
+            slope = -u / s**2 * h * np.exp(-(u**2) / (2 * s**2))
+            return np.arctan(slope)
+        # Work in the viewed frame (y up) so that angles come out counter-clockwise as viewed.
+        z = x - 1j * y
+        theta = np.zeros_like(x)
+        for cx, cy in self.cores:
+            theta += 0.5 * np.angle(z - (cx - 1j * cy))
+        for dx, dy in self.deltas:
+            theta -= 0.5 * np.angle(z - (dx - 1j * dy))
+        return np.mod(theta, math.pi)
+
+
+def _pattern_for(rng: np.random.Generator, position: int) -> PatternClass:
+    # Roughly the NIST SD4 natural frequencies; loops lean ulnar (right loops on the
+    # right hand, FGP 1-5, left loops on the left hand).
+    right_hand = 1 <= position <= 5
+    ulnar, radial = (
+        (PatternClass.RIGHT_LOOP, PatternClass.LEFT_LOOP)
+        if right_hand
+        else (PatternClass.LEFT_LOOP, PatternClass.RIGHT_LOOP)
+    )
+    classes = [PatternClass.ARCH, PatternClass.TENTED_ARCH, PatternClass.WHORL, ulnar, radial]
+    weights = np.array([0.04, 0.03, 0.28, 0.55, 0.10])
+    return classes[int(rng.choice(len(classes), p=weights))]
+
+
+def ridge_flow(rng: np.random.Generator, pattern: PatternClass, centre: tuple[float, float]) -> RidgeFlow:
+    """Places the singular points of ``pattern`` around the finger centre."""
+    cx, cy = centre
+    core = (cx + rng.normal(0, 12), cy - 30 + rng.normal(0, 15))
+    if pattern is PatternClass.ARCH:
+        return RidgeFlow(pattern, (), (), (cx, cy + rng.normal(0, 20)))
+    if pattern is PatternClass.TENTED_ARCH:
+        delta = (core[0] + rng.normal(0, 8), core[1] + rng.uniform(60, 90))
+        return RidgeFlow(pattern, (core,), (delta,), centre)
+    if pattern in (PatternClass.LEFT_LOOP, PatternClass.RIGHT_LOOP):
+        # A left loop opens to the left, so its delta sits below and to the right of the core.
+        side = 1.0 if pattern is PatternClass.LEFT_LOOP else -1.0
+        delta = (core[0] + side * rng.uniform(80, 130), core[1] + rng.uniform(90, 140))
+        return RidgeFlow(pattern, (core,), (delta,), centre)
+    spread = rng.uniform(12, 30)
+    tilt = rng.uniform(0, math.pi)
+    cores = (
+        (core[0] + spread * math.cos(tilt), core[1] + spread * math.sin(tilt)),
+        (core[0] - spread * math.cos(tilt), core[1] - spread * math.sin(tilt)),
+    )
+    deltas = (
+        (core[0] - rng.uniform(90, 130), core[1] + rng.uniform(90, 140)),
+        (core[0] + rng.uniform(90, 130), core[1] + rng.uniform(90, 140)),
+    )
+    return RidgeFlow(pattern, cores, deltas, centre)
+
+
+def _spaced_points(
+    rng: np.random.Generator, count: int, centre: tuple[float, float], axes: tuple[float, float]
+) -> npt.NDArray[np.float64]:
+    """Up to ``count`` points uniform in the ellipse, none closer than :data:`MIN_SPACING` (dart throwing).
+
+    A candidate is dropped when it falls too close to any earlier candidate, kept or not:
+    slightly stricter than classic dart throwing, but one vectorised step instead of a loop,
+    and at these densities three candidates per wanted point leave plenty.
+    """
+    candidates = 3 * count
+    r = np.sqrt(rng.uniform(0, 1, candidates))
+    phi = rng.uniform(0, 2 * math.pi, candidates)
+    x = centre[0] + axes[0] * r * np.cos(phi)
+    y = centre[1] + axes[1] * r * np.sin(phi)
+    dx, dy = x[:, None] - x[None, :], y[:, None] - y[None, :]
+    close = dx * dx + dy * dy < MIN_SPACING**2
+    # close[i, j] with i < j: candidate j falls too near an earlier candidate i.
+    keep = ~(close & _UPPER[:candidates, :candidates]).any(axis=0)
+    pts = np.stack([x, y], axis=1)
+    chosen: npt.NDArray[np.float64] = pts[keep][:count]
+    return chosen
+
+
+def master_finger(rng: np.random.Generator, position: int) -> FingerTemplate:
+    """The master minutiae of one synthetic finger at FGP ``position`` (1-10), in a 400x500 image."""
+    scale = _FINGER_SCALE[position] * rng.uniform(0.92, 1.05)
+    axes = (FINGER_SEMI_AXES[0] * scale, FINGER_SEMI_AXES[1] * scale)
+    centre = (IMAGE_WIDTH / 2 + rng.normal(0, 6), IMAGE_HEIGHT / 2 + rng.normal(0, 6))
+    flow = ridge_flow(rng, _pattern_for(rng, position), centre)
+    count = int(rng.integers(MIN_MINUTIAE, MAX_MINUTIAE + 1))
+    pts = _spaced_points(rng, count, centre, axes)
+    n = len(pts)
+    # A minutia points along its ridge one way or the other; the field only fixes the axis.
+    theta = flow.orientation(pts[:, 0], pts[:, 1]) + math.pi * rng.integers(0, 2, n) + rng.normal(0, 0.05, n)
+    kinds = np.where(rng.uniform(size=n) < 0.55, MinutiaKind.RIDGE_ENDING, MinutiaKind.BIFURCATION)
+    return FingerTemplate.from_arrays(
+        np.column_stack([pts, theta]),
+        width=IMAGE_WIDTH,
+        height=IMAGE_HEIGHT,
+        kinds=kinds,
+        quality=rng.integers(60, 101, n),
+        resolution_ppi=RESOLUTION_PPI,
+        finger_position=position,
+    )
+
+
+def _smooth_field(rng: np.random.Generator) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Random low-frequency sine components (wave vectors, phases) for an elastic displacement field."""
+    k = rng.normal(0, 1.0 / 120.0, size=(3, 2, 2))  # 3 components x 2 output axes x 2 input axes
+    phase = rng.uniform(0, 2 * math.pi, size=(3, 2))
+    return k, phase
+
+
+def _displace(
+    xy: npt.NDArray[np.float64],
+    centre: npt.NDArray[np.float64],
+    radius: float,
+    amplitude: float,
+    field: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+) -> npt.NDArray[np.float64]:
+    """Elastic distortion: a smooth field whose strength grows with the squared distance from the centre.
+
+    Skin hardly moves where the finger presses hardest (the centre) and stretches most at the
+    borders of the contact area, as in Cappelli, Maio and Maltoni's distortion model.
+    """
+    k, phase = field
+    rel = xy - centre
+    growth = np.minimum((np.hypot(rel[:, 0], rel[:, 1]) / radius) ** 2, 1.5)
+    wave: npt.NDArray[np.float64] = np.sin(np.einsum("cai,ni->nca", k, rel) + phase[None]).sum(axis=1) / 3.0
+    out: npt.NDArray[np.float64] = xy + amplitude * growth[:, None] * wave
+    return out
+
+
+def impression(rng: np.random.Generator, master: FingerTemplate, *, quality: float = 0.8) -> FingerTemplate:
+    """One capture of ``master``: moved, rotated, distorted, cropped, with missing and spurious minutiae.
+
+    ``quality`` in [0, 1] (1 = excellent) scales the damage: minutiae dropped 10-25 %,
+    spurious ones added (a Poisson count of 1-4 on average), position noise σ 2-4 px,
+    angle noise σ 5-10°, a contact area of 75-100 % of the finger. Rotation (σ 8°, at most
+    20°) and translation (σ 12 px, at most 30 px) do not depend on quality. Everything stays
+    inside the image; minutiae come out in a shuffled order, as an extractor would list them.
+    A capture with fewer than :data:`MIN_IMPRESSION_MINUTIAE` minutiae is taken again.
+    """
+    if not 0.0 <= quality <= 1.0:
+        raise ValueError(f"quality {quality} outside [0, 1]")
+    best: FingerTemplate | None = None
+    for _ in range(10):
+        attempt = _one_impression(rng, master, quality)
+        if attempt.count >= MIN_IMPRESSION_MINUTIAE:
+            return attempt
+        if best is None or attempt.count > best.count:
+            best = attempt
+    assert best is not None
+    if best.count == 0:
+        raise ValueError("the master has too few minutiae to make an impression")
+    return best
+
+
+def _one_impression(rng: np.random.Generator, master: FingerTemplate, quality: float) -> FingerTemplate:
+    bad = 1.0 - quality
+    w, h = master.width, master.height
+    xy = master.minutiae[:, :2].astype(np.float64)
+    theta = master.minutiae[:, 2].astype(np.float64)
+    kinds = master.kinds.copy()
+    n = len(xy)
+    centre = xy.mean(axis=0) if n else np.array([w / 2, h / 2])
+    spread = np.sqrt(((xy - centre) ** 2).sum(axis=1).max()) if n else 1.0
+
+    # A second point a few pixels along each minutia's direction, carried through the same
+    # mapping, gives the new direction including the local rotation of the distortion.
+    ahead = xy + 6.0 * np.stack([np.cos(theta), -np.sin(theta)], axis=1)
+
+    field = _smooth_field(rng)
+    amplitude = rng.uniform(3.0, 8.0)
+    rotation = float(np.clip(rng.normal(0, math.radians(8)), -math.radians(20), math.radians(20)))
+    shift = np.clip(rng.normal(0, 12, 2), -30, 30)
+    c, s = math.cos(rotation), math.sin(rotation)
+    # Counter-clockwise as viewed, with y down: x' = c·dx + s·dy, y' = -s·dx + c·dy.
+    rot = np.array([[c, s], [-s, c]])
+
+    def mapping(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        moved: npt.NDArray[np.float64] = (_displace(p, centre, spread, amplitude, field) - centre) @ rot.T
+        out: npt.NDArray[np.float64] = moved + centre + shift
+        return out
+
+    new_xy = mapping(xy)
+    new_ahead = mapping(ahead)
+    d = new_ahead - new_xy
+    new_theta = np.arctan2(-d[:, 1], d[:, 0])
+
+    # Contact area: an ellipse around the moved finger centre, smaller for poorer captures.
+    contact_centre = centre + shift + rng.normal(0, 15, 2)
+    contact_scale = rng.uniform(0.85, 1.05) - 0.15 * bad
+    axes = np.array([spread * 0.85, spread * 1.05]) * contact_scale
+    rel = (new_xy - contact_centre) / axes
+    keep = (rel**2).sum(axis=1) <= 1.0
+    drop_rate = rng.uniform(0.10, 0.15) + 0.10 * bad
+    keep &= rng.uniform(size=n) >= drop_rate
+
+    new_xy, new_theta, kinds = new_xy[keep], new_theta[keep], kinds[keep]
+    # Extractors confuse endings and bifurcations (ink, pressure): flip a few types.
+    flip = rng.uniform(size=len(kinds)) < 0.05 + 0.10 * bad
+    kinds = np.where(
+        flip & (kinds == MinutiaKind.RIDGE_ENDING),
+        MinutiaKind.BIFURCATION,
+        np.where(flip & (kinds == MinutiaKind.BIFURCATION), MinutiaKind.RIDGE_ENDING, kinds),
+    ).astype(np.uint8)
+
+    spurious = int(rng.poisson(1.0 + 3.0 * bad))
+    r = np.sqrt(rng.uniform(0, 1, spurious))
+    phi = rng.uniform(0, 2 * math.pi, spurious)
+    fake_xy = contact_centre + np.stack([axes[0] * r * np.cos(phi), axes[1] * r * np.sin(phi)], axis=1)
+    fake_theta = rng.uniform(0, 2 * math.pi, spurious)
+    fake_kinds = rng.choice([MinutiaKind.RIDGE_ENDING, MinutiaKind.BIFURCATION], spurious).astype(np.uint8)
+
+    all_xy = np.concatenate([new_xy, fake_xy])
+    all_theta = np.concatenate([new_theta, fake_theta])
+    all_kinds = np.concatenate([kinds, fake_kinds])
+    m = len(all_xy)
+    all_xy = all_xy + rng.normal(0, 2.0 + 2.0 * bad, (m, 2))
+    all_theta = all_theta + rng.normal(0, math.radians(5.0 + 5.0 * bad), m)
+
+    inside = (all_xy[:, 0] >= 0) & (all_xy[:, 0] <= w - 1) & (all_xy[:, 1] >= 0) & (all_xy[:, 1] <= h - 1)
+    order = rng.permutation(int(inside.sum()))
+    all_xy, all_theta, all_kinds = all_xy[inside][order], all_theta[inside][order], all_kinds[inside][order]
+
+    # Minutia quality falls towards the border of the print, where contact is weakest.
+    dist = np.hypot(*(all_xy - contact_centre).T) / max(float(axes.max()), 1.0)
+    q = 100.0 * (0.45 + 0.5 * quality) * (1.0 - 0.4 * np.minimum(dist, 1.0) ** 2)
+    q = np.clip(q + rng.normal(0, 8, len(q)), 1, 100)
+
+    return FingerTemplate.from_arrays(
+        np.column_stack([all_xy, all_theta]),
+        width=w,
+        height=h,
+        kinds=all_kinds,
+        quality=np.rint(q).astype(np.uint8),
+        resolution_ppi=master.resolution_ppi,
+        finger_position=master.finger_position,
+        finger_quality=round(100 * quality),
+    )
