@@ -152,7 +152,9 @@ def reference_cylinders(template: FingerTemplate, p: MccParams) -> ReferenceCyli
     return ReferenceCylinders(values, cell_valid, valid, theta)
 
 
-def reference_local_similarity(ca: ReferenceCylinders, a: int, cb: ReferenceCylinders, b: int, p: MccParams) -> float:
+def reference_local_similarity(
+    ca: ReferenceCylinders, a: int, cb: ReferenceCylinders, b: int, p: MccParams
+) -> float:
     """λ between cylinder ``a`` of ``ca`` and cylinder ``b`` of ``cb``; 0 if not matchable."""
     if not (ca.valid[a] and cb.valid[b]):
         return 0.0
@@ -187,7 +189,9 @@ def reference_lss_pair_count(n_a: int, n_b: int, p: MccParams) -> int:
     return p.min_np + math.floor(z * (p.max_np - p.min_np) + 0.5)
 
 
-def reference_local_matrix(ca: ReferenceCylinders, cb: ReferenceCylinders, p: MccParams) -> npt.NDArray[np.float64]:
+def reference_local_matrix(
+    ca: ReferenceCylinders, cb: ReferenceCylinders, p: MccParams
+) -> npt.NDArray[np.float64]:
     """Γ, ``[Ma, Mb]``, one cylinder pair at a time."""
     gamma = np.zeros((len(ca.valid), len(cb.valid)))
     for a in range(len(ca.valid)):

@@ -19,37 +19,43 @@ the dot products are popcounts (exact integers in float32), and the formula is t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gpu_kernels.cylinders import CylinderSet, disk_mask
+from gpu_kernels.cylinders import CylinderSet, disk_mask, wrap_angle
 from gpu_kernels.params import MccParams
 
 _MIB = 1 << 20
 
 
 @dataclass(frozen=True)
-class _Dense:
-    """Unpacked operands of a finger set: ``values [N, M, C]``, ``energy`` = Σ_k value² and
-    ``mask`` = spatial validity, both ``[N, M, S]``, plus ``valid, theta: [N, M]``."""
+class _Operands:
+    """Unpacked operands of a finger set: ``values [N, M, C]`` and spatial validity ``mask
+    [N, M, S]`` (0/1 float), ``valid, theta: [N, M]``. The probe side also carries ``energy``
+    = Σ_k value² ``[N, M, S]`` and ``mask_cells``, the mask repeated over sections ``[N, M, C]``;
+    the gallery side, unpacked chunk by chunk, needs neither (see :func:`_local`)."""
 
     values: Tensor
-    energy: Tensor
     mask: Tensor
     valid: Tensor
     theta: Tensor
+    energy: Tensor | None = None
+    mask_cells: Tensor | None = None
 
     @staticmethod
-    def of(cyl: CylinderSet, dtype: torch.dtype = torch.float32) -> _Dense:
+    def of(cyl: CylinderSet, *, probe_side: bool) -> _Operands:
         p = cyl.params
-        values = cyl.unpacked_values(dtype)
+        values = cyl.unpacked_values()
+        mask = cyl.unpacked_cell_valid()
+        if not probe_side:
+            return _Operands(values, mask, cyl.valid, cyl.theta)
         n, m, _ = values.shape
         squares = values if p.binary else values * values
         energy = squares.reshape(n, m, p.spatial_cells, p.nd).sum(-1)
-        return _Dense(values, energy, cyl.unpacked_cell_valid(dtype), cyl.valid, cyl.theta)
+        mask_cells = mask.repeat_interleave(p.nd, dim=-1)
+        return _Operands(values, mask, cyl.valid, cyl.theta, energy, mask_cells)
 
 
 def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> None:
@@ -59,16 +65,28 @@ def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> None:
         raise ValueError(f"probe on {probe.device} but gallery on {gallery.device}")
 
 
-def _local(a: _Dense, b: _Dense, params: MccParams) -> Tensor:
-    """Local similarities ``[P, G, Mp, Mg]`` of every cylinder pair; 0 where not matchable."""
+def _local(a: _Operands, b: _Operands, params: MccParams) -> Tensor:
+    """Local similarities ``[P, G, Mp, Mg]`` of every cylinder pair; 0 where not matchable.
+
+    ``a`` is the probe side (with ``energy`` and ``mask_cells``), ``b`` a gallery chunk. Products:
+    ``[a; ma] @ b`` over C cells gives a·b and ||b|a||² (binary: b² = b) in one matmul, and
+    ``[Σ_k a²; ma] @ mb`` over S spatial cells gives ||a|b||² and the common valid cells.
+    """
+    assert a.energy is not None and a.mask_cells is not None
     p, mp, c = a.values.shape
     g, mg, _ = b.values.shape
     s = params.spatial_cells
-    dot = (a.values.reshape(p * mp, c) @ b.values.reshape(g * mg, c).T).reshape(p, mp, g, mg)
-    norm_a2 = (a.energy.reshape(p * mp, s) @ b.mask.reshape(g * mg, s).T).reshape(p, mp, g, mg)
-    both = a.mask.reshape(p * mp, s) @ torch.cat([b.energy, b.mask], 0).reshape(2 * g * mg, s).T
-    both = both.reshape(p, mp, 2, g, mg)
-    norm_b2, common = both[:, :, 0], both[:, :, 1]
+    rows = p * mp
+    b_values = b.values.reshape(g * mg, c)
+    if params.binary:
+        over_cells = torch.cat([a.values, a.mask_cells], 0).reshape(2 * rows, c) @ b_values.T
+        dot, norm_b2 = over_cells[:rows], over_cells[rows:]
+    else:
+        dot = a.values.reshape(rows, c) @ b_values.T
+        norm_b2 = a.mask_cells.reshape(rows, c) @ (b_values * b_values).T
+    over_spatial = torch.cat([a.energy, a.mask], 0).reshape(2 * rows, s) @ b.mask.reshape(g * mg, s).T
+    norm_a2, common = over_spatial[:rows], over_spatial[rows:]
+    dot, norm_a2, norm_b2, common = (t.reshape(p, mp, g, mg) for t in (dot, norm_a2, norm_b2, common))
 
     norm_a, norm_b = torch.sqrt(norm_a2), torch.sqrt(norm_b2)
     # Rounding can push the float variant's difference slightly below zero; clamp.
@@ -77,7 +95,7 @@ def _local(a: _Dense, b: _Dense, params: MccParams) -> Tensor:
     lam = 1.0 - diff / denom.clamp(min=1e-12)
 
     n_disk = int(disk_mask(params).sum())
-    d_theta = torch.remainder(a.theta[:, :, None, None] - b.theta[None, None] + math.pi, 2 * math.pi) - math.pi
+    d_theta = wrap_angle(a.theta[:, :, None, None] - b.theta[None, None])
     matchable = (
         (d_theta.abs() <= params.delta_theta)
         & (common >= params.min_me * n_disk)
@@ -124,7 +142,7 @@ def local_similarities(probe: CylinderSet, gallery: CylinderSet, params: MccPara
     finger g, 0 where the pair is not matchable or either cylinder is invalid.
     """
     _check(probe, gallery, params)
-    return _local(_Dense.of(probe), _Dense.of(gallery), params)
+    return _local(_Operands.of(probe, probe_side=True), _Operands.of(gallery, probe_side=False), params)
 
 
 def score_fingers(
@@ -141,19 +159,19 @@ def score_fingers(
     is no loop over pairs. Both sets must share ``params`` and device.
     """
     _check(probe, gallery, params)
-    a = _Dense.of(probe)
+    a = _Operands.of(probe, probe_side=True)
     n_a = probe.valid.sum(-1)
     n_b = gallery.valid.sum(-1)
     p, mp = probe.valid.shape
     g, mg = gallery.valid.shape
-    # Per gallery finger: its unpacked operands (values, index scratch, energy, mask) and about
-    # eight [P, Mp, Mg] float tensors of products and masks.
-    per_finger = mg * (params.cells * 4 + params.cells + 2 * params.spatial_cells * 4) + 8 * 4 * p * mp * mg
+    # Per gallery finger: its unpacked operands (float values, int32 index scratch, mask) and
+    # about ten [P, Mp, Mg] float tensors of products and masks.
+    per_finger = mg * (params.cells * 4 + params.cells // 2 + params.spatial_cells * 4) + 10 * 4 * p * mp * mg
     step = max(1, chunk_bytes // max(per_finger, 1))
     out = torch.zeros((p, g), dtype=torch.float32, device=probe.device)
     for lo in range(0, g, step):
         hi = min(g, lo + step)
         part = gallery.select(slice(lo, hi))
-        lam = _local(a, _Dense.of(part), params)
+        lam = _local(a, _Operands.of(part, probe_side=False), params)
         out[:, lo:hi] = _lss(lam, n_a, n_b[lo:hi], params)
     return out

@@ -1,0 +1,41 @@
+"""Batched fingerprint matching kernels: Minutia Cylinder-Code (MCC) with LSS, and ten-finger fusion.
+
+Device-agnostic PyTorch: everything runs on the device the caller puts the cylinders on.
+
+    params = MccParams()                                      # the paper's values, bit-based
+    gallery = encode_tenprints(gallery_tenprints, params, "cuda")
+    probe = encode_tenprints([booking_tenprint], params, "cuda")
+    scores = score_tenprints(probe, gallery, params)          # .fused: [1, G], .per_finger: [1, G, 10]
+
+Single fingers: ``encode_fingers`` -> ``CylinderSet``; ``score_fingers`` -> ``[P, G]`` LSS scores;
+``local_similarities`` exposes every cylinder-pair similarity for inspection.
+:mod:`gpu_kernels.reference` is the slow literal version the tests compare against.
+"""
+
+from gpu_kernels.cylinders import CylinderSet, encode_fingers
+from gpu_kernels.fusion import (
+    FINGER_POSITIONS,
+    TenPrintCylinders,
+    TenPrintScores,
+    encode_tenprints,
+    fuse_scores,
+    score_tenprints,
+)
+from gpu_kernels.params import FusionParams, MccParams
+from gpu_kernels.similarity import local_similarities, lss_pair_count, score_fingers
+
+__all__ = [
+    "FINGER_POSITIONS",
+    "CylinderSet",
+    "FusionParams",
+    "MccParams",
+    "TenPrintCylinders",
+    "TenPrintScores",
+    "encode_fingers",
+    "encode_tenprints",
+    "fuse_scores",
+    "local_similarities",
+    "lss_pair_count",
+    "score_fingers",
+    "score_tenprints",
+]
