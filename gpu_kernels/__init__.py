@@ -22,7 +22,7 @@ from gpu_kernels.fusion import (
     score_tenprints,
 )
 from gpu_kernels.params import FusionParams, MccParams
-from gpu_kernels.similarity import local_similarities, lss_pair_count, score_fingers
+from gpu_kernels.similarity import local_similarities, lss_pair_count, lss_scores, score_fingers
 
 __all__ = [
     "FINGER_POSITIONS",
@@ -36,6 +36,7 @@ __all__ = [
     "fuse_scores",
     "local_similarities",
     "lss_pair_count",
+    "lss_scores",
     "score_fingers",
     "score_tenprints",
 ]
