@@ -373,12 +373,17 @@ def _encode_chunk(
     across = (rel * r[:, :, None, :]).sum(-1)
     di2 = (along[:, :, None, :] - offsets[None, None, :, None]) ** 2  # [n, M, Ns(i), T]
     dj2 = (across[:, :, None, :] - offsets[None, None, :, None]) ** 2  # [n, M, Ns(j), T]
-    dist = torch.sqrt(di2[:, :, :, None, :] + dj2[:, :, None, :, :]).reshape(n, m, s, m)
+    dist2 = (di2[:, :, :, None, :] + dj2[:, :, None, :, :]).reshape(n, m, s, m)
 
     not_self = ~torch.eye(m, dtype=torch.bool, device=dev)
     neighbour = present[:, :, None] & present[:, None, :] & not_self  # [n, M, T]
-    g_s = torch.exp(-0.5 * (dist / params.sigma_s) ** 2) / (params.sigma_s * math.sqrt(2.0 * math.pi))
-    spatial = torch.where((dist <= 3.0 * params.sigma_s) & neighbour[:, :, None, :], g_s, 0.0)
+    # The spatial Gaussian factorises over (i, j): 2·Ns exponentials per neighbour, not Ns².
+    norm = 1.0 / (params.sigma_s * math.sqrt(2.0 * math.pi))
+    gi = torch.exp(-0.5 * di2 / params.sigma_s**2) * norm
+    gj = torch.exp(-0.5 * dj2 / params.sigma_s**2)
+    g_s = (gi[:, :, :, None, :] * gj[:, :, None, :, :]).reshape(n, m, s, m)
+    cutoff = dist2 <= (3.0 * params.sigma_s) ** 2
+    spatial = torch.where(cutoff & neighbour[:, :, None, :], g_s, 0.0)
 
     # Directional contribution: the Gaussian of σd integrated over the section's width.
     d_theta = wrap_angle(theta[:, :, None] - theta[:, None, :])  # [n, M, T]

@@ -129,7 +129,7 @@ def lss_scores(lam: Tensor, n_a: Tensor, n_b: Tensor, params: MccParams) -> Tens
     (so a tiny template cannot score high on one lucky pair); 0 where a side has no valid cylinder.
     """
     p, g = lam.shape[:2]
-    flat = lam.reshape(p, g, -1)
+    flat = lam.reshape(p, g, lam.shape[2] * lam.shape[3])
     k = params.max_np
     if flat.shape[-1] < k:
         flat = torch.nn.functional.pad(flat, (0, k - flat.shape[-1]))

@@ -156,3 +156,12 @@ def test_tenprint_scores_on_cuda_match_cpu() -> None:
     )
     torch.testing.assert_close(cuda.fused.cpu(), cpu.fused, atol=1e-5, rtol=0)
     assert torch.equal(cuda.both_present.cpu(), cpu.both_present)
+
+
+def test_empty_sets_give_empty_score_matrices() -> None:
+    rng = np.random.default_rng(7)
+    one = encode_tenprints([tenprint(rng)], PARAMS)
+    none = encode_tenprints([], PARAMS)
+    assert len(none) == 0 and none.present.shape == (0, 10)
+    assert score_tenprints(one, none, PARAMS).fused.shape == (1, 0)
+    assert score_tenprints(none, one, PARAMS).per_finger.shape == (0, 1, 10)
