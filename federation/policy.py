@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -97,12 +96,8 @@ class ThreatPolicy:
     @classmethod
     def load(cls, path: Path | None = None) -> ThreatPolicy:
         """Reads ``path``, or the policy bundled with the package."""
-        text = (
-            Path(path).read_text()
-            if path is not None
-            else resources.files("federation").joinpath(BUNDLED_POLICY).read_text()
-        )
-        return cls(PolicyConfig.model_validate(yaml.safe_load(text)))
+        source = Path(path) if path is not None else Path(__file__).with_name(BUNDLED_POLICY)
+        return cls(PolicyConfig.model_validate(yaml.safe_load(source.read_text())))
 
     def grade(self, code: str) -> Grade:
         """The level of one NCIC offense code."""

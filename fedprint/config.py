@@ -84,7 +84,9 @@ class NodeConfig(_ServiceConfig):
     """A gallery node (IAFIS or IDENT)."""
 
     node: Literal["iafis", "ident"]
-    thresholds: Thresholds = Thresholds(hit=0.30, review=0.22)
+    # Set from synthetic genuine/impostor fused scores (impostor max 0.35, genuine min 0.43 over
+    # 40 x 150 ten-print comparisons); `fedprint eval --calibrate` will replace them.
+    thresholds: Thresholds = Thresholds(hit=0.40, review=0.37)
     batching: BatchingConfig = BatchingConfig()
     device: str = Field(default="auto", description="torch device: auto, cpu, cuda, cuda:N")
     max_probes_per_request: int = Field(default=64, ge=1)

@@ -149,6 +149,16 @@ async def serve_until_signalled(
     await host.stop()
 
 
+# A peer that restarts should be reachable again within about a second, not after
+# gRPC's default reconnect backoff (up to two minutes).
+_CHANNEL_OPTIONS = [
+    *_SERVER_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
 def insecure_channel(address: str) -> grpc.aio.Channel:
-    """A client channel with the same message-size limits as the servers."""
-    return grpc.aio.insecure_channel(address, options=_SERVER_OPTIONS)
+    """A client channel with the servers' message-size limits and a short reconnect backoff."""
+    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)

@@ -66,8 +66,9 @@ class GalleryStore(Generic[RecordT]):
             ids = [e.subject_id for e in enrollments]
             self._delete(session, ids)
             session.flush()
+            session.add_all(SubjectRow(subject_id=e.subject_id, enrolled_at=now) for e in enrollments)
+            session.flush()  # subjects before the fingers that reference them
             for e in enrollments:
-                session.add(SubjectRow(subject_id=e.subject_id, enrolled_at=now))
                 session.add_all(
                     FingerRow(subject_id=e.subject_id, position=p, format=f, data=d)
                     for p, (f, d) in e.templates.items()

@@ -1,0 +1,5 @@
+"""``python -m fedprint`` is the ``fedprint`` command."""
+
+from fedprint.cli import app
+
+app()

@@ -1,0 +1,151 @@
+"""The ``fedprint`` command: one verb per job."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from fedprint.logging import configure
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+class Role(enum.StrEnum):
+    coordinator = "coordinator"
+    iafis = "iafis"
+    ident = "ident"
+    ice = "ice"
+
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")]
+
+
+@app.command()
+def serve(
+    role: Annotated[Role, typer.Argument(help="which service to run")],
+    config: ConfigOption = None,
+    listen: Annotated[str | None, typer.Option(help="host:port, overrides the config")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="write the bound address here once serving (for supervisors)")
+    ] = None,
+) -> None:
+    """Runs one service until SIGTERM/SIGINT, then shuts it down gracefully."""
+    from fedprint.services import run_service
+
+    asyncio.run(run_service(role.value, config, listen=listen, ready_file=ready_file))
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="directory to write the population to")],
+    persons: Annotated[int, typer.Option(help="synthetic persons")] = 600,
+    bookings: Annotated[int, typer.Option(help="bookings to draw")] = 60,
+    seed: Annotated[int, typer.Option(help="random seed; same seed, same files")] = 1,
+) -> None:
+    """Writes a deterministic synthetic population: galleries, records, bookings, ground truth."""
+    from synthetic.population import generate_population, write_population
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=persons)
+        population = generate_population(
+            seed=seed,
+            persons=persons,
+            bookings=bookings,
+            on_progress=lambda done, total: progress.update(task, completed=done),
+        )
+    write_population(population, out)
+    console.print(
+        f"wrote {len(population.iafis)} IAFIS and {len(population.ident)} IDENT subjects, "
+        f"{len(population.bookings)} bookings to {out}"
+    )
+
+
+@app.command()
+def enroll(
+    data: Annotated[Path, typer.Argument(help="population directory written by `fedprint synth`")],
+    node: Annotated[Role, typer.Option(help="iafis or ident")],
+    address: Annotated[str, typer.Option(help="the node's host:port")],
+) -> None:
+    """Enrolls a population's IAFIS or IDENT gallery into a running node."""
+    from fedprint.clients import enroll as enroll_entries
+    from synthetic.population import read_population
+
+    if node not in (Role.iafis, Role.ident):
+        raise typer.BadParameter("enroll into iafis or ident")
+    population = read_population(data)
+    entries = population.iafis if node == Role.iafis else population.ident
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"enrolling into {node.value}", total=len(entries))
+        size = asyncio.run(enroll_entries(address, entries, on_progress=lambda n: progress.advance(task, n)))
+    console.print(f"{node.value}: gallery holds {size} subjects")
+
+
+@app.command()
+def submit(
+    data: Annotated[Path, typer.Argument(help="population directory written by `fedprint synth`")],
+    address: Annotated[str, typer.Option(help="the coordinator's host:port")],
+    concurrency: Annotated[int, typer.Option(help="bookings in flight at once")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the decisions as JSON here")] = None,
+) -> None:
+    """Submits a population's bookings to a running coordinator and prints the decisions."""
+    from google.protobuf import json_format
+
+    from fedprint.clients import submit_bookings
+    from fedprint.report import decisions_table
+    from synthetic.population import read_population
+
+    population = read_population(data)
+    bookings = [b.booking for b in population.bookings]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("submitting", total=len(bookings))
+        results = asyncio.run(
+            submit_bookings(
+                address, bookings, concurrency=concurrency, on_done=lambda _: progress.advance(task)
+            )
+        )
+    console.print(decisions_table(results))
+    if json_out is not None:
+        json_out.write_text(
+            json.dumps(
+                [
+                    {
+                        "tcn": r.tcn,
+                        "error": r.error,
+                        "decision": json_format.MessageToDict(r.decision) if r.decision else None,
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
+
+
+@app.command()
+def demo(
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the summary as JSON here")] = None,
+    persons: Annotated[int, typer.Option(help="synthetic persons")] = 600,
+    bookings: Annotated[int, typer.Option(help="bookings to submit")] = 60,
+    seed: Annotated[int, typer.Option(help="random seed")] = 7,
+    workdir: Annotated[Path | None, typer.Option(help="keep data, configs and logs here")] = None,
+) -> None:
+    """Starts all four services, enrolls both galleries, submits bookings, checks every decision."""
+    from fedprint.demo import run_demo
+
+    configure("warning", json=False)
+    summary = asyncio.run(run_demo(console, persons=persons, bookings=bookings, seed=seed, workdir=workdir))
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["wrong"] or summary["incomplete"]:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

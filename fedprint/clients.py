@@ -1,0 +1,128 @@
+"""Client-side helpers the CLI, the demo and the tests share: enrolling a synthetic
+gallery, submitting bookings concurrently, reading the ICE queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
+from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.records.v1 import records_pb2 as rec
+from fedprint.rpc import insecure_channel
+from synthetic.population import GalleryEntry, tenprint_to_proto
+
+#: Subjects per Enroll stream: each stream is one transaction on the node.
+ENROLL_CHUNK = 250
+
+
+def enroll_request(entry: GalleryEntry) -> gal.EnrollRequest:
+    """The Enroll message for one synthetic gallery entry."""
+    request = gal.EnrollRequest(subject_id=entry.subject_id, tenprint=tenprint_to_proto(entry.tenprint))
+    if isinstance(entry.record, rec.CriminalHistory):
+        request.criminal_history.CopyFrom(entry.record)
+    else:
+        request.immigration_history.CopyFrom(entry.record)
+    return request
+
+
+async def enroll(
+    address: str,
+    entries: Sequence[GalleryEntry],
+    *,
+    deadline_s: float = 300.0,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Enrolls ``entries`` in streams of :data:`ENROLL_CHUNK`; returns the gallery size after."""
+    size = 0
+    async with insecure_channel(address) as channel:
+        stub = gal_grpc.GalleryServiceStub(channel)
+        for start in range(0, len(entries), ENROLL_CHUNK):
+            chunk = entries[start : start + ENROLL_CHUNK]
+
+            def requests(chunk: Sequence[GalleryEntry] = chunk) -> Iterator[gal.EnrollRequest]:
+                return (enroll_request(e) for e in chunk)
+
+            response = await stub.Enroll(requests(), timeout=deadline_s)
+            size = int(response.gallery_size)
+            if on_progress is not None:
+                on_progress(len(chunk))
+    return size
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The outcome of one SubmitBooking call: a decision, or the gRPC error."""
+
+    tcn: str
+    decision: bk.BookingDecision | None
+    error: str
+    latency_ms: float
+
+
+async def submit_bookings(
+    address: str,
+    bookings: Sequence[bk.Booking],
+    *,
+    concurrency: int = 8,
+    deadline_s: float = 60.0,
+    on_done: Callable[[Submission], None] | None = None,
+) -> list[Submission]:
+    """Submits every booking, ``concurrency`` at a time; results follow the input order."""
+    limit = asyncio.Semaphore(concurrency)
+    async with insecure_channel(address) as channel:
+        stub = bk_grpc.BookingServiceStub(channel)
+
+        async def one(booking: bk.Booking) -> Submission:
+            async with limit:
+                started = time.perf_counter()
+                try:
+                    decision = await stub.SubmitBooking(booking, timeout=deadline_s)
+                    result = Submission(booking.tcn, decision, "", (time.perf_counter() - started) * 1000)
+                except grpc.aio.AioRpcError as error:
+                    result = Submission(
+                        booking.tcn,
+                        None,
+                        f"{error.code().name}: {error.details()}",
+                        (time.perf_counter() - started) * 1000,
+                    )
+            if on_done is not None:
+                on_done(result)
+            return result
+
+        return list(await asyncio.gather(*(one(b) for b in bookings)))
+
+
+async def list_notifications(address: str, limit: int = 1000) -> list[ice.ReceivedNotification]:
+    """The ICE queue, level 1 first, then by time received."""
+    async with insecure_channel(address) as channel:
+        response = await ice_grpc.IceNotificationServiceStub(channel).ListNotifications(
+            ice.ListNotificationsRequest(limit=limit), timeout=10
+        )
+        return list(response.notifications)
+
+
+async def wait_for_notifications(
+    address: str, expected: int, timeout_s: float
+) -> list[ice.ReceivedNotification]:
+    """Polls the ICE queue until it holds ``expected`` notifications or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            received = await list_notifications(address)
+        except grpc.aio.AioRpcError as error:
+            # A service that has just (re)started may refuse the first connection.
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            received = []
+        if len(received) >= expected or time.monotonic() > deadline:
+            return received
+        await asyncio.sleep(0.1)

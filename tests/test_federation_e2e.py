@@ -1,0 +1,239 @@
+"""End to end over real gRPC servers on loopback: booking -> IAFIS + IDENT at once ->
+threat policy -> ICE notification, including the ways it can go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.clients import list_notifications, wait_for_notifications
+from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.records.v1 import records_pb2 as rec
+from fedprint.rpc import field_violations, insecure_channel
+from synthetic.population import Population, SyntheticBooking
+from tests.conftest import Federation
+
+
+def pick(population: Population, *, iafis: bool, ident: bool, notify: bool | None = None) -> SyntheticBooking:
+    for b in population.bookings:
+        t = b.truth
+        in_iafis, in_ident = t.iafis_subject_id is not None, t.ident_subject_id is not None
+        if (in_iafis, in_ident) == (iafis, ident) and notify in (None, t.expect_notification):
+            return b
+    raise AssertionError("the population lacks a booking of this kind")
+
+
+def with_tcn(booking: bk.Booking, tcn: str) -> bk.Booking:
+    copy = bk.Booking()
+    copy.CopyFrom(booking)
+    copy.tcn = tcn
+    return copy
+
+
+async def test_iafis_only_match_returns_the_criminal_history_and_notifies_no_one(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=True, ident=False)
+    decision = await federation.booking_stub().SubmitBooking(sample.booking, timeout=30)
+    assert decision.status == bk.COMPLETE
+    assert decision.iafis.band == bio.HIT
+    top = decision.iafis.candidates[0]
+    assert top.subject_id == sample.truth.iafis_subject_id
+    assert top.criminal_history.subject_id == sample.truth.iafis_subject_id
+    assert len(top.finger_scores) >= 6 and top.fused_score >= decision.iafis.thresholds.hit
+    assert decision.ident.band == bio.NO_HIT
+    assert decision.notification == bk.NOT_REQUIRED
+    assert decision.level == sample.truth.expected_level
+    assert decision.policy_version and decision.reasons
+    await asyncio.sleep(0.3)
+    assert await list_notifications(federation.ice.host.address) == []
+
+
+async def test_ident_match_with_a_level_1_charge_notifies_ice_at_level_1(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    booking = with_tcn(sample.booking, "TCN-ROBBERY-1")
+    del booking.charges[:]
+    booking.charges.add(ncic_code="1201", literal="ROBBERY - BUSINESS - GUN")
+    decision = await federation.booking_stub().SubmitBooking(booking, timeout=30)
+    assert decision.status == bk.COMPLETE
+    assert decision.ident.band == bio.HIT
+    assert decision.ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    assert decision.level == rec.LEVEL_1
+    assert decision.notification == bk.QUEUED
+    received = await wait_for_notifications(federation.ice.host.address, 1, timeout_s=10)
+    assert len(received) == 1
+    notification = received[0].notification
+    assert (notification.tcn, notification.ori, notification.level) == (booking.tcn, booking.ori, rec.LEVEL_1)
+    assert notification.ident_match.subject_id == sample.truth.ident_subject_id
+    assert notification.ident_match.immigration_history.encounters
+    assert notification.ident_match.fused_score >= notification.hit_threshold
+    # Delivery is recorded on the stored decision.
+    for _ in range(50):
+        stored = await federation.booking_stub().GetDecision(
+            bk.GetDecisionRequest(tcn=booking.tcn), timeout=5
+        )
+        if stored.notification == bk.DELIVERED:
+            break
+        await asyncio.sleep(0.1)
+    assert stored.notification == bk.DELIVERED
+
+
+async def test_a_subject_in_neither_gallery_is_a_no_hit_without_notification(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=False, ident=False)
+    decision = await federation.booking_stub().SubmitBooking(sample.booking, timeout=30)
+    assert decision.status == bk.COMPLETE
+    assert (decision.iafis.band, decision.ident.band) == (bio.NO_HIT, bio.NO_HIT)
+    assert decision.notification == bk.NOT_REQUIRED
+    # Candidates still come with their scores and the thresholds they were compared against.
+    assert (
+        decision.iafis.candidates and decision.iafis.thresholds.hit > decision.iafis.candidates[0].fused_score
+    )
+    await asyncio.sleep(0.3)
+    assert await list_notifications(federation.ice.host.address) == []
+
+
+async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_completes_it(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    await federation.ident.stop(0)
+    decision = await federation.booking_stub().SubmitBooking(sample.booking, timeout=30)
+    assert decision.status == bk.INCOMPLETE
+    assert decision.ident.outcome == bk.UNAVAILABLE
+    assert decision.ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
+    assert decision.iafis.outcome == bk.ANSWERED
+    assert decision.notification == bk.DEFERRED
+    assert any("ident did not answer" in reason for reason in decision.reasons)
+    assert await list_notifications(federation.ice.host.address) == []
+
+    # The node comes back from its own database; the booking system retries the same TCN.
+    await federation.restart_node("ident")
+    stub = federation.booking_stub()
+    for _ in range(20):  # as a booking system does: retry an incomplete decision after a pause
+        retried = await stub.SubmitBooking(sample.booking, timeout=30)
+        if retried.status == bk.COMPLETE:
+            break
+        await asyncio.sleep(0.25)
+    assert retried.status == bk.COMPLETE and retried.attempt >= 2
+    assert retried.ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    assert retried.notification == bk.QUEUED
+    assert len(await wait_for_notifications(federation.ice.host.address, 1, timeout_s=10)) == 1
+
+
+async def test_a_malformed_template_is_refused_with_field_details_and_nothing_is_stored(
+    federation: Federation, population: Population
+) -> None:
+    booking = with_tcn(pick(population, iafis=True, ident=True).booking, "TCN-MALFORMED-1")
+    finger = next(f for f in booking.tenprint.fingers if f.WhichOneof("data") == "template")
+    finger.template.data = finger.template.data[:30]  # truncated record
+    stub = federation.booking_stub()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SubmitBooking(booking, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = [v.field for v in field_violations(caught.value)]
+    index = list(booking.tenprint.fingers).index(finger)
+    assert fields == [f"tenprint.fingers[{index}].template.data"]
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetDecision(bk.GetDecisionRequest(tcn=booking.tcn), timeout=5)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert federation.coordinator.coordinator.store.audit(booking.tcn) == []
+
+
+async def test_a_malformed_enrollment_stores_nothing_of_its_stream(
+    federation: Federation, population: Population
+) -> None:
+    from fedprint.clients import enroll_request
+
+    good = enroll_request(population.iafis[0])
+    good.subject_id = good.criminal_history.subject_id = "UCN-NEW-0001"
+    bad = enroll_request(population.iafis[1])
+    bad.subject_id = bad.criminal_history.subject_id = "UCN-NEW-0002"
+    bad.tenprint.fingers[0].template.data = b"FMR\x00 21\x00" + bad.tenprint.fingers[0].template.data[8:]
+    async with insecure_channel(federation.iafis.host.address) as channel:
+        stub = gal_grpc.GalleryServiceStub(channel)
+        before = await stub.GetStats(gal.GetStatsRequest(), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Enroll(iter([good, bad]), timeout=10)
+        after = await stub.GetStats(gal.GetStatsRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in field_violations(caught.value)] == [
+        "requests[1].tenprint.fingers[0].template.data"
+    ]
+    assert after.gallery_size == before.gallery_size
+    assert federation.iafis.servicer.store.count() == before.gallery_size
+
+
+async def test_resubmitting_a_tcn_returns_the_same_decision_and_notifies_once(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    stub = federation.booking_stub()
+    first, second = await asyncio.gather(
+        stub.SubmitBooking(sample.booking, timeout=30), stub.SubmitBooking(sample.booking, timeout=30)
+    )
+    assert first.decided_at == second.decided_at and first.attempt == second.attempt == 1
+    await asyncio.sleep(0.5)
+    assert len(await list_notifications(federation.ice.host.address)) == 1
+
+
+async def test_notifications_survive_an_ice_outage(federation: Federation, population: Population) -> None:
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    await federation.ice.stop(0)
+    decision = await federation.booking_stub().SubmitBooking(sample.booking, timeout=30)
+    assert decision.notification == bk.QUEUED
+    await asyncio.sleep(0.5)  # a few failed delivery attempts
+    attempts = federation.coordinator.coordinator.store.outbox_attempts(sample.booking.tcn)
+    assert attempts is not None and attempts[0] >= 1 and not attempts[1]
+    await federation.restart_ice()
+    received = await wait_for_notifications(federation.ice.host.address, 1, timeout_s=10)
+    assert [r.notification.tcn for r in received] == [sample.booking.tcn]
+
+
+async def test_an_unknown_ori_is_refused(federation: Federation, population: Population) -> None:
+    booking = with_tcn(population.bookings[0].booking, "TCN-ORI-1")
+    booking.ori = "ZZ9999999"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await federation.booking_stub().SubmitBooking(booking, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_watchers_see_each_decision(federation: Federation, population: Population) -> None:
+    stub = federation.booking_stub()
+    sample = pick(population, iafis=True, ident=False)
+    stream = stub.WatchDecisions(bk.WatchDecisionsRequest(ori=sample.booking.ori))
+    await asyncio.sleep(0.2)  # let the subscription register
+    await stub.SubmitBooking(sample.booking, timeout=30)
+    seen = await asyncio.wait_for(stream.read(), 10)
+    assert isinstance(seen, bk.BookingDecision) and seen.tcn == sample.booking.tcn
+    stream.cancel()
+
+
+async def test_every_server_serves_health_and_reflection(federation: Federation) -> None:
+    services = {
+        federation.coordinator.host.address: "fedprint.booking.v1.BookingService",
+        federation.iafis.host.address: "fedprint.gallery.v1.GalleryService",
+        federation.ident.host.address: "fedprint.gallery.v1.GalleryService",
+        federation.ice.host.address: "fedprint.ice.v1.IceNotificationService",
+    }
+    for address, service in services.items():
+        async with insecure_channel(address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            listed = [s.name async for r in reflection for s in r.list_services_response.service]
+            assert service in listed and "grpc.health.v1.Health" in listed
