@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,8 @@ from rich.progress import Progress
 from fedprint.logging import configure
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+# Piped output (CI logs, files) gets room for the decision tables.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 class Role(enum.StrEnum):

@@ -89,6 +89,9 @@ class NodeConfig(_ServiceConfig):
     thresholds: Thresholds = Thresholds(hit=0.40, review=0.37)
     batching: BatchingConfig = BatchingConfig()
     device: str = Field(default="auto", description="torch device: auto, cpu, cuda, cuda:N")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch; set when several nodes share a machine"
+    )
     max_probes_per_request: int = Field(default=64, ge=1)
     max_results_limit: int = Field(default=100, ge=1)
 

@@ -83,7 +83,7 @@ async def stop_service(service: ServiceProcess, timeout_s: float = 15.0) -> int:
 
 @contextlib.asynccontextmanager
 async def federation(
-    workdir: Path, thresholds: dict[str, float] | None = None
+    workdir: Path,
 ) -> AsyncIterator[dict[str, str]]:
     """The four services as processes; yields their addresses by role and stops them all on exit."""
     started: list[ServiceProcess] = []
@@ -98,7 +98,8 @@ async def federation(
                         **common,
                         "node": node,
                         "data_dir": str(workdir / node),
-                        **({"thresholds": thresholds} if thresholds else {}),
+                        # Both nodes share this machine's cores: one torch thread each.
+                        "torch_threads": 1,
                     },
                     workdir,
                 )

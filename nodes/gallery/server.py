@@ -15,6 +15,7 @@ from typing import Any, Generic
 
 import grpc
 import structlog
+import torch
 
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.config import NodeConfig, Thresholds
@@ -339,6 +340,9 @@ class GalleryNode:
 def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNode:
     """Opens the node's store, loads its gallery onto the device, and prepares the server."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.torch_threads is not None:
+        # Nodes sharing a machine must not each spin up one thread per core.
+        torch.set_num_threads(config.torch_threads)
     url = database_url or f"sqlite:///{config.data_dir / (config.node + '.sqlite')}"
     store = GalleryStore(url, record_store_for(config.node))
     gallery = Gallery(resolve_device(config.device))
