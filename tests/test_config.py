@@ -38,7 +38,9 @@ def test_unknown_fields_are_refused(tmp_path: Path) -> None:
 
 def test_bad_ori_in_allow_list_is_refused() -> None:
     with pytest.raises(ValidationError, match="nine"):
-        CoordinatorConfig(iafis_address="a:1", ident_address="b:1", ice_address="c:1", authorized_oris=["XX1"])
+        CoordinatorConfig(
+            iafis_address="a:1", ident_address="b:1", ice_address="c:1", authorized_oris=["XX1"]
+        )
 
 
 def test_target_fpir_moves_the_hit_threshold_along_the_calibration_curve() -> None:

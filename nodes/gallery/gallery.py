@@ -27,8 +27,10 @@ class Match:
 
     subject_id: str
     fused: float
-    #: Per finger position 1-10: the score, or None when the finger is not on both sides.
+    #: Per finger position 1-10 present on both sides: the MCC score.
     finger_scores: dict[int, float]
+    #: Per finger position: minutiae in the enrolled template.
+    candidate_minutiae: dict[int, int]
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,8 @@ class Gallery:
         both = torch.gather(
             scores.both_present, 1, top.indices.unsqueeze(-1).expand(-1, -1, scores.both_present.shape[-1])
         ).cpu()
+        # Minutiae per enrolled finger of the returned candidates: [P, k, 10].
+        counts = torch.stack([f.counts[top.indices] for f in cylinders.fingers], dim=-1).cpu()
         results: list[list[Match]] = []
         for p in range(len(probes)):
             results.append(
@@ -141,6 +145,7 @@ class Gallery:
                             for f in range(per_finger.shape[-1])
                             if bool(both[p, j, f])
                         },
+                        candidate_minutiae={f + 1: int(counts[p, j, f]) for f in range(counts.shape[-1])},
                     )
                     for j in range(rows_t.shape[1])
                 ]

@@ -200,6 +200,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                         position=bio.FingerPosition.ValueType(position),
                         score=score,
                         probe_minutiae=d.templates.fingers[position].count,
+                        candidate_minutiae=match.candidate_minutiae.get(position, 0),
                     )
                 record = records.get(match.subject_id)
                 if record is not None:

@@ -1,0 +1,145 @@
+"""The gallery service of one node, over a real loopback server: subsets, limits,
+calibrated FPIR targets, unusable fingers, removal."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
+from fedprint.clients import enroll
+from fedprint.config import NodeConfig, Thresholds
+from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.rpc import field_violations, insecure_channel
+from nodes.gallery import GalleryNode, build_node
+from synthetic.population import Population, tenprint_to_proto
+
+
+@pytest_asyncio.fixture
+async def ident(tmp_path: Path, population: Population) -> AsyncIterator[GalleryNode]:
+    thresholds = Thresholds(hit=0.40, review=0.37, fpir_curve=[(1e-3, 0.40), (1e-4, 0.45)])
+    node = build_node(NodeConfig(node="ident", data_dir=tmp_path, thresholds=thresholds))
+    await node.host.start()
+    await enroll(node.host.address, population.ident)
+    try:
+        yield node
+    finally:
+        await node.stop(0)
+
+
+def probe_of(population: Population, subject_index: int) -> gal.Probe:
+    """A fresh booking impression of an enrolled IDENT subject."""
+    entry = population.ident[subject_index]
+    booking = next(b for b in population.bookings if b.truth.ident_subject_id == entry.subject_id)
+    return gal.Probe(probe_id="P-1", tenprint=booking.booking.tenprint)
+
+
+def mated_index(population: Population) -> int:
+    booked = {b.truth.ident_subject_id for b in population.bookings}
+    return next(i for i, e in enumerate(population.ident) if e.subject_id in booked)
+
+
+async def identify(node: GalleryNode, request: gal.IdentifyRequest) -> gal.IdentifyResponse:
+    async with insecure_channel(node.host.address) as channel:
+        return await gal_grpc.GalleryServiceStub(channel).Identify(request, timeout=30)
+
+
+async def test_candidates_carry_per_finger_scores_and_thresholds(
+    ident: GalleryNode, population: Population
+) -> None:
+    i = mated_index(population)
+    response = await identify(ident, gal.IdentifyRequest(probes=[probe_of(population, i)], max_results=3))
+    result = response.results[0]
+    assert response.node == "ident" and result.decision == bio.HIT
+    assert [c.rank for c in result.candidates] == [1, 2, 3]
+    assert result.candidates[0].subject_id == population.ident[i].subject_id
+    assert result.candidates[0].immigration_history.subject_id == population.ident[i].subject_id
+    assert all(s.probe_minutiae > 0 and s.candidate_minutiae > 0 for s in result.candidates[0].finger_scores)
+    assert result.thresholds.hit == pytest.approx(0.40) and result.searched_subjects == len(population.ident)
+
+
+async def test_a_gallery_subset_limits_the_search(ident: GalleryNode, population: Population) -> None:
+    i = mated_index(population)
+    others = [e.subject_id for j, e in enumerate(population.ident) if j != i][:5]
+    response = await identify(
+        ident, gal.IdentifyRequest(probes=[probe_of(population, i)], subject_ids=[*others, "FIN-UNKNOWN"])
+    )
+    result = response.results[0]
+    assert result.searched_subjects == 5
+    assert {c.subject_id for c in result.candidates} <= set(others)
+    assert result.decision == bio.NO_HIT
+
+
+async def test_a_target_fpir_moves_the_hit_threshold(ident: GalleryNode, population: Population) -> None:
+    request = gal.IdentifyRequest(probes=[probe_of(population, mated_index(population))], target_fpir=1e-4)
+    result = (await identify(ident, request)).results[0]
+    assert result.thresholds.hit == pytest.approx(0.45) and result.thresholds.hit_fpir == pytest.approx(1e-4)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await identify(ident, gal.IdentifyRequest(probes=request.probes, target_fpir=1e-7))
+    assert [v.field for v in field_violations(caught.value)] == ["target_fpir"]
+
+
+async def test_oversize_and_malformed_requests_name_their_fields(
+    ident: GalleryNode, population: Population
+) -> None:
+    probe = probe_of(population, mated_index(population))
+    too_many = gal.IdentifyRequest(
+        probes=[gal.Probe(probe_id=f"P-{k}", tenprint=probe.tenprint) for k in range(65)]
+    )
+    cases = {
+        "probes": too_many,
+        "max_results": gal.IdentifyRequest(probes=[probe], max_results=1000),
+        "probes[1].probe_id": gal.IdentifyRequest(probes=[probe, probe]),
+        "probes[0].tenprint.fingers[1].position": gal.IdentifyRequest(  # repeated position
+            probes=[
+                gal.Probe(
+                    probe_id="P", tenprint=bio.TenPrint(fingers=[bio.Finger(position=bio.RIGHT_THUMB)] * 2)
+                )
+            ]
+        ),
+    }
+    for field, request in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await identify(ident, request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in [v.field for v in field_violations(caught.value)], field
+
+
+async def test_missing_and_unusable_fingers_are_reported_not_fatal(
+    ident: GalleryNode, population: Population
+) -> None:
+    entry = population.ident[0]
+    fingers = dict(entry.tenprint.fingers)
+    tenprint = tenprint_to_proto(type(entry.tenprint)({p: t for p, t in fingers.items() if p <= 6}))
+    tenprint.fingers.add(position=bio.LEFT_INDEX, absence=bio.AMPUTATED)
+    result = (
+        await identify(ident, gal.IdentifyRequest(probes=[gal.Probe(probe_id="P", tenprint=tenprint)]))
+    ).results[0]
+    issues = {(int(i.position), i.absence) for i in result.unusable_fingers}
+    assert issues == {
+        (7, bio.AMPUTATED),
+        (8, bio.NOT_SUBMITTED),
+        (9, bio.NOT_SUBMITTED),
+        (10, bio.NOT_SUBMITTED),
+    }
+    assert result.candidates[0].subject_id == entry.subject_id  # its own enrollment impression
+
+
+async def test_removed_subjects_are_no_longer_found(ident: GalleryNode, population: Population) -> None:
+    i = mated_index(population)
+    async with insecure_channel(ident.host.address) as channel:
+        stub = gal_grpc.GalleryServiceStub(channel)
+        removed = await stub.Remove(
+            gal.RemoveRequest(subject_ids=[population.ident[i].subject_id]), timeout=5
+        )
+        stats = await stub.GetStats(gal.GetStatsRequest(), timeout=5)
+    assert removed.removed == 1 and stats.gallery_size == len(population.ident) - 1
+    assert stats.template_format_version >= 1 and stats.device == "cpu"
+    result = (await identify(ident, gal.IdentifyRequest(probes=[probe_of(population, i)]))).results[0]
+    assert population.ident[i].subject_id not in {c.subject_id for c in result.candidates}
+    assert result.decision == bio.NO_HIT
