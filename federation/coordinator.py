@@ -31,7 +31,7 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
-from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, insecure_channel
+from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel
 
 log = structlog.get_logger(__name__)
 
@@ -248,7 +248,9 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = CoordinatorStore(database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}")
     policy = ThreatPolicy.load(config.policy_path)
-    channels = [insecure_channel(a) for a in (config.iafis_address, config.ident_address, config.ice_address)]
+    channels = [
+        open_channel(a, config.tls) for a in (config.iafis_address, config.ident_address, config.ice_address)
+    ]
     outbox = OutboxDeliverer(
         store,
         ice_grpc.IceNotificationServiceStub(channels[2]),
@@ -272,5 +274,6 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
                 lambda server: bk_grpc.add_BookingServiceServicer_to_server(coordinator, server),
             )
         ],
+        config.tls,
     )
     return CoordinatorService(host, coordinator, channels)

@@ -16,8 +16,9 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.pki import TlsFiles
 from fedprint.records.v1 import records_pb2 as rec
-from fedprint.rpc import insecure_channel
+from fedprint.rpc import open_channel
 from synthetic.population import GalleryEntry, tenprint_to_proto
 
 #: Subjects per Enroll stream: each stream is one transaction on the node.
@@ -40,10 +41,11 @@ async def enroll(
     *,
     deadline_s: float = 300.0,
     on_progress: Callable[[int], None] | None = None,
+    tls: TlsFiles | None = None,
 ) -> int:
     """Enrolls ``entries`` in streams of :data:`ENROLL_CHUNK`; returns the gallery size after."""
     size = 0
-    async with insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         for start in range(0, len(entries), ENROLL_CHUNK):
             chunk = entries[start : start + ENROLL_CHUNK]
@@ -75,10 +77,11 @@ async def submit_bookings(
     concurrency: int = 8,
     deadline_s: float = 60.0,
     on_done: Callable[[Submission], None] | None = None,
+    tls: TlsFiles | None = None,
 ) -> list[Submission]:
     """Submits every booking, ``concurrency`` at a time; results follow the input order."""
     limit = asyncio.Semaphore(concurrency)
-    async with insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         stub = bk_grpc.BookingServiceStub(channel)
 
         async def one(booking: bk.Booking) -> Submission:
@@ -101,9 +104,11 @@ async def submit_bookings(
         return list(await asyncio.gather(*(one(b) for b in bookings)))
 
 
-async def list_notifications(address: str, limit: int = 1000) -> list[ice.ReceivedNotification]:
+async def list_notifications(
+    address: str, limit: int = 1000, tls: TlsFiles | None = None
+) -> list[ice.ReceivedNotification]:
     """The ICE queue, level 1 first, then by time received."""
-    async with insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         response = await ice_grpc.IceNotificationServiceStub(channel).ListNotifications(
             ice.ListNotificationsRequest(limit=limit), timeout=10
         )
@@ -111,13 +116,13 @@ async def list_notifications(address: str, limit: int = 1000) -> list[ice.Receiv
 
 
 async def wait_for_notifications(
-    address: str, expected: int, timeout_s: float
+    address: str, expected: int, timeout_s: float, tls: TlsFiles | None = None
 ) -> list[ice.ReceivedNotification]:
     """Polls the ICE queue until it holds ``expected`` notifications or the time is up."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            received = await list_notifications(address)
+            received = await list_notifications(address, tls=tls)
         except grpc.aio.AioRpcError as error:
             # A service that has just (re)started may refuse the first connection.
             if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:

@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fedprint.pki import TlsFiles
+
 
 class Thresholds(BaseModel):
     """Fused-score thresholds of a gallery node and what they were calibrated for."""
@@ -66,6 +68,9 @@ class _ServiceConfig(BaseSettings):
     listen: str = Field(default="127.0.0.1:0", description="host:port the gRPC server binds")
     data_dir: Path = Field(default=Path("data"), description="where the service keeps its SQLite files")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tls: TlsFiles | None = Field(
+        default=None, description="mTLS files (ca, cert, key) from `fedprint certs`; plaintext if unset"
+    )
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> Self:

@@ -25,6 +25,7 @@ from rich.console import Console
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.clients import Submission, enroll, submit_bookings, wait_for_notifications
+from fedprint.pki import TlsFiles, issue_dev_pki
 from fedprint.report import decisions_table, ice_table
 from synthetic.population import GroundTruth, generate_population, write_population
 
@@ -82,14 +83,22 @@ async def stop_service(service: ServiceProcess, timeout_s: float = 15.0) -> int:
 
 
 @contextlib.asynccontextmanager
-async def federation(
-    workdir: Path,
-) -> AsyncIterator[dict[str, str]]:
-    """The four services as processes; yields their addresses by role and stops them all on exit."""
+async def federation(workdir: Path, pki: dict[str, TlsFiles]) -> AsyncIterator[dict[str, str]]:
+    """The four services as processes speaking mTLS; yields their addresses by role and stops
+    them all on exit."""
     started: list[ServiceProcess] = []
     common = {"listen": "127.0.0.1:0", "log_level": "info"}
+
+    def tls(role: str) -> dict[str, str]:
+        files = pki[role]
+        return {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)}
+
     try:
-        started.append(await start_service("ice", {**common, "data_dir": str(workdir / "ice")}, workdir))
+        started.append(
+            await start_service(
+                "ice", {**common, "data_dir": str(workdir / "ice"), "tls": tls("ice")}, workdir
+            )
+        )
         nodes = await asyncio.gather(
             *(
                 start_service(
@@ -98,6 +107,7 @@ async def federation(
                         **common,
                         "node": node,
                         "data_dir": str(workdir / node),
+                        "tls": tls(node),
                         # Both nodes share this machine's cores: one torch thread each.
                         "torch_threads": 1,
                     },
@@ -115,6 +125,7 @@ async def federation(
             "ident_address": addresses["ident"],
             "ice_address": addresses["ice"],
             "node_deadline_s": 60.0,
+            "tls": tls("coordinator"),
         }
         started.append(await start_service("coordinator", coordinator, workdir))
         yield {s.role: s.address for s in started}
@@ -168,25 +179,31 @@ async def run_demo(
             f"population: {len(population.iafis)} IAFIS subjects, {len(population.ident)} IDENT subjects, "
             f"{len(population.bookings)} bookings (seed {seed})"
         )
-        console.print("starting ICE, IAFIS, IDENT and the coordinator")
-        async with federation(workdir) as addresses:
+        console.print("starting ICE, IAFIS, IDENT and the coordinator (mTLS, development CA)")
+        pki = issue_dev_pki(workdir / "pki")
+        client = pki["booking-system"]
+        async with federation(workdir, pki) as addresses:
             console.print(
                 "services: " + ", ".join(f"{role} {address}" for role, address in addresses.items())
             )
             with console.status("enrolling both galleries"):
                 await asyncio.gather(
-                    enroll(addresses["iafis"], population.iafis), enroll(addresses["ident"], population.ident)
+                    enroll(addresses["iafis"], population.iafis, tls=client),
+                    enroll(addresses["ident"], population.ident, tls=client),
                 )
             with console.status("submitting bookings"):
                 results: list[Submission] = await submit_bookings(
-                    addresses["coordinator"], [b.booking for b in population.bookings], concurrency=8
+                    addresses["coordinator"],
+                    [b.booking for b in population.bookings],
+                    concurrency=8,
+                    tls=client,
                 )
             verdicts = [check(r.decision, b.truth) for r, b in zip(results, population.bookings, strict=True)]
             queued = sum(
                 1 for r in results if r.decision is not None and r.decision.notification == bk.QUEUED
             )
             with console.status("waiting for the ICE outbox to deliver"):
-                received = await wait_for_notifications(addresses["ice"], queued, timeout_s=30)
+                received = await wait_for_notifications(addresses["ice"], queued, timeout_s=30, tls=client)
         console.print(
             decisions_table(results, ["ok" if not v else "[red]" + "; ".join(v) + "[/red]" for v in verdicts])
         )

@@ -18,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from fedprint.pki import TlsFiles
+
 log = structlog.get_logger(__name__)
 
 # Largest message a server accepts: a ten-print of templates is a few KB, a batch of
@@ -84,14 +86,18 @@ Registrar = Callable[[grpc.aio.Server], None]
 
 
 class ServiceHost:
-    """A ``grpc.aio`` server with health checking and reflection for the given services.
+    """A ``grpc.aio`` server with health checking and reflection for the given services,
+    plaintext or (with ``tls``) mutual TLS.
 
     ``services`` pairs each full service name with the function that adds its
     servicer. Health reports SERVING from :meth:`start` until :meth:`stop`.
     """
 
-    def __init__(self, listen: str, services: Sequence[tuple[str, Registrar]]) -> None:
+    def __init__(
+        self, listen: str, services: Sequence[tuple[str, Registrar]], tls: TlsFiles | None = None
+    ) -> None:
         self.listen = listen
+        self.tls = tls
         self._server = grpc.aio.server(options=_SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._names = [name for name, _ in services]
@@ -105,7 +111,16 @@ class ServiceHost:
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port (useful with port 0)."""
-        self.port = self._server.add_insecure_port(self.listen)
+        if self.tls is None:
+            self.port = self._server.add_insecure_port(self.listen)
+        else:
+            # mTLS: clients must present a certificate signed by the same CA.
+            credentials = grpc.ssl_server_credentials(
+                [(self.tls.key.read_bytes(), self.tls.cert.read_bytes())],
+                root_certificates=self.tls.ca.read_bytes(),
+                require_client_auth=True,
+            )
+            self.port = self._server.add_secure_port(self.listen, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.listen}")
         await self._server.start()
@@ -159,6 +174,14 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    """A client channel with the servers' message-size limits and a short reconnect backoff."""
-    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+def open_channel(address: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """A client channel: mTLS when ``tls`` is given (else plaintext), the servers' message-size
+    limits, and a short reconnect backoff."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes(),
+        certificate_chain=tls.cert.read_bytes(),
+    )
+    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)

@@ -138,5 +138,6 @@ def build_ice(config: IceConfig, database_url: str | None = None) -> IceService:
                 lambda s: ice_grpc.add_IceNotificationServiceServicer_to_server(server, s),
             )
         ],
+        config.tls,
     )
     return IceService(host, server)

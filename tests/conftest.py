@@ -6,14 +6,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import pytest_asyncio
 
 from federation.coordinator import CoordinatorService, build_coordinator
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
-from fedprint.clients import enroll
+from fedprint.clients import enroll, list_notifications, wait_for_notifications
 from fedprint.config import CoordinatorConfig, IceConfig, NodeConfig
-from fedprint.rpc import insecure_channel
+from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.pki import TlsFiles, issue_dev_pki
+from fedprint.rpc import open_channel
 from ice_service import build_ice
 from ice_service.server import IceService
 from nodes.gallery import GalleryNode, build_node
@@ -36,25 +39,41 @@ class Federation:
     ident: GalleryNode
     coordinator: CoordinatorService
     coordinator_config: CoordinatorConfig
+    #: mTLS identities of every service and of the booking system (the tests' client).
+    pki: dict[str, TlsFiles]
 
     @property
     def address(self) -> str:
         return self.coordinator.host.address
 
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel with the booking system's client certificate."""
+        return open_channel(address, self.pki["booking-system"])
+
     def booking_stub(self) -> bk_grpc.BookingServiceAsyncStub:
-        return bk_grpc.BookingServiceStub(insecure_channel(self.address))
+        return bk_grpc.BookingServiceStub(self.channel(self.address))
+
+    async def notifications(self) -> list[ice.ReceivedNotification]:
+        return await list_notifications(self.ice.host.address, tls=self.pki["booking-system"])
+
+    async def wait_for_notifications(self, expected: int) -> list[ice.ReceivedNotification]:
+        return await wait_for_notifications(
+            self.ice.host.address, expected, timeout_s=10, tls=self.pki["booking-system"]
+        )
 
     async def restart_node(self, name: str) -> GalleryNode:
         """Starts a fresh node process-equivalent on the same port and data directory."""
         old: GalleryNode = getattr(self, name)
-        config = NodeConfig(node=name, listen=old.host.address, data_dir=self.root / name)  # type: ignore[arg-type]
+        config = NodeConfig(node=name, listen=old.host.address, data_dir=self.root / name, tls=self.pki[name])  # type: ignore[arg-type]
         node = build_node(config)
         await node.host.start()
         setattr(self, name, node)
         return node
 
     async def restart_ice(self) -> IceService:
-        ice = build_ice(IceConfig(listen=self.ice.host.address, data_dir=self.root / "ice"))
+        ice = build_ice(
+            IceConfig(listen=self.ice.host.address, data_dir=self.root / "ice", tls=self.pki["ice"])
+        )
         await ice.host.start()
         self.ice = ice
         return ice
@@ -64,13 +83,14 @@ class Federation:
 async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Federation]:
     fed: Federation | None = None
     started: list[IceService | GalleryNode | CoordinatorService] = []
+    pki = issue_dev_pki(tmp_path / "pki")
     try:
-        ice = build_ice(IceConfig(data_dir=tmp_path / "ice"))
+        ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=pki["ice"]))
         started.append(ice)
         await ice.host.start()
         nodes = []
         for name in ("iafis", "ident"):
-            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name))  # type: ignore[arg-type]
+            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name, tls=pki[name]))  # type: ignore[arg-type]
             started.append(node)
             await node.host.start()
             nodes.append(node)
@@ -83,13 +103,14 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
             outbox_retry_initial_s=0.05,
             outbox_retry_max_s=0.5,
             authorized_oris=sorted({b.booking.ori for b in population.bookings}),
+            tls=pki["coordinator"],
         )
         coordinator = build_coordinator(config)
         started.append(coordinator)
         await coordinator.start()
-        await enroll(nodes[0].host.address, population.iafis)
-        await enroll(nodes[1].host.address, population.ident)
-        fed = Federation(tmp_path, ice, nodes[0], nodes[1], coordinator, config)
+        await enroll(nodes[0].host.address, population.iafis, tls=pki["booking-system"])
+        await enroll(nodes[1].host.address, population.ident, tls=pki["booking-system"])
+        fed = Federation(tmp_path, ice, nodes[0], nodes[1], coordinator, config, pki)
         yield fed
     finally:
         # Whatever a test restarted replaces what the fixture started.

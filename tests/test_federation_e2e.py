@@ -12,11 +12,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
-from fedprint.clients import list_notifications, wait_for_notifications
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.records.v1 import records_pb2 as rec
-from fedprint.rpc import field_violations, insecure_channel
+from fedprint.rpc import field_violations
 from synthetic.population import Population, SyntheticBooking
 from tests.conftest import Federation
 
@@ -53,7 +52,7 @@ async def test_iafis_only_match_returns_the_criminal_history_and_notifies_no_one
     assert decision.level == sample.truth.expected_level
     assert decision.policy_version and decision.reasons
     await asyncio.sleep(0.3)
-    assert await list_notifications(federation.ice.host.address) == []
+    assert await federation.notifications() == []
 
 
 async def test_ident_match_with_a_level_1_charge_notifies_ice_at_level_1(
@@ -69,7 +68,7 @@ async def test_ident_match_with_a_level_1_charge_notifies_ice_at_level_1(
     assert decision.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert decision.level == rec.LEVEL_1
     assert decision.notification == bk.QUEUED
-    received = await wait_for_notifications(federation.ice.host.address, 1, timeout_s=10)
+    received = await federation.wait_for_notifications(1)
     assert len(received) == 1
     notification = received[0].notification
     assert (notification.tcn, notification.ori, notification.level) == (booking.tcn, booking.ori, rec.LEVEL_1)
@@ -100,7 +99,7 @@ async def test_a_subject_in_neither_gallery_is_a_no_hit_without_notification(
         decision.iafis.candidates and decision.iafis.thresholds.hit > decision.iafis.candidates[0].fused_score
     )
     await asyncio.sleep(0.3)
-    assert await list_notifications(federation.ice.host.address) == []
+    assert await federation.notifications() == []
 
 
 async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_completes_it(
@@ -115,7 +114,7 @@ async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_complete
     assert decision.iafis.outcome == bk.ANSWERED
     assert decision.notification == bk.DEFERRED
     assert any("ident did not answer" in reason for reason in decision.reasons)
-    assert await list_notifications(federation.ice.host.address) == []
+    assert await federation.notifications() == []
 
     # The node comes back from its own database; the booking system retries the same TCN.
     await federation.restart_node("ident")
@@ -128,7 +127,7 @@ async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_complete
     assert retried.status == bk.COMPLETE and retried.attempt >= 2
     assert retried.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert retried.notification == bk.QUEUED
-    assert len(await wait_for_notifications(federation.ice.host.address, 1, timeout_s=10)) == 1
+    assert len(await federation.wait_for_notifications(1)) == 1
 
 
 async def test_a_malformed_template_is_refused_with_field_details_and_nothing_is_stored(
@@ -160,7 +159,7 @@ async def test_a_malformed_enrollment_stores_nothing_of_its_stream(
     bad = enroll_request(population.iafis[1])
     bad.subject_id = bad.criminal_history.subject_id = "UCN-NEW-0002"
     bad.tenprint.fingers[0].template.data = b"FMR\x00 21\x00" + bad.tenprint.fingers[0].template.data[8:]
-    async with insecure_channel(federation.iafis.host.address) as channel:
+    async with federation.channel(federation.iafis.host.address) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         before = await stub.GetStats(gal.GetStatsRequest(), timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -184,7 +183,7 @@ async def test_resubmitting_a_tcn_returns_the_same_decision_and_notifies_once(
     )
     assert first.decided_at == second.decided_at and first.attempt == second.attempt == 1
     await asyncio.sleep(0.5)
-    assert len(await list_notifications(federation.ice.host.address)) == 1
+    assert len(await federation.notifications()) == 1
 
 
 async def test_notifications_survive_an_ice_outage(federation: Federation, population: Population) -> None:
@@ -196,7 +195,7 @@ async def test_notifications_survive_an_ice_outage(federation: Federation, popul
     attempts = federation.coordinator.coordinator.store.outbox_attempts(sample.booking.tcn)
     assert attempts is not None and attempts[0] >= 1 and not attempts[1]
     await federation.restart_ice()
-    received = await wait_for_notifications(federation.ice.host.address, 1, timeout_s=10)
+    received = await federation.wait_for_notifications(1)
     assert [r.notification.tcn for r in received] == [sample.booking.tcn]
 
 
@@ -227,7 +226,7 @@ async def test_every_server_serves_health_and_reflection(federation: Federation)
         federation.ice.host.address: "fedprint.ice.v1.IceNotificationService",
     }
     for address, service in services.items():
-        async with insecure_channel(address) as channel:
+        async with federation.channel(address) as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=5
             )

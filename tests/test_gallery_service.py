@@ -15,7 +15,7 @@ from fedprint.clients import enroll
 from fedprint.config import NodeConfig, Thresholds
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
-from fedprint.rpc import field_violations, insecure_channel
+from fedprint.rpc import field_violations, open_channel
 from nodes.gallery import GalleryNode, build_node
 from synthetic.population import Population, tenprint_to_proto
 
@@ -45,7 +45,7 @@ def mated_index(population: Population) -> int:
 
 
 async def identify(node: GalleryNode, request: gal.IdentifyRequest) -> gal.IdentifyResponse:
-    async with insecure_channel(node.host.address) as channel:
+    async with open_channel(node.host.address) as channel:
         return await gal_grpc.GalleryServiceStub(channel).Identify(request, timeout=30)
 
 
@@ -132,7 +132,7 @@ async def test_missing_and_unusable_fingers_are_reported_not_fatal(
 
 async def test_removed_subjects_are_no_longer_found(ident: GalleryNode, population: Population) -> None:
     i = mated_index(population)
-    async with insecure_channel(ident.host.address) as channel:
+    async with open_channel(ident.host.address) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         removed = await stub.Remove(
             gal.RemoveRequest(subject_ids=[population.ident[i].subject_id]), timeout=5

@@ -360,5 +360,6 @@ def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNo
                 lambda server: gal_grpc.add_GalleryServiceServicer_to_server(servicer, server),
             )
         ],
+        config.tls,
     )
     return GalleryNode(host, servicer)
