@@ -4,9 +4,7 @@ reflection, graceful shutdown, errors with ``google.rpc`` details, and channels.
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -140,28 +138,6 @@ class ServiceHost:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
-
-
-async def serve_until_signalled(
-    host: ServiceHost,
-    *,
-    on_started: Callable[[], Awaitable[None]] | None = None,
-    on_stopping: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Runs ``host`` until SIGTERM or SIGINT, then shuts it down gracefully."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    port = await host.start()
-    if on_started is not None:
-        await on_started()
-    log.info("serving", address=host.address, port=port)
-    await stop.wait()
-    log.info("shutting down", address=host.address)
-    if on_stopping is not None:
-        await on_stopping()
-    await host.stop()
 
 
 # A peer that restarts should be reachable again within about a second, not after

@@ -1,71 +1,72 @@
-"""Starting each of the four services from its configuration file."""
+"""Building each of the four services from its configuration file, and running one
+until it is told to stop."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
 
 from fedprint.config import CoordinatorConfig, IceConfig, NodeConfig
 from fedprint.logging import configure
-from fedprint.rpc import serve_until_signalled
+from fedprint.rpc import ServiceHost
+
+log = structlog.get_logger(__name__)
 
 
-async def run_service(
-    role: str, config_path: Path | None, *, listen: str | None = None, ready_file: Path | None = None
-) -> None:
-    """Builds the service for ``role`` and serves until SIGTERM/SIGINT."""
-    overrides = {"listen": listen} if listen else {}
+class Service(Protocol):
+    """What every fedprint service offers its supervisor."""
 
-    async def announce(address: str) -> None:
-        if ready_file is not None:
-            await asyncio.to_thread(ready_file.write_text, address + "\n")
+    host: ServiceHost
 
+    async def start(self) -> int: ...
+
+    async def stop(self, grace_s: float = 5.0) -> None: ...
+
+
+def build_service(role: str, config_path: Path | None, **overrides: Any) -> Service:
+    """The service for ``role`` (coordinator, iafis, ident, ice), configured and not yet started."""
     if role in ("iafis", "ident"):
         from nodes.gallery import build_node
 
         node_config = NodeConfig.load(config_path, node=role, **overrides)
         configure(node_config.log_level)
-        node = build_node(node_config)
-
-        async def node_started() -> None:
-            await announce(node.host.address)
-
-        async def node_stopping() -> None:
-            await node.servicer.batcher.close()
-
-        await serve_until_signalled(node.host, on_started=node_started, on_stopping=node_stopping)
-        node.servicer.store.close()
-    elif role == "coordinator":
+        return build_node(node_config)
+    if role == "coordinator":
         from federation.coordinator import build_coordinator
 
         coordinator_config = CoordinatorConfig.load(config_path, **overrides)
         configure(coordinator_config.log_level)
-        service = build_coordinator(coordinator_config)
-
-        async def coordinator_started() -> None:
-            service.coordinator.outbox.start()
-            await announce(service.host.address)
-
-        async def coordinator_stopping() -> None:
-            await service.coordinator.outbox.stop()
-
-        await serve_until_signalled(
-            service.host, on_started=coordinator_started, on_stopping=coordinator_stopping
-        )
-        for channel in service.channels:
-            await channel.close(None)
-        service.coordinator.store.close()
-    elif role == "ice":
+        return build_coordinator(coordinator_config)
+    if role == "ice":
         from ice_service import build_ice
 
         ice_config = IceConfig.load(config_path, **overrides)
         configure(ice_config.log_level)
-        ice = build_ice(ice_config)
+        return build_ice(ice_config)
+    raise ValueError(f"unknown service {role!r}")
 
-        async def ice_started() -> None:
-            await announce(ice.host.address)
 
-        await serve_until_signalled(ice.host, on_started=ice_started)
-        ice.server.store.close()
-    else:
-        raise ValueError(f"unknown service {role!r}")
+async def run_service(
+    role: str, config_path: Path | None, *, listen: str | None = None, ready_file: Path | None = None
+) -> None:
+    """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully.
+
+    ``ready_file`` receives the bound address once the service is serving (supervisors and
+    the demo wait for it; with ``listen: host:0`` it is the only way to learn the port).
+    """
+    service = build_service(role, config_path, **({"listen": listen} if listen else {}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await service.start()
+    if ready_file is not None:
+        await asyncio.to_thread(ready_file.write_text, service.host.address + "\n")
+    log.info("serving", role=role, address=service.host.address, port=port)
+    await stop.wait()
+    log.info("shutting down", role=role, address=service.host.address)
+    await service.stop()

@@ -118,8 +118,14 @@ class IceNotificationServer(ice_grpc.IceNotificationServiceServicer):
 
 @dataclass
 class IceService:
+    """A running ICE notification service."""
+
     host: ServiceHost
     server: IceNotificationServer
+
+    async def start(self) -> int:
+        """Starts serving; returns the bound port."""
+        return await self.host.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.host.stop(grace_s)

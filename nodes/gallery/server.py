@@ -332,6 +332,10 @@ class GalleryNode:
     host: ServiceHost
     servicer: GalleryServicer[Any]
 
+    async def start(self) -> int:
+        """Starts serving; returns the bound port."""
+        return await self.host.start()
+
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.host.stop(grace_s)
         await self.servicer.batcher.close()
