@@ -180,3 +180,16 @@ def score_fingers(
         lam = _local(a, _Operands.of(part, probe_side=False), params)
         out[:, lo:hi] = lss_scores(lam, n_a, n_b[lo:hi], params)
     return out
+
+
+def score_flops(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> int:
+    """Floating-point operations of the matrix products :func:`score_fingers` executes for
+    ``probe: [P, Mp, ·]`` against ``gallery: [G, Mg, ·]`` (2 per multiply-add, padded M as run).
+
+    Two products per pair of cylinders over the C cells (binary: a·b and ||b|a||² stacked; the
+    float variant also two) and two over the S spatial cells (||a|b||² and the common cells).
+    The elementwise work around them is not counted: this is the work a roofline compares.
+    """
+    p, mp = probe.valid.shape
+    g, mg = gallery.valid.shape
+    return 2 * (2 * p * mp) * (g * mg) * (params.cells + params.spatial_cells)

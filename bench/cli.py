@@ -1,0 +1,73 @@
+"""The ``fedprint bench`` command group (registered by :mod:`fedprint.cli`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the matching engine.")
+console = Console()
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@bench_app.command()
+def matcher(
+    json_out: Annotated[Path, typer.Option("--json", help="write the results here; the PNG goes beside it")],
+    sizes: Annotated[str, typer.Option(help="gallery sizes, subjects, comma-separated")] = "30,100,300",
+    shortlist_sizes: Annotated[
+        str, typer.Option(help="sizes where only the shortlist runs (exhaustive projected)")
+    ] = "10000,100000",
+    batches: Annotated[str, typer.Option(help="probe batch sizes to sweep")] = "1,4,16",
+    probes: Annotated[int, typer.Option(help="probes per search in the gallery sweep")] = 8,
+    base: Annotated[int, typer.Option(help="distinct synthetic subjects encoded")] = 24,
+    shortlist_fraction: Annotated[float, typer.Option(help="shortlist length / gallery size")] = 0.01,
+    device: Annotated[
+        list[str] | None, typer.Option(help="cpu, cuda (repeatable); default: cpu and cuda if present")
+    ] = None,
+) -> None:
+    """Throughput against gallery and batch size, exhaustive vs shortlist, against the matmul roofline."""
+    from bench.matcher import MatcherBenchConfig, plot_throughput, run_matcher_bench, table_rows
+
+    config = MatcherBenchConfig(
+        base_subjects=base,
+        gallery_sizes=_ints(sizes),
+        shortlist_only_sizes=_ints(shortlist_sizes),
+        batch_sizes=_ints(batches),
+        batch_gallery=min(_ints(sizes)[-1], 100),
+        probe_count=probes,
+        shortlist_fraction=shortlist_fraction,
+    )
+    if device:
+        config.devices = device
+    with console.status("benchmarking") as status:
+        result = run_matcher_bench(config, progress=lambda text: status.update(text))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    png = json_out.with_suffix(".png")
+    plot_throughput(result, png)
+
+    table = Table(title="finger matches per second")
+    for column in ("device", "subjects", "exhaustive", "shortlist+MCC", "shortlist", "speed-up"):
+        table.add_column(column)
+    for row in table_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"{result['device']}: {result['matches_per_second']:,.0f} matches/s, reference "
+        f"{result['reference_matches_per_second']:,.2f} ({result['speedup_vs_reference']:,.0f}x), "
+        f"roofline fraction {result['roofline_fraction']:.2f} "
+        f"({result['achieved_flops'] / 1e9:.1f} of {result['roofline_flops'] / 1e9:.1f} GFLOP/s); "
+        f"shortlist recall {result['shortlist']['recall_vs_exhaustive_rank1_at_base']:.3f} at base, "
+        f"{result['shortlist']['projected_recall_at_fraction']:.3f} projected; "
+        f"{result['device_bytes_per_subject']} device B/subject, "
+        f"{result['host_bytes_per_subject']:,.0f} host B/subject"
+    )
+    console.print(f"wrote {json_out} and {png}")
