@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from fedprint import accuracy as _accuracy
 from fedprint.logging import configure
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -43,31 +44,6 @@ def serve(
     from fedprint.services import run_service
 
     asyncio.run(run_service(role.value, config, listen=listen, ready_file=ready_file))
-
-
-@app.command()
-def synth(
-    out: Annotated[Path, typer.Argument(help="directory to write the population to")],
-    persons: Annotated[int, typer.Option(help="synthetic persons")] = 600,
-    bookings: Annotated[int, typer.Option(help="bookings to draw")] = 60,
-    seed: Annotated[int, typer.Option(help="random seed; same seed, same files")] = 1,
-) -> None:
-    """Writes a deterministic synthetic population: galleries, records, bookings, ground truth."""
-    from synthetic.population import generate_population, write_population
-
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("generating", total=persons)
-        population = generate_population(
-            seed=seed,
-            persons=persons,
-            bookings=bookings,
-            on_progress=lambda done, total: progress.update(task, completed=done),
-        )
-    write_population(population, out)
-    console.print(
-        f"wrote {len(population.iafis)} IAFIS and {len(population.ident)} IDENT subjects, "
-        f"{len(population.bookings)} bookings to {out}"
-    )
 
 
 @app.command()
@@ -147,6 +123,10 @@ def demo(
         json_out.write_text(json.dumps(summary, indent=2) + "\n")
     if summary["wrong"] or summary["incomplete"]:
         raise typer.Exit(1)
+
+
+# synth, match and eval live in their own module (the accuracy harness).
+_accuracy.register(app, console)
 
 
 if __name__ == "__main__":

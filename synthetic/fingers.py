@@ -6,14 +6,17 @@ elastically distorted, cut to the contact area, with minutiae lost and spurious 
 added, and every position and angle perturbed. Two impressions of one finger are never
 identical, and neither is the master; that is what makes the data honest for matching.
 
-Plausibility, not realism (a later issue adds pattern-class statistics, density
-variation and ridge-count consistency):
+What is modelled (ridge-count consistency and images are not):
 
 - the finger is an ellipse of about 300x380 px (500 ppi) in a 400x500 image;
 - the ridge orientation field follows the Sherlock-Monro zero-pole model: each core adds
   half the angle of ``z - core``, each delta subtracts half the angle of ``z - delta``,
   giving loops (one core, one delta), whorls (two cores, two deltas), tented arches
   (core above a close delta) and plain arches (a smooth bump, no singularity);
+- pattern classes follow per-finger frequencies (:data:`PATTERN_FREQUENCIES`), and master
+  minutia counts depend on the finger (about 45-70 on average, 25-90 in all);
+- impressions follow a :class:`Difficulty` preset (``easy``, ``realistic``, ``hard``), rolled
+  or plain (a plain touch covers less of the finger);
 - minutiae are spread with a minimum spacing (real minutiae are rarely closer than
   about a ridge period, ~10 px at 500 ppi) and point along the local ridge orientation.
 
@@ -39,12 +42,102 @@ RESOLUTION_PPI = 500
 FINGER_SEMI_AXES = (150.0, 190.0)
 #: Relative finger size by FGP position (index 0 unused): thumbs largest, little fingers smallest.
 _FINGER_SCALE = (1.0, 1.0, 0.93, 0.95, 0.9, 0.8, 1.0, 0.93, 0.95, 0.9, 0.8)
-MIN_MINUTIAE, MAX_MINUTIAE = 35, 60
+#: Master minutiae per finger: rolled prints of real fingers show roughly 20 to 80 (more on
+#: thumbs, fewer on little fingers); a master holds what a full roll could show.
+MIN_MINUTIAE, MAX_MINUTIAE = 25, 90
+#: Mean master count by FGP position (index 0 unused); spread :data:`MINUTIAE_SD`.
+_MEAN_MINUTIAE = (0, 68, 58, 58, 56, 48, 68, 58, 58, 56, 48)
+MINUTIAE_SD = 10.0
 #: Minimum distance between master minutiae, about one ridge period at 500 ppi.
 MIN_SPACING = 10.0
 #: An impression with fewer minutiae is captured again (a booking officer re-rolls a bad print).
 MIN_IMPRESSION_MINUTIAE = 12
 _UPPER = np.triu(np.ones((3 * MAX_MINUTIAE, 3 * MAX_MINUTIAE), bool), 1)
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How much an impression differs from its master: the knobs of :func:`impression`.
+
+    Ranges are uniform draws per impression; ``*_bad`` terms are added in proportion to
+    ``1 - quality``, so poor captures lose more and gain more noise.
+    """
+
+    name: str
+    drop: tuple[float, float]  # share of minutiae an extractor misses on a good capture
+    drop_bad: float
+    spurious: float  # Poisson mean of false minutiae on a good capture
+    spurious_bad: float
+    position_noise: float  # px, σ on a good capture
+    angle_noise_deg: float  # σ on a good capture
+    distortion: tuple[float, float]  # px of elastic displacement at the contact border
+    rotation_deg: float  # σ, clipped at 2.5σ
+    translation: float  # px σ, clipped at 2.5σ
+    rolled_area: tuple[float, float]  # contact ellipse scale of a rolled impression
+    plain_area: tuple[float, float]  # contact ellipse scale of a plain (flat) impression
+    contact_offset: float  # px σ of the contact centre from the finger centre
+    type_flip: float
+    quality: tuple[float, float]  # per-impression quality range drawn by the population
+
+
+#: Presets for ``--difficulty``. ``realistic`` is tuned so that this project's single-finger MCC
+#: lands at an EER of a few per cent (rolled gallery against plain probes), the range open
+#: matchers show on public benchmarks; ``easy`` is the generator of version 1, ``hard`` a
+#: poor-capture booking station.
+DIFFICULTIES: dict[str, Difficulty] = {
+    "easy": Difficulty(
+        name="easy",
+        drop=(0.10, 0.15),
+        drop_bad=0.10,
+        spurious=1.0,
+        spurious_bad=3.0,
+        position_noise=2.0,
+        angle_noise_deg=5.0,
+        distortion=(3.0, 8.0),
+        rotation_deg=8.0,
+        translation=12.0,
+        rolled_area=(0.85, 1.05),
+        plain_area=(0.85, 1.05),
+        contact_offset=15.0,
+        type_flip=0.05,
+        quality=(0.5, 1.0),
+    ),
+    "realistic": Difficulty(
+        name="realistic",
+        drop=(0.12, 0.18),
+        drop_bad=0.10,
+        spurious=1.5,
+        spurious_bad=3.0,
+        position_noise=2.0,
+        angle_noise_deg=5.0,
+        distortion=(3.0, 8.0),
+        rotation_deg=10.0,
+        translation=12.0,
+        rolled_area=(0.85, 1.05),
+        plain_area=(0.75, 0.95),
+        contact_offset=20.0,
+        type_flip=0.08,
+        quality=(0.45, 1.0),
+    ),
+    "hard": Difficulty(
+        name="hard",
+        drop=(0.15, 0.25),
+        drop_bad=0.15,
+        spurious=3.0,
+        spurious_bad=5.0,
+        position_noise=3.0,
+        angle_noise_deg=7.0,
+        distortion=(5.0, 12.0),
+        rotation_deg=12.0,
+        translation=15.0,
+        rolled_area=(0.8, 1.0),
+        plain_area=(0.6, 0.8),
+        contact_offset=25.0,
+        type_flip=0.12,
+        quality=(0.35, 0.95),
+    ),
+}
+REALISTIC = DIFFICULTIES["realistic"]
 
 
 class PatternClass(enum.Enum):
@@ -86,9 +179,35 @@ class RidgeFlow:
         return np.mod(theta, math.pi)
 
 
+#: Pattern class frequencies (arch, tented arch, whorl, ulnar loop, radial loop) by finger
+#: (thumb, index, middle, ring, little), rounded from published ten-print surveys (NIST SD4's
+#: natural mix and the FBI's per-finger tables): whorls peak on thumbs and ring fingers, radial
+#: loops and arches on index fingers, ulnar loops dominate middle and little fingers.
+PATTERN_FREQUENCIES: dict[str, tuple[float, float, float, float, float]] = {
+    "thumb": (0.03, 0.01, 0.43, 0.51, 0.02),
+    "index": (0.10, 0.07, 0.33, 0.32, 0.18),
+    "middle": (0.07, 0.03, 0.20, 0.68, 0.02),
+    "ring": (0.02, 0.01, 0.46, 0.50, 0.01),
+    "little": (0.02, 0.01, 0.14, 0.82, 0.01),
+}
+_FINGER_NAMES = (
+    "",
+    "thumb",
+    "index",
+    "middle",
+    "ring",
+    "little",
+    "thumb",
+    "index",
+    "middle",
+    "ring",
+    "little",
+)
+
+
 def _pattern_for(rng: np.random.Generator, position: int) -> PatternClass:
-    # Roughly the NIST SD4 natural frequencies; loops lean ulnar (right loops on the
-    # right hand, FGP 1-5, left loops on the left hand).
+    # Loops lean ulnar: a right-hand ulnar loop opens towards the little finger, i.e. to the
+    # right as viewed (a right loop); on the left hand (FGP 6-10) it is a left loop.
     right_hand = 1 <= position <= 5
     ulnar, radial = (
         (PatternClass.RIGHT_LOOP, PatternClass.LEFT_LOOP)
@@ -96,8 +215,8 @@ def _pattern_for(rng: np.random.Generator, position: int) -> PatternClass:
         else (PatternClass.LEFT_LOOP, PatternClass.RIGHT_LOOP)
     )
     classes = [PatternClass.ARCH, PatternClass.TENTED_ARCH, PatternClass.WHORL, ulnar, radial]
-    weights = np.array([0.04, 0.03, 0.28, 0.55, 0.10])
-    return classes[int(rng.choice(len(classes), p=weights))]
+    weights = np.array(PATTERN_FREQUENCIES[_FINGER_NAMES[position]])
+    return classes[int(rng.choice(len(classes), p=weights / weights.sum()))]
 
 
 def ridge_flow(rng: np.random.Generator, pattern: PatternClass, centre: tuple[float, float]) -> RidgeFlow:
@@ -150,19 +269,29 @@ def _spaced_points(
     return chosen
 
 
-def master_finger(rng: np.random.Generator, position: int) -> FingerTemplate:
-    """The master minutiae of one synthetic finger at FGP ``position`` (1-10), in a 400x500 image."""
+@dataclass(frozen=True)
+class MasterFinger:
+    """A synthetic finger: its master minutiae and the ridge flow (pattern, core, delta) that shaped them."""
+
+    template: FingerTemplate
+    flow: RidgeFlow
+
+
+def master_with_flow(rng: np.random.Generator, position: int) -> MasterFinger:
+    """The master minutiae of one synthetic finger at FGP ``position`` (1-10), with its ridge flow."""
     scale = _FINGER_SCALE[position] * rng.uniform(0.92, 1.05)
     axes = (FINGER_SEMI_AXES[0] * scale, FINGER_SEMI_AXES[1] * scale)
     centre = (IMAGE_WIDTH / 2 + rng.normal(0, 6), IMAGE_HEIGHT / 2 + rng.normal(0, 6))
     flow = ridge_flow(rng, _pattern_for(rng, position), centre)
-    count = int(rng.integers(MIN_MINUTIAE, MAX_MINUTIAE + 1))
+    mean = _MEAN_MINUTIAE[position]
+    count = int(np.clip(round(rng.normal(mean, MINUTIAE_SD)), MIN_MINUTIAE, MAX_MINUTIAE))
     pts = _spaced_points(rng, count, centre, axes)
     n = len(pts)
     # A minutia points along its ridge one way or the other; the field only fixes the axis.
     theta = flow.orientation(pts[:, 0], pts[:, 1]) + math.pi * rng.integers(0, 2, n) + rng.normal(0, 0.05, n)
+    # Ridge endings slightly outnumber bifurcations in extracted minutiae of real prints.
     kinds = np.where(rng.uniform(size=n) < 0.55, MinutiaKind.RIDGE_ENDING, MinutiaKind.BIFURCATION)
-    return FingerTemplate.from_arrays(
+    template = FingerTemplate.from_arrays(
         np.column_stack([pts, theta]),
         width=IMAGE_WIDTH,
         height=IMAGE_HEIGHT,
@@ -171,6 +300,12 @@ def master_finger(rng: np.random.Generator, position: int) -> FingerTemplate:
         resolution_ppi=RESOLUTION_PPI,
         finger_position=position,
     )
+    return MasterFinger(template, flow)
+
+
+def master_finger(rng: np.random.Generator, position: int) -> FingerTemplate:
+    """The master minutiae of one synthetic finger at FGP ``position`` (1-10), in a 400x500 image."""
+    return master_with_flow(rng, position).template
 
 
 def _smooth_field(rng: np.random.Generator) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -200,21 +335,31 @@ def _displace(
     return out
 
 
-def impression(rng: np.random.Generator, master: FingerTemplate, *, quality: float = 0.8) -> FingerTemplate:
+def impression(
+    rng: np.random.Generator,
+    master: FingerTemplate,
+    *,
+    quality: float = 0.8,
+    difficulty: Difficulty | None = None,
+    plain: bool = False,
+) -> FingerTemplate:
     """One capture of ``master``: moved, rotated, distorted, cropped, with missing and spurious minutiae.
 
-    ``quality`` in [0, 1] (1 = excellent) scales the damage: minutiae dropped 10-25 %,
-    spurious ones added (a Poisson count of 1-4 on average), position noise σ 2-4 px,
-    angle noise σ 5-10°, a contact area of 75-100 % of the finger. Rotation (σ 8°, at most
-    20°) and translation (σ 12 px, at most 30 px) do not depend on quality. Everything stays
-    inside the image; minutiae come out in a shuffled order, as an extractor would list them.
-    A capture with fewer than :data:`MIN_IMPRESSION_MINUTIAE` minutiae is taken again.
+    ``quality`` in [0, 1] (1 = excellent) scales the damage within ``difficulty`` (default
+    ``easy``, the version-1 behaviour): more minutiae dropped, more spurious ones, more
+    position and angle noise, a smaller contact area. A ``plain`` (flat, unrolled) impression
+    touches a smaller area than a rolled one, so it keeps fewer minutiae. Rotation,
+    translation and the elastic distortion (growing away from the contact centre) do not
+    depend on quality. Everything stays inside the image; minutiae come out in a shuffled
+    order, as an extractor would list them. A capture with fewer than
+    :data:`MIN_IMPRESSION_MINUTIAE` minutiae is taken again.
     """
+    difficulty = difficulty or DIFFICULTIES["easy"]
     if not 0.0 <= quality <= 1.0:
         raise ValueError(f"quality {quality} outside [0, 1]")
     best: FingerTemplate | None = None
     for _ in range(10):
-        attempt = _one_impression(rng, master, quality)
+        attempt = _one_impression(rng, master, quality, difficulty, plain)
         if attempt.count >= MIN_IMPRESSION_MINUTIAE:
             return attempt
         if best is None or attempt.count > best.count:
@@ -225,7 +370,9 @@ def impression(rng: np.random.Generator, master: FingerTemplate, *, quality: flo
     return best
 
 
-def _one_impression(rng: np.random.Generator, master: FingerTemplate, quality: float) -> FingerTemplate:
+def _one_impression(
+    rng: np.random.Generator, master: FingerTemplate, quality: float, d: Difficulty, plain: bool
+) -> FingerTemplate:
     bad = 1.0 - quality
     w, h = master.width, master.height
     xy = master.minutiae[:, :2].astype(np.float64)
@@ -239,43 +386,47 @@ def _one_impression(rng: np.random.Generator, master: FingerTemplate, quality: f
     # mapping, gives the new direction including the local rotation of the distortion.
     ahead = xy + 6.0 * np.stack([np.cos(theta), -np.sin(theta)], axis=1)
 
+    # Where the finger touches: the skin is pinned there and stretches most at the border.
+    contact_offset = rng.normal(0, d.contact_offset, 2)
+    pressed = centre + contact_offset
     field = _smooth_field(rng)
-    amplitude = rng.uniform(3.0, 8.0)
-    rotation = float(np.clip(rng.normal(0, math.radians(8)), -math.radians(20), math.radians(20)))
-    shift = np.clip(rng.normal(0, 12, 2), -30, 30)
+    amplitude = rng.uniform(*d.distortion)
+    max_rotation = math.radians(2.5 * d.rotation_deg)
+    rotation = float(np.clip(rng.normal(0, math.radians(d.rotation_deg)), -max_rotation, max_rotation))
+    shift = np.clip(rng.normal(0, d.translation, 2), -2.5 * d.translation, 2.5 * d.translation)
     c, s = math.cos(rotation), math.sin(rotation)
     # Counter-clockwise as viewed, with y down: x' = c·dx + s·dy, y' = -s·dx + c·dy.
     rot = np.array([[c, s], [-s, c]])
 
     def mapping(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        moved: npt.NDArray[np.float64] = (_displace(p, centre, spread, amplitude, field) - centre) @ rot.T
+        moved: npt.NDArray[np.float64] = (_displace(p, pressed, spread, amplitude, field) - centre) @ rot.T
         out: npt.NDArray[np.float64] = moved + centre + shift
         return out
 
     new_xy = mapping(xy)
     new_ahead = mapping(ahead)
-    d = new_ahead - new_xy
-    new_theta = np.arctan2(-d[:, 1], d[:, 0])
+    step = new_ahead - new_xy
+    new_theta = np.arctan2(-step[:, 1], step[:, 0])
 
     # Contact area: an ellipse around the moved finger centre, smaller for poorer captures.
-    contact_centre = centre + shift + rng.normal(0, 15, 2)
-    contact_scale = rng.uniform(0.85, 1.05) - 0.15 * bad
+    contact_centre = centre + shift + contact_offset
+    contact_scale = rng.uniform(*(d.plain_area if plain else d.rolled_area)) - 0.15 * bad
     axes = np.array([spread * 0.85, spread * 1.05]) * contact_scale
     rel = (new_xy - contact_centre) / axes
     keep = (rel**2).sum(axis=1) <= 1.0
-    drop_rate = rng.uniform(0.10, 0.15) + 0.10 * bad
+    drop_rate = rng.uniform(*d.drop) + d.drop_bad * bad
     keep &= rng.uniform(size=n) >= drop_rate
 
     new_xy, new_theta, kinds = new_xy[keep], new_theta[keep], kinds[keep]
     # Extractors confuse endings and bifurcations (ink, pressure): flip a few types.
-    flip = rng.uniform(size=len(kinds)) < 0.05 + 0.10 * bad
+    flip = rng.uniform(size=len(kinds)) < d.type_flip + 0.10 * bad
     kinds = np.where(
         flip & (kinds == MinutiaKind.RIDGE_ENDING),
         MinutiaKind.BIFURCATION,
         np.where(flip & (kinds == MinutiaKind.BIFURCATION), MinutiaKind.RIDGE_ENDING, kinds),
     ).astype(np.uint8)
 
-    spurious = int(rng.poisson(1.0 + 3.0 * bad))
+    spurious = int(rng.poisson(d.spurious + d.spurious_bad * bad))
     r = np.sqrt(rng.uniform(0, 1, spurious))
     phi = rng.uniform(0, 2 * math.pi, spurious)
     fake_xy = contact_centre + np.stack([axes[0] * r * np.cos(phi), axes[1] * r * np.sin(phi)], axis=1)
@@ -286,8 +437,8 @@ def _one_impression(rng: np.random.Generator, master: FingerTemplate, quality: f
     all_theta = np.concatenate([new_theta, fake_theta])
     all_kinds = np.concatenate([kinds, fake_kinds])
     m = len(all_xy)
-    all_xy = all_xy + rng.normal(0, 2.0 + 2.0 * bad, (m, 2))
-    all_theta = all_theta + rng.normal(0, math.radians(5.0 + 5.0 * bad), m)
+    all_xy = all_xy + rng.normal(0, d.position_noise * (1.0 + bad), (m, 2))
+    all_theta = all_theta + rng.normal(0, math.radians(d.angle_noise_deg * (1.0 + bad)), m)
 
     inside = (all_xy[:, 0] >= 0) & (all_xy[:, 0] <= w - 1) & (all_xy[:, 1] >= 0) & (all_xy[:, 1] <= h - 1)
     order = rng.permutation(int(inside.sum()))

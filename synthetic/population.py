@@ -44,9 +44,9 @@ from fedprint.records.v1 import records_pb2 as rec
 from minutiae.iso19794_2 import decode_template, encode_template
 from minutiae.template import FingerTemplate, TemplateError, TenPrintTemplates
 from synthetic import people
-from synthetic.fingers import impression, master_finger
+from synthetic.fingers import DIFFICULTIES, Difficulty, MasterFinger, impression, master_with_flow
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 #: Share of persons in each gallery category; the rest are in neither gallery.
 BOTH_SHARE, IAFIS_ONLY_SHARE, IDENT_ONLY_SHARE = 0.15, 0.25, 0.20
@@ -173,16 +173,26 @@ def tenprint_from_proto(tp: bio.TenPrint) -> TenPrintTemplates:
 # --- generation -----------------------------------------------------------------------------------
 
 
-def _masters(seed: int, person: int) -> list[FingerTemplate]:
+def person_master_fingers(seed: int, person: int) -> list[MasterFinger]:
+    """The ten master fingers (FGP 1-10) of person number ``person``, with their ridge flow."""
     rng = _rng(seed, _MASTERS, person)
-    return [master_finger(rng, position) for position in range(1, 11)]
+    return [master_with_flow(rng, position) for position in range(1, 11)]
 
 
-def _enrol(seed: int, purpose: int, person: int, masters: list[FingerTemplate]) -> TenPrintTemplates:
+def person_masters(seed: int, person: int) -> list[FingerTemplate]:
+    """The ten master minutiae sets of person number ``person``: the same in every output."""
+    return [m.template for m in person_master_fingers(seed, person)]
+
+
+def _enrol(
+    seed: int, purpose: int, person: int, masters: list[FingerTemplate], difficulty: Difficulty
+) -> TenPrintTemplates:
     rng = _rng(seed, purpose, person)
     return TenPrintTemplates(
         fingers={
-            m.finger_position: _quantised(impression(rng, m, quality=float(rng.uniform(0.5, 1.0))))
+            m.finger_position: _quantised(
+                impression(rng, m, quality=float(rng.uniform(*difficulty.quality)), difficulty=difficulty)
+            )
             for m in masters
         }
     )
@@ -201,7 +211,12 @@ def _split(rng: np.random.Generator, persons: int) -> dict[str, list[int]]:
 
 
 def generate_population(
-    *, seed: int, persons: int, bookings: int, on_progress: Callable[[int, int], None] | None = None
+    *,
+    seed: int,
+    persons: int,
+    bookings: int,
+    on_progress: Callable[[int, int], None] | None = None,
+    difficulty: Difficulty | str = "realistic",
 ) -> Population:
     """Generates galleries that overlap on purpose, bookings covering every case, and the truth.
 
@@ -209,8 +224,11 @@ def generate_population(
     only, the rest in neither. The first bookings are chosen so that every category, every
     charge level and a naturalized citizen (notification suppressed) appear; the rest are
     drawn at random (categories 25/25/20/30 %). ``on_progress(done, total)`` is called
-    after each enrolled subject and each booking.
+    after each enrolled subject and each booking. ``difficulty`` is a preset name or a
+    :class:`~synthetic.fingers.Difficulty`; enrollments and bookings are rolled impressions.
     """
+    if isinstance(difficulty, str):
+        difficulty = DIFFICULTIES[difficulty]
     if persons < 5:
         raise ValueError(f"persons={persons}: at least 5 are needed to populate every category")
     if bookings < 0:
@@ -235,7 +253,7 @@ def generate_population(
 
     def masters_of(person: int) -> list[FingerTemplate]:
         if person not in masters_cache:
-            masters_cache[person] = _masters(seed, person)
+            masters_cache[person] = person_masters(seed, person)
         return masters_cache[person]
 
     def descriptors_of(person: int) -> rec.SubjectDescriptors:
@@ -258,7 +276,7 @@ def generate_population(
         record: rec.CriminalHistory | rec.ImmigrationHistory = people.criminal_history(
             rng, iafis_ids[person], descriptors_of(person)
         )
-        tenprint = _enrol(seed, _IAFIS_ENROL, person, masters_of(person))
+        tenprint = _enrol(seed, _IAFIS_ENROL, person, masters_of(person), difficulty)
         iafis.append(GalleryEntry(iafis_ids[person], _person_id(person), tenprint, record))
         tick()
 
@@ -267,7 +285,7 @@ def generate_population(
         rng = _rng(seed, _PERSON, 2_000_000 + person)
         status = rec.NATURALIZED_CITIZEN if person == forced_naturalized else None
         record = people.immigration_history(rng, ident_ids[person], descriptors_of(person), status=status)
-        tenprint = _enrol(seed, _IDENT_ENROL, person, masters_of(person))
+        tenprint = _enrol(seed, _IDENT_ENROL, person, masters_of(person), difficulty)
         ident.append(GalleryEntry(ident_ids[person], _person_id(person), tenprint, record))
         tick()
 
@@ -303,6 +321,7 @@ def generate_population(
                 descriptors_of(person),
                 iafis_by_person.get(person),
                 ident_by_person.get(person),
+                difficulty,
             )
         )
         tick()
@@ -322,6 +341,7 @@ def _booking(
     subject: rec.SubjectDescriptors,
     iafis: GalleryEntry | None,
     ident: GalleryEntry | None,
+    difficulty: Difficulty,
 ) -> SyntheticBooking:
     rng = _rng(seed, _BOOKING, index)
     booking = booking_pb2.Booking(
@@ -337,7 +357,9 @@ def _booking(
     unable = np.flatnonzero(rng.uniform(size=10) < UNABLE_TO_PRINT_RATE)[: 10 - MIN_BOOKING_FINGERS]
     absent = {int(i) + 1: bio.UNABLE_TO_PRINT for i in unable}
     fingers = {
-        m.finger_position: impression(rng, m, quality=float(rng.uniform(0.45, 1.0)))
+        m.finger_position: impression(
+            rng, m, quality=float(rng.uniform(*difficulty.quality)), difficulty=difficulty
+        )
         for m in masters
         if m.finger_position not in absent
     }

@@ -1,0 +1,199 @@
+"""The accuracy verbs of ``fedprint``: ``synth``, ``match`` and ``eval``.
+
+Kept out of :mod:`fedprint.cli` so that file stays a list of verbs; :func:`register` adds them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+DIFFICULTY_HELP = "impression damage preset: easy, realistic or hard"
+
+
+def register(app: typer.Typer, console: Console) -> None:
+    """Adds ``synth``, ``match`` and ``eval`` to ``app``, printing to ``console``."""
+
+    @app.command()
+    def synth(
+        out: Annotated[Path, typer.Argument(help="directory to write the population to")],
+        subjects: Annotated[
+            int, typer.Option("--subjects", "--persons", help="synthetic persons (subjects)")
+        ] = 600,
+        bookings: Annotated[int, typer.Option(help="bookings to draw")] = 60,
+        seed: Annotated[int, typer.Option(help="random seed; same seed, same files")] = 1,
+        difficulty: Annotated[str, typer.Option(help=DIFFICULTY_HELP)] = "realistic",
+        population: Annotated[
+            bool, typer.Option(help="also write galleries, records and bookings (held in memory)")
+        ] = True,
+        evaluation: Annotated[
+            bool, typer.Option(help="also write OUT/evaluation, a data set in the standard layout")
+        ] = True,
+        unenrolled: Annotated[
+            float, typer.Option(help="share of evaluation subjects with probes but no gallery capture")
+        ] = 0.0,
+        workers: Annotated[int | None, typer.Option(help="processes for the evaluation set")] = None,
+    ) -> None:
+        """Writes a deterministic synthetic population and an evaluation data set."""
+        from synthetic.evaluation_set import write_evaluation_set
+        from synthetic.fingers import DIFFICULTIES
+        from synthetic.population import generate_population, write_population
+
+        if difficulty not in DIFFICULTIES:
+            raise typer.BadParameter(f"difficulty must be one of {', '.join(DIFFICULTIES)}")
+        started = time.perf_counter()
+        if population:
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("population", total=None)
+                made = generate_population(
+                    seed=seed,
+                    persons=subjects,
+                    bookings=bookings,
+                    difficulty=difficulty,
+                    on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                )
+            write_population(made, out)
+            console.print(
+                f"wrote {len(made.iafis)} IAFIS and {len(made.ident)} IDENT subjects, "
+                f"{len(made.bookings)} bookings to {out}"
+            )
+        if evaluation:
+            with Progress(console=console) as progress:
+                task = progress.add_task("evaluation set", total=subjects)
+                files = write_evaluation_set(
+                    out / "evaluation",
+                    seed=seed,
+                    subjects=subjects,
+                    difficulty=difficulty,
+                    unenrolled_share=unenrolled,
+                    workers=workers,
+                    on_progress=lambda done, total: progress.update(task, completed=done),
+                )
+            console.print(f"wrote {files} templates of {subjects} subjects to {out / 'evaluation'}")
+        console.print(f"{time.perf_counter() - started:.1f} s, difficulty {difficulty}, seed {seed}")
+
+    @app.command()
+    def match(
+        a: Annotated[Path, typer.Argument(help="template file (.xyt, or ISO/IEC 19794-2)")],
+        b: Annotated[Path, typer.Argument(help="template file (.xyt, or ISO/IEC 19794-2)")],
+        json_out: Annotated[
+            bool, typer.Option("--json", help="print JSON instead of a line of text")
+        ] = False,
+    ) -> None:
+        """Prints the 1:1 MCC score (LSS, 0-1) of two single-finger template files."""
+        from evaluation.dataset import read_template
+        from gpu_kernels import MccParams, encode_fingers, score_fingers
+        from minutiae.template import TemplateError
+
+        try:
+            ta, tb = read_template(a), read_template(b)
+        except (TemplateError, OSError) as e:
+            raise typer.BadParameter(str(e)) from e
+        params = MccParams()
+        score = float(score_fingers(encode_fingers([ta], params), encode_fingers([tb], params), params)[0, 0])
+        if json_out:
+            typer.echo(
+                json.dumps({"a": str(a), "b": str(b), "score": score, "minutiae": [ta.count, tb.count]})
+            )
+        else:
+            typer.echo(f"{score:.4f}")
+
+    @app.command("eval")
+    def eval_command(
+        data: Annotated[Path, typer.Argument(help="data set directory with manifest.csv")],
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="write the report here; the DET plot goes beside it")
+        ] = None,
+        impostor_pairs: Annotated[int, typer.Option(help="single-finger impostor pairs to sample")] = 100_000,
+        searches: Annotated[
+            int | None, typer.Option(help="1:N searches to run (a seeded sample); all probes if unset")
+        ] = None,
+        seed: Annotated[int, typer.Option(help="seed of the impostor and search samples")] = 0,
+        device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+        threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+        calibrate: Annotated[
+            Path | None,
+            typer.Option(help="write calibrated thresholds into this node config YAML (created if absent)"),
+        ] = None,
+        hit_fpir: Annotated[float, typer.Option(help="FPIR of the calibrated hit threshold")] = 1e-3,
+        review_fpir: Annotated[float, typer.Option(help="FPIR of the calibrated review threshold")] = 1e-2,
+    ) -> None:
+        """1:1 and 1:N accuracy of the MCC matcher on a data set; optionally calibrates thresholds."""
+        import torch
+
+        from evaluation.calibrate import CalibrationError, write_thresholds
+        from evaluation.calibrate import calibrate as derive
+        from evaluation.dataset import DatasetError, read_dataset
+        from evaluation.run import EvalOptions, det_plot, evaluate, summary
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            dataset = read_dataset(data)
+        except DatasetError as e:
+            raise typer.BadParameter(str(e)) from e
+        options = EvalOptions(impostor_pairs=impostor_pairs, searches=searches, seed=seed, device=device)
+        started = time.perf_counter()
+        with Progress(console=console, transient=True) as progress:
+            tasks: dict[str, Any] = {}
+
+            def on_progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(stage, total=total)
+                progress.update(tasks[stage], completed=done)
+
+            result = evaluate(dataset, options, progress=on_progress)
+        report: dict[str, Any] = {"dataset": str(data), **summary(result)}
+        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        if calibrate is not None:
+            try:
+                thresholds = derive(
+                    result.outcomes,
+                    hit_fpir=hit_fpir,
+                    review_fpir=review_fpir,
+                    source=f"fedprint eval --calibrate on {data} ({result.outcomes.nonmated} "
+                    f"non-mated searches, gallery {result.gallery_size})",
+                )
+            except CalibrationError as e:
+                raise typer.BadParameter(str(e)) from e
+            write_thresholds(calibrate, thresholds)
+            report["calibrated"] = {"config": str(calibrate), **thresholds.model_dump(mode="json")}
+        console.print(_table(report))
+        if calibrate is not None:
+            c = report["calibrated"]
+            console.print(f"calibrated hit {c['hit']:.4f}, review {c['review']:.4f} -> {calibrate}")
+        if json_out is not None:
+            plot = json_out.with_suffix(".det.png")
+            det_plot(result, plot)
+            report["det_plot"] = plot.name
+            json_out.write_text(json.dumps(report, indent=2) + "\n")
+            console.print(f"wrote {json_out} and {plot}")
+
+
+def _fmt(value: Any) -> str:
+    return "n/a (too few comparisons)" if value is None else f"{value:.4%}"
+
+
+def _table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"accuracy on {report['dataset']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("genuine / impostor pairs (1:1)", f"{report['genuine_pairs']} / {report['impostor_pairs']}")
+    table.add_row("EER (1:1 single finger)", _fmt(report.get("eer")))
+    for rate, value in report["fnmr_at_fmr"].items():
+        table.add_row(f"FNMR at FMR {rate}", _fmt(value))
+    table.add_row(
+        "gallery / mated / non-mated searches (1:N)",
+        f"{report['gallery_size']} / {report['mated_searches']} / {report['nonmated_searches']}",
+    )
+    table.add_row("rank-1 identification rate", _fmt(report.get("rank1")))
+    for rate, value in report["fnir_at_fpir"].items():
+        table.add_row(f"FNIR at FPIR {rate}", _fmt(value))
+    return table

@@ -1,0 +1,121 @@
+"""An evaluation data set in the standard layout, written streaming and in parallel.
+
+For each person: one rolled gallery impression and one plain probe impression of each of the
+ten master fingers (the same masters the population uses, :func:`person_masters`), drawn from
+their own seeded streams. Probe subjects whose number is in the last ``unenrolled_share`` of
+the range get no gallery capture, so some 1:N searches are truly non-mated.
+
+On disk::
+
+    DIR/manifest.csv                      path,subject_id,finger_position,impression,role
+    DIR/templates/NNN/PER-xxxxxxx_FF_g.fmr   gallery (rolled), ISO/IEC 19794-2:2005
+    DIR/templates/NNN/PER-xxxxxxx_FF_p.fmr   probe (plain)
+
+``NNN`` groups 1000 persons per folder so no folder grows past 20,000 files. Persons are made
+in chunks by a process pool; each chunk writes its own files and returns its manifest lines,
+which are appended in person order, so the output does not depend on the number of workers and
+memory holds one chunk per worker, never the whole set.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.dataset import MANIFEST, ManifestRow, manifest_text
+from minutiae.iso19794_2 import encode_template
+from synthetic.fingers import DIFFICULTIES, impression
+from synthetic.population import _rng, person_masters
+
+# Stream keys of the evaluation set, apart from the population's (0-5).
+_EVAL_GALLERY, _EVAL_PROBE = 16, 17
+CHUNK = 250
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    directory: Path
+    seed: int
+    start: int
+    stop: int
+    difficulty: str
+    enrolled: int
+
+
+def _person_id(person: int) -> str:
+    return f"PER-{person + 1:07d}"
+
+
+def _write_chunk(chunk: _Chunk) -> str:
+    difficulty = DIFFICULTIES[chunk.difficulty]
+    rows: list[ManifestRow] = []
+    for person in range(chunk.start, chunk.stop):
+        masters = person_masters(chunk.seed, person)
+        folder = Path("templates") / f"{person // 1000:03d}"
+        (chunk.directory / folder).mkdir(parents=True, exist_ok=True)
+        subject = _person_id(person)
+        sides = [("probe", "p", _EVAL_PROBE, True)]
+        if person < chunk.enrolled:
+            sides.insert(0, ("gallery", "g", _EVAL_GALLERY, False))
+        for role, tag, purpose, plain in sides:
+            rng = _rng(chunk.seed, purpose, person)
+            for m in masters:
+                quality = float(rng.uniform(*difficulty.quality))
+                t = impression(rng, m, quality=quality, difficulty=difficulty, plain=plain)
+                rel = folder / f"{subject}_{m.finger_position:02d}_{tag}.fmr"
+                (chunk.directory / rel).write_bytes(encode_template(t, impression_type=0 if plain else 1))
+                rows.append(ManifestRow(rel.as_posix(), subject, m.finger_position, 1, role))
+    return manifest_text(rows, header=False)
+
+
+def write_evaluation_set(
+    directory: Path,
+    *,
+    seed: int,
+    subjects: int,
+    difficulty: str = "realistic",
+    unenrolled_share: float = 0.0,
+    workers: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Writes the set for persons ``0..subjects-1``; returns the number of template files.
+
+    ``workers`` processes (default: the CPU count) each make chunks of :data:`CHUNK` persons.
+    """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
+    if not 0.0 <= unenrolled_share < 1.0:
+        raise ValueError(f"unenrolled_share {unenrolled_share} outside [0, 1)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    enrolled = subjects - round(unenrolled_share * subjects)
+    chunks = [
+        _Chunk(directory, seed, lo, min(subjects, lo + CHUNK), difficulty, enrolled)
+        for lo in range(0, subjects, CHUNK)
+    ]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))
+    done = 0
+    files = 0
+    with (directory / MANIFEST).open("w", encoding="utf-8", newline="") as manifest:
+        manifest.write(manifest_text([]))
+        if workers == 1:
+            results = map(_write_chunk, chunks)
+            for chunk, text in zip(chunks, results, strict=True):
+                manifest.write(text)
+                files += text.count("\n")
+                done += chunk.stop - chunk.start
+                if on_progress is not None:
+                    on_progress(done, subjects)
+        else:
+            # spawn: forking a process that holds torch threads can deadlock.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for chunk, text in zip(chunks, pool.imap(_write_chunk, chunks), strict=True):
+                    manifest.write(text)
+                    files += text.count("\n")
+                    done += chunk.stop - chunk.start
+                    if on_progress is not None:
+                        on_progress(done, subjects)
+    return files
