@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the matching engine.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the matching engine and of the federation.")
 console = Console()
 
 
@@ -71,3 +71,27 @@ def matcher(
         f"{result['host_bytes_per_subject']:,.0f} host B/subject"
     )
     console.print(f"wrote {json_out} and {png}")
+
+
+@bench_app.command()
+def federation(
+    json_out: Annotated[Path, typer.Option("--json", help="write the results here")],
+    bookings: Annotated[int, typer.Option(help="bookings to submit")] = 120,
+    concurrency: Annotated[int, typer.Option(help="bookings in flight at once")] = 16,
+    persons: Annotated[int, typer.Option(help="synthetic persons behind the two galleries")] = 300,
+) -> None:
+    """Bookings through the four services (processes, mTLS): latency, throughput, errors, losses."""
+    import asyncio
+
+    from bench.federation import FederationBenchConfig, run_federation_bench
+
+    config = FederationBenchConfig(bookings=bookings, concurrency=concurrency, persons=persons)
+    with console.status("starting the federation and submitting bookings"):
+        result = asyncio.run(run_federation_bench(config))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(
+        f"{result['bookings']} bookings at concurrency {result['concurrency']}: "
+        f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
+        f"{result['bookings_per_second']:.2f} bookings/s, {result['errors']} errors, {result['lost']} lost"
+    )

@@ -1,0 +1,96 @@
+"""``fedprint bench federation``: bookings through the whole federation, as processes on
+this machine over mTLS, at a fixed concurrency. Latency percentiles, throughput,
+errors, and what was lost (a booking without a stored decision, or a queued
+notification that never reached ICE)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
+from fedprint.clients import enroll, submit_bookings, wait_for_notifications
+from fedprint.demo import federation
+from fedprint.pki import TlsFiles, issue_dev_pki
+from fedprint.rpc import open_channel
+from synthetic.population import generate_population
+
+
+@dataclass(frozen=True)
+class FederationBenchConfig:
+    """How much load, against how big a population."""
+
+    bookings: int = 120
+    concurrency: int = 16
+    persons: int = 300
+    seed: int = 3
+
+
+async def _lost_decisions(address: str, tcns: list[str], tls: TlsFiles) -> int:
+    """TCNs the coordinator has no decision for."""
+    lost = 0
+    async with open_channel(address, tls) as channel:
+        stub = bk_grpc.BookingServiceStub(channel)
+        for tcn in tcns:
+            try:
+                await stub.GetDecision(bk.GetDecisionRequest(tcn=tcn), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                lost += 1
+    return lost
+
+
+async def run_federation_bench(config: FederationBenchConfig, workdir: Path | None = None) -> dict[str, Any]:
+    """Runs the load and returns the DESIGN.md fields (plus a few for context)."""
+    population = generate_population(seed=config.seed, persons=config.persons, bookings=40)
+    # Distinct TCNs: every submission is a new booking, not an idempotent replay.
+    bookings: list[bk.Booking] = []
+    for i in range(config.bookings):
+        booking = bk.Booking()
+        booking.CopyFrom(population.bookings[i % len(population.bookings)].booking)
+        booking.tcn = f"BENCH-{i:06d}"
+        bookings.append(booking)
+    with contextlib.ExitStack() as stack:
+        root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedprint-bench-")))
+        pki = issue_dev_pki(root / "pki")
+        client = pki["booking-system"]
+        async with federation(root, pki) as addresses:
+            await asyncio.gather(
+                enroll(addresses["iafis"], population.iafis, tls=client),
+                enroll(addresses["ident"], population.ident, tls=client),
+            )
+            started = time.perf_counter()
+            results = await submit_bookings(
+                addresses["coordinator"], bookings, concurrency=config.concurrency, tls=client
+            )
+            elapsed = time.perf_counter() - started
+            queued = {
+                r.tcn for r in results if r.decision is not None and r.decision.notification == bk.QUEUED
+            }
+            received = await wait_for_notifications(addresses["ice"], len(queued), timeout_s=60, tls=client)
+            lost = await _lost_decisions(addresses["coordinator"], [b.tcn for b in bookings], client)
+        lost += len(queued - {n.notification.tcn for n in received})
+    latencies = np.array([r.latency_ms for r in results if r.decision is not None])
+    return {
+        "bookings": len(bookings),
+        "concurrency": config.concurrency,
+        "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
+        "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
+        "bookings_per_second": len(latencies) / elapsed if elapsed > 0 else 0.0,
+        "errors": sum(1 for r in results if r.decision is None),
+        "lost": lost,
+        "incomplete": sum(1 for r in results if r.decision is not None and r.decision.status != bk.COMPLETE),
+        "notifications": len(received),
+        "gallery_sizes": {"iafis": len(population.iafis), "ident": len(population.ident)},
+        "elapsed_s": elapsed,
+    }
