@@ -15,6 +15,7 @@ from rich.progress import Progress
 
 from fedprint import accuracy as _accuracy
 from fedprint.logging import configure
+from fedprint.pki import DEFAULT_HOSTS, TlsFiles, issue_dev_pki
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Piped output (CI logs, files) gets room for the decision tables.
@@ -26,6 +27,15 @@ class Role(enum.StrEnum):
     iafis = "iafis"
     ident = "ident"
     ice = "ice"
+
+
+TlsDirOption = Annotated[
+    Path | None, typer.Option(help="mTLS: directory from `fedprint certs`; uses its booking-system identity")
+]
+
+
+def _client_tls(directory: Path | None) -> TlsFiles | None:
+    return None if directory is None else TlsFiles.in_dir(directory, "booking-system")
 
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")]
@@ -51,6 +61,7 @@ def enroll(
     data: Annotated[Path, typer.Argument(help="population directory written by `fedprint synth`")],
     node: Annotated[Role, typer.Option(help="iafis or ident")],
     address: Annotated[str, typer.Option(help="the node's host:port")],
+    tls_dir: TlsDirOption = None,
 ) -> None:
     """Enrolls a population's IAFIS or IDENT gallery into a running node."""
     from fedprint.clients import enroll as enroll_entries
@@ -62,7 +73,11 @@ def enroll(
     entries = population.iafis if node == Role.iafis else population.ident
     with Progress(console=console) as progress:
         task = progress.add_task(f"enrolling into {node.value}", total=len(entries))
-        size = asyncio.run(enroll_entries(address, entries, on_progress=lambda n: progress.advance(task, n)))
+        size = asyncio.run(
+            enroll_entries(
+                address, entries, on_progress=lambda n: progress.advance(task, n), tls=_client_tls(tls_dir)
+            )
+        )
     console.print(f"{node.value}: gallery holds {size} subjects")
 
 
@@ -72,6 +87,7 @@ def submit(
     address: Annotated[str, typer.Option(help="the coordinator's host:port")],
     concurrency: Annotated[int, typer.Option(help="bookings in flight at once")] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the decisions as JSON here")] = None,
+    tls_dir: TlsDirOption = None,
 ) -> None:
     """Submits a population's bookings to a running coordinator and prints the decisions."""
     from google.protobuf import json_format
@@ -107,6 +123,19 @@ def submit(
 
 
 @app.command()
+def certs(
+    out: Annotated[Path, typer.Argument(help="directory for ca.pem and <service>.pem/.key")],
+    host: Annotated[
+        list[str] | None, typer.Option(help="host name or IP the services are reached at (repeatable)")
+    ] = None,
+    days: Annotated[int, typer.Option(help="validity in days")] = 365,
+) -> None:
+    """Creates a development CA and an mTLS certificate for each service and the booking system."""
+    issued = issue_dev_pki(out, hosts=host or list(DEFAULT_HOSTS), days=days)
+    console.print(f"wrote ca.pem and certificates for {', '.join(issued)} to {out}")
+
+
+@app.command()
 def demo(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the summary as JSON here")] = None,
     persons: Annotated[int, typer.Option(help="synthetic persons")] = 600,
@@ -123,6 +152,16 @@ def demo(
         json_out.write_text(json.dumps(summary, indent=2) + "\n")
     if summary["wrong"] or summary["incomplete"]:
         raise typer.Exit(1)
+
+
+def _register_bench() -> None:
+    # `fedprint bench matcher ...`: the group lives in bench/ with the benchmarks it runs.
+    from bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_register_bench()
 
 
 # synth, match and eval live in their own module (the accuracy harness).
