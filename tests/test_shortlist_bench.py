@@ -108,7 +108,9 @@ def test_bench_cli_writes_json_and_png(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(matcher, "run_matcher_bench", small)
     out = tmp_path / "m.json"
     args = ["--json", str(out), "--sizes", "2", "--shortlist-sizes", "20", "--batches", "1"]
-    result = CliRunner().invoke(cli.bench_app, [*args, "--probes", "1", "--base", "2", "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli.bench_app, ["matcher", *args, "--probes", "1", "--base", "2", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["gallery_size"] == 2
     assert out.with_suffix(".png").stat().st_size > 0
