@@ -39,6 +39,13 @@ def register(app: typer.Typer, console: Console) -> None:
         unenrolled: Annotated[
             float, typer.Option(help="share of evaluation subjects with probes but no gallery capture")
         ] = 0.0,
+        plain_probes: Annotated[
+            bool,
+            typer.Option(
+                "--plain-probes/--rolled-probes",
+                help="plain probes (accuracy figures) or rolled (booking-like, for calibration)",
+            ),
+        ] = True,
         workers: Annotated[int | None, typer.Option(help="processes for the evaluation set")] = None,
     ) -> None:
         """Writes a deterministic synthetic population and an evaluation data set."""
@@ -73,6 +80,7 @@ def register(app: typer.Typer, console: Console) -> None:
                     subjects=subjects,
                     difficulty=difficulty,
                     unenrolled_share=unenrolled,
+                    plain_probes=plain_probes,
                     workers=workers,
                     on_progress=lambda done, total: progress.update(task, completed=done),
                 )

@@ -1,6 +1,6 @@
 """An evaluation data set in the standard layout, written streaming and in parallel.
 
-For each person: one rolled gallery impression and one plain probe impression of each of the
+For each person: one rolled gallery impression and one plain (or rolled) probe impression of each of the
 ten master fingers (the same masters the population uses, :func:`person_masters`), drawn from
 their own seeded streams. Probe subjects whose number is in the last ``unenrolled_share`` of
 the range get no gallery capture, so some 1:N searches are truly non-mated.
@@ -43,6 +43,7 @@ class _Chunk:
     stop: int
     difficulty: str
     enrolled: int
+    plain_probes: bool
 
 
 def _person_id(person: int) -> str:
@@ -57,7 +58,7 @@ def _write_chunk(chunk: _Chunk) -> str:
         folder = Path("templates") / f"{person // 1000:03d}"
         (chunk.directory / folder).mkdir(parents=True, exist_ok=True)
         subject = _person_id(person)
-        sides = [("probe", "p", _EVAL_PROBE, True)]
+        sides = [("probe", "p", _EVAL_PROBE, chunk.plain_probes)]
         if person < chunk.enrolled:
             sides.insert(0, ("gallery", "g", _EVAL_GALLERY, False))
         for role, tag, purpose, plain in sides:
@@ -78,12 +79,15 @@ def write_evaluation_set(
     subjects: int,
     difficulty: str = "realistic",
     unenrolled_share: float = 0.0,
+    plain_probes: bool = True,
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Writes the set for persons ``0..subjects-1``; returns the number of template files.
 
     ``workers`` processes (default: the CPU count) each make chunks of :data:`CHUNK` persons.
+    ``plain_probes=False`` makes rolled probes, as booking stations take them: thresholds for
+    the nodes must be calibrated on that, since rolled-vs-rolled impostors score higher.
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
@@ -93,7 +97,7 @@ def write_evaluation_set(
     directory.mkdir(parents=True, exist_ok=True)
     enrolled = subjects - round(unenrolled_share * subjects)
     chunks = [
-        _Chunk(directory, seed, lo, min(subjects, lo + CHUNK), difficulty, enrolled)
+        _Chunk(directory, seed, lo, min(subjects, lo + CHUNK), difficulty, enrolled, plain_probes)
         for lo in range(0, subjects, CHUNK)
     ]
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))
