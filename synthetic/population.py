@@ -134,45 +134,6 @@ def tenprint_to_proto(t: TenPrintTemplates, *, absent: Mapping[int, int] | None 
     return message
 
 
-def tenprint_from_proto(tp: bio.TenPrint) -> TenPrintTemplates:
-    """The templates of a ten-print message; absent fingers are skipped.
-
-    Raises :class:`TemplateError` for a position outside 1-10 or repeated, a template
-    that is not ISO/IEC 19794-2 or not valid, or a finger carrying an image (images
-    are not templates: they go through an extractor first).
-    """
-    fingers: dict[int, FingerTemplate] = {}
-    seen: set[int] = set()
-    for i, finger in enumerate(tp.fingers):
-        position = int(finger.position)
-        where = f"fingers[{i}] (position {position})"
-        if not 1 <= position <= 10:
-            raise TemplateError(f"{where}: position outside 1-10")
-        if position in seen:
-            raise TemplateError(f"{where}: position appears twice")
-        seen.add(position)
-        kind = finger.WhichOneof("data")
-        if kind == "absence":
-            continue
-        if kind != "template":
-            raise TemplateError(f"{where}: carries {kind or 'no data'}, not a minutiae template")
-        if finger.template.format != bio.ISO_19794_2_2005:
-            raise TemplateError(
-                f"{where}: template format {finger.template.format} is not ISO/IEC 19794-2:2005"
-            )
-        try:
-            template = decode_template(finger.template.data)
-        except TemplateError as e:
-            raise TemplateError(f"{where}: {e}") from e
-        if template.finger_position not in (0, position):
-            raise TemplateError(f"{where}: the record says finger {template.finger_position}")
-        fingers[position] = replace(template, finger_position=position)
-    return TenPrintTemplates(fingers=fingers)
-
-
-# --- generation -----------------------------------------------------------------------------------
-
-
 def person_master_fingers(seed: int, person: int) -> list[MasterFinger]:
     """The ten master fingers (FGP 1-10) of person number ``person``, with their ridge flow."""
     rng = _rng(seed, _MASTERS, person)

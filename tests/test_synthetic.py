@@ -10,6 +10,7 @@ import pytest
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.records.v1 import records_pb2 as rec
 from minutiae import FingerTemplate, TenPrintTemplates
+from minutiae.wire import decode_tenprint
 from synthetic.fingers import MIN_IMPRESSION_MINUTIAE, impression, master_finger
 from synthetic.people import OFFENSES, history_level, level_of
 from synthetic.population import (
@@ -17,7 +18,6 @@ from synthetic.population import (
     Population,
     generate_population,
     read_population,
-    tenprint_from_proto,
     tenprint_to_proto,
     write_population,
 )
@@ -141,7 +141,7 @@ def test_bookings_carry_fresh_iso_impressions_with_enough_fingers(population: Po
         absent = [f for f in fingers if f.WhichOneof("data") == "absence"]
         assert all(f.absence == bio.UNABLE_TO_PRINT for f in absent)
         assert all(f.template.format == bio.ISO_19794_2_2005 for f in fingers if f.HasField("template"))
-        probe = tenprint_from_proto(b.booking.tenprint)
+        probe = decode_tenprint(b.booking.tenprint).templates
         assert len(probe.fingers) >= MIN_BOOKING_FINGERS
         enrolled = iafis_by_person.get(b.truth.person_id)
         if enrolled is not None:
@@ -170,7 +170,7 @@ def test_charges_use_the_catalogue(population: Population) -> None:
 def test_tenprint_proto_round_trip(population: Population) -> None:
     t = population.iafis[0].tenprint
     message = tenprint_to_proto(t, absent={})
-    assert same_tenprint(tenprint_from_proto(message), t)
+    assert same_tenprint(decode_tenprint(message).templates, t)
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path: Path) -> None:
