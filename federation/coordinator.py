@@ -31,7 +31,7 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
-from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel
+from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel, service
 
 log = structlog.get_logger(__name__)
 
@@ -269,9 +269,10 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
     host = ServiceHost(
         config.listen,
         [
-            (
-                bk.DESCRIPTOR.services_by_name["BookingService"].full_name,
-                lambda server: bk_grpc.add_BookingServiceServicer_to_server(coordinator, server),
+            service(
+                bk.DESCRIPTOR.services_by_name["BookingService"],
+                bk_grpc.add_BookingServiceServicer_to_server,
+                coordinator,
             )
         ],
         config.tls,

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import grpc
 import structlog
 from google.protobuf import any_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -81,6 +82,13 @@ def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[FieldV
 
 
 Registrar = Callable[[grpc.aio.Server], None]
+
+
+def service(
+    descriptor: ServiceDescriptor, add_servicer: Callable[[Any, grpc.aio.Server], None], servicer: object
+) -> tuple[str, Registrar]:
+    """The (full name, registrar) pair :class:`ServiceHost` takes for one generated service."""
+    return descriptor.full_name, lambda server: add_servicer(servicer, server)
 
 
 class ServiceHost:

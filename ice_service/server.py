@@ -19,7 +19,7 @@ from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.records.v1 import records_pb2 as rec
-from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid
+from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid, service
 
 log = structlog.get_logger(__name__)
 MAX_LIST = 1000
@@ -139,9 +139,10 @@ def build_ice(config: IceConfig, database_url: str | None = None) -> IceService:
     host = ServiceHost(
         config.listen,
         [
-            (
-                ice.DESCRIPTOR.services_by_name["IceNotificationService"].full_name,
-                lambda s: ice_grpc.add_IceNotificationServiceServicer_to_server(server, s),
+            service(
+                ice.DESCRIPTOR.services_by_name["IceNotificationService"],
+                ice_grpc.add_IceNotificationServiceServicer_to_server,
+                server,
             )
         ],
         config.tls,

@@ -21,7 +21,7 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.config import NodeConfig, Thresholds
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
-from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid
+from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid, service
 from gpu_kernels import TenPrintCylinders
 from minutiae.iso19794_2 import decode_template
 from minutiae.template import TenPrintTemplates
@@ -359,9 +359,10 @@ def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNo
     host = ServiceHost(
         config.listen,
         [
-            (
-                gal.DESCRIPTOR.services_by_name["GalleryService"].full_name,
-                lambda server: gal_grpc.add_GalleryServiceServicer_to_server(servicer, server),
+            service(
+                gal.DESCRIPTOR.services_by_name["GalleryService"],
+                gal_grpc.add_GalleryServiceServicer_to_server,
+                servicer,
             )
         ],
         config.tls,
