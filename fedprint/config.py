@@ -62,6 +62,21 @@ class BatchingConfig(BaseModel):
     max_wait_ms: float = Field(default=5.0, ge=0.0, description="longest a probe waits for companions")
 
 
+class ShortlistConfig(BaseModel):
+    """The faiss shortlist tier in front of full MCC (:mod:`gpu_kernels.shortlist`).
+
+    Below ``min_gallery`` subjects the node scores every subject with full MCC: it is exact and,
+    at that size, fast enough. Above it, a compact code per subject votes ``candidates``
+    subjects per probe and only those are scored with full MCC.
+    """
+
+    enabled: bool = True
+    min_gallery: int = Field(
+        default=20_000, ge=1, description="galleries smaller than this are searched exhaustively"
+    )
+    candidates: int = Field(default=1_000, ge=1, description="subjects per probe that full MCC scores")
+
+
 class _ServiceConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDPRINT_", env_nested_delimiter="__", extra="forbid")
 
@@ -93,6 +108,7 @@ class NodeConfig(_ServiceConfig):
     # 40 x 150 ten-print comparisons); `fedprint eval --calibrate` will replace them.
     thresholds: Thresholds = Thresholds(hit=0.40, review=0.37)
     batching: BatchingConfig = BatchingConfig()
+    shortlist: ShortlistConfig = ShortlistConfig()
     device: str = Field(default="auto", description="torch device: auto, cpu, cuda, cuda:N")
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch; set when several nodes share a machine"

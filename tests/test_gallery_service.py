@@ -61,6 +61,8 @@ async def test_candidates_carry_per_finger_scores_and_thresholds(
     assert result.candidates[0].immigration_history.subject_id == population.ident[i].subject_id
     assert all(s.probe_minutiae > 0 and s.candidate_minutiae > 0 for s in result.candidates[0].finger_scores)
     assert result.thresholds.hit == pytest.approx(0.40) and result.searched_subjects == len(population.ident)
+    # A gallery this small is below the shortlist tier: every subject gets full MCC.
+    assert result.fully_scored_subjects == len(population.ident)
 
 
 async def test_a_gallery_subset_limits_the_search(ident: GalleryNode, population: Population) -> None:
@@ -70,7 +72,7 @@ async def test_a_gallery_subset_limits_the_search(ident: GalleryNode, population
         ident, gal.IdentifyRequest(probes=[probe_of(population, i)], subject_ids=[*others, "FIN-UNKNOWN"])
     )
     result = response.results[0]
-    assert result.searched_subjects == 5
+    assert result.searched_subjects == result.fully_scored_subjects == 5
     assert {c.subject_id for c in result.candidates} <= set(others)
     assert result.decision == bio.NO_HIT
 

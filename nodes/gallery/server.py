@@ -27,7 +27,7 @@ from minutiae.iso19794_2 import decode_template
 from minutiae.template import TenPrintTemplates
 from minutiae.wire import decode_tenprint
 from nodes.gallery.batcher import MicroBatcher
-from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, Match, resolve_device
+from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, SearchResult, resolve_device
 from nodes.gallery.records import RecordStore, RecordT
 from nodes.gallery.store import Enrollment, GalleryStore
 
@@ -92,7 +92,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         self.node = config.node
         self.store = store
         self.gallery = gallery
-        self.batcher: MicroBatcher[_SearchItem, list[Match]] = MicroBatcher(
+        self.batcher: MicroBatcher[_SearchItem, SearchResult] = MicroBatcher(
             self._search_batch,
             max_batch=config.batching.max_batch,
             max_wait_s=config.batching.max_wait_ms / 1000,
@@ -104,15 +104,18 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
 
     # -- Identify ---------------------------------------------------------------------------
 
-    def _search_batch(self, items: Sequence[_SearchItem]) -> list[list[Match]]:
+    def _search_batch(self, items: Sequence[_SearchItem]) -> list[SearchResult]:
         """One device call for every probe gathered by the batcher (runs in a worker thread)."""
         probes = self.gallery.encode([item.tenprint for item in items])
-        results, _ = self.gallery.search(probes, max(item.k for item in items))
-        return [matches[: item.k] for matches, item in zip(results, items, strict=True)]
+        results = self.gallery.search(probes, max(item.k for item in items))
+        return [
+            SearchResult(r.matches[: item.k], r.searched, r.fully_scored)
+            for r, item in zip(results, items, strict=True)
+        ]
 
     def _search_subset(
         self, tenprints: Sequence[TenPrintTemplates], k: int, subset: Sequence[str]
-    ) -> tuple[list[list[Match]], int]:
+    ) -> list[SearchResult]:
         probes: TenPrintCylinders = self.gallery.encode(tenprints)
         return self.gallery.search(probes, k, subset)
 
@@ -170,25 +173,25 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         except InvalidRequest as error:
             await abort_invalid(context, error)
         if request.subject_ids:
-            results, searched = await asyncio.to_thread(
+            results = await asyncio.to_thread(
                 self._search_subset, [d.templates for d in decoded], k, list(request.subject_ids)
             )
         else:
-            searched = len(self.gallery)
             results = list(
                 await asyncio.gather(*(self.batcher.submit(_SearchItem(d.templates, k)) for d in decoded))
             )
-        candidate_ids = sorted({m.subject_id for matches in results for m in matches})
+        candidate_ids = sorted({m.subject_id for r in results for m in r.matches})
         records = await asyncio.to_thread(self.store.get_records, candidate_ids)
         response = gal.IdentifyResponse(node=self.node)
-        for probe, d, matches in zip(request.probes, decoded, results, strict=True):
+        for probe, d, searched in zip(request.probes, decoded, results, strict=True):
             result = response.results.add(
                 probe_id=probe.probe_id,
                 thresholds=thresholds_proto(thresholds),
                 unusable_fingers=[issue.to_proto() for issue in d.issues],
-                searched_subjects=searched,
+                searched_subjects=searched.searched,
+                fully_scored_subjects=searched.fully_scored,
             )
-            for rank, match in enumerate(matches, start=1):
+            for rank, match in enumerate(searched.matches, start=1):
                 candidate = result.candidates.add(
                     subject_id=match.subject_id,
                     rank=rank,
@@ -214,7 +217,8 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             top_scores=[
                 round(r.candidates[0].fused_score, 4) if r.candidates else None for r in response.results
             ],
-            searched=searched,
+            searched=[r.searched for r in results],
+            fully_scored=[r.fully_scored for r in results],
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return response
@@ -350,7 +354,7 @@ def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNo
         torch.set_num_threads(config.torch_threads)
     url = database_url or f"sqlite:///{config.data_dir / (config.node + '.sqlite')}"
     store = GalleryStore(url, record_store_for(config.node))
-    gallery = Gallery(resolve_device(config.device))
+    gallery = Gallery(resolve_device(config.device), shortlist=config.shortlist)
     loaded = load_gallery(store, gallery)
     log.info(
         "gallery loaded", node=config.node, subjects=loaded, device=str(gallery.device), bytes=gallery.nbytes

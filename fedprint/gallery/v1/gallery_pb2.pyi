@@ -142,11 +142,16 @@ class ProbeResult(_message.Message):
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     UNUSABLE_FINGERS_FIELD_NUMBER: _builtins.int
     SEARCHED_SUBJECTS_FIELD_NUMBER: _builtins.int
+    FULLY_SCORED_SUBJECTS_FIELD_NUMBER: _builtins.int
     probe_id: _builtins.str
     decision: _biometrics_pb2.DecisionBand.ValueType
     """Band of the best candidate; NO_HIT when there is none."""
     searched_subjects: _builtins.int
     """Number of enrolled subjects the probe was compared with."""
+    fully_scored_subjects: _builtins.int
+    """Of those, the subjects scored with full MCC: all of them in an exhaustive search, the
+    probe's shortlist when the node searched a large gallery through its shortlist index.
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]: ...
     @_builtins.property
@@ -164,10 +169,11 @@ class ProbeResult(_message.Message):
         thresholds: _biometrics_pb2.Thresholds | None = ...,
         unusable_fingers: _abc.Iterable[_biometrics_pb2.FingerIssue] | None = ...,
         searched_subjects: _builtins.int = ...,
+        fully_scored_subjects: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decision", b"decision", "probe_id", b"probe_id", "searched_subjects", b"searched_subjects", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decision", b"decision", "fully_scored_subjects", b"fully_scored_subjects", "probe_id", b"probe_id", "searched_subjects", b"searched_subjects", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
