@@ -95,3 +95,56 @@ def federation(
         f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
         f"{result['bookings_per_second']:.2f} bookings/s, {result['errors']} errors, {result['lost']} lost"
     )
+
+
+@bench_app.command()
+def batching(
+    json_out: Annotated[Path, typer.Option("--json", help="write the results here")],
+    persons: Annotated[int, typer.Option(help="synthetic persons behind the IAFIS gallery")] = 200,
+    requests: Annotated[int, typer.Option(help="single-probe Identify calls per setting")] = 64,
+    concurrency: Annotated[int, typer.Option(help="calls in flight at once")] = 16,
+    max_batches: Annotated[
+        str, typer.Option(help="max_batch settings; 1 is the unbatched baseline")
+    ] = "1,4,16",
+    max_wait_ms: Annotated[float, typer.Option(help="wait limit of the batched settings")] = 5.0,
+    torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads of the node")] = None,
+) -> None:
+    """One gallery node under concurrent Identify calls, with and without micro-batching."""
+    import asyncio
+
+    from bench.batching import BatchingBenchConfig, run_batching_bench
+    from fedprint.config import BatchingConfig
+    from fedprint.logging import configure
+
+    # The node runs in this process; its per-call log lines would bury the table.
+    configure("warning")
+
+    settings = tuple(
+        BatchingConfig(max_batch=b, max_wait_ms=0.0 if b == 1 else max_wait_ms) for b in _ints(max_batches)
+    )
+    config = BatchingBenchConfig(
+        persons=persons,
+        requests=requests,
+        concurrency=concurrency,
+        settings=settings,
+        torch_threads=torch_threads,
+    )
+    with console.status("benchmarking") as status:
+        result = asyncio.run(run_batching_bench(config, progress=lambda text: status.update(text)))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(title=f"{result['gallery_size']} subjects, {requests} calls at concurrency {concurrency}")
+    for column in ("max_batch", "wait ms", "probes/s", "x unbatched", "p50 ms", "p99 ms", "mean batch"):
+        table.add_column(column)
+    for row in result["settings"]:
+        table.add_row(
+            str(row["max_batch"]),
+            f"{row['max_wait_ms']:g}",
+            f"{row['probes_per_second']:.2f}",
+            f"{row['throughput_vs_unbatched']:.2f}",
+            f"{row['p50_ms']:.0f}",
+            f"{row['p99_ms']:.0f}",
+            f"{row['mean_batch']:.1f}",
+        )
+    console.print(table)
+    console.print(f"wrote {json_out}")
