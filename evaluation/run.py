@@ -9,7 +9,10 @@ Two experiments on one data set (see :mod:`evaluation.dataset`):
   block's genuine pairs on its diagonal and ``B·(B-1)`` impostor pairs off it. B follows from the
   impostor count asked for; nothing is scored twice and no pair is scored alone.
 - **1:N, ten-print.** Every probe capture (or a seeded sample of ``searches`` of them) is
-  searched against the whole gallery with :func:`score_tenprints`, in batches of probes. A probe
+  searched against the whole gallery with :func:`score_tenprints`, in batches of probes; with
+  ``shortlist=K`` the search goes through the nodes' two tiers instead (the faiss shortlist of
+  :mod:`gpu_kernels.shortlist` votes K subjects, full MCC scores only those), and a mate the
+  shortlist missed counts as not found, exactly as a node would report it. A probe
   whose subject is enrolled is a *mated* search (its mate's score against the best non-mate); the
   same search with the mate left out also serves as a *non-mated* search of a gallery one smaller
   (the usual leave-mate-out estimate, stated in the output). Probes of subjects not enrolled are
@@ -29,7 +32,15 @@ import torch
 
 from evaluation import metrics
 from evaluation.dataset import Capture, Dataset
-from gpu_kernels import MccParams, encode_fingers, encode_tenprints, score_fingers, score_tenprints
+from gpu_kernels import (
+    MccParams,
+    TenPrintCylinders,
+    encode_fingers,
+    encode_tenprints,
+    score_fingers,
+    score_tenprints,
+)
+from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
 from minutiae.template import FingerTemplate
 
 FMR_TARGETS = (1e-2, 1e-3, 1e-4)
@@ -49,6 +60,8 @@ class EvalOptions:
     seed: int = 0
     device: str = "cpu"
     probe_batch: int = 8
+    #: Subjects the shortlist passes to full MCC per search; None searches exhaustively.
+    shortlist: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,10 @@ class EvalResult:
     searches: int
     probe_captures: int
     templates: int
+    #: Shortlist length of the 1:N searches (None: exhaustive) and the share of mated searches
+    #: whose mate it kept.
+    shortlist: int | None = None
+    shortlist_mate_recall: float | None = None
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -131,44 +148,71 @@ def _concat(parts: list[metrics.FloatArray]) -> metrics.FloatArray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+class _Searcher:
+    """Scores probe batches against the gallery, exhaustively or through the shortlist; returns
+    ``(fused [P, K], gallery rows [P, K])`` with K the gallery size or the shortlist length."""
+
+    def __init__(self, gallery: TenPrintCylinders, params: MccParams, shortlist: int | None) -> None:
+        self.gallery = gallery
+        self.params = params
+        self.shortlist = shortlist if shortlist is not None and shortlist < len(gallery) else None
+        self.index = (
+            None
+            if self.shortlist is None
+            else ShortlistIndex.build(subject_descriptors(gallery), gallery.present)
+        )
+
+    def __call__(self, probes: TenPrintCylinders) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        if self.index is None or self.shortlist is None:
+            fused = score_tenprints(probes, self.gallery, self.params).fused
+            rows = np.broadcast_to(np.arange(len(self.gallery)), tuple(fused.shape))
+            return fused.cpu().numpy().astype(np.float64), rows
+        _, short = self.index.search(subject_descriptors(probes), probes.present, self.shortlist)
+        fused = score_shortlisted(probes, self.gallery, short, self.params).fused
+        return fused.cpu().numpy().astype(np.float64), short.numpy()
+
+
 def identification(
     dataset: Dataset, params: MccParams, options: EvalOptions, progress: Progress = _noop
-) -> tuple[metrics.SearchOutcomes, int]:
-    """1:N outcomes of the probe searches (all, or a seeded sample of ``options.searches``)."""
+) -> tuple[metrics.SearchOutcomes, int, float | None]:
+    """1:N outcomes of the probe searches (all, or a seeded sample of ``options.searches``), the
+    number of searches, and (with a shortlist) the share of mated searches whose mate it kept."""
     probes = list(dataset.probes)
     if options.searches is not None and options.searches < len(probes):
         rng = np.random.default_rng([options.seed, 2])
         probes = [probes[i] for i in sorted(rng.choice(len(probes), options.searches, replace=False))]
     if not probes or not dataset.gallery:
         empty = np.zeros(0)
-        return metrics.SearchOutcomes(empty, empty, empty), len(dataset.gallery)
+        return metrics.SearchOutcomes(empty, empty, empty), len(dataset.gallery), None
+    progress("1:N encoding the gallery", 0, 1)
     gallery = encode_tenprints([c.tenprint for c in dataset.gallery], params, options.device)
+    search = _Searcher(gallery, params, options.shortlist)
     gallery_ids = np.array([c.subject_id for c in dataset.gallery])
     mate: list[float] = []
     best_nonmate: list[float] = []
     nonmated: list[float] = []
+    kept = enrolled = 0
     for lo in range(0, len(probes), options.probe_batch):
         progress("1:N ten-print", lo, len(probes))
         batch = probes[lo : lo + options.probe_batch]
-        fused = (
-            score_tenprints(
-                encode_tenprints([c.tenprint for c in batch], params, options.device), gallery, params
-            )
-            .fused.cpu()
-            .numpy()
-            .astype(np.float64)
-        )
-        is_mate = np.array([c.subject_id for c in batch])[:, None] == gallery_ids[None, :]
-        mate_score = np.where(is_mate, fused, -np.inf).max(axis=1)
-        nonmate_score = np.where(is_mate, -np.inf, fused).max(axis=1)
-        has_mate = is_mate.any(axis=1)
-        mate.extend(mate_score[has_mate].tolist())
-        best_nonmate.extend(nonmate_score[has_mate].tolist())
+        fused, rows = search(encode_tenprints([c.tenprint for c in batch], params, options.device))
+        batch_ids = np.array([c.subject_id for c in batch])
+        is_mate = batch_ids[:, None] == gallery_ids[rows]
+        # A mate the shortlist did not pass on was not found: score 0, below any threshold.
+        mate_score = np.where(is_mate, fused, -np.inf).max(axis=1, initial=-np.inf)
+        nonmate_score = np.where(is_mate, -np.inf, fused).max(axis=1, initial=-np.inf)
+        has_mate = np.isin(batch_ids, gallery_ids)
+        found = is_mate.any(axis=1)
+        enrolled += int(has_mate.sum())
+        kept += int((has_mate & found).sum())
+        mate.extend(np.where(found, mate_score, 0.0)[has_mate].tolist())
+        best_nonmate.extend(np.maximum(nonmate_score, 0.0)[has_mate].tolist())
         # Leave-mate-out: the best non-mate is also the top of a non-mated search (if any non-mate).
         nonmated.extend(nonmate_score[np.isfinite(nonmate_score)].tolist())
     progress("1:N ten-print", len(probes), len(probes))
     outcomes = metrics.SearchOutcomes(np.array(mate), np.array(best_nonmate), np.array(nonmated))
-    return outcomes, len(probes)
+    recall = None if search.shortlist is None or not enrolled else kept / enrolled
+    return outcomes, len(probes), recall
 
 
 def evaluate(
@@ -177,7 +221,7 @@ def evaluate(
     """Runs both experiments on ``dataset``."""
     params = params or MccParams()
     genuine, impostor, block = verification_scores(dataset, params, options, progress)
-    outcomes, searches = identification(dataset, params, options, progress)
+    outcomes, searches, recall = identification(dataset, params, options, progress)
     return EvalResult(
         genuine=genuine,
         impostor=impostor,
@@ -187,6 +231,8 @@ def evaluate(
         searches=searches,
         probe_captures=len(dataset.probes),
         templates=dataset.templates,
+        shortlist=options.shortlist if recall is not None else None,
+        shortlist_mate_recall=recall,
     )
 
 
@@ -218,6 +264,10 @@ def summary(result: EvalResult) -> dict[str, Any]:
         "mated_searches": result.outcomes.mated,
         "nonmated_searches": result.outcomes.nonmated,
         "nonmated_note": "leave-mate-out: each mated search with its mate removed, plus unenrolled probes",
+        "search_tiers": "exhaustive"
+        if result.shortlist is None
+        else f"shortlist of {result.shortlist} + full MCC",
+        "shortlist_mate_recall": result.shortlist_mate_recall,
         "confidence": 0.95,
     }
     if result.genuine.size and result.impostor.size:

@@ -132,6 +132,10 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = None,
         hit_fpir: Annotated[float, typer.Option(help="FPIR of the calibrated hit threshold")] = 1e-3,
         review_fpir: Annotated[float, typer.Option(help="FPIR of the calibrated review threshold")] = 1e-2,
+        shortlist: Annotated[
+            int | None,
+            typer.Option(help="search 1:N as a large node does: faiss shortlist of this many, then full MCC"),
+        ] = None,
     ) -> None:
         """1:1 and 1:N accuracy of the MCC matcher on a data set; optionally calibrates thresholds."""
         import torch
@@ -147,7 +151,9 @@ def register(app: typer.Typer, console: Console) -> None:
             dataset = read_dataset(data)
         except DatasetError as e:
             raise typer.BadParameter(str(e)) from e
-        options = EvalOptions(impostor_pairs=impostor_pairs, searches=searches, seed=seed, device=device)
+        options = EvalOptions(
+            impostor_pairs=impostor_pairs, searches=searches, seed=seed, device=device, shortlist=shortlist
+        )
         started = time.perf_counter()
         with Progress(console=console, transient=True) as progress:
             tasks: dict[str, Any] = {}
@@ -201,6 +207,9 @@ def _table(report: dict[str, Any]) -> Table:
         "gallery / mated / non-mated searches (1:N)",
         f"{report['gallery_size']} / {report['mated_searches']} / {report['nonmated_searches']}",
     )
+    table.add_row("1:N search", report["search_tiers"])
+    if report.get("shortlist_mate_recall") is not None:
+        table.add_row("mates kept by the shortlist", _fmt(report["shortlist_mate_recall"]))
     table.add_row("rank-1 identification rate", _fmt(report.get("rank1")))
     for rate, value in report["fnir_at_fpir"].items():
         table.add_row(f"FNIR at FPIR {rate}", _fmt(value))

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from evaluation import metrics
 from evaluation.calibrate import calibrate, read_thresholds, write_thresholds
 from evaluation.dataset import DatasetError, read_dataset
+from evaluation.run import EvalOptions, evaluate, summary
 from fedprint.cli import app
 from fedprint.config import NodeConfig
 from minutiae.xyt import write_xyt
@@ -142,6 +143,19 @@ def test_eval_runs_on_hand_written_xyt_manifest(tmp_path: Path) -> None:
     assert set(report["fnmr_at_fmr"]) == {"0.01", "0.001", "0.0001"}
     assert report["rank1"] == 1.0 and math.isfinite(report["eer"])
     assert (tmp_path / report["det_plot"]).stat().st_size > 1000
+
+
+def test_a_shortlisted_search_finds_the_mates_an_exhaustive_one_finds(tmp_path: Path) -> None:
+    write_evaluation_set(tmp_path, seed=6, subjects=12, difficulty="easy", workers=1)
+    dataset = read_dataset(tmp_path)
+    exhaustive = evaluate(dataset, EvalOptions(impostor_pairs=50))
+    shortlisted = evaluate(dataset, EvalOptions(impostor_pairs=50, shortlist=4))
+    full, short = summary(exhaustive), summary(shortlisted)
+    assert full["search_tiers"] == "exhaustive" and full["shortlist_mate_recall"] is None
+    assert short["search_tiers"] == "shortlist of 4 + full MCC"
+    assert short["shortlist_mate_recall"] == 1.0 and short["rank1"] == full["rank1"] == 1.0
+    # Kept mates get the very score exhaustive search gives them.
+    assert np.allclose(shortlisted.outcomes.mate_scores, exhaustive.outcomes.mate_scores, atol=1e-6)
 
 
 def test_match_scores_two_files_of_either_format(tmp_path: Path) -> None:
