@@ -1,0 +1,233 @@
+"""The full tier of a large gallery on disk: every subject's packed cylinders, memory-mapped.
+
+A national gallery does not fit in device memory as cylinders (about 8 KB per finger), and
+re-encoding it from templates at every start-up costs hours. Encoded once, the cylinders are
+written here in a compact row layout and opened again with ``numpy.memmap``: start-up maps the
+files instead of reading them, and a search touches only the pages of the subjects its
+shortlist names (:meth:`CylinderFile.select`), which the operating system caches.
+
+Layout of a directory (one set of files per finger position ``f`` = 1..10, little-endian):
+
+- ``meta.json``: format version, MCC parameters, subject count, per-position row counts.
+- ``present.bin``: ``bool [S, 10]``.
+- ``fNN.counts.bin``: ``int64 [S]`` minutiae of subject s at position f (0 when absent).
+- ``fNN.values.bin`` ``uint8 [R, C/8]``, ``fNN.cells.bin`` ``uint8 [R, Ns·Ns/8]``,
+  ``fNN.valid.bin`` ``bool [R]``, ``fNN.theta.bin`` ``float32 [R]``, ``fNN.xy.bin``
+  ``float32 [R, 2]``: one row per minutia, subjects one after another with no padding (R is the
+  total minutiae at that position), so the file is not inflated to the largest finger.
+
+Only the bit-based variant is stored; float cylinders are 32 times larger and are for study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Self
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from gpu_kernels.cylinders import CylinderSet
+from gpu_kernels.fusion import TenPrintCylinders
+from gpu_kernels.params import MccParams
+
+#: Bumped whenever the layout above changes; a reader refuses other versions.
+FORMAT_VERSION = 1
+_FIELDS = ("values", "cells", "valid", "theta", "xy")
+
+
+class CylinderFileError(ValueError):
+    """The directory is not a cylinder file this code can read, or does not fit the request."""
+
+
+def _name(position: int, field: str) -> str:
+    return f"f{position:02d}.{field}.bin"
+
+
+class CylinderFileWriter:
+    """Appends encoded subjects to a new cylinder file; use as a context manager.
+
+    ``append`` takes :class:`TenPrintCylinders` chunks in subject order; ``close`` writes
+    ``meta.json`` last, so a directory without it is an interrupted write and is refused.
+    """
+
+    def __init__(self, directory: Path, params: MccParams) -> None:
+        if not params.binary:
+            raise CylinderFileError("only bit-based cylinders are stored")
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / "meta.json").exists():
+            raise CylinderFileError(f"{directory} already holds a cylinder file")
+        self.directory = directory
+        self.params = params
+        self.subjects = 0
+        self.rows = [0] * 10
+        self._files: dict[str, BinaryIO] = {"present": (directory / "present.bin").open("wb")}
+        for f in range(1, 11):
+            for field in (*_FIELDS, "counts"):
+                self._files[_name(f, field)] = (directory / _name(f, field)).open("wb")
+
+    def append(self, cylinders: TenPrintCylinders) -> None:
+        """Writes the subjects of ``cylinders`` after those already written."""
+        if cylinders.params != self.params:
+            raise CylinderFileError("cylinders were encoded with other parameters than the file's")
+        self._files["present"].write(cylinders.present.cpu().numpy().astype(np.bool_).tobytes())
+        for f, cyl in enumerate(cylinders.fingers, start=1):
+            counts = cyl.counts.cpu().numpy().astype(np.int64)
+            # Rows [0, count) of a finger are its minutiae; the rest is padding and is dropped.
+            keep = np.arange(cyl.max_minutiae)[None, :] < counts[:, None]
+            arrays = {
+                "values": cyl.values.cpu().numpy(),
+                "cells": cyl.cell_valid.cpu().numpy(),
+                "valid": cyl.valid.cpu().numpy().astype(np.bool_),
+                "theta": cyl.theta.cpu().numpy().astype(np.float32),
+                "xy": cyl.xy.cpu().numpy().astype(np.float32),
+            }
+            for field, array in arrays.items():
+                self._files[_name(f, field)].write(np.ascontiguousarray(array[keep]).tobytes())
+            self._files[_name(f, "counts")].write(counts.tobytes())
+            self.rows[f - 1] += int(counts.sum())
+        self.subjects += len(cylinders)
+
+    def close(self) -> None:
+        """Flushes the files and writes ``meta.json``."""
+        for handle in self._files.values():
+            handle.close()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "params": dataclasses.asdict(self.params),
+            "subjects": self.subjects,
+            "rows": self.rows,
+        }
+        (self.directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            # An interrupted write leaves no meta.json, so nobody mistakes it for a gallery.
+            for handle in self._files.values():
+                handle.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Position:
+    counts: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
+    arrays: dict[str, np.memmap[Any, Any]]
+
+
+class CylinderFile:
+    """A memory-mapped cylinder file; :meth:`select` gathers subjects as :class:`TenPrintCylinders`."""
+
+    def __init__(self, directory: Path) -> None:
+        meta_path = directory / "meta.json"
+        if not meta_path.exists():
+            raise CylinderFileError(
+                f"{directory}: no meta.json (not a cylinder file, or an interrupted write)"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CylinderFileError(
+                f"{directory}: format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+            )
+        self.directory = directory
+        self.params = MccParams(**meta["params"])
+        self.subjects = int(meta["subjects"])
+        p = self.params
+        widths = {"values": p.cells // 8, "cells": p.spatial_cells // 8, "xy": 2}
+        dtypes = {
+            "values": np.uint8,
+            "cells": np.uint8,
+            "valid": np.bool_,
+            "theta": np.float32,
+            "xy": np.float32,
+        }
+        present = np.fromfile(directory / "present.bin", dtype=np.bool_)
+        if present.size != self.subjects * 10:
+            raise CylinderFileError(
+                f"{directory}: present.bin holds {present.size} flags for {self.subjects} subjects"
+            )
+        self.present = torch.from_numpy(present.reshape(self.subjects, 10))
+        self._positions: list[_Position] = []
+        for f in range(1, 11):
+            counts = np.fromfile(directory / _name(f, "counts"), dtype=np.int64)
+            rows = int(meta["rows"][f - 1])
+            if counts.size != self.subjects or int(counts.sum()) != rows:
+                raise CylinderFileError(f"{directory}: counts of position {f} do not match meta.json")
+            offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            arrays: dict[str, np.memmap[Any, Any]] = {}
+            for field in _FIELDS:
+                shape = (rows, widths[field]) if field in widths else (rows,)
+                path = directory / _name(f, field)
+                expected = int(np.prod(shape)) * np.dtype(dtypes[field]).itemsize
+                if path.stat().st_size != expected:
+                    raise CylinderFileError(f"{path}: {path.stat().st_size} bytes, expected {expected}")
+                # A zero-length file cannot be mapped; an empty position gets an empty array.
+                arrays[field] = (
+                    np.memmap(path, dtype=dtypes[field], mode="r", shape=shape)
+                    if rows
+                    else np.zeros(shape, dtype=dtypes[field]).view(np.memmap)
+                )
+            self._positions.append(_Position(counts, offsets, arrays))
+
+    def __len__(self) -> int:
+        return self.subjects
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the files (what the full tier costs on disk and, when cached, in host memory)."""
+        return sum(p.stat().st_size for p in self.directory.glob("*.bin"))
+
+    def select(
+        self, subjects: Tensor | npt.NDArray[np.int64], device: torch.device | str = "cpu"
+    ) -> TenPrintCylinders:
+        """The cylinders of ``subjects`` (gallery rows, any order, repeats allowed) on ``device``,
+        each position padded to the largest selected finger. Reads only those subjects' rows."""
+        rows = np.asarray(
+            subjects.cpu().numpy() if isinstance(subjects, Tensor) else subjects, dtype=np.int64
+        )
+        if rows.size and (rows.min() < 0 or rows.max() >= self.subjects):
+            raise IndexError(f"subject rows must lie in [0, {self.subjects})")
+        fingers = [self._finger_set(pos, rows, device) for pos in self._positions]
+        present = self.present[torch.from_numpy(rows)].to(device)
+        return TenPrintCylinders(tuple(fingers), present)
+
+    def _finger_set(
+        self, pos: _Position, rows: npt.NDArray[np.int64], device: torch.device | str
+    ) -> CylinderSet:
+        counts = pos.counts[rows]
+        m = max(1, int(counts.max(initial=0)))
+        # Row indices of every selected minutia, padded: one vectorised gather per field.
+        index = pos.offsets[rows][:, None] + np.arange(m)[None, :]
+        real = np.arange(m)[None, :] < counts[:, None]
+        flat = np.where(real, index, 0).reshape(-1)
+
+        def gather(field: str) -> Tensor:
+            array = pos.arrays[field]
+            if array.shape[0] == 0:
+                taken = np.zeros((flat.size, *array.shape[1:]), dtype=array.dtype)
+            else:
+                taken = np.asarray(array[flat])
+            mask = real.reshape(-1, *([1] * (taken.ndim - 1)))
+            taken = np.where(mask, taken, np.zeros((), dtype=taken.dtype))
+            return torch.from_numpy(taken.reshape(len(rows), m, *array.shape[1:])).to(device)
+
+        return CylinderSet(
+            values=gather("values"),
+            cell_valid=gather("cells"),
+            valid=gather("valid"),
+            theta=gather("theta"),
+            xy=gather("xy"),
+            counts=torch.from_numpy(counts.copy()).to(device),
+            params=self.params,
+        )
