@@ -120,15 +120,39 @@ def read_manifest(directory: Path) -> list[tuple[int, ManifestRow, dict[str, str
     return rows
 
 
-def read_dataset(directory: Path) -> Dataset:
-    """Reads every template of a data set and groups them into captures.
+@dataclass(frozen=True)
+class CaptureRef:
+    """Where one capture's templates are listed: its key and its manifest rows (not yet read)."""
 
-    Raises :class:`DatasetError` naming the manifest line for a bad row, a missing or
-    malformed template file, or a finger listed twice in one capture.
+    subject_id: str
+    impression: int
+    role: str
+    rows: tuple[tuple[int, ManifestRow, dict[str, str]], ...]
+
+
+def capture_refs(directory: Path) -> list[CaptureRef]:
+    """The captures of a data set in manifest order, without reading any template file.
+
+    For data sets too large to hold in memory: read the captures a step needs with
+    :func:`load_capture`. Raises :class:`DatasetError` for a finger listed twice in one capture.
     """
     directory = Path(directory)
-    captures: dict[tuple[str, int, str], dict[int, FingerTemplate]] = {}
+    grouped: dict[tuple[str, int, str], list[tuple[int, ManifestRow, dict[str, str]]]] = {}
     for line, row, raw in read_manifest(directory):
+        rows = grouped.setdefault((row.subject_id, row.impression, row.role), [])
+        if any(r.finger_position == row.finger_position for _, r, _ in rows):
+            where = f"{directory / MANIFEST} line {line}"
+            raise DatasetError(f"{where}: finger {row.finger_position} appears twice in this capture")
+        rows.append((line, row, raw))
+    return [CaptureRef(s, i, role, tuple(rows)) for (s, i, role), rows in grouped.items()]
+
+
+def load_capture(directory: Path, ref: CaptureRef) -> Capture:
+    """Reads the templates of one capture; :class:`DatasetError` names the manifest line of a
+    missing or malformed file."""
+    directory = Path(directory)
+    fingers: dict[int, FingerTemplate] = {}
+    for line, row, raw in ref.rows:
         where = f"{directory / MANIFEST} line {line}"
         path = Path(row.path) if Path(row.path).is_absolute() else directory / row.path
         try:
@@ -143,15 +167,21 @@ def read_dataset(directory: Path) -> Dataset:
             raise DatasetError(
                 f"{where}: {path} says finger {template.finger_position}, the manifest {row.finger_position}"
             )
-        fingers = captures.setdefault((row.subject_id, row.impression, row.role), {})
-        if row.finger_position in fingers:
-            raise DatasetError(f"{where}: finger {row.finger_position} appears twice in this capture")
         # The template's own impression field is the ISO impression *type*; keep it.
         fingers[row.finger_position] = replace(template, finger_position=row.finger_position)
-    made = [
-        Capture(subject, impression, role, TenPrintTemplates(fingers=dict(sorted(fingers.items()))))
-        for (subject, impression, role), fingers in captures.items()
-    ]
+    return Capture(
+        ref.subject_id, ref.impression, ref.role, TenPrintTemplates(fingers=dict(sorted(fingers.items())))
+    )
+
+
+def read_dataset(directory: Path) -> Dataset:
+    """Reads every template of a data set and groups them into captures.
+
+    Raises :class:`DatasetError` naming the manifest line for a bad row, a missing or
+    malformed template file, or a finger listed twice in one capture.
+    """
+    directory = Path(directory)
+    made = [load_capture(directory, ref) for ref in capture_refs(directory)]
     return Dataset(
         root=directory,
         gallery=tuple(c for c in made if c.role == "gallery"),
