@@ -1,4 +1,4 @@
-"""Batched fingerprint matching kernels: Minutia Cylinder-Code (MCC) with LSS, and ten-finger fusion.
+"""Batched fingerprint matching kernels: Minutia Cylinder-Code (MCC) with LSS or LSS-R, and ten-finger fusion.
 
 Device-agnostic PyTorch: everything runs on the device the caller puts the cylinders on.
 
@@ -7,8 +7,9 @@ Device-agnostic PyTorch: everything runs on the device the caller puts the cylin
     probe = encode_tenprints([booking_tenprint], params, "cuda")
     scores = score_tenprints(probe, gallery, params)          # .fused: [1, G], .per_finger: [1, G, 10]
 
-Single fingers: ``encode_fingers`` -> ``CylinderSet``; ``score_fingers`` -> ``[P, G]`` LSS scores;
-``local_similarities`` exposes every cylinder-pair similarity for inspection.
+Single fingers: ``encode_fingers`` -> ``CylinderSet``; ``score_fingers`` -> ``[P, G]`` scores,
+consolidated by LSS or LSS-R (``MccParams.consolidation``); ``local_similarities`` exposes every
+cylinder-pair similarity for inspection, ``lss_scores`` / ``lss_r_scores`` consolidate them.
 :mod:`gpu_kernels.reference` is the slow literal version the tests compare against.
 """
 
@@ -22,7 +23,7 @@ from gpu_kernels.fusion import (
     score_tenprints,
 )
 from gpu_kernels.params import FusionParams, MccParams
-from gpu_kernels.similarity import local_similarities, lss_pair_count, lss_scores, score_fingers
+from gpu_kernels.similarity import local_similarities, lss_pair_count, lss_r_scores, lss_scores, score_fingers
 
 __all__ = [
     "FINGER_POSITIONS",
@@ -36,6 +37,7 @@ __all__ = [
     "fuse_scores",
     "local_similarities",
     "lss_pair_count",
+    "lss_r_scores",
     "lss_scores",
     "score_fingers",
     "score_tenprints",

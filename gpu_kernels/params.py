@@ -9,14 +9,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+#: How local similarities become a global score: LSS (Local Similarity Sort), or LSS-R (LSS
+#: followed by relaxation, which penalises pairs geometrically inconsistent with the others).
+Consolidation = Literal["lss", "lss_r"]
+
+# The fields that shape a cylinder. Cylinders encoded with equal values of these can be scored
+# under any matching-side settings (min_me, delta_theta, consolidation...), so changing the
+# consolidation does not require re-encoding a gallery.
+_CYLINDER_FIELDS = (
+    "radius",
+    "ns",
+    "nd",
+    "sigma_s",
+    "sigma_d",
+    "mu_psi",
+    "tau_psi",
+    "omega",
+    "min_vc",
+    "min_m",
+    "binary",
+)
 
 
 @dataclass(frozen=True)
 class MccParams:
-    """Everything that shapes a cylinder and the LSS global score.
+    """Everything that shapes a cylinder, the pair matchability rules and the global score.
 
-    Two cylinder sets can be compared only if they were encoded with equal parameters
-    (``CylinderSet.params``); the scorer checks it.
+    Two cylinder sets can be compared only if they were encoded with equal cylinder-shaping
+    parameters (``CylinderSet.params``, see :meth:`same_cylinders`); the scorer checks it.
     """
 
     # Cylinder radius in pixels: about two ridge periods at 500 ppi, the paper's optimum.
@@ -52,6 +74,24 @@ class MccParams:
     # Bit-based variant (binarised cells, Ψ = step at mu_psi): the paper's compact, fast form and
     # this project's default; False gives the float variant (Ψ = sigmoid).
     binary: bool = True
+    # Global score: "lss" for now; the paper finds LSS-R the most accurate of its consolidations.
+    consolidation: Consolidation = "lss"
+    # LSS-R: relaxation iterations (paper's n_rel).
+    n_rel: int = 5
+    # LSS-R: weight of a pair's own previous similarity against its neighbours' support (paper's w_R).
+    w_r: float = 0.5
+    # LSS-R: Z centre (px) and steepness on d1, the difference of the two inter-minutia distances
+    # (paper's mu_1^rho, tau_1^rho: support falls to one half at 5 px of disagreement).
+    mu_rho1: float = 5.0
+    tau_rho1: float = -8.0 / 5.0
+    # LSS-R: Z centre (rad, 15°) and steepness on d2, the difference of the relative minutia
+    # directions (paper's mu_2^rho, tau_2^rho).
+    mu_rho2: float = math.pi / 12.0
+    tau_rho2: float = -30.0
+    # LSS-R: Z centre (rad, 15°) and steepness on d3, the difference of the radial angles of the
+    # segment joining the two minutiae, each relative to the first minutia's direction (paper).
+    mu_rho3: float = math.pi / 12.0
+    tau_rho3: float = -30.0
 
     def __post_init__(self) -> None:
         if (self.ns * self.ns) % 8 or (self.ns * self.ns * self.nd) % 8:
@@ -59,6 +99,15 @@ class MccParams:
             raise ValueError(f"ns*ns={self.ns * self.ns} and ns*ns*nd must be multiples of 8")
         if not 1 <= self.min_np <= self.max_np:
             raise ValueError(f"need 1 <= min_np <= max_np, got {self.min_np}, {self.max_np}")
+        if self.consolidation not in ("lss", "lss_r"):
+            raise ValueError(f"consolidation must be 'lss' or 'lss_r', got {self.consolidation!r}")
+        if self.n_rel < 0 or not 0.0 <= self.w_r <= 1.0:
+            raise ValueError(f"need n_rel >= 0 and w_r in [0, 1], got {self.n_rel}, {self.w_r}")
+
+    def same_cylinders(self, other: MccParams) -> bool:
+        """Whether cylinders encoded under ``other`` equal those encoded under these params
+        (only the cylinder-shaping fields count, not the matching and consolidation ones)."""
+        return all(getattr(self, f) == getattr(other, f) for f in _CYLINDER_FIELDS)
 
     @property
     def cells(self) -> int:

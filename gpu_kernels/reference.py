@@ -1,12 +1,12 @@
 """A slow, literal MCC: plain loops over cells, neighbours and cylinder pairs.
 
 Written straight from Cappelli, Ferrara, Maltoni (TPAMI 2010), Sections 3-5, to check the
-batched kernels against. It works in the image frame with ISO angles, where the paper's
-rotation matrix ``[[cos θ, sin θ], [-sin θ, cos θ]]`` is a proper rotation (y points down and
-angles turn counter-clockwise as viewed), so it shares no geometry code with
-:mod:`gpu_kernels.cylinders`, which converts to a right-handed frame instead. Indices below are
-the paper's 1-based ``i, j, k``; arrays store them 0-based in the same ``[M, Ns, Ns, Nd]`` order.
-Everything is float64. Never use it on a hot path.
+batched kernels against: cylinders, local similarity, LSS and LSS-R (relaxation). It works in
+the image frame with ISO angles, where the paper's rotation matrix ``[[cos θ, sin θ], [-sin θ,
+cos θ]]`` is a proper rotation (y points down and angles turn counter-clockwise as viewed), so
+it shares no geometry code with :mod:`gpu_kernels.cylinders`, which converts to a right-handed
+frame instead. Indices below are the paper's 1-based ``i, j, k``; arrays store them 0-based in
+the same ``[M, Ns, Ns, Nd]`` order. Everything is float64. Never use it on a hot path.
 """
 
 from __future__ import annotations
@@ -18,18 +18,21 @@ import numpy as np
 import numpy.typing as npt
 
 from gpu_kernels.params import MccParams
+from gpu_kernels.relaxation import EFFICIENCY_RESOLUTION
 from minutiae.template import FingerTemplate
 
 
 @dataclass(frozen=True)
 class ReferenceCylinders:
     """Cylinders of one template: ``values [M, Ns, Ns, Nd]`` (0 on invalid cells),
-    ``cell_valid [M, Ns, Ns]``, ``valid [M]`` and ``theta [M]``."""
+    ``cell_valid [M, Ns, Ns]``, ``valid [M]``, ``theta [M]`` and the minutiae positions
+    ``xy [M, 2]`` in the image frame (needed by LSS-R only, hence optional)."""
 
     values: npt.NDArray[np.float64]
     cell_valid: npt.NDArray[np.bool_]
     valid: npt.NDArray[np.bool_]
     theta: npt.NDArray[np.float64]
+    xy: npt.NDArray[np.float64] | None = None
 
 
 def d_theta(theta1: float, theta2: float) -> float:
@@ -149,7 +152,8 @@ def reference_cylinders(template: FingerTemplate, p: MccParams) -> ReferenceCyli
         )
         valid[m] = cell_valid[m].sum() >= p.min_vc * in_disk and near >= p.min_m
     theta = np.array([t for _, _, t in mins], dtype=np.float64)
-    return ReferenceCylinders(values, cell_valid, valid, theta)
+    xy = np.array([(x, y) for x, y, _ in mins], dtype=np.float64).reshape(n, 2)
+    return ReferenceCylinders(values, cell_valid, valid, theta, xy)
 
 
 def reference_local_similarity(
@@ -211,6 +215,98 @@ def reference_lss_from_cylinders(ca: ReferenceCylinders, cb: ReferenceCylinders,
     return sum(ranked[:n_p]) / n_p
 
 
+def reference_z(v: float, mu: float, tau: float) -> float:
+    """Paper's sigmoid Z(v; μ, τ) = 1 / (1 + e^{-τ(v - μ)})."""
+    return 1 / (1 + math.exp(-tau * (v - mu)))
+
+
+def reference_radial_angle(x1: float, y1: float, theta1: float, x2: float, y2: float) -> float:
+    """Paper's dR(m1, m2): the direction of m1 minus that of the segment from m1 to m2.
+
+    In image coordinates (y down) with ISO angles, the segment's direction is
+    atan2(y1 - y2, x2 - x1).
+    """
+    return d_theta(theta1, math.atan2(y1 - y2, x2 - x1))
+
+
+def reference_compatibility(
+    ca: ReferenceCylinders,
+    cb: ReferenceCylinders,
+    pair_t: tuple[int, int],
+    pair_k: tuple[int, int],
+    p: MccParams,
+) -> float:
+    """ρ(t, k): how well pair t = (a_t, b_t) and pair k = (a_k, b_k) agree geometrically."""
+    assert ca.xy is not None and cb.xy is not None
+    (at, bt), (ak, bk) = pair_t, pair_k
+    xa_t, ya_t = ca.xy[at]
+    xa_k, ya_k = ca.xy[ak]
+    xb_t, yb_t = cb.xy[bt]
+    xb_k, yb_k = cb.xy[bk]
+    ta_t, ta_k, tb_t, tb_k = (float(v) for v in (ca.theta[at], ca.theta[ak], cb.theta[bt], cb.theta[bk]))
+    d1 = abs(math.hypot(xa_t - xa_k, ya_t - ya_k) - math.hypot(xb_t - xb_k, yb_t - yb_k))
+    d2 = abs(d_theta(d_theta(ta_t, ta_k), d_theta(tb_t, tb_k)))
+    d3 = abs(
+        d_theta(
+            reference_radial_angle(xa_t, ya_t, ta_t, xa_k, ya_k),
+            reference_radial_angle(xb_t, yb_t, tb_t, xb_k, yb_k),
+        )
+    )
+    return (
+        reference_z(d1, p.mu_rho1, p.tau_rho1)
+        * reference_z(d2, p.mu_rho2, p.tau_rho2)
+        * reference_z(d3, p.mu_rho3, p.tau_rho3)
+    )
+
+
+def reference_lss_r_from_gamma(
+    gamma: npt.NDArray[np.float64], ca: ReferenceCylinders, cb: ReferenceCylinders, p: MccParams
+) -> float:
+    """LSS-R from a local similarity matrix Γ ``[Ma, Mb]`` and the two templates' cylinders.
+
+    Pairs are ranked by Γ, ties to the lower (row, column); the top n_R = min(n_A, n_B) that are
+    matchable (Γ > 0) are relaxed n_rel times; the score is the mean, over n_P, of the relaxed
+    similarities of the n_P pairs of highest efficiency λ^{n_rel}/λ^0, compared on a grid of
+    EFFICIENCY_RESOLUTION (ties to the better-ranked pair).
+    """
+    if ca.xy is None or cb.xy is None:
+        raise ValueError("LSS-R needs the minutiae positions (ReferenceCylinders.xy)")
+    n_a, n_b = int(ca.valid.sum()), int(cb.valid.sum())
+    if n_a == 0 or n_b == 0:
+        return 0.0
+    n_r = min(n_a, n_b)
+    ranked = sorted(
+        ((float(gamma[a, b]), a, b) for a in range(gamma.shape[0]) for b in range(gamma.shape[1])),
+        key=lambda e: (-e[0], e[1], e[2]),
+    )
+    pairs = [(a, b) for value, a, b in ranked[:n_r] if value > 0]
+    if not pairs:
+        return 0.0
+    lam0 = [float(gamma[a, b]) for a, b in pairs]
+    rho = [[reference_compatibility(ca, cb, pt, pk, p) for pk in pairs] for pt in pairs]
+    lam = list(lam0)
+    for _ in range(p.n_rel):
+        previous = lam
+        lam = []
+        for t in range(len(pairs)):
+            support = sum(rho[t][k] * previous[k] for k in range(len(pairs)) if k != t)
+            # n_R - 1 is 0 when n_R = 1, where the sum is empty anyway.
+            lam.append(p.w_r * previous[t] + (1 - p.w_r) * support / max(n_r - 1, 1))
+    # Efficiencies compared on a grid of EFFICIENCY_RESOLUTION, ties to the better-ranked pair.
+    efficiency = [math.floor(lam[t] / lam0[t] / EFFICIENCY_RESOLUTION + 0.5) for t in range(len(pairs))]
+    order = sorted(range(len(pairs)), key=lambda t: (-efficiency[t], t))
+    n_p = reference_lss_pair_count(n_a, n_b, p)
+    return sum(lam[t] for t in order[:n_p]) / n_p
+
+
+def reference_lss_r_from_cylinders(ca: ReferenceCylinders, cb: ReferenceCylinders, p: MccParams) -> float:
+    """LSS-R of two templates' cylinders (Γ computed one pair at a time)."""
+    return reference_lss_r_from_gamma(reference_local_matrix(ca, cb, p), ca, cb, p)
+
+
 def reference_score(a: FingerTemplate, b: FingerTemplate, p: MccParams) -> float:
-    """The LSS global score of two templates."""
-    return reference_lss_from_cylinders(reference_cylinders(a, p), reference_cylinders(b, p), p)
+    """The global score of two templates, consolidated as ``p.consolidation`` says."""
+    ca, cb = reference_cylinders(a, p), reference_cylinders(b, p)
+    if p.consolidation == "lss_r":
+        return reference_lss_r_from_cylinders(ca, cb, p)
+    return reference_lss_from_cylinders(ca, cb, p)

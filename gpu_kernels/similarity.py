@@ -19,6 +19,27 @@ the dot products are popcounts (exact integers in float32), and the formula is t
 Precision: bit-based similarities are exact up to the final square roots. In the float variant
 the cancellation in ||a|b||² + ||b|a||² - 2a·b costs up to ~1e-3 of λ near λ = 1 in float32,
 which does not change rankings; the tests hold it to 2e-3 against the float64 reference.
+
+Consolidation (``params.consolidation``). ``"lss"``: the mean of the n_P largest local
+similarities. ``"lss_r"``: the n_R = min(n_A, n_B) largest go through the relaxation of
+:mod:`gpu_kernels.relaxation`, and the score is the mean of the relaxed similarities of the n_P
+pairs whose similarity held up best (efficiency λ^{n_rel}/λ^0, compared at the resolution of
+:func:`gpu_kernels.relaxation.efficiency_key`). Both divide by n_P even when fewer pairs exist.
+Top-k selections rank ties by the lower flat index (for LSS-R efficiencies: the pair of higher
+λ^0), so the pairs chosen are well defined, and equal to the reference's, whatever the device's
+sort does with ties.
+
+Where the paper's validity and matchability checks are applied:
+
+- cylinder validity, in the encoder (:mod:`gpu_kernels.cylinders`): at least ``min_vc`` of the
+  in-disk cells valid, and at least ``min_m`` other minutiae within R + 3σs;
+- pair matchability, in :func:`_local` (λ = 0 otherwise): both cylinders valid, directions
+  within ``delta_theta``, at least ``min_me`` of the in-disk cells valid in both, and a non-zero
+  ||a|b|| + ||b|a||;
+- global score, in :func:`lss_scores` / :func:`lss_r_scores`: 0 when either finger has no valid
+  cylinder or no pair is matchable; LSS-R relaxes only matchable pairs (λ^0 > 0): a
+  non-matchable pair among the top n_R is no pair, it neither gains similarity from the others
+  (its efficiency would be λ/0) nor supports them.
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet, disk_mask, wrap_angle
 from gpu_kernels.params import MccParams
+from gpu_kernels.relaxation import efficiency_key, pair_compatibility, relax
 
 _MIB = 1 << 20
 
@@ -63,7 +85,9 @@ class _Operands:
 
 
 def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> None:
-    if probe.params != params or gallery.params != params:
+    # Only the cylinder-shaping fields must agree: a gallery encoded once can be scored under any
+    # matchability or consolidation settings.
+    if not (probe.params.same_cylinders(params) and gallery.params.same_cylinders(params)):
         raise ValueError("probe and gallery cylinders must be encoded with the params used to score")
     if probe.device != gallery.device:
         raise ValueError(f"probe on {probe.device} but gallery on {gallery.device}")
@@ -140,6 +164,67 @@ def lss_scores(lam: Tensor, n_a: Tensor, n_b: Tensor, params: MccParams) -> Tens
     return torch.where((n_a[:, None] > 0) & (n_b[None, :] > 0), score, 0.0)
 
 
+def _ranked_topk(key: Tensor, k: int, eligible: Tensor | None = None) -> Tensor:
+    """Indices ``[..., k]`` of the k largest entries of ``key: int64 [..., N]`` (>= 0), largest
+    first, ties to the lower index; entries not ``eligible`` rank below all others.
+
+    The key is packed above the reversed index in one int64, so the order is exact and the same
+    on every device (torch.topk leaves the order of ties unspecified).
+    """
+    n = key.shape[-1]
+    reverse_index = torch.arange(n - 1, -1, -1, device=key.device, dtype=torch.int64)
+    packed = key * n + reverse_index
+    if eligible is not None:
+        packed = torch.where(eligible, packed, -1 - reverse_index)
+    return torch.topk(packed, k, dim=-1, sorted=True).indices
+
+
+def _float_key(values: Tensor) -> Tensor:
+    """An int64 key ordered as ``values`` clamped at 0: float32 bits are monotone for x >= 0."""
+    bits = values.to(torch.float32).clamp(min=0.0).contiguous().view(torch.int32)
+    return bits.to(torch.int64)
+
+
+def lss_r_scores(lam: Tensor, probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> Tensor:
+    """LSS-R global scores ``[P, G]`` from local similarities ``lam: [P, G, Mp, Mg]`` of
+    ``probe`` (P fingers) against ``gallery`` (G fingers, e.g. one chunk); see the module doc.
+
+    Per finger pair: the n_R = min(n_A, n_B) pairs of largest λ (matchable ones only, λ > 0) are
+    relaxed by their geometric consistency (:func:`gpu_kernels.relaxation.relax`); the score is
+    the sum of the relaxed λ of the n_P pairs of highest efficiency λ^{n_rel}/λ^0, over n_P. 0 when
+    a finger has no valid cylinder or no pair is matchable. No loop over pairs: one top-k, gathers
+    and ``[P, G, K, K]`` compatibilities with K = min(Mp, Mg).
+    """
+    p, g, mp, mg = lam.shape
+    n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)
+    n_r = torch.minimum(n_a[:, None], n_b[None, :])  # [P, G]
+    # n_R <= min(Mp, Mg): a static bound, so no device sync to size the pair sets.
+    k = max(1, min(mp, mg))
+    top = _ranked_topk(_float_key(lam.reshape(p, g, mp * mg)), k)  # [P, G, K]
+    lam0 = torch.gather(lam.reshape(p, g, mp * mg), -1, top)
+    rank = torch.arange(k, device=lam.device)
+    in_set = (rank < n_r[..., None]) & (lam0 > 0)
+    rows, cols = top // mg, top % mg
+    # Each pair's probe minutia: gather along probe cylinders; gallery minutia likewise.
+    idx_a = rows.reshape(p, g * k)
+    xy_a = torch.gather(probe.xy, 1, idx_a[..., None].expand(p, g * k, 2)).reshape(p, g, k, 2)
+    theta_a = torch.gather(probe.theta, 1, idx_a).reshape(p, g, k)
+    idx_b = cols.permute(1, 0, 2).reshape(g, p * k)
+    xy_b = torch.gather(gallery.xy, 1, idx_b[..., None].expand(g, p * k, 2)).reshape(g, p, k, 2)
+    theta_b = torch.gather(gallery.theta, 1, idx_b).reshape(g, p, k)
+    rho = pair_compatibility(xy_a, theta_a, xy_b.permute(1, 0, 2, 3), theta_b.permute(1, 0, 2), params)
+    relaxed = relax(lam0, rho, in_set, n_r, params)
+
+    efficiency = relaxed / torch.where(in_set, lam0, 1.0)
+    n_sel = min(params.max_np, k)
+    best = _ranked_topk(efficiency_key(efficiency), n_sel, in_set)  # [P, G, n_sel]
+    chosen = torch.gather(relaxed, -1, best)
+    n_p = lss_pair_count(n_a[:, None], n_b[None, :], params)  # [P, G]
+    keep = torch.arange(n_sel, device=lam.device) < n_p[..., None]
+    score = torch.where(keep, chosen, 0.0).sum(-1) / n_p.to(chosen.dtype)
+    return torch.where((n_a[:, None] > 0) & (n_b[None, :] > 0), score, 0.0)
+
+
 def local_similarities(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> Tensor:
     """Every local similarity, ``[P, G, Mp, Mg]``, for inspection (one chunk, no memory cap).
 
@@ -157,11 +242,12 @@ def score_fingers(
     *,
     chunk_bytes: int = 256 * _MIB,
 ) -> Tensor:
-    """LSS global scores of all pairs: ``probe: [P, Mp, ·]``, ``gallery: [G, Mg, ·]`` -> ``[P, G]``.
+    """Global scores of all pairs: ``probe: [P, Mp, ·]``, ``gallery: [G, Mg, ·]`` -> ``[P, G]``.
 
-    Scores lie in [0, 1]. The gallery is unpacked and scored in chunks of fingers sized so the
-    chunk's float operands and ``[P, g, Mp, Mg]`` intermediates stay near ``chunk_bytes``; there
-    is no loop over pairs. Both sets must share ``params`` and device.
+    Consolidated by LSS or LSS-R as ``params.consolidation`` says; scores lie in [0, 1]. The
+    gallery is unpacked and scored in chunks of fingers sized so the chunk's float operands and
+    ``[P, g, Mp, Mg]`` (LSS-R: also ``[P, g, K, K]``) intermediates stay near ``chunk_bytes``;
+    there is no loop over pairs. Both sets must share the cylinder params and the device.
     """
     _check(probe, gallery, params)
     a = _Operands.of(probe, probe_side=True)
@@ -172,13 +258,22 @@ def score_fingers(
     # Per gallery finger: its unpacked operands (float values, int32 index scratch, mask) and
     # about ten [P, Mp, Mg] float tensors of products and masks.
     per_finger = mg * (params.cells * 4 + params.cells // 2 + params.spatial_cells * 4) + 10 * 4 * p * mp * mg
+    relaxing = params.consolidation == "lss_r"
+    if relaxing:
+        # The int64 rank key over [P, Mp, Mg], and about sixteen [P, K, K] float tensors of
+        # geometry and compatibility (K = min(Mp, Mg), see lss_r_scores).
+        k = min(mp, mg)
+        per_finger += 8 * p * mp * mg + 16 * 4 * p * k * k
     step = max(1, chunk_bytes // max(per_finger, 1))
     out = torch.zeros((p, g), dtype=torch.float32, device=probe.device)
     for lo in range(0, g, step):
         hi = min(g, lo + step)
         part = gallery.select(slice(lo, hi))
         lam = _local(a, _Operands.of(part, probe_side=False), params)
-        out[:, lo:hi] = lss_scores(lam, n_a, n_b[lo:hi], params)
+        if relaxing:
+            out[:, lo:hi] = lss_r_scores(lam, probe, part, params)
+        else:
+            out[:, lo:hi] = lss_scores(lam, n_a, n_b[lo:hi], params)
     return out
 
 
