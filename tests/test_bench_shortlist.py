@@ -1,0 +1,28 @@
+"""``fedprint bench shortlist`` on a tiny data set in the standard layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.shortlist import ShortlistBenchConfig, run_shortlist_bench
+from synthetic.evaluation_set import write_evaluation_set
+
+
+def test_recall_grows_with_the_shortlist_and_the_encoded_gallery_is_reused(tmp_path: Path) -> None:
+    write_evaluation_set(tmp_path / "data", seed=8, subjects=16, difficulty="easy", workers=1)
+    config = ShortlistBenchConfig(
+        workdir=tmp_path / "work", candidates=(2, 4, 16), probes=10, scored_probes=3, exhaustive_sample=8
+    )
+    first = run_shortlist_bench(tmp_path / "data", config)
+    assert first["gallery_size"] == 16 and first["probe_count"] == 10
+    recall = [first["recall_at"][k] for k in ("2", "4", "16")]
+    assert recall == sorted(recall) and recall[-1] == 1.0  # K = the whole gallery keeps every mate
+    assert first["chosen_candidates"] in (2, 4, 16)
+    assert first["rank1_through_tiers"] == 1.0
+    assert first["device_bytes_per_subject"] == 960 and first["host_bytes_per_subject"] > 0
+    assert first["exhaustive_ms_per_probe"] > 0 and first["speedup"] > 0
+
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "gallery").iterdir()}
+    second = run_shortlist_bench(tmp_path / "data", config)
+    assert second["recall_at"] == first["recall_at"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "gallery").iterdir()} == files
