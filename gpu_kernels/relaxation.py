@@ -40,11 +40,12 @@ def _z(v: Tensor, mu: float, tau: float) -> Tensor:
     return torch.sigmoid(tau * (v - mu))
 
 
-def _geometry(xy: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Distances, relative directions and radial angles among the minutiae of one side.
+def minutia_geometry(xy: Tensor, theta: Tensor) -> Tensor:
+    """Distances, relative directions and radial angles among the minutiae of one finger.
 
-    ``xy: [..., K, 2]`` image frame, ``theta: [..., K]`` ISO angles -> three ``[..., K, K]``
-    tensors whose entry ``[t, k]`` is |m_t - m_k|, dφ(θ_t, θ_k) and dR(m_t, m_k).
+    ``xy: [..., M, 2]`` image frame, ``theta: [..., M]`` ISO angles -> ``[..., M, M, 3]`` whose
+    entry ``[t, k]`` is (|m_t - m_k|, dφ(θ_t, θ_k), dR(m_t, m_k)). Computed once per finger, so
+    the ``[P, G, K, K]`` compatibilities need only gathers from it, not trigonometry.
     """
     dx = xy[..., None, :, 0] - xy[..., :, None, 0]  # x_k - x_t
     dy = xy[..., None, :, 1] - xy[..., :, None, 1]  # y_k - y_t
@@ -52,7 +53,20 @@ def _geometry(xy: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     relative = wrap_angle(theta[..., :, None] - theta[..., None, :])
     # Image y points down, so the ISO direction of the segment t -> k is atan2(-(y_k - y_t), ...).
     radial = wrap_angle(theta[..., :, None] - torch.atan2(-dy, dx))
-    return distance, relative, radial
+    return torch.stack([distance, relative, radial], -1)
+
+
+def compatibility_from_geometry(geometry_a: Tensor, geometry_b: Tensor, params: MccParams) -> Tensor:
+    """ρ(t, k) ``[..., K, K]`` (0 on the diagonal) from the two sides' :func:`minutia_geometry`
+    restricted to the pairs' minutiae, ``[..., K, K, 3]`` each (pair t = (a_t, b_t))."""
+    d1 = (geometry_a[..., 0] - geometry_b[..., 0]).abs()
+    d2 = wrap_angle(geometry_a[..., 1] - geometry_b[..., 1]).abs()
+    d3 = wrap_angle(geometry_a[..., 2] - geometry_b[..., 2]).abs()
+    rho = _z(d1, params.mu_rho1, params.tau_rho1) * _z(d2, params.mu_rho2, params.tau_rho2)
+    rho = rho * _z(d3, params.mu_rho3, params.tau_rho3)
+    k = rho.shape[-1]
+    # A pair does not support itself (the sum runs over k ≠ t).
+    return rho * (1.0 - torch.eye(k, dtype=rho.dtype, device=rho.device))
 
 
 def pair_compatibility(
@@ -64,16 +78,9 @@ def pair_compatibility(
     ``(xy_b[..., t, :], theta_b[..., t])``: ``xy_*: [..., K, 2]`` image frame, ``theta_*:
     [..., K]`` ISO angles, with any leading batch shape.
     """
-    dist_a, rel_a, rad_a = _geometry(xy_a, theta_a)
-    dist_b, rel_b, rad_b = _geometry(xy_b, theta_b)
-    d1 = (dist_a - dist_b).abs()
-    d2 = wrap_angle(rel_a - rel_b).abs()
-    d3 = wrap_angle(rad_a - rad_b).abs()
-    rho = _z(d1, params.mu_rho1, params.tau_rho1) * _z(d2, params.mu_rho2, params.tau_rho2)
-    rho = rho * _z(d3, params.mu_rho3, params.tau_rho3)
-    k = rho.shape[-1]
-    # A pair does not support itself (the sum runs over k ≠ t).
-    return rho * (1.0 - torch.eye(k, dtype=rho.dtype, device=rho.device))
+    return compatibility_from_geometry(
+        minutia_geometry(xy_a, theta_a), minutia_geometry(xy_b, theta_b), params
+    )
 
 
 def efficiency_key(efficiency: Tensor) -> Tensor:

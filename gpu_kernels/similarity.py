@@ -51,7 +51,7 @@ from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet, disk_mask, wrap_angle
 from gpu_kernels.params import MccParams
-from gpu_kernels.relaxation import efficiency_key, pair_compatibility, relax
+from gpu_kernels.relaxation import compatibility_from_geometry, efficiency_key, minutia_geometry, relax
 
 _MIB = 1 << 20
 
@@ -193,7 +193,7 @@ def lss_r_scores(lam: Tensor, probe: CylinderSet, gallery: CylinderSet, params: 
     relaxed by their geometric consistency (:func:`gpu_kernels.relaxation.relax`); the score is
     the sum of the relaxed λ of the n_P pairs of highest efficiency λ^{n_rel}/λ^0, over n_P. 0 when
     a finger has no valid cylinder or no pair is matchable. No loop over pairs: one top-k, gathers
-    and ``[P, G, K, K]`` compatibilities with K = min(Mp, Mg).
+    from each finger's minutia geometry and ``[P, G, K, K]`` compatibilities, K = min(Mp, Mg).
     """
     p, g, mp, mg = lam.shape
     n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)
@@ -205,14 +205,15 @@ def lss_r_scores(lam: Tensor, probe: CylinderSet, gallery: CylinderSet, params: 
     rank = torch.arange(k, device=lam.device)
     in_set = (rank < n_r[..., None]) & (lam0 > 0)
     rows, cols = top // mg, top % mg
-    # Each pair's probe minutia: gather along probe cylinders; gallery minutia likewise.
-    idx_a = rows.reshape(p, g * k)
-    xy_a = torch.gather(probe.xy, 1, idx_a[..., None].expand(p, g * k, 2)).reshape(p, g, k, 2)
-    theta_a = torch.gather(probe.theta, 1, idx_a).reshape(p, g, k)
-    idx_b = cols.permute(1, 0, 2).reshape(g, p * k)
-    xy_b = torch.gather(gallery.xy, 1, idx_b[..., None].expand(g, p * k, 2)).reshape(g, p, k, 2)
-    theta_b = torch.gather(gallery.theta, 1, idx_b).reshape(g, p, k)
-    rho = pair_compatibility(xy_a, theta_a, xy_b.permute(1, 0, 2, 3), theta_b.permute(1, 0, 2), params)
+    # ρ needs, for every two pairs (t, k), the geometry of (a_t, a_k) and of (b_t, b_k): gather it
+    # from each finger's [M, M, 3] minutia geometry at flat positions t·M + k.
+    geo_a = minutia_geometry(probe.xy, probe.theta).reshape(p, mp * mp, 3)
+    at = (rows[..., :, None] * mp + rows[..., None, :]).reshape(p, g * k * k)
+    pick_a = torch.gather(geo_a, 1, at[..., None].expand(p, g * k * k, 3)).reshape(p, g, k, k, 3)
+    geo_b = minutia_geometry(gallery.xy, gallery.theta).reshape(g, mg * mg, 3)
+    bt = (cols[..., :, None] * mg + cols[..., None, :]).permute(1, 0, 2, 3).reshape(g, p * k * k)
+    pick_b = torch.gather(geo_b, 1, bt[..., None].expand(g, p * k * k, 3)).reshape(g, p, k, k, 3)
+    rho = compatibility_from_geometry(pick_a, pick_b.permute(1, 0, 2, 3, 4), params)
     relaxed = relax(lam0, rho, in_set, n_r, params)
 
     efficiency = relaxed / torch.where(in_set, lam0, 1.0)
@@ -260,10 +261,10 @@ def score_fingers(
     per_finger = mg * (params.cells * 4 + params.cells // 2 + params.spatial_cells * 4) + 10 * 4 * p * mp * mg
     relaxing = params.consolidation == "lss_r"
     if relaxing:
-        # The int64 rank key over [P, Mp, Mg], and about sixteen [P, K, K] float tensors of
-        # geometry and compatibility (K = min(Mp, Mg), see lss_r_scores).
+        # The int64 rank key over [P, Mp, Mg], and per [P, K, K] (K = min(Mp, Mg)): two int64
+        # gather indices, two gathered 3-channel geometries and ~8 float terms of ρ: ~18 floats.
         k = min(mp, mg)
-        per_finger += 8 * p * mp * mg + 16 * 4 * p * k * k
+        per_finger += 8 * p * mp * mg + 18 * 4 * p * k * k
     step = max(1, chunk_bytes // max(per_finger, 1))
     out = torch.zeros((p, g), dtype=torch.float32, device=probe.device)
     for lo in range(0, g, step):
