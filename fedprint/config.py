@@ -109,6 +109,10 @@ class NodeConfig(_ServiceConfig):
     thresholds: Thresholds = Thresholds(hit=0.40, review=0.37)
     batching: BatchingConfig = BatchingConfig()
     shortlist: ShortlistConfig = ShortlistConfig()
+    gallery_cache: bool = Field(
+        default=True,
+        description="keep the encoded gallery in data_dir/<node>.cylinders so restarts map it, not re-encode",
+    )
     device: str = Field(default="auto", description="torch device: auto, cpu, cuda, cuda:N")
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch; set when several nodes share a machine"

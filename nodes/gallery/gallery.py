@@ -104,6 +104,11 @@ class Gallery:
         desc = 0 if snap.descriptors is None else snap.descriptors.numel() * snap.descriptors.element_size()
         return full + desc
 
+    def contents(self) -> tuple[tuple[str, ...], TenPrintCylinders | None]:
+        """Subject ids and their cylinders (rows in the same order), as of one snapshot."""
+        snap = self._snapshot
+        return snap.subject_ids, snap.cylinders
+
     def encode(self, tenprints: Sequence[TenPrintTemplates]) -> TenPrintCylinders:
         """Cylinders for these ten-prints, on this gallery's device."""
         return encode_tenprints(tenprints, self.params, self.device)

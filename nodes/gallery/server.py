@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic
 
 import grpc
@@ -27,6 +28,7 @@ from minutiae.iso19794_2 import decode_template
 from minutiae.template import TenPrintTemplates
 from minutiae.wire import decode_tenprint
 from nodes.gallery.batcher import MicroBatcher
+from nodes.gallery.cache import read_cache, write_cache
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, SearchResult, resolve_device
 from nodes.gallery.records import RecordStore, RecordT
 from nodes.gallery.store import Enrollment, GalleryStore
@@ -61,8 +63,49 @@ def thresholds_proto(t: Thresholds) -> bio.Thresholds:
     )
 
 
-def load_gallery(store: GalleryStore[Any], gallery: Gallery) -> int:
-    """Decodes the stored templates and encodes them into ``gallery``; returns subjects loaded."""
+@dataclass(frozen=True)
+class LoadedGallery:
+    """How a node's gallery was loaded at start-up."""
+
+    subjects: int
+    #: The store's state token the in-memory gallery reflects.
+    token: str
+    #: Mapped from the encoded-gallery cache rather than encoded from the stored templates.
+    from_cache: bool
+
+
+def load_gallery(store: GalleryStore[Any], gallery: Gallery, cache: Path | None = None) -> LoadedGallery:
+    """Fills ``gallery`` from the store: from the encoded-gallery ``cache`` when it matches the
+    store, else by decoding and encoding every stored template (then the cache is rewritten)."""
+    token = store.token()
+    if cache is not None:
+        cached = read_cache(
+            cache,
+            token=token,
+            format_version=TEMPLATE_FORMAT_VERSION,
+            params=gallery.params,
+            device=gallery.device,
+        )
+        if cached is not None:
+            gallery.add(cached.subject_ids, cached.cylinders)
+            return LoadedGallery(len(cached.subject_ids), token, from_cache=True)
+    loaded = _encode_stored(store, gallery)
+    if cache is not None and loaded:
+        save_gallery(gallery, cache, token)
+    return LoadedGallery(loaded, token, from_cache=False)
+
+
+def save_gallery(gallery: Gallery, cache: Path, token: str) -> None:
+    """Writes the gallery's cylinders to the encoded-gallery cache under the store's ``token``."""
+    ids, cylinders = gallery.contents()
+    if cylinders is None:
+        return
+    write_cache(
+        cache, token=token, format_version=TEMPLATE_FORMAT_VERSION, subject_ids=list(ids), cylinders=cylinders
+    )
+
+
+def _encode_stored(store: GalleryStore[Any], gallery: Gallery) -> int:
     ids: list[str] = []
     tenprints: list[TenPrintTemplates] = []
     loaded = 0
@@ -335,15 +378,26 @@ class GalleryNode:
 
     host: ServiceHost
     servicer: GalleryServicer[Any]
+    loaded: LoadedGallery
+    #: The encoded-gallery cache directory, or None when the node keeps none.
+    cache: Path | None = None
 
     async def start(self) -> int:
         """Starts serving; returns the bound port."""
         return await self.host.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Stops serving after the calls in flight; refreshes the gallery cache if enrolments or
+        removals changed the gallery since start-up (a crash skips this: the next start-up sees
+        a stale token and re-encodes)."""
         await self.host.stop(grace_s)
         await self.servicer.batcher.close()
-        self.servicer.store.close()
+        store = self.servicer.store
+        if self.cache is not None:
+            token = store.token()
+            if token != self.loaded.token:
+                await asyncio.to_thread(save_gallery, self.servicer.gallery, self.cache, token)
+        store.close()
 
 
 def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNode:
@@ -355,9 +409,17 @@ def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNo
     url = database_url or f"sqlite:///{config.data_dir / (config.node + '.sqlite')}"
     store = GalleryStore(url, record_store_for(config.node))
     gallery = Gallery(resolve_device(config.device), shortlist=config.shortlist)
-    loaded = load_gallery(store, gallery)
+    cache = config.data_dir / f"{config.node}.cylinders" if config.gallery_cache else None
+    started = time.perf_counter()
+    loaded = load_gallery(store, gallery, cache)
     log.info(
-        "gallery loaded", node=config.node, subjects=loaded, device=str(gallery.device), bytes=gallery.nbytes
+        "gallery loaded",
+        node=config.node,
+        subjects=loaded.subjects,
+        from_cache=loaded.from_cache,
+        s=round(time.perf_counter() - started, 2),
+        device=str(gallery.device),
+        bytes=gallery.nbytes,
     )
     servicer: GalleryServicer[Any] = GalleryServicer(config, store, gallery)
     host = ServiceHost(
@@ -371,4 +433,4 @@ def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNo
         ],
         config.tls,
     )
-    return GalleryNode(host, servicer)
+    return GalleryNode(host, servicer, loaded, cache)

@@ -7,6 +7,7 @@ Enrollment and removal are single transactions: a failed stream stores nothing.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic
@@ -38,6 +39,15 @@ class FingerRow(_Base):
     # gallery can be re-encoded when the matcher's internal format changes.
     format: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class StateRow(_Base):
+    """One row: a token that changes with every enrolment or removal, so a cache of the encoded
+    gallery can tell whether it still describes the stored one."""
+
+    __tablename__ = "gallery_state"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,34 @@ class GalleryStore(Generic[RecordT]):
                     for p, (f, d) in e.templates.items()
                 )
                 self.records.put(session, e.record)
+            self._touch(session)
 
     def remove(self, subject_ids: Sequence[str]) -> int:
         """Deletes these subjects; returns how many existed."""
         with self._sessions.begin() as session:
-            return self._delete(session, subject_ids)
+            removed = self._delete(session, subject_ids)
+            if removed:
+                self._touch(session)
+            return removed
+
+    @staticmethod
+    def _touch(session: Session) -> None:
+        """Gives the stored gallery a new token, inside the transaction that changes it."""
+        state = session.get(StateRow, 1)
+        if state is None:
+            session.add(StateRow(id=1, token=uuid.uuid4().hex))
+        else:
+            state.token = uuid.uuid4().hex
+
+    def token(self) -> str:
+        """The current state token of the stored gallery (see :class:`StateRow`)."""
+        with self._sessions.begin() as session:
+            state = session.get(StateRow, 1)
+            if state is None:
+                self._touch(session)
+                state = session.get(StateRow, 1)
+            assert state is not None
+            return state.token
 
     def _delete(self, session: Session, subject_ids: Sequence[str]) -> int:
         rows = list(session.scalars(select(SubjectRow).where(SubjectRow.subject_id.in_(list(subject_ids)))))

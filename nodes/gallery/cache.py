@@ -1,0 +1,78 @@
+"""The node's cache of its encoded gallery, so that a restart maps cylinders instead of
+re-encoding every stored template (hours of CPU at national scale).
+
+The cache is a :mod:`gpu_kernels.cylinder_file` directory plus ``state.json`` (the store's state
+token, the template format version) and ``subjects.txt`` (gallery rows in order). It is used only
+when all three match the store and the code: a cache that does not is ignored and rewritten, so
+it can make start-up faster but never make the gallery wrong. Writes go to a sibling directory
+that is renamed into place, so a crash mid-write leaves the old cache or none.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from gpu_kernels import MccParams, TenPrintCylinders
+from gpu_kernels.cylinder_file import CylinderFile, CylinderFileError, CylinderFileWriter
+
+log = structlog.get_logger(__name__)
+
+_STATE = "state.json"
+_SUBJECTS = "subjects.txt"
+_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class CachedGallery:
+    """What a valid cache holds: subject ids and their cylinders, rows in the same order."""
+
+    subject_ids: list[str]
+    cylinders: TenPrintCylinders
+
+
+def read_cache(
+    directory: Path, *, token: str, format_version: int, params: MccParams, device: torch.device
+) -> CachedGallery | None:
+    """The cached gallery if it matches the store's ``token``, ``format_version`` and ``params``."""
+    try:
+        state = json.loads((directory / _STATE).read_text())
+        if state.get("store_token") != token or state.get("template_format_version") != format_version:
+            return None
+        cylinders_file = CylinderFile(directory)
+        ids = (directory / _SUBJECTS).read_text().splitlines()
+    except (OSError, ValueError, CylinderFileError) as error:
+        if (directory / _STATE).exists():
+            log.warning("gallery cache unreadable; re-encoding", directory=str(directory), error=str(error))
+        return None
+    if cylinders_file.params != params or len(ids) != len(cylinders_file):
+        return None
+    if not ids:
+        return None
+    rows = torch.arange(len(ids))
+    return CachedGallery(ids, cylinders_file.select(rows, device))
+
+
+def write_cache(
+    directory: Path, *, token: str, format_version: int, subject_ids: list[str], cylinders: TenPrintCylinders
+) -> None:
+    """Replaces the cache at ``directory`` with these subjects, atomically."""
+    staging = directory.with_name(directory.name + ".writing")
+    shutil.rmtree(staging, ignore_errors=True)
+    with CylinderFileWriter(staging, cylinders.params) as writer:
+        for lo in range(0, len(subject_ids), _CHUNK):
+            writer.append(cylinders.select(slice(lo, lo + _CHUNK)))
+    (staging / _SUBJECTS).write_text("".join(f"{s}\n" for s in subject_ids))
+    state = {"store_token": token, "template_format_version": format_version, "subjects": len(subject_ids)}
+    (staging / _STATE).write_text(json.dumps(state) + "\n")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
