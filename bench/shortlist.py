@@ -64,7 +64,12 @@ def _gallery(data: Path, refs: list[CaptureRef], config: ShortlistBenchConfig, p
     target = config.workdir / "gallery"
     ids_path = target / "subjects.txt"
     ids = [r.subject_id for r in refs]
-    if (target / "meta.json").exists() and ids_path.exists() and ids_path.read_text().split("\n")[:-1] == ids:
+    if (
+        (target / "meta.json").exists()
+        and ids_path.exists()
+        and ids_path.read_text().split("\n")[:-1] == ids
+        and CylinderFile(target).params.same_cylinders(config.params)
+    ):
         return target
     if target.exists():
         for stale in target.iterdir():
@@ -131,7 +136,7 @@ def run_shortlist_bench(
     for i in range(scored):
         progress("full MCC on shortlists", i, scored)
         started = time.perf_counter()
-        candidates = full.select(rows[i, :chosen], config.device)
+        candidates = full.select(rows[i, :chosen], config.device, config.params)
         fused = score_tenprints(probes.select(slice(i, i + 1)), candidates, config.params).fused[0]
         mcc_s += time.perf_counter() - started
         kept += int(rank_in_shortlist[i] < chosen)
@@ -141,7 +146,7 @@ def run_shortlist_bench(
     # Exhaustive full MCC per probe, timed on a slice of the gallery and scaled to all of it.
     n0 = min(config.exhaustive_sample, size)
     timing_probes = probes.select(slice(0, min(4, len(sample))))
-    slice_cylinders = full.select(np.arange(n0), config.device)
+    slice_cylinders = full.select(np.arange(n0), config.device, config.params)
     progress("timing exhaustive MCC", 0, 1)
     started = time.perf_counter()
     score_tenprints(timing_probes, slice_cylinders, config.params)

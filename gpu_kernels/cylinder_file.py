@@ -73,7 +73,7 @@ class CylinderFileWriter:
 
     def append(self, cylinders: TenPrintCylinders) -> None:
         """Writes the subjects of ``cylinders`` after those already written."""
-        if cylinders.params != self.params:
+        if not cylinders.params.same_cylinders(self.params):
             raise CylinderFileError("cylinders were encoded with other parameters than the file's")
         self._files["present"].write(cylinders.present.cpu().numpy().astype(np.bool_).tobytes())
         for f, cyl in enumerate(cylinders.fingers, start=1):
@@ -189,21 +189,30 @@ class CylinderFile:
         return sum(p.stat().st_size for p in self.directory.glob("*.bin"))
 
     def select(
-        self, subjects: Tensor | npt.NDArray[np.int64], device: torch.device | str = "cpu"
+        self,
+        subjects: Tensor | npt.NDArray[np.int64],
+        device: torch.device | str = "cpu",
+        params: MccParams | None = None,
     ) -> TenPrintCylinders:
         """The cylinders of ``subjects`` (gallery rows, any order, repeats allowed) on ``device``,
-        each position padded to the largest selected finger. Reads only those subjects' rows."""
+        each position padded to the largest selected finger. Reads only those subjects' rows.
+
+        ``params`` labels the result with other matching settings (consolidation, min_me, ...)
+        than the file's; its cylinder-shaping fields must equal the file's."""
+        if params is not None and not params.same_cylinders(self.params):
+            raise CylinderFileError("the file's cylinders were encoded with other cylinder parameters")
         rows = np.asarray(
             subjects.cpu().numpy() if isinstance(subjects, Tensor) else subjects, dtype=np.int64
         )
         if rows.size and (rows.min() < 0 or rows.max() >= self.subjects):
             raise IndexError(f"subject rows must lie in [0, {self.subjects})")
-        fingers = [self._finger_set(pos, rows, device) for pos in self._positions]
+        label = params or self.params
+        fingers = [self._finger_set(pos, rows, device, label) for pos in self._positions]
         present = self.present[torch.from_numpy(rows)].to(device)
         return TenPrintCylinders(tuple(fingers), present)
 
     def _finger_set(
-        self, pos: _Position, rows: npt.NDArray[np.int64], device: torch.device | str
+        self, pos: _Position, rows: npt.NDArray[np.int64], device: torch.device | str, params: MccParams
     ) -> CylinderSet:
         counts = pos.counts[rows]
         m = max(1, int(counts.max(initial=0)))
@@ -229,5 +238,5 @@ class CylinderFile:
             theta=gather("theta"),
             xy=gather("xy"),
             counts=torch.from_numpy(counts.copy()).to(device),
-            params=self.params,
+            params=params,
         )

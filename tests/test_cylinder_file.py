@@ -3,6 +3,7 @@ are refused with a message that says what is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,16 @@ def test_selected_subjects_score_exactly_as_the_encoded_ones(written: tuple[Path
     assert torch.equal(actual.fused, expected.fused)
     # The file stores minutiae only, no padding: fewer bytes than the padded tensors.
     assert gallery.nbytes < encoded.nbytes
+
+
+def test_the_file_serves_other_matching_settings_but_not_other_cylinders(
+    written: tuple[Path, TenPrintCylinders],
+) -> None:
+    gallery = CylinderFile(written[0])
+    relaxed = dataclasses.replace(PARAMS, consolidation="lss_r")
+    assert gallery.select(torch.tensor([0]), params=relaxed).params == relaxed
+    with pytest.raises(CylinderFileError, match="other cylinder parameters"):
+        gallery.select(torch.tensor([0]), params=dataclasses.replace(PARAMS, radius=60.0))
 
 
 def test_an_interrupted_write_is_not_a_gallery(tmp_path: Path) -> None:

@@ -50,12 +50,12 @@ def read_cache(
         if (directory / _STATE).exists():
             log.warning("gallery cache unreadable; re-encoding", directory=str(directory), error=str(error))
         return None
-    if cylinders_file.params != params or len(ids) != len(cylinders_file):
+    if not cylinders_file.params.same_cylinders(params) or len(ids) != len(cylinders_file):
         return None
     if not ids:
         return None
     rows = torch.arange(len(ids))
-    return CachedGallery(ids, cylinders_file.select(rows, device))
+    return CachedGallery(ids, cylinders_file.select(rows, device, params))
 
 
 def write_cache(
