@@ -45,10 +45,14 @@ def pack_bits(bits: Tensor) -> Tensor:
     ``bits: [..., K]`` (any dtype, K a multiple of 8) -> ``uint8 [..., K/8]``; the layout is
     ``numpy.packbits``'s default, so packed cylinders can also be handed to faiss binary indexes.
     """
-    k = bits.shape[-1]
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=bits.device)
-    grouped = (bits != 0).to(torch.int32).reshape(*bits.shape[:-1], k // 8, 8)
-    return (grouped * weights).sum(-1).to(torch.uint8)
+    if bits.dtype != torch.bool:
+        bits = bits != 0
+    # Or-ing the 8 shifted byte planes is several times faster than a weighted sum in int32.
+    planes = bits.view(torch.uint8).reshape(*bits.shape[:-1], bits.shape[-1] // 8, 8)
+    packed = planes[..., 0] << 7
+    for i in range(1, 8):
+        packed |= planes[..., i] << (7 - i)
+    return packed
 
 
 @functools.lru_cache(maxsize=16)
@@ -201,30 +205,88 @@ def _right_handed(xy_image: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return out
 
 
+def convex_hulls(
+    points: npt.NDArray[np.float64], counts: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Counter-clockwise convex hulls (right-handed frame) of n point sets at once.
+
+    ``points: [n, K, 2]`` where the first ``counts[f]`` rows of finger ``f`` are used ->
+    ``(hulls [n, H, 2], sizes [n])``, each hull in its first ``sizes[f]`` rows (the rest 0).
+    Andrew's monotone chain with every finger advancing in lock step, so the Python loop runs
+    over point positions, not fingers. Duplicates and collinear points are dropped: size >= 3
+    is a proper polygon, 1 or 2 a degenerate set (one point, or all on a line), 0 no points.
+    The turn test is the same float64 expression, on the same triples, as a per-finger chain.
+    """
+    n, k, _ = points.shape
+    if k == 0:
+        return np.zeros((n, 1, 2)), np.zeros(n, np.int64)
+    rows = np.arange(n)
+    present = np.arange(k)[None, :] < counts[:, None]
+    # Sort each finger's points by (x, y), absent rows last; then drop exact duplicates.
+    order = np.lexsort((points[..., 1], points[..., 0], ~present), axis=-1)
+    pts = np.take_along_axis(points, order[..., None], axis=1)
+    keep = np.take_along_axis(present, order, axis=1)
+    keep[:, 1:] &= ~(pts[:, 1:] == pts[:, :-1]).all(-1)
+    pts = np.take_along_axis(pts, np.argsort(~keep, axis=-1, kind="stable")[..., None], axis=1)
+    distinct = keep.sum(-1)
+
+    def chain(reverse: bool) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        # One half of the hull: stack[f, :length[f]] holds indices into pts[f].
+        stack = np.zeros((n, k + 1), np.int64)
+        length = np.zeros(n, np.int64)
+        for t in range(int(distinct.max(initial=0))):
+            j = distinct - 1 - t if reverse else np.full(n, t)
+            active = (j >= 0) & (j < distinct)
+            j = np.clip(j, 0, k - 1)
+            px, py = pts[rows, j, 0], pts[rows, j, 1]
+            while True:
+                a = pts[rows, stack[rows, np.maximum(length - 1, 0)]]
+                o = pts[rows, stack[rows, np.maximum(length - 2, 0)]]
+                cross = (a[:, 0] - o[:, 0]) * (py - o[:, 1]) - (a[:, 1] - o[:, 1]) * (px - o[:, 0])
+                pop = active & (length >= 2) & (cross <= 0)
+                if not pop.any():
+                    break
+                length -= pop
+            stack[rows[active], length[active]] = j[active]
+            length += active
+        return stack, length
+
+    lower, n_lower = chain(reverse=False)
+    upper, n_upper = chain(reverse=True)
+    # lower[:-1] + upper[:-1], except that 1 or 2 distinct points are their own hull.
+    sizes = np.where(distinct <= 2, distinct, n_lower + n_upper - 2)
+    h = int(max(1, sizes.max(initial=0)))
+    q = np.arange(h)[None, :]
+    from_lower = np.take_along_axis(lower, np.minimum(q, k), axis=1)
+    from_upper = np.take_along_axis(upper, np.clip(q - (n_lower - 1)[:, None], 0, k), axis=1)
+    idx = np.where(q < (n_lower - 1)[:, None], from_lower, from_upper)
+    idx = np.where((distinct <= 2)[:, None], np.minimum(q, 1), idx)
+    hulls = np.take_along_axis(pts, idx[..., None], axis=1)
+    hulls[q[0][None, :] >= sizes[:, None]] = 0.0
+    return hulls, sizes
+
+
 def convex_hull(points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Counter-clockwise convex hull (right-handed frame) of ``points: [K, 2]`` -> ``[H, 2]``.
 
-    Andrew's monotone chain; collinear points are dropped, so H >= 3 means a proper polygon,
-    and H is 1 or 2 for a degenerate set (one point, or all on a line).
+    Collinear points are dropped, so H >= 3 means a proper polygon, and H is 1 or 2 for a
+    degenerate set (one point, or all on a line). One finger of :func:`convex_hulls`.
     """
-    pts = sorted({(float(x), float(y)) for x, y in points})
-    if len(pts) <= 2:
-        return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    pts = np.asarray(points, dtype=np.float64).reshape(1, -1, 2)
+    hulls, sizes = convex_hulls(pts, np.array([pts.shape[1]], np.int64))
+    return hulls[0, : int(sizes[0])]
 
-    def cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
-    lower: list[tuple[float, float]] = []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    upper: list[tuple[float, float]] = []
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return np.asarray(lower[:-1] + upper[:-1], dtype=np.float64)
+def _hull_edges(hulls: npt.NDArray[np.float64], sizes: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """``[n, H, 2, 2]`` CCW edges (start, end) of padded hulls; rows past a hull's size are
+    zero-length edges on its first vertex, and a finger with no hull gets edges far away."""
+    h = hulls.shape[1]
+    q = np.arange(h)[None, :]
+    nxt = np.take_along_axis(hulls, np.where(q + 1 < sizes[:, None], q + 1, 0)[..., None], axis=1)
+    inner = (q < sizes[:, None])[..., None]
+    edges = np.stack([np.where(inner, hulls, hulls[:, :1]), np.where(inner, nxt, hulls[:, :1])], axis=2)
+    edges[sizes == 0] = 1e9
+    return edges
 
 
 def _in_enlarged_hull(points: Tensor, edges: Tensor, hull_size: Tensor, omega: float) -> Tensor:
@@ -247,6 +309,33 @@ def _in_enlarged_hull(points: Tensor, edges: Tensor, hull_size: Tensor, omega: f
     return enlarged
 
 
+def _points_in_enlarged_hull(
+    points: Tensor, edges: Tensor, hull_size: Tensor, omega: float, chunk_bytes: int
+) -> Tensor:
+    """:func:`_in_enlarged_hull` for one point per row: ``points: [P, 2]``, ``edges: [P, H, 2, 2]``,
+    ``hull_size: [P]`` -> ``bool [P]``, the same answer computed for fewer points.
+
+    The inside test is the same expression. Points outside by more than ``omega + 1`` px from
+    some edge's line are outside the enlarged hull (the 1 px dwarfs float32 error), so only the
+    rest pay for the distance computation.
+    """
+    out = torch.empty(points.shape[0], dtype=torch.bool, device=points.device)
+    step = max(1, chunk_bytes // (64 * edges.shape[1]))
+    for lo in range(0, points.shape[0], step):
+        p, e, hs = points[lo : lo + step], edges[lo : lo + step], hull_size[lo : lo + step]
+        a = e[:, :, 0, :]
+        edge = e[:, :, 1, :] - a
+        rel = p[:, None, :] - a
+        cross = edge[..., 0] * rel[..., 1] - edge[..., 1] * rel[..., 0]
+        inside = (cross >= 0).all(-1) & (hs >= 3)
+        far = ((cross < 0) & (cross * cross > (omega + 1.0) ** 2 * (edge * edge).sum(-1))).any(-1)
+        unsure = (~(inside | far)).nonzero(as_tuple=True)[0]
+        if unsure.numel():
+            inside[unsure] = _in_enlarged_hull(p[unsure, None, :], e[unsure], hs[unsure], omega)[:, 0]
+        out[lo : lo + step] = inside
+    return out
+
+
 def wrap_angle(angle: Tensor) -> Tensor:
     """Angle differences normalised to [-π, π) (the paper's dθ), elementwise."""
     wrapped: Tensor = torch.remainder(angle + math.pi, 2.0 * math.pi) - math.pi
@@ -262,6 +351,64 @@ def disk_mask(params: MccParams) -> npt.NDArray[np.bool_]:
 
 # --------------------------------------------------------------------------- encoding
 
+# Stand-in position of a padding neighbour: far beyond every cutoff, so it contributes exact zeros.
+_FAR = 1e9
+
+
+@dataclass(frozen=True)
+class _CellGrid:
+    """Per (params, device) constants of the cell layout, built once (see :func:`_cell_grid`)."""
+
+    offsets: Tensor  # float32 [Ns], cell centre offsets along one axis, px
+    ii: Tensor  # float32 [S], offset along d of each spatial cell
+    jj: Tensor  # float32 [S], offset along r of each spatial cell
+    disk: Tensor  # bool [S], see disk_mask
+    n_disk: int
+    near_own: Tensor  # bool [S], disk cells safely within omega of the cylinder's own minutia
+    window: int  # side, in cells, of a square that holds every cell within 3σs of a point
+    near2: float  # (omega - margin)², "safely within omega"
+    reach2: float  # squared distance beyond which a neighbour reaches no disk cell
+    exp_floor2: float  # squared offsets above this are clamped (beyond every cutoff)
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_grid(params: MccParams, device: torch.device) -> _CellGrid:
+    ns = params.ns
+    offsets = (torch.arange(ns, device=device, dtype=torch.float32) - (ns - 1) / 2.0) * params.delta_s
+    disk = disk_mask(params)
+    off64 = (np.arange(ns) - (ns - 1) / 2.0) * params.delta_s
+    radius64 = np.hypot(off64[:, None], off64[None, :]).reshape(-1)
+    # "Safely within omega": the margin is far above float32 error on pixel coordinates, so a
+    # cell this close to a minutia is certainly inside the enlarged hull, whatever the rounding.
+    near = max(params.omega - 1e-2 - 1e-4 * params.omega, 0.0)
+    cutoff = 3.0 * params.sigma_s
+    reach = (radius64[disk].max() if disk.any() else 0.0) + cutoff
+    return _CellGrid(
+        offsets=offsets,
+        ii=offsets[:, None].expand(ns, ns).reshape(-1),
+        jj=offsets[None, :].expand(ns, ns).reshape(-1),
+        disk=torch.as_tensor(disk, device=device),
+        n_disk=int(disk.sum()),
+        near_own=torch.as_tensor(disk & (radius64 <= near), device=device),
+        window=min(ns, int(2.0 * cutoff * (1.0 + 1e-6) / params.delta_s) + 1),
+        near2=near**2,
+        reach2=(reach * (1.0 + 1e-4) + 1e-2) ** 2,
+        exp_floor2=4.0 * max(cutoff, params.omega) ** 2,
+    )
+
+
+def _batch_ends(cost: npt.NDArray[np.int64], budget: int) -> list[int]:
+    """Splits items sorted by non-decreasing per-item ``cost`` into consecutive batches whose
+    size times their largest cost stays within ``budget`` (at least one item each) -> ends."""
+    ends: list[int] = []
+    lo, n = 0, len(cost)
+    while lo < n:
+        window = cost[lo : lo + max(1, budget // max(int(cost[lo]), 1))]
+        fits = np.arange(1, len(window) + 1) * window <= budget
+        lo += max(1, int(fits.sum()))
+        ends.append(lo)
+    return ends
+
 
 def encode_fingers(
     templates: Sequence[FingerTemplate | None],
@@ -272,66 +419,56 @@ def encode_fingers(
 ) -> CylinderSet:
     """Encodes N finger templates (None = absent finger) as MCC cylinders on ``device``.
 
-    Returns a :class:`CylinderSet` with M = the largest minutia count (at least 1). The per-cell
-    sums run as one batched matmul ``[n·M, Ns·Ns, T] @ [n·M, T, Nd]`` per chunk of n fingers,
-    with n chosen so the intermediates stay near ``chunk_bytes``.
+    Returns a :class:`CylinderSet` with M = the largest minutia count (at least 1). Fingers are
+    taken in order of minutia count, in chunks that pad only to their own largest count, and
+    cylinders are then grouped by how many neighbours reach their disk (see
+    :func:`_cylinder_cells`); the per-cell sums run as batched matmuls whose intermediates stay
+    near ``chunk_bytes``. Bit for bit the same cylinders as summing over every neighbour and
+    testing every cell against the whole hull, only faster.
     """
     device = torch.device(device)
     n = len(templates)
-    counts = [0 if t is None else t.count for t in templates]
-    m = max([1, *counts])
+    counts = np.array([0 if t is None else t.count for t in templates], np.int64)
+    m = int(max(1, counts.max(initial=0)))
     xy = np.zeros((n, m, 2), np.float64)
     theta = np.zeros((n, m), np.float64)
-    present = np.zeros((n, m), bool)
-    hulls: list[npt.NDArray[np.float64]] = []
-    for f, t in enumerate(templates):
-        k = counts[f]
-        if t is not None and k:
-            xy[f, :k] = t.minutiae[:, :2]
-            theta[f, :k] = t.minutiae[:, 2]
-            present[f, :k] = True
-            hulls.append(convex_hull(_right_handed(xy[f, :k])))
-        else:
-            hulls.append(np.zeros((0, 2)))
-    h = max([1, *(len(hh) for hh in hulls)])
-    # Hull edges (start, end); an absent finger gets one zero-length edge far away, which no
-    # cell of it uses anyway (its cells are invalid for lack of minutiae).
-    edges = np.full((n, h, 2, 2), 1e9, np.float64)
-    hull_size = np.zeros(n, np.int64)
-    for f, hh in enumerate(hulls):
-        if len(hh):
-            edges[f, :, :, :] = hh[0]
-            edges[f, : len(hh), 0] = hh
-            edges[f, : len(hh), 1] = np.roll(hh, -1, axis=0)
-            hull_size[f] = len(hh)
+    if counts.sum():
+        finger = np.repeat(np.arange(n), counts)
+        slot = np.arange(len(finger)) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = np.concatenate([t.minutiae for t in templates if t is not None and t.count])
+        xy[finger, slot] = rows[:, :2]
+        theta[finger, slot] = rows[:, 2]
+    xy_rh = _right_handed(xy)
+    hulls, hull_size = convex_hulls(xy_rh, counts)
+    edges = _hull_edges(hulls, hull_size)
 
     s = params.spatial_cells
-    # Bytes per finger of the largest intermediates ([M, S, T] float32, a few of them).
-    per_finger = 4 * m * s * m * 6 + 4 * m * s * h * 8
-    step = max(1, chunk_bytes // max(per_finger, 1))
-    parts: list[tuple[Tensor, Tensor, Tensor]] = []
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        parts.append(
-            _encode_chunk(
-                torch.as_tensor(_right_handed(xy[lo:hi]), dtype=torch.float32, device=device),
-                torch.as_tensor(theta[lo:hi], dtype=torch.float32, device=device),
-                torch.as_tensor(present[lo:hi], device=device),
-                torch.as_tensor(edges[lo:hi], dtype=torch.float32, device=device),
-                torch.as_tensor(hull_size[lo:hi], device=device),
-                params,
-            )
+    width = params.cells // 8 if params.binary else params.cells
+    vdtype = torch.uint8 if params.binary else torch.float32
+    values = torch.zeros((n, m, width), dtype=vdtype, device=device)
+    cell_valid = torch.zeros((n, m, s // 8), dtype=torch.uint8, device=device)
+    valid = torch.zeros((n, m), dtype=torch.bool, device=device)
+    order = np.argsort(counts, kind="stable")
+    # A chunk holds the [M, M] geometry of its fingers; the heavy tensors are bounded per
+    # batch of cylinders inside _encode_chunk.
+    lo = 0
+    for hi in _batch_ends(48 * np.maximum(counts[order], 1) ** 2, chunk_bytes):
+        idx = order[lo:hi]
+        lo = hi
+        mc = int(counts[idx].max())
+        if mc == 0:
+            continue
+        part = _encode_chunk(
+            torch.as_tensor(xy_rh[idx, :mc], dtype=torch.float32, device=device),
+            torch.as_tensor(theta[idx, :mc], dtype=torch.float32, device=device),
+            torch.as_tensor(counts[idx], device=device),
+            torch.as_tensor(edges[idx], dtype=torch.float32, device=device),
+            torch.as_tensor(hull_size[idx], device=device),
+            params,
+            chunk_bytes,
         )
-    if parts:
-        values = torch.cat([p[0] for p in parts])
-        cell_valid = torch.cat([p[1] for p in parts])
-        valid = torch.cat([p[2] for p in parts])
-    else:
-        width = params.cells // 8 if params.binary else params.cells
-        vdtype = torch.uint8 if params.binary else torch.float32
-        values = torch.zeros((0, m, width), dtype=vdtype, device=device)
-        cell_valid = torch.zeros((0, m, s // 8), dtype=torch.uint8, device=device)
-        valid = torch.zeros((0, m), dtype=torch.bool, device=device)
+        at = torch.as_tensor(idx, device=device)
+        values[at, :mc], cell_valid[at, :mc], valid[at, :mc] = part
     return CylinderSet(
         values=values,
         cell_valid=cell_valid,
@@ -346,76 +483,176 @@ def encode_fingers(
 def _encode_chunk(
     xy: Tensor,
     theta: Tensor,
-    present: Tensor,
+    counts: Tensor,
     edges: Tensor,
     hull_size: Tensor,
     params: MccParams,
+    chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Cylinders of n fingers. ``xy: [n, M, 2]`` right-handed, ``theta, present: [n, M]``,
+    """Cylinders of n fingers. ``xy: [n, M, 2]`` right-handed, ``theta: [n, M]``, ``counts: [n]``,
     hull ``edges: [n, H, 2, 2]`` and ``hull_size: [n]`` (see :func:`_in_enlarged_hull`).
 
     Returns packed values, packed spatial validity and cylinder validity (see CylinderSet).
     """
     n, m, _ = xy.shape
-    ns, nd, s = params.ns, params.nd, params.spatial_cells
+    s = params.spatial_cells
     dev = xy.device
-    offsets = (torch.arange(ns, device=dev, dtype=torch.float32) - (ns - 1) / 2.0) * params.delta_s
+    grid = _cell_grid(params, dev)
+    slot = torch.arange(m, device=dev)
+    present = slot[None, :] < counts[:, None]
 
     # Unit vectors of each minutia: d along its direction, r 90° clockwise (see module doc).
     cos, sin = torch.cos(theta), torch.sin(theta)
     d = torch.stack([cos, sin], -1)  # [n, M, 2]
     r = torch.stack([sin, -cos], -1)
 
+    rel = xy[:, None, :, :] - xy[:, :, None, :]  # [n, M(m), T, 2] = x_t - x_m
+    neighbour = present[:, :, None] & present[:, None, :] & (slot[:, None] != slot[None, :])
+    near = torch.linalg.vector_norm(rel, dim=-1) <= params.radius + 3.0 * params.sigma_s
+    enough_neighbours = (near & neighbour).sum(-1) >= params.min_m
     # Neighbour t in cylinder m's own frame; distances to cell centres are then separable in
     # (i, j), which is both cheaper and more precise than subtracting absolute positions.
-    rel = xy[:, None, :, :] - xy[:, :, None, :]  # [n, M(m), T, 2] = x_t - x_m
     along = (rel * d[:, :, None, :]).sum(-1)  # [n, M, T]
     across = (rel * r[:, :, None, :]).sum(-1)
-    di2 = (along[:, :, None, :] - offsets[None, None, :, None]) ** 2  # [n, M, Ns(i), T]
-    dj2 = (across[:, :, None, :] - offsets[None, None, :, None]) ** 2  # [n, M, Ns(j), T]
-    dist2 = (di2[:, :, :, None, :] + dj2[:, :, None, :, :]).reshape(n, m, s, m)
+    # Only neighbours within R + 3σs can add to a disk cell; the others add exact zeros (and
+    # cells outside the disk are invalid anyway), so each cylinder sums over those alone.
+    reaches = neighbour & ((rel * rel).sum(-1) <= grid.reach2)
+    n_reach = reaches.sum(-1)
 
-    not_self = ~torch.eye(m, dtype=torch.bool, device=dev)
-    neighbour = present[:, :, None] & present[:, None, :] & not_self  # [n, M, T]
-    # The spatial Gaussian factorises over (i, j): 2·Ns exponentials per neighbour, not Ns².
+    width = params.cells // 8 if params.binary else params.cells
+    vdtype = torch.uint8 if params.binary else torch.float32
+    values = torch.zeros((n, m, width), dtype=vdtype, device=dev)
+    cell_valid = torch.zeros((n, m, s // 8), dtype=torch.uint8, device=dev)
+    enough_cells = torch.zeros((n, m), dtype=torch.bool, device=dev)
+    cf, cm = present.nonzero(as_tuple=True)
+    by_k = torch.sort(n_reach[cf, cm], stable=True).indices
+    cf, cm = cf[by_k], cm[by_k]
+    k_sorted = n_reach[cf, cm].cpu().numpy()
+    # Cylinders with similar neighbour counts share a batch, so each batch pads only to its own K.
+    cost = (8 * s + 16 * params.ns) * np.maximum(k_sorted, 1) + 64 * s
+    lo = 0
+    for hi in _batch_ends(cost, chunk_bytes):
+        f, mm = cf[lo:hi], cm[lo:hi]
+        k = max(1, int(k_sorted[hi - 1]))
+        lo = hi
+        # Each cylinder's reaching neighbours first, in their original order (a stable sort):
+        # the matmul then adds the same terms in the same order, minus exact zeros.
+        nbr = torch.sort((~reaches[f, mm]).to(torch.uint8), dim=-1, stable=True).indices[:, :k]
+        pad = torch.arange(k, device=dev)[None, :] >= n_reach[f, mm][:, None]
+        part = _cylinder_cells(
+            xy[f, mm],
+            theta[f, mm],
+            d[f, mm],
+            r[f, mm],
+            torch.gather(along[f, mm], 1, nbr).masked_fill_(pad, _FAR),
+            torch.gather(across[f, mm], 1, nbr).masked_fill_(pad, _FAR),
+            torch.gather(theta[f], 1, nbr),
+            edges[f],
+            hull_size[f],
+            params,
+            chunk_bytes,
+        )
+        values[f, mm], cell_valid[f, mm], enough_cells[f, mm] = part
+    valid = present & enough_cells & enough_neighbours
+    return values, cell_valid, valid
+
+
+def _cylinder_cells(
+    xy: Tensor,
+    theta: Tensor,
+    d: Tensor,
+    r: Tensor,
+    along: Tensor,
+    across: Tensor,
+    theta_k: Tensor,
+    edges: Tensor,
+    hull_size: Tensor,
+    params: MccParams,
+    chunk_bytes: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """C cylinders: ``xy, d, r: [C, 2]`` and ``theta: [C]`` of their minutiae; ``along, across,
+    theta_k: [C, K]`` their neighbours in the cylinder frame (padding at ``_FAR``); ``edges:
+    [C, H, 2, 2]``, ``hull_size: [C]`` their finger's hull -> packed values ``[C, ·]``, packed
+    spatial validity ``uint8 [C, S/8]`` and ``bool [C]`` enough valid cells (min_VC).
+    """
+    c, k = along.shape
+    dev = xy.device
+    grid = _cell_grid(params, dev)
+    s, nd, ns, w = params.spatial_cells, params.nd, params.ns, grid.window
+    cutoff2 = (3.0 * params.sigma_s) ** 2
+    # Squared offsets to every row (i) and column (j) of cells; clamping far ones (beyond every
+    # cutoff) keeps exp out of its slow underflow path and changes no contribution.
+    di2 = ((along[:, :, None] - grid.offsets) ** 2).clamp_(max=grid.exp_floor2)  # [C, K, Ns]
+    dj2 = ((across[:, :, None] - grid.offsets) ** 2).clamp_(max=grid.exp_floor2)
+
+    # A neighbour reaches only cells within 3σs: a w x w window of rows and columns (the first
+    # row/column in reach, moved inwards at the border). Outside it the contribution is an
+    # exact 0, so the Gaussians are evaluated on the window and scattered into zeros.
+    ar = torch.arange(w, device=dev)
+    rows = (di2 <= cutoff2).to(torch.uint8).argmax(-1).clamp_(max=ns - w)[..., None] + ar  # [C, K, w]
+    cols = (dj2 <= cutoff2).to(torch.uint8).argmax(-1).clamp_(max=ns - w)[..., None] + ar
+    di2 = torch.gather(di2, 2, rows)
+    dj2 = torch.gather(dj2, 2, cols)
+    # The spatial Gaussian factorises over (i, j): 2·w exponentials per neighbour, not w².
     norm = 1.0 / (params.sigma_s * math.sqrt(2.0 * math.pi))
     gi = torch.exp(-0.5 * di2 / params.sigma_s**2) * norm
     gj = torch.exp(-0.5 * dj2 / params.sigma_s**2)
-    g_s = (gi[:, :, :, None, :] * gj[:, :, None, :, :]).reshape(n, m, s, m)
-    cutoff = dist2 <= (3.0 * params.sigma_s) ** 2
-    spatial = torch.where(cutoff & neighbour[:, :, None, :], g_s, 0.0)
+    window = gi[:, :, :, None] * gj[:, :, None, :]  # [C, K, w, w]
+    window.masked_fill_(di2[:, :, :, None] + dj2[:, :, None, :] > cutoff2, 0.0)
+    spatial = torch.zeros((c, k, s), device=dev)
+    cell = rows[:, :, :, None] * ns + cols[:, :, None, :]
+    spatial.scatter_(2, cell.view(c, k, w * w), window.view(c, k, w * w))
 
     # Directional contribution: the Gaussian of σd integrated over the section's width.
-    d_theta = wrap_angle(theta[:, :, None] - theta[:, None, :])  # [n, M, T]
+    d_theta = wrap_angle(theta[:, None] - theta_k)  # [C, K]
     phi = -math.pi + (torch.arange(nd, device=dev, dtype=torch.float32) + 0.5) * params.delta_d
-    alpha = wrap_angle(phi[None, None, None, :] - d_theta[..., None])  # [n, M, T, Nd]
+    alpha = wrap_angle(phi[None, None, :] - d_theta[..., None])  # [C, K, Nd]
     scale = 1.0 / (params.sigma_d * math.sqrt(2.0))
     half = params.delta_d / 2.0
     directional = 0.5 * (torch.erf((alpha + half) * scale) - torch.erf((alpha - half) * scale))
+    total = torch.bmm(spatial.transpose(1, 2), directional)  # [C, S, Nd]
+    del spatial
 
-    total = torch.bmm(spatial.reshape(n * m, s, m), directional.reshape(n * m, m, nd)).reshape(n, m, s, nd)
-
-    # Cell validity: inside the disk of radius R and the convex hull enlarged by omega.
-    ii = offsets[:, None].expand(ns, ns).reshape(-1)
-    jj = offsets[None, :].expand(ns, ns).reshape(-1)
-    centres = (
-        xy[:, :, None, :]
-        + ii[None, None, :, None] * d[:, :, None, :]
-        + jj[None, None, :, None] * r[:, :, None, :]
-    )
-    in_hull = _in_enlarged_hull(centres.reshape(n, m * s, 2), edges, hull_size, params.omega).reshape(n, m, s)
-    disk = torch.as_tensor(disk_mask(params), device=dev)
-    cell_ok = in_hull & disk & present[:, :, None]  # [n, M, S]
+    # Cell validity: inside the disk of radius R and the convex hull enlarged by omega. A cell
+    # safely within omega of a minutia is in it (minutiae lie in their hull); only the others
+    # take the hull test, which is the whole-hull computation on fewer points.
+    near = grid.near_own[None, :] | _near_minutiae(along, across, params)
+    cell_ok = grid.disk[None, :].expand(c, s).clone()
+    ci, si = (cell_ok & ~near).nonzero(as_tuple=True)
+    if ci.numel():
+        centres = xy[ci] + grid.ii[si, None] * d[ci] + grid.jj[si, None] * r[ci]
+        cell_ok[ci, si] = _points_in_enlarged_hull(
+            centres, edges[ci], hull_size[ci], params.omega, chunk_bytes
+        )
 
     if params.binary:
-        cells = (total >= params.mu_psi) & cell_ok[..., None]
-        values = pack_bits(cells.reshape(n, m, s * nd))
+        values = pack_bits((total >= params.mu_psi).logical_and_(cell_ok[..., None]).reshape(c, s * nd))
     else:
         psi = torch.sigmoid(params.tau_psi * (total - params.mu_psi))
-        values = (psi * cell_ok[..., None]).reshape(n, m, s * nd)
+        values = (psi * cell_ok[..., None]).reshape(c, s * nd)
+    enough_cells = cell_ok.sum(-1) >= params.min_vc * grid.n_disk
+    return values, pack_bits(cell_ok), enough_cells
 
-    enough_cells = cell_ok.sum(-1) >= params.min_vc * int(disk.sum())
-    near = torch.linalg.vector_norm(rel, dim=-1) <= params.radius + 3.0 * params.sigma_s
-    enough_neighbours = (near & neighbour).sum(-1) >= params.min_m
-    valid = present & enough_cells & enough_neighbours
-    return values, pack_bits(cell_ok), valid
+
+def _near_minutiae(along: Tensor, across: Tensor, params: MccParams) -> Tensor:
+    """``bool [C, S]``: cells safely within omega of one of the points ``along, across: [C, K]``
+    (cylinder frame). Row by row, a point covers an interval of columns; the intervals are
+    merged with a difference array, so the cost is per (point, row), not per (point, cell).
+    """
+    c = along.shape[0]
+    ns = params.ns
+    dev = along.device
+    grid = _cell_grid(params, dev)
+    rest = grid.near2 - (along[..., None] - grid.offsets) ** 2  # [C, K, Ns]
+    half = torch.sqrt(rest.clamp(min=0.0)) / params.delta_s
+    centre = across[..., None] / params.delta_s + (ns - 1) / 2.0
+    # Columns strictly inside [centre - half, centre + half] (the nudge keeps it conservative).
+    first = torch.ceil(centre - half + 1e-4).clamp_(0, ns)
+    end = torch.floor(centre + half - 1e-4).clamp_(-1, ns - 1) + 1
+    hit = ((rest >= 0) & (first < end)).to(torch.int32)
+    row = torch.arange(ns, device=dev) * (ns + 1)
+    marks = torch.zeros((c, ns * (ns + 1)), dtype=torch.int32, device=dev)
+    marks.scatter_add_(1, (first.to(torch.int64) + row).view(c, -1), hit.view(c, -1))
+    marks.scatter_add_(1, (end.to(torch.int64) + row).view(c, -1), -hit.view(c, -1))
+    covered = marks.view(c, ns, ns + 1).cumsum(-1)[..., :ns] > 0
+    return covered.reshape(c, ns * ns)
