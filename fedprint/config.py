@@ -104,9 +104,9 @@ class NodeConfig(_ServiceConfig):
     """A gallery node (IAFIS or IDENT)."""
 
     node: Literal["iafis", "ident"]
-    # Set from synthetic genuine/impostor fused scores (impostor max 0.35, genuine min 0.43 over
-    # 40 x 150 ten-print comparisons); `fedprint eval --calibrate` will replace them.
-    thresholds: Thresholds = Thresholds(hit=0.40, review=0.37)
+    # Provisional, on the LSS-R scale (best non-mate 0.023, weakest mate 0.062 over 60 searches of
+    # a 240-subject synthetic gallery); `fedprint eval --calibrate` replaces them.
+    thresholds: Thresholds = Thresholds(hit=0.035, review=0.028, source="provisional")
     batching: BatchingConfig = BatchingConfig()
     shortlist: ShortlistConfig = ShortlistConfig()
     gallery_cache: bool = Field(

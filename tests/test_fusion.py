@@ -20,7 +20,7 @@ from gpu_kernels import (
 )
 from minutiae.template import FingerTemplate, TenPrintTemplates
 
-PARAMS = MccParams()
+PARAMS = MccParams(consolidation="lss")
 
 
 def finger(rng: np.random.Generator, position: int, n: int = 18) -> FingerTemplate:

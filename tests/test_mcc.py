@@ -38,8 +38,8 @@ from gpu_kernels.reference import (
 )
 from minutiae.template import FingerTemplate
 
-BINARY = MccParams()
-FLOAT = MccParams(binary=False)
+BINARY = MccParams(consolidation="lss")
+FLOAT = MccParams(binary=False, consolidation="lss")
 SIZE = 400
 
 

@@ -23,8 +23,8 @@ from gpu_kernels.reference import _hull, reference_cylinders
 from minutiae.template import FingerTemplate
 from synthetic.fingers import impression, master_finger
 
-BINARY = MccParams()
-FLOAT = MccParams(binary=False)
+BINARY = MccParams(consolidation="lss")
+FLOAT = MccParams(binary=False, consolidation="lss")
 W, H = 400, 500
 
 

@@ -38,7 +38,7 @@ from minutiae.template import FingerTemplate
 from synthetic.fingers import DIFFICULTIES, impression, master_finger
 from tests.test_mcc import SIZE, random_template, rotated
 
-LSS = MccParams()
+LSS = MccParams(consolidation="lss")
 LSS_R = MccParams(consolidation="lss_r")
 LSS_R_FLOAT = MccParams(binary=False, consolidation="lss_r")
 TOL = 1e-4
@@ -83,9 +83,9 @@ def assert_consolidation_matches_reference(
 # --------------------------------------------------------------------------- parameters
 
 
-def test_defaults_are_the_papers_and_lss_stays_the_default() -> None:
+def test_defaults_are_the_papers_and_lss_r_is_the_default() -> None:
     p = MccParams()
-    assert p.consolidation == "lss"
+    assert p.consolidation == "lss_r"
     assert (p.n_rel, p.w_r) == (5, 0.5)
     assert (p.mu_rho1, p.tau_rho1) == (5.0, -1.6)
     assert (p.mu_rho2, p.tau_rho2, p.mu_rho3, p.tau_rho3) == (math.pi / 12, -30.0, math.pi / 12, -30.0)

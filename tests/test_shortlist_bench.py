@@ -14,7 +14,7 @@ from gpu_kernels import MccParams, encode_tenprints, score_tenprints
 from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
 from minutiae.template import TenPrintTemplates
 
-PARAMS = MccParams()
+PARAMS = MccParams(consolidation="lss")
 
 
 @pytest.fixture(scope="module")
