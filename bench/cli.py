@@ -32,9 +32,13 @@ def matcher(
     device: Annotated[
         list[str] | None, typer.Option(help="cpu, cuda (repeatable); default: cpu and cuda if present")
     ] = None,
+    consolidation: Annotated[str, typer.Option(help="lss_r (the nodes' default) or lss")] = "lss_r",
 ) -> None:
     """Throughput against gallery and batch size, exhaustive vs shortlist, against the matmul roofline."""
     from bench.matcher import MatcherBenchConfig, plot_throughput, run_matcher_bench, table_rows
+
+    if consolidation not in ("lss", "lss_r"):
+        raise typer.BadParameter(f"--consolidation must be lss or lss_r, not {consolidation!r}")
 
     config = MatcherBenchConfig(
         base_subjects=base,
@@ -44,6 +48,7 @@ def matcher(
         batch_gallery=min(_ints(sizes)[-1], 100),
         probe_count=probes,
         shortlist_fraction=shortlist_fraction,
+        consolidation="lss_r" if consolidation == "lss_r" else "lss",
     )
     if device:
         config.devices = device

@@ -42,7 +42,12 @@ import numpy as np
 import torch
 
 from gpu_kernels import MccParams, TenPrintCylinders, encode_tenprints, score_tenprints
-from gpu_kernels.reference import ReferenceCylinders, reference_lss_from_cylinders
+from gpu_kernels.params import Consolidation
+from gpu_kernels.reference import (
+    ReferenceCylinders,
+    reference_lss_from_cylinders,
+    reference_lss_r_from_cylinders,
+)
 from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
 from gpu_kernels.similarity import score_fingers, score_flops
 from minutiae.template import TenPrintTemplates
@@ -78,6 +83,8 @@ class MatcherBenchConfig:
         default_factory=lambda: ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
     )
     seed: int = 7
+    #: Global score of the matcher under test (the reference follows it).
+    consolidation: Consolidation = "lss_r"
 
 
 # --------------------------------------------------------------------------- data
@@ -167,15 +174,24 @@ def _reference_rate(
         m = int(c.counts[row])
         values = c.unpacked_values()[row, :m].reshape(m, params.ns, params.ns, params.nd).double().numpy()
         cells = c.unpacked_cell_valid()[row, :m].reshape(m, params.ns, params.ns).bool().numpy()
-        return ReferenceCylinders(values, cells, c.valid[row, :m].numpy(), c.theta[row, :m].double().numpy())
+        return ReferenceCylinders(
+            values,
+            cells,
+            c.valid[row, :m].numpy(),
+            c.theta[row, :m].double().numpy(),
+            c.xy[row, :m].double().numpy(),
+        )
 
     cases = [
         (ref(probes, i % len(probes), i % 10), ref(gallery, (i + 1) % len(gallery), i % 10))
         for i in range(pairs)
     ]
+    literal = (
+        reference_lss_r_from_cylinders if params.consolidation == "lss_r" else reference_lss_from_cylinders
+    )
     start = time.perf_counter()
     for a, b in cases:
-        reference_lss_from_cylinders(a, b, params)
+        literal(a, b, params)
     return pairs / (time.perf_counter() - start)
 
 
@@ -405,7 +421,7 @@ def run_matcher_bench(
 ) -> dict[str, Any]:
     """Runs the sweeps on every configured device; top-level fields are the last (fastest
     expected: CUDA when present) device's, and ``devices`` holds each device's full result."""
-    params = MccParams()
+    params = MccParams(consolidation=config.consolidation)
     progress(f"encoding {config.base_subjects} synthetic subjects")
     start = time.perf_counter()
     gallery_t, probes_t = synthetic_pairs(config.base_subjects, config.seed)
@@ -420,6 +436,7 @@ def run_matcher_bench(
     return {
         **{k: v for k, v in headline.items() if k not in ("gallery_sweep", "batch_sweep")},
         "unit": "finger matches (one finger template against one); a ten-print search is 10 per subject",
+        "consolidation": config.consolidation,
         "encode_seconds_per_finger": encode_s / (20 * config.base_subjects),
         "config": {k: list(v) if isinstance(v, tuple | list) else v for k, v in asdict(config).items()},
         "torch": torch.__version__,
