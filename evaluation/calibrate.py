@@ -15,7 +15,7 @@ import yaml
 
 from evaluation import metrics
 from evaluation.run import CURVE_FPIRS
-from fedprint.config import Thresholds
+from fedprint.config import Thresholds, calibrated_thresholds
 
 
 class CalibrationError(ValueError):
@@ -69,7 +69,4 @@ def write_thresholds(path: Path, thresholds: Thresholds) -> None:
 
 def read_thresholds(path: Path) -> Thresholds:
     """The ``thresholds:`` section of a YAML file (a node config or a thresholds-only file)."""
-    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(loaded, dict) or "thresholds" not in loaded:
-        raise ValueError(f"{path}: no thresholds section")
-    return Thresholds.model_validate(loaded["thresholds"])
+    return calibrated_thresholds(path)

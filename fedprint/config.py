@@ -55,6 +55,18 @@ class Thresholds(BaseModel):
         )
 
 
+#: Thresholds written by `fedprint eval --calibrate`, shipped with the package.
+CALIBRATED_THRESHOLDS = Path(__file__).with_name("thresholds.yaml")
+
+
+def calibrated_thresholds(path: Path = CALIBRATED_THRESHOLDS) -> Thresholds:
+    """The ``thresholds:`` section of a calibration file (by default the one shipped)."""
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict) or "thresholds" not in loaded:
+        raise ValueError(f"{path}: no thresholds section")
+    return Thresholds.model_validate(loaded["thresholds"])
+
+
 class BatchingConfig(BaseModel):
     """Dynamic micro-batching of concurrent Identify calls into one device call."""
 
@@ -104,9 +116,10 @@ class NodeConfig(_ServiceConfig):
     """A gallery node (IAFIS or IDENT)."""
 
     node: Literal["iafis", "ident"]
-    # Provisional, on the LSS-R scale (best non-mate 0.023, weakest mate 0.062 over 60 searches of
-    # a 240-subject synthetic gallery); `fedprint eval --calibrate` replaces them.
-    thresholds: Thresholds = Thresholds(hit=0.035, review=0.028, source="provisional")
+    thresholds: Thresholds = Field(
+        default_factory=lambda: calibrated_thresholds(),
+        description="hit and review thresholds; the calibrated ones of fedprint/thresholds.yaml if unset",
+    )
     batching: BatchingConfig = BatchingConfig()
     shortlist: ShortlistConfig = ShortlistConfig()
     gallery_cache: bool = Field(
