@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 DIFFICULTY_HELP = "impression damage preset: easy, realistic or hard"
@@ -46,7 +46,10 @@ def register(app: typer.Typer, console: Console) -> None:
                 help="plain probes (accuracy figures) or rolled (booking-like, for calibration)",
             ),
         ] = True,
-        workers: Annotated[int | None, typer.Option(help="processes for the evaluation set")] = None,
+        workers: Annotated[
+            int | None,
+            typer.Option(min=1, help="processes for the evaluation set (default: CPU count); same files"),
+        ] = None,
     ) -> None:
         """Writes a deterministic synthetic population and an evaluation data set."""
         from synthetic.evaluation_set import write_evaluation_set
@@ -72,7 +75,8 @@ def register(app: typer.Typer, console: Console) -> None:
                 f"{len(made.bookings)} bookings to {out}"
             )
         if evaluation:
-            with Progress(console=console) as progress:
+            columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
                 task = progress.add_task("evaluation set", total=subjects)
                 files = write_evaluation_set(
                     out / "evaluation",

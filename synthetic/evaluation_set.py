@@ -19,9 +19,10 @@ memory holds one chunk per worker, never the whole set.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +51,29 @@ def _person_id(person: int) -> str:
     return f"PER-{person + 1:07d}"
 
 
+def _write_file(path: str, data: bytes) -> None:
+    # os.open/os.write rather than Path.write_bytes: twenty files per person make the path
+    # objects and buffered file wrappers a visible share of the run.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def _write_chunk(chunk: _Chunk) -> str:
     difficulty = DIFFICULTIES[chunk.difficulty]
     rows: list[ManifestRow] = []
+    made: set[str] = set()
     for person in range(chunk.start, chunk.stop):
         masters = person_masters(chunk.seed, person)
-        folder = Path("templates") / f"{person // 1000:03d}"
-        (chunk.directory / folder).mkdir(parents=True, exist_ok=True)
+        folder = f"templates/{person // 1000:03d}"
+        if folder not in made:
+            (chunk.directory / folder).mkdir(parents=True, exist_ok=True)
+            made.add(folder)
+        where = f"{chunk.directory}/{folder}"
         subject = _person_id(person)
         sides = [("probe", "p", _EVAL_PROBE, chunk.plain_probes)]
         if person < chunk.enrolled:
@@ -66,9 +83,9 @@ def _write_chunk(chunk: _Chunk) -> str:
             for m in masters:
                 quality = float(rng.uniform(*difficulty.quality))
                 t = impression(rng, m, quality=quality, difficulty=difficulty, plain=plain)
-                rel = folder / f"{subject}_{m.finger_position:02d}_{tag}.fmr"
-                (chunk.directory / rel).write_bytes(encode_template(t, impression_type=0 if plain else 1))
-                rows.append(ManifestRow(rel.as_posix(), subject, m.finger_position, 1, role))
+                name = f"{subject}_{m.finger_position:02d}_{tag}.fmr"
+                _write_file(f"{where}/{name}", encode_template(t, impression_type=0 if plain else 1))
+                rows.append(ManifestRow(f"{folder}/{name}", subject, m.finger_position, 1, role))
     return manifest_text(rows, header=False)
 
 
@@ -81,45 +98,48 @@ def write_evaluation_set(
     unenrolled_share: float = 0.0,
     plain_probes: bool = True,
     workers: int | None = None,
+    chunk: int = CHUNK,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Writes the set for persons ``0..subjects-1``; returns the number of template files.
 
-    ``workers`` processes (default: the CPU count) each make chunks of :data:`CHUNK` persons.
-    ``plain_probes=False`` makes rolled probes, as booking stations take them: thresholds for
-    the nodes must be calibrated on that, since rolled-vs-rolled impostors score higher.
+    ``workers`` processes (default: the CPU count) each make chunks of ``chunk`` persons; the
+    files do not depend on either. ``on_progress(done, subjects)`` is called as chunks
+    complete, in person order. ``plain_probes=False`` makes rolled probes, as booking
+    stations take them: thresholds for the nodes must be calibrated on that, since
+    rolled-vs-rolled impostors score higher.
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
     if not 0.0 <= unenrolled_share < 1.0:
         raise ValueError(f"unenrolled_share {unenrolled_share} outside [0, 1)")
+    if chunk < 1:
+        raise ValueError(f"chunk {chunk} must be at least 1")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     enrolled = subjects - round(unenrolled_share * subjects)
     chunks = [
-        _Chunk(directory, seed, lo, min(subjects, lo + CHUNK), difficulty, enrolled, plain_probes)
-        for lo in range(0, subjects, CHUNK)
+        _Chunk(directory, seed, lo, min(subjects, lo + chunk), difficulty, enrolled, plain_probes)
+        for lo in range(0, subjects, chunk)
     ]
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))
     done = 0
     files = 0
-    with (directory / MANIFEST).open("w", encoding="utf-8", newline="") as manifest:
+    with contextlib.ExitStack() as stack:
+        manifest = stack.enter_context((directory / MANIFEST).open("w", encoding="utf-8", newline=""))
         manifest.write(manifest_text([]))
+        results: Iterator[str]
         if workers == 1:
             results = map(_write_chunk, chunks)
-            for chunk, text in zip(chunks, results, strict=True):
-                manifest.write(text)
-                files += text.count("\n")
-                done += chunk.stop - chunk.start
-                if on_progress is not None:
-                    on_progress(done, subjects)
         else:
-            # spawn: forking a process that holds torch threads can deadlock.
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for chunk, text in zip(chunks, pool.imap(_write_chunk, chunks), strict=True):
-                    manifest.write(text)
-                    files += text.count("\n")
-                    done += chunk.stop - chunk.start
-                    if on_progress is not None:
-                        on_progress(done, subjects)
+            # spawn: forking a process that holds torch threads can deadlock. imap hands the
+            # results back in chunk order, so the manifest is written as it grows.
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            results = pool.imap(_write_chunk, chunks)
+        for part, text in zip(chunks, results, strict=True):
+            manifest.write(text)
+            files += text.count("\n")
+            done += part.stop - part.start
+            if on_progress is not None:
+                on_progress(done, subjects)
     return files

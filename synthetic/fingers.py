@@ -52,7 +52,10 @@ MINUTIAE_SD = 10.0
 MIN_SPACING = 10.0
 #: An impression with fewer minutiae is captured again (a booking officer re-rolls a bad print).
 MIN_IMPRESSION_MINUTIAE = 12
-_UPPER = np.triu(np.ones((3 * MAX_MINUTIAE, 3 * MAX_MINUTIAE), bool), 1)
+#: The two minutia types masters and spurious minutiae get (uint8 codes, as templates hold them).
+_KIND_CODES = np.array([MinutiaKind.RIDGE_ENDING, MinutiaKind.BIFURCATION], np.uint8)
+#: A type after an ending/bifurcation confusion, indexed by the type (OTHER stays OTHER).
+_CONFUSED = np.array([MinutiaKind.OTHER, MinutiaKind.BIFURCATION, MinutiaKind.RIDGE_ENDING], np.uint8)
 
 
 @dataclass(frozen=True)
@@ -169,13 +172,13 @@ class RidgeFlow:
             s = 90.0
             slope = -u / s**2 * h * np.exp(-(u**2) / (2 * s**2))
             return np.arctan(slope)
-        # Work in the viewed frame (y up) so that angles come out counter-clockwise as viewed.
-        z = x - 1j * y
+        # Angles in the viewed frame (y up), so they come out counter-clockwise as viewed: the
+        # argument of (x - cx) + i(cy - y), taken with arctan2 rather than complex arithmetic.
         theta = np.zeros_like(x)
         for cx, cy in self.cores:
-            theta += 0.5 * np.angle(z - (cx - 1j * cy))
+            theta += 0.5 * np.arctan2(cy - y, x - cx)
         for dx, dy in self.deltas:
-            theta -= 0.5 * np.angle(z - (dx - 1j * dy))
+            theta -= 0.5 * np.arctan2(dy - y, x - dx)
         return np.mod(theta, math.pi)
 
 
@@ -205,6 +208,18 @@ _FINGER_NAMES = (
 )
 
 
+def _normalised(weights: tuple[float, ...]) -> npt.NDArray[np.float64]:
+    w = np.array(weights)
+    out: npt.NDArray[np.float64] = w / w.sum()
+    return out
+
+
+# Normalised once per finger rather than for every master: the same probabilities, less work.
+_PATTERN_WEIGHTS = {
+    position: _normalised(PATTERN_FREQUENCIES[_FINGER_NAMES[position]]) for position in range(1, 11)
+}
+
+
 def _pattern_for(rng: np.random.Generator, position: int) -> PatternClass:
     # Loops lean ulnar: a right-hand ulnar loop opens towards the little finger, i.e. to the
     # right as viewed (a right loop); on the left hand (FGP 6-10) it is a left loop.
@@ -215,8 +230,7 @@ def _pattern_for(rng: np.random.Generator, position: int) -> PatternClass:
         else (PatternClass.LEFT_LOOP, PatternClass.RIGHT_LOOP)
     )
     classes = [PatternClass.ARCH, PatternClass.TENTED_ARCH, PatternClass.WHORL, ulnar, radial]
-    weights = np.array(PATTERN_FREQUENCIES[_FINGER_NAMES[position]])
-    return classes[int(rng.choice(len(classes), p=weights / weights.sum()))]
+    return classes[int(rng.choice(len(classes), p=_PATTERN_WEIGHTS[position]))]
 
 
 def ridge_flow(rng: np.random.Generator, pattern: PatternClass, centre: tuple[float, float]) -> RidgeFlow:
@@ -260,12 +274,22 @@ def _spaced_points(
     phi = rng.uniform(0, 2 * math.pi, candidates)
     x = centre[0] + axes[0] * r * np.cos(phi)
     y = centre[1] + axes[1] * r * np.sin(phi)
-    dx, dy = x[:, None] - x[None, :], y[:, None] - y[None, :]
+    # Only pairs less than MIN_SPACING apart in x can be close, a few per candidate: sort by x
+    # and test those pairs alone instead of the full candidates x candidates matrix. The
+    # distance test is the same expression on the same pairs, so the points are too.
+    order = np.argsort(x)
+    xs = x[order]
+    first = np.arange(1, candidates + 1)  # sorted index of each candidate's first right neighbour
+    # The slack keeps every pair whose rounded x difference is below MIN_SPACING.
+    width = np.searchsorted(xs, xs + (MIN_SPACING + 1e-6), side="right") - first
+    a = np.repeat(np.arange(candidates), width)
+    b = np.arange(len(a)) - np.repeat(np.cumsum(width) - width - first, width)
+    i, j = order[a], order[b]
+    dx, dy = x[i] - x[j], y[i] - y[j]
     close = dx * dx + dy * dy < MIN_SPACING**2
-    # close[i, j] with i < j: candidate j falls too near an earlier candidate i.
-    keep = ~(close & _UPPER[:candidates, :candidates]).any(axis=0)
-    pts = np.stack([x, y], axis=1)
-    chosen: npt.NDArray[np.float64] = pts[keep][:count]
+    keep = np.ones(candidates, bool)
+    keep[np.maximum(i[close], j[close])] = False  # the later candidate of a close pair goes
+    chosen: npt.NDArray[np.float64] = np.column_stack([x[keep], y[keep]])[:count]
     return chosen
 
 
@@ -284,13 +308,13 @@ def master_with_flow(rng: np.random.Generator, position: int) -> MasterFinger:
     centre = (IMAGE_WIDTH / 2 + rng.normal(0, 6), IMAGE_HEIGHT / 2 + rng.normal(0, 6))
     flow = ridge_flow(rng, _pattern_for(rng, position), centre)
     mean = _MEAN_MINUTIAE[position]
-    count = int(np.clip(round(rng.normal(mean, MINUTIAE_SD)), MIN_MINUTIAE, MAX_MINUTIAE))
+    count = min(max(round(rng.normal(mean, MINUTIAE_SD)), MIN_MINUTIAE), MAX_MINUTIAE)
     pts = _spaced_points(rng, count, centre, axes)
     n = len(pts)
     # A minutia points along its ridge one way or the other; the field only fixes the axis.
     theta = flow.orientation(pts[:, 0], pts[:, 1]) + math.pi * rng.integers(0, 2, n) + rng.normal(0, 0.05, n)
     # Ridge endings slightly outnumber bifurcations in extracted minutiae of real prints.
-    kinds = np.where(rng.uniform(size=n) < 0.55, MinutiaKind.RIDGE_ENDING, MinutiaKind.BIFURCATION)
+    kinds = np.where(rng.uniform(size=n) < 0.55, _KIND_CODES[0], _KIND_CODES[1])
     template = FingerTemplate.from_arrays(
         np.column_stack([pts, theta]),
         width=IMAGE_WIDTH,
@@ -330,7 +354,10 @@ def _displace(
     k, phase = field
     rel = xy - centre
     growth = np.minimum((np.hypot(rel[:, 0], rel[:, 1]) / radius) ** 2, 1.5)
-    wave: npt.NDArray[np.float64] = np.sin(np.einsum("cai,ni->nca", k, rel) + phase[None]).sum(axis=1) / 3.0
+    waves = np.sin(np.einsum("cai,ni->nca", k, rel) + phase)  # [N, component, axis]
+    # The mean of the three components, added in order: the same sum as a reduction over
+    # the middle axis, without its strided loop.
+    wave = (waves[:, 0] + waves[:, 1] + waves[:, 2]) / 3.0
     out: npt.NDArray[np.float64] = xy + amplitude * growth[:, None] * wave
     return out
 
@@ -373,11 +400,13 @@ def impression(
 def _one_impression(
     rng: np.random.Generator, master: FingerTemplate, quality: float, d: Difficulty, plain: bool
 ) -> FingerTemplate:
+    # Hot path (twenty calls per person): scalars stay Python floats and small arrays are built
+    # with as few numpy calls as the same arithmetic allows; the random draws and their order
+    # are fixed, since they define the output of a seed.
     bad = 1.0 - quality
     w, h = master.width, master.height
     xy = master.minutiae[:, :2].astype(np.float64)
     theta = master.minutiae[:, 2].astype(np.float64)
-    kinds = master.kinds.copy()
     n = len(xy)
     centre = xy.mean(axis=0) if n else np.array([w / 2, h / 2])
     spread = np.sqrt(((xy - centre) ** 2).sum(axis=1).max()) if n else 1.0
@@ -392,21 +421,18 @@ def _one_impression(
     field = _smooth_field(rng)
     amplitude = rng.uniform(*d.distortion)
     max_rotation = math.radians(2.5 * d.rotation_deg)
-    rotation = float(np.clip(rng.normal(0, math.radians(d.rotation_deg)), -max_rotation, max_rotation))
-    shift = np.clip(rng.normal(0, d.translation, 2), -2.5 * d.translation, 2.5 * d.translation)
+    rotation = min(max(float(rng.normal(0, math.radians(d.rotation_deg))), -max_rotation), max_rotation)
+    limit = 2.5 * d.translation
+    shift = np.minimum(np.maximum(rng.normal(0, d.translation, 2), -limit), limit)
     c, s = math.cos(rotation), math.sin(rotation)
     # Counter-clockwise as viewed, with y down: x' = c·dx + s·dy, y' = -s·dx + c·dy.
-    rot = np.array([[c, s], [-s, c]])
+    rot_t = np.array([[c, s], [-s, c]]).T
 
-    def mapping(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        moved: npt.NDArray[np.float64] = (_displace(p, pressed, spread, amplitude, field) - centre) @ rot.T
-        out: npt.NDArray[np.float64] = moved + centre + shift
-        return out
-
-    new_xy = mapping(xy)
-    new_ahead = mapping(ahead)
-    step = new_ahead - new_xy
-    new_theta = np.arctan2(-step[:, 1], step[:, 0])
+    # One displacement call for minutiae and their ahead points. The rotation stays one
+    # product per half: BLAS may round a row differently in a taller matrix.
+    moved = _displace(np.concatenate([xy, ahead]), pressed, spread, amplitude, field) - centre
+    new_xy = moved[:n] @ rot_t + centre + shift
+    step = moved[n:] @ rot_t + centre + shift - new_xy
 
     # Contact area: an ellipse around the moved finger centre, smaller for poorer captures.
     contact_centre = centre + shift + contact_offset
@@ -417,21 +443,19 @@ def _one_impression(
     drop_rate = rng.uniform(*d.drop) + d.drop_bad * bad
     keep &= rng.uniform(size=n) >= drop_rate
 
-    new_xy, new_theta, kinds = new_xy[keep], new_theta[keep], kinds[keep]
+    step = step[keep]
+    new_xy, new_theta = new_xy[keep], np.arctan2(-step[:, 1], step[:, 0])
     # Extractors confuse endings and bifurcations (ink, pressure): flip a few types.
+    kinds = master.kinds[keep]
     flip = rng.uniform(size=len(kinds)) < d.type_flip + 0.10 * bad
-    kinds = np.where(
-        flip & (kinds == MinutiaKind.RIDGE_ENDING),
-        MinutiaKind.BIFURCATION,
-        np.where(flip & (kinds == MinutiaKind.BIFURCATION), MinutiaKind.RIDGE_ENDING, kinds),
-    ).astype(np.uint8)
+    kinds = np.where(flip, _CONFUSED[kinds], kinds)
 
     spurious = int(rng.poisson(d.spurious + d.spurious_bad * bad))
     r = np.sqrt(rng.uniform(0, 1, spurious))
     phi = rng.uniform(0, 2 * math.pi, spurious)
     fake_xy = contact_centre + np.stack([axes[0] * r * np.cos(phi), axes[1] * r * np.sin(phi)], axis=1)
     fake_theta = rng.uniform(0, 2 * math.pi, spurious)
-    fake_kinds = rng.choice([MinutiaKind.RIDGE_ENDING, MinutiaKind.BIFURCATION], spurious).astype(np.uint8)
+    fake_kinds = _KIND_CODES[rng.integers(0, 2, spurious)]  # the draw rng.choice(_KIND_CODES) makes
 
     all_xy = np.concatenate([new_xy, fake_xy])
     all_theta = np.concatenate([new_theta, fake_theta])
@@ -440,14 +464,16 @@ def _one_impression(
     all_xy = all_xy + rng.normal(0, d.position_noise * (1.0 + bad), (m, 2))
     all_theta = all_theta + rng.normal(0, math.radians(d.angle_noise_deg * (1.0 + bad)), m)
 
-    inside = (all_xy[:, 0] >= 0) & (all_xy[:, 0] <= w - 1) & (all_xy[:, 1] >= 0) & (all_xy[:, 1] <= h - 1)
-    order = rng.permutation(int(inside.sum()))
-    all_xy, all_theta, all_kinds = all_xy[inside][order], all_theta[inside][order], all_kinds[inside][order]
+    x, y = all_xy[:, 0], all_xy[:, 1]
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    chosen = np.flatnonzero(inside)[rng.permutation(int(np.count_nonzero(inside)))]
+    all_xy, all_theta, all_kinds = all_xy[chosen], all_theta[chosen], all_kinds[chosen]
 
     # Minutia quality falls towards the border of the print, where contact is weakest.
-    dist = np.hypot(*(all_xy - contact_centre).T) / max(float(axes.max()), 1.0)
+    rel = all_xy - contact_centre
+    dist = np.hypot(rel[:, 0], rel[:, 1]) / max(float(axes.max()), 1.0)
     q = 100.0 * (0.45 + 0.5 * quality) * (1.0 - 0.4 * np.minimum(dist, 1.0) ** 2)
-    q = np.clip(q + rng.normal(0, 8, len(q)), 1, 100)
+    q = np.minimum(np.maximum(q + rng.normal(0, 8, len(q)), 1), 100)
 
     return FingerTemplate.from_arrays(
         np.column_stack([all_xy, all_theta]),

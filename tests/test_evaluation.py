@@ -91,11 +91,40 @@ def test_generator_is_deterministic_and_workers_do_not_matter(tmp_path: Path) ->
     b = master_with_flow(np.random.default_rng(9), 2)
     assert a.flow == b.flow and np.array_equal(a.template.minutiae, b.template.minutiae)
     write_evaluation_set(tmp_path / "one", seed=4, subjects=3, workers=1)
-    write_evaluation_set(tmp_path / "two", seed=4, subjects=3, workers=2)
+    # Chunks of one person, so two processes really share the work.
+    write_evaluation_set(tmp_path / "two", seed=4, subjects=3, workers=2, chunk=1)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert len(files) == 61  # 3 subjects x 10 fingers x (gallery, probe) + manifest
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+
+
+def test_worker_and_chunk_counts_do_not_change_any_byte(tmp_path: Path) -> None:
+    runs = {"serial": (1, 250), "pool": (2, 2), "pool_odd_chunks": (2, 3)}
+    for name, (workers, chunk) in runs.items():
+        seen: list[int] = []
+        count = write_evaluation_set(
+            tmp_path / name,
+            seed=11,
+            subjects=7,
+            difficulty="hard",
+            unenrolled_share=0.3,
+            plain_probes=False,
+            workers=workers,
+            chunk=chunk,
+            on_progress=lambda done, total, seen=seen: seen.append(done),
+        )
+        assert count == 7 * 10 + 5 * 10  # two of seven persons have a probe but no gallery capture
+        # Progress counts persons in order, one call per chunk, up to the total.
+        assert seen == sorted(set(seen)) and seen[-1] == 7 and len(seen) == -(-7 // chunk)
+    serial = files_under(tmp_path / "serial")
+    assert len(serial) == 121 and serial["manifest.csv"].count(b"\n") == 121
+    for name in ("pool", "pool_odd_chunks"):
+        assert files_under(tmp_path / name) == serial
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_plain_impressions_keep_fewer_minutiae_than_rolled() -> None:

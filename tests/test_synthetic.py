@@ -11,7 +11,7 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.records.v1 import records_pb2 as rec
 from minutiae import FingerTemplate, TenPrintTemplates
 from minutiae.wire import decode_tenprint
-from synthetic.fingers import MIN_IMPRESSION_MINUTIAE, impression, master_finger
+from synthetic.fingers import MIN_IMPRESSION_MINUTIAE, MIN_SPACING, _spaced_points, impression, master_finger
 from synthetic.people import OFFENSES, history_level, level_of
 from synthetic.population import (
     MIN_BOOKING_FINGERS,
@@ -65,6 +65,24 @@ def test_master_fingers_are_plausible() -> None:
         d = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
         np.fill_diagonal(d, np.inf)
         assert d.min() >= 10.0  # minimum spacing of about a ridge period
+
+
+def test_spaced_points_match_the_all_pairs_definition() -> None:
+    # The sweep over x-sorted candidates must keep exactly the candidates that no earlier
+    # candidate comes within MIN_SPACING of, as the full pairwise matrix says.
+    for seed in range(200):
+        count = 25 + seed % 66
+        scale = 0.6 + (seed % 7) * 0.07
+        axes = (150.0 * scale, 190.0 * scale)
+        got = _spaced_points(np.random.default_rng(seed), count, (200.0, 250.0), axes)
+        rng = np.random.default_rng(seed)
+        r = np.sqrt(rng.uniform(0, 1, 3 * count))
+        phi = rng.uniform(0, 2 * np.pi, 3 * count)
+        x, y = 200.0 + axes[0] * r * np.cos(phi), 250.0 + axes[1] * r * np.sin(phi)
+        dx, dy = x[:, None] - x[None, :], y[:, None] - y[None, :]
+        close = np.triu(dx * dx + dy * dy < MIN_SPACING**2, 1)
+        keep = ~close.any(axis=0)
+        assert np.array_equal(got, np.column_stack([x, y])[keep][:count])
 
 
 def test_impressions_differ_from_the_master_and_from_each_other_and_stay_in_the_image() -> None:
