@@ -46,7 +46,7 @@ from minutiae.template import FingerTemplate, TemplateError, TenPrintTemplates
 from synthetic import people
 from synthetic.fingers import DIFFICULTIES, Difficulty, MasterFinger, impression, master_with_flow
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 
 #: Share of persons in each gallery category; the rest are in neither gallery.
 BOTH_SHARE, IAFIS_ONLY_SHARE, IDENT_ONLY_SHARE = 0.15, 0.25, 0.20
