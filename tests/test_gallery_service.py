@@ -22,7 +22,7 @@ from synthetic.population import Population, tenprint_to_proto
 
 @pytest_asyncio.fixture
 async def ident(tmp_path: Path, population: Population) -> AsyncIterator[GalleryNode]:
-    thresholds = Thresholds(hit=0.035, review=0.028, fpir_curve=[(1e-3, 0.035), (1e-4, 0.045)])
+    thresholds = Thresholds(hit=0.022, review=0.019, fpir_curve=[(1e-3, 0.022), (1e-4, 0.025)])
     node = build_node(NodeConfig(node="ident", data_dir=tmp_path, thresholds=thresholds))
     await node.host.start()
     await enroll(node.host.address, population.ident)
@@ -60,7 +60,7 @@ async def test_candidates_carry_per_finger_scores_and_thresholds(
     assert result.candidates[0].subject_id == population.ident[i].subject_id
     assert result.candidates[0].immigration_history.subject_id == population.ident[i].subject_id
     assert all(s.probe_minutiae > 0 and s.candidate_minutiae > 0 for s in result.candidates[0].finger_scores)
-    assert result.thresholds.hit == pytest.approx(0.035) and result.searched_subjects == len(population.ident)
+    assert result.thresholds.hit == pytest.approx(0.022) and result.searched_subjects == len(population.ident)
     # A gallery this small is below the shortlist tier: every subject gets full MCC.
     assert result.fully_scored_subjects == len(population.ident)
 
@@ -80,7 +80,7 @@ async def test_a_gallery_subset_limits_the_search(ident: GalleryNode, population
 async def test_a_target_fpir_moves_the_hit_threshold(ident: GalleryNode, population: Population) -> None:
     request = gal.IdentifyRequest(probes=[probe_of(population, mated_index(population))], target_fpir=1e-4)
     result = (await identify(ident, request)).results[0]
-    assert result.thresholds.hit == pytest.approx(0.045) and result.thresholds.hit_fpir == pytest.approx(1e-4)
+    assert result.thresholds.hit == pytest.approx(0.025) and result.thresholds.hit_fpir == pytest.approx(1e-4)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await identify(ident, gal.IdentifyRequest(probes=request.probes, target_fpir=1e-7))
     assert [v.field for v in field_violations(caught.value)] == ["target_fpir"]
