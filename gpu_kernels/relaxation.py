@@ -22,6 +22,8 @@ pairs and the final score live in :mod:`gpu_kernels.similarity`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -34,39 +36,72 @@ from gpu_kernels.params import MccParams
 #: device and in the reference. On the grid they tie, and the tie goes to the pair of higher λ^0.
 EFFICIENCY_RESOLUTION = 2.0**-16
 
+#: Each factor Z of ρ is computed as at least Z(-28) ≈ 7e-13 (2^-40.4): then ρ, a product of three,
+#: stays a normal float (>= 2^-121.3), never a subnormal, on which CPUs are many times slower;
+#: and a support, an average of ρ·λ over the other pairs, moves by under 1e-12.
+Z_FLOOR_ARGUMENT = -28.0
+#: :func:`relax` carries λ scaled by 2^64 so that ρ·λ stays normal even for the tiniest ρ and λ;
+#: a power of two, so every rounding is the same as unscaled.
+_RELAX_SCALE = 2.0**64
 
-def _z(v: Tensor, mu: float, tau: float) -> Tensor:
-    """The paper's sigmoid Z(v; μ, τ); τ < 0 makes it fall from ~1 to 0 as v passes μ."""
-    return torch.sigmoid(tau * (v - mu))
 
+def minutia_geometry(xy: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Distances and radial angles among the minutiae of one finger.
 
-def minutia_geometry(xy: Tensor, theta: Tensor) -> Tensor:
-    """Distances, relative directions and radial angles among the minutiae of one finger.
-
-    ``xy: [..., M, 2]`` image frame, ``theta: [..., M]`` ISO angles -> ``[..., M, M, 3]`` whose
-    entry ``[t, k]`` is (|m_t - m_k|, dφ(θ_t, θ_k), dR(m_t, m_k)). Computed once per finger, so
-    the ``[P, G, K, K]`` compatibilities need only gathers from it, not trigonometry.
+    ``xy: [..., M, 2]`` image frame, ``theta: [..., M]`` ISO angles -> (distance, radial), each
+    ``[..., M, M]`` with entry ``[t, k]`` |m_t - m_k|, resp. dR(m_t, m_k). Computed once per
+    finger, so the ``[P, G, K, K]`` compatibilities need only gathers from them, not
+    trigonometry; ρ's relative directions need no table (see :func:`compatibility`).
     """
     dx = xy[..., None, :, 0] - xy[..., :, None, 0]  # x_k - x_t
     dy = xy[..., None, :, 1] - xy[..., :, None, 1]  # y_k - y_t
     distance = torch.sqrt(dx * dx + dy * dy)
-    relative = wrap_angle(theta[..., :, None] - theta[..., None, :])
     # Image y points down, so the ISO direction of the segment t -> k is atan2(-(y_k - y_t), ...).
     radial = wrap_angle(theta[..., :, None] - torch.atan2(-dy, dx))
-    return torch.stack([distance, relative, radial], -1)
+    return distance, radial
 
 
-def compatibility_from_geometry(geometry_a: Tensor, geometry_b: Tensor, params: MccParams) -> Tensor:
-    """ρ(t, k) ``[..., K, K]`` (0 on the diagonal) from the two sides' :func:`minutia_geometry`
-    restricted to the pairs' minutiae, ``[..., K, K, 3]`` each (pair t = (a_t, b_t))."""
-    d1 = (geometry_a[..., 0] - geometry_b[..., 0]).abs()
-    d2 = wrap_angle(geometry_a[..., 1] - geometry_b[..., 1]).abs()
-    d3 = wrap_angle(geometry_a[..., 2] - geometry_b[..., 2]).abs()
-    rho = _z(d1, params.mu_rho1, params.tau_rho1) * _z(d2, params.mu_rho2, params.tau_rho2)
-    rho = rho * _z(d3, params.mu_rho3, params.tau_rho3)
-    k = rho.shape[-1]
+def _z_of_difference(diff: Tensor, mu: float, tau: float, *, angle: bool) -> Tensor:
+    """Z(|d|; μ, τ) in place over the fresh tensor ``diff``: d = diff, or for an angle d =
+    dφ(diff), with ``diff`` in (-2π, 2π) where |dφ(x)| = π - | |x| - π | (no remainder to take).
+    The sigmoid's argument is first raised to at least :data:`Z_FLOOR_ARGUMENT`."""
+    diff.abs_()
+    if angle:
+        diff.sub_(math.pi).abs_().mul_(-tau).add_(tau * (math.pi - mu))  # τ(π - |·| - μ)
+    else:
+        diff.sub_(mu).mul_(tau)
+    return diff.clamp_(min=Z_FLOOR_ARGUMENT).sigmoid_()
+
+
+def compatibility(
+    distance_a: Tensor,
+    distance_b: Tensor,
+    radial_a: Tensor,
+    radial_b: Tensor,
+    rotation: Tensor,
+    params: MccParams,
+    *,
+    transposed: bool = False,
+) -> Tensor:
+    """ρ(t, k) ``[..., K, K]``, 0 on the diagonal, for pair sets t = (a_t, b_t).
+
+    ``distance_*, radial_*: [..., K, K]`` are each side's :func:`minutia_geometry` restricted to
+    the pairs' minutiae (entry ``[t, k]`` from ``[a_t, a_k]``, resp. ``[b_t, b_k]``);
+    ``rotation: [..., K]`` is each pair's dφ(θa_t, θb_t), in [-π, π). The relative directions
+    need no table: dφ(θa_t, θa_k) - dφ(θb_t, θb_k) ≡ rotation_t - rotation_k (mod 2π), so
+    d2 = |dφ(rotation_t - rotation_k)|. ``transposed``: the tables are laid out ``[k, t]``, and
+    so is the result, ρ^T.
+    """
+    if transposed:
+        turn = rotation[..., None, :] - rotation[..., :, None]
+    else:
+        turn = rotation[..., :, None] - rotation[..., None, :]
+    rho = _z_of_difference(distance_a - distance_b, params.mu_rho1, params.tau_rho1, angle=False)
+    rho.mul_(_z_of_difference(turn, params.mu_rho2, params.tau_rho2, angle=True))
+    rho.mul_(_z_of_difference(radial_a - radial_b, params.mu_rho3, params.tau_rho3, angle=True))
     # A pair does not support itself (the sum runs over k ≠ t).
-    return rho * (1.0 - torch.eye(k, dtype=rho.dtype, device=rho.device))
+    rho.diagonal(dim1=-2, dim2=-1).zero_()
+    return rho
 
 
 def pair_compatibility(
@@ -78,9 +113,9 @@ def pair_compatibility(
     ``(xy_b[..., t, :], theta_b[..., t])``: ``xy_*: [..., K, 2]`` image frame, ``theta_*:
     [..., K]`` ISO angles, with any leading batch shape.
     """
-    return compatibility_from_geometry(
-        minutia_geometry(xy_a, theta_a), minutia_geometry(xy_b, theta_b), params
-    )
+    distance_a, radial_a = minutia_geometry(xy_a, theta_a)
+    distance_b, radial_b = minutia_geometry(xy_b, theta_b)
+    return compatibility(distance_a, distance_b, radial_a, radial_b, wrap_angle(theta_a - theta_b), params)
 
 
 def efficiency_key(efficiency: Tensor) -> Tensor:
@@ -98,9 +133,12 @@ def relax(lam0: Tensor, rho: Tensor, in_set: Tensor, n_r: Tensor, params: MccPar
     the sum is empty). One batched matmul per step.
     """
     keep = in_set.to(lam0.dtype)
-    lam = lam0 * keep
+    lam = lam0 * keep * _RELAX_SCALE
     scale = (1.0 - params.w_r) / (n_r.to(lam0.dtype) - 1.0).clamp(min=1.0)
+    # Σ_k ρ(t, k)·λ_k as the row vector λ times ρ^T: the fast product when ρ is the transposed
+    # view of a contiguous ρ^T, as :func:`gpu_kernels.similarity.lss_r_scores` passes it.
+    rho_t = rho.mT
     for _ in range(params.n_rel):
-        support = (rho @ lam[..., None])[..., 0]
+        support = (lam[..., None, :] @ rho_t)[..., 0, :]
         lam = (params.w_r * lam + scale[..., None] * support) * keep
-    return lam
+    return lam / _RELAX_SCALE

@@ -51,9 +51,12 @@ from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet, disk_mask, wrap_angle
 from gpu_kernels.params import MccParams
-from gpu_kernels.relaxation import compatibility_from_geometry, efficiency_key, minutia_geometry, relax
+from gpu_kernels.relaxation import compatibility, efficiency_key, minutia_geometry, relax
 
 _MIB = 1 << 20
+#: LSS-R on the CPU: the temporaries of one block of gallery fingers (see :func:`_cpu_blocks`),
+#: small enough to stay in a core's cache, large enough to amortise per-operation overheads.
+_CPU_RELAX_BLOCK_BYTES = 8 * _MIB
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def _ranked_topk(key: Tensor, k: int, eligible: Tensor | None = None) -> Tensor:
     """
     n = key.shape[-1]
     reverse_index = torch.arange(n - 1, -1, -1, device=key.device, dtype=torch.int64)
-    packed = key * n + reverse_index
+    packed = (key * n).add_(reverse_index)
     if eligible is not None:
         packed = torch.where(eligible, packed, -1 - reverse_index)
     return torch.topk(packed, k, dim=-1, sorted=True).indices
@@ -185,42 +188,139 @@ def _float_key(values: Tensor) -> Tensor:
     return bits.to(torch.int64)
 
 
+@dataclass(frozen=True)
+class _PairGeometry:
+    """Both sides' :func:`gpu_kernels.relaxation.minutia_geometry` tables (distance, radial
+    angle), each flattened over fingers to ``[N·M·M]`` so that one ``index_select`` at
+    finger·M·M + t·M + k gathers entry ``[t, k]`` of a finger."""
+
+    probe: tuple[Tensor, Tensor]
+    gallery: tuple[Tensor, Tensor]
+
+    @staticmethod
+    def of(probe: CylinderSet, gallery: CylinderSet) -> _PairGeometry:
+        a = minutia_geometry(probe.xy, probe.theta)
+        b = minutia_geometry(gallery.xy, gallery.theta)
+        return _PairGeometry((a[0].reshape(-1), a[1].reshape(-1)), (b[0].reshape(-1), b[1].reshape(-1)))
+
+
 def lss_r_scores(lam: Tensor, probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> Tensor:
     """LSS-R global scores ``[P, G]`` from local similarities ``lam: [P, G, Mp, Mg]`` of
     ``probe`` (P fingers) against ``gallery`` (G fingers, e.g. one chunk); see the module doc.
+    ``lam`` is 0 at invalid cylinders, as :func:`local_similarities` gives it.
 
     Per finger pair: the n_R = min(n_A, n_B) pairs of largest λ (matchable ones only, λ > 0) are
     relaxed by their geometric consistency (:func:`gpu_kernels.relaxation.relax`); the score is
     the sum of the relaxed λ of the n_P pairs of highest efficiency λ^{n_rel}/λ^0, over n_P. 0 when
     a finger has no valid cylinder or no pair is matchable. No loop over pairs: one top-k, gathers
-    from each finger's minutia geometry and ``[P, G, K, K]`` compatibilities, K = min(Mp, Mg).
+    from each finger's minutia geometry and ``[P, G, K, K]`` compatibilities.
+
+    Off the CPU, all at once with K = min(Mp, Mg), a static bound on n_R (no device sync). On the
+    CPU, where reading the counts costs nothing, the gallery fingers go through in blocks of
+    similar n_R whose ``[P, g, K, K]`` temporaries stay in cache (see :func:`_cpu_blocks`): K is
+    the block's largest n_R, and λ is cut after the block's last valid cylinder.
     """
     p, g, mp, mg = lam.shape
     n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)
-    n_r = torch.minimum(n_a[:, None], n_b[None, :])  # [P, G]
-    # n_R <= min(Mp, Mg): a static bound, so no device sync to size the pair sets.
-    k = max(1, min(mp, mg))
-    top = _ranked_topk(_float_key(lam.reshape(p, g, mp * mg)), k)  # [P, G, K]
-    lam0 = torch.gather(lam.reshape(p, g, mp * mg), -1, top)
+    geometry = _PairGeometry.of(probe, gallery)
+    if not _relaxes_in_blocks(lam.device):
+        fingers = torch.arange(g, device=lam.device)
+        return _lss_r_block(lam, max(1, min(mp, mg)), probe, gallery, fingers, n_a, n_b, geometry, params)
+    out = torch.empty((p, g), dtype=lam.dtype, device=lam.device)
+    for fingers, k, width in _cpu_blocks(n_a, gallery.valid, mp):
+        part = lam[:, fingers, :, :width]
+        out[:, fingers] = _lss_r_block(part, k, probe, gallery, fingers, n_a, n_b[fingers], geometry, params)
+    return out
+
+
+def _relaxes_in_blocks(device: torch.device) -> bool:
+    """Whether :func:`lss_r_scores` goes block by block (:func:`_cpu_blocks`): on the CPU, where
+    the blocks' temporaries then stay in cache and reading the counts that size them costs no
+    device sync."""
+    return device.type == "cpu"
+
+
+def _relaxed_bytes(p: int, mp: int, width: int, k: int) -> int:
+    """Peak bytes of :func:`_lss_r_block` per gallery finger: ~24 per ``[P, Mp, w]`` λ (a copy and
+    the int64 rank keys) and ~32 per ``[P, K, K]`` element (int32 gather indices, four gathered
+    geometry values, ρ and the scratch of its factors)."""
+    return p * (24 * mp * width + 32 * k * k)
+
+
+def _cpu_blocks(n_a: Tensor, valid_b: Tensor, mp: int) -> list[tuple[Tensor, int, int]]:
+    """The gallery fingers in blocks for :func:`lss_r_scores` on the CPU: (fingers ``int64
+    [g]``, K, width). Fingers go in the order of their largest n_R over the probes; a block holds
+    up to :data:`_CPU_RELAX_BLOCK_BYTES` of temporaries (:func:`_relaxed_bytes`), or one finger; K
+    is its largest n_R (at least 1), width the Mg that keeps its valid cylinders (at least 1)."""
+    g, mg = valid_b.shape
+    p = n_a.shape[0]
+    bound = torch.minimum(valid_b.sum(-1), n_a.max() if p else torch.zeros((), dtype=torch.int64))
+    last = (valid_b * torch.arange(1, mg + 1)).amax(-1) if mg else torch.zeros(g, dtype=torch.int64)
+    order = torch.argsort(bound, stable=True)
+    bounds, lasts = bound[order].tolist(), last[order].tolist()
+    blocks = []
+    lo = 0
+    while lo < g:
+        hi, width, k = lo + 1, max(1, lasts[lo]), max(1, bounds[lo])
+        while hi < g:
+            wider, larger = max(width, lasts[hi]), max(k, bounds[hi])
+            if (hi + 1 - lo) * _relaxed_bytes(p, mp, wider, larger) > _CPU_RELAX_BLOCK_BYTES:
+                break
+            hi, width, k = hi + 1, wider, larger
+        blocks.append((order[lo:hi], k, min(mg, width)))
+        lo = hi
+    return blocks
+
+
+def _lss_r_block(
+    lam: Tensor,
+    k: int,
+    probe: CylinderSet,
+    gallery: CylinderSet,
+    fingers: Tensor,
+    n_a: Tensor,
+    n_b: Tensor,
+    geometry: _PairGeometry,
+    params: MccParams,
+) -> Tensor:
+    """:func:`lss_r_scores` of the gallery fingers ``fingers: int64 [g]``, whose local
+    similarities are ``lam: [P, g, Mp, w]`` (w <= Mg) and valid counts ``n_b: [g]``, with pair sets
+    of K = ``k`` >= their every n_R."""
+    p, g, mp, w = lam.shape
+    mg = gallery.max_minutiae
+    n_r = torch.minimum(n_a[:, None], n_b[None, :])  # [P, g]
+    flat = lam.reshape(p, g, mp * w)
+    top = _ranked_topk(_float_key(flat), k)  # [P, g, K]
+    lam0 = torch.gather(flat, -1, top)
     rank = torch.arange(k, device=lam.device)
     in_set = (rank < n_r[..., None]) & (lam0 > 0)
-    rows, cols = top // mg, top % mg
-    # ρ needs, for every two pairs (t, k), the geometry of (a_t, a_k) and of (b_t, b_k): gather it
-    # from each finger's [M, M, 3] minutia geometry at flat positions t·M + k.
-    geo_a = minutia_geometry(probe.xy, probe.theta).reshape(p, mp * mp, 3)
-    at = (rows[..., :, None] * mp + rows[..., None, :]).reshape(p, g * k * k)
-    pick_a = torch.gather(geo_a, 1, at[..., None].expand(p, g * k * k, 3)).reshape(p, g, k, k, 3)
-    geo_b = minutia_geometry(gallery.xy, gallery.theta).reshape(g, mg * mg, 3)
-    bt = (cols[..., :, None] * mg + cols[..., None, :]).permute(1, 0, 2, 3).reshape(g, p * k * k)
-    pick_b = torch.gather(geo_b, 1, bt[..., None].expand(g, p * k * k, 3)).reshape(g, p, k, k, 3)
-    rho = compatibility_from_geometry(pick_a, pick_b.permute(1, 0, 2, 3, 4), params)
-    relaxed = relax(lam0, rho, in_set, n_r, params)
+    rows, cols = top // w, top % w
+    # ρ needs, for every two pairs (t, k), the geometry of (a_t, a_k) and of (b_t, b_k): gathered
+    # from the flat tables at finger·M·M + t·M + k. Laid out [k, t], as ρ^T, the layout in which
+    # relax's products are fastest; int32 indices where the tables allow (half the bytes).
+    large = max(geometry.probe[0].numel(), geometry.gallery[0].numel()) >= 2**31
+    index_type = torch.int64 if large else torch.int32
+    rows_i, cols_i = rows.to(index_type), cols.to(index_type)
+    base_a = torch.arange(p, device=lam.device, dtype=index_type)[:, None, None] * (mp * mp) + rows_i * mp
+    base_b = fingers.to(index_type)[None, :, None] * (mg * mg) + cols_i * mg
+    at = (base_a[..., None, :] + rows_i[..., :, None]).reshape(-1)  # [P·g·K·K]
+    side_a = [table.index_select(0, at).reshape(p, g, k, k) for table in geometry.probe]
+    del at
+    bt = (base_b[..., None, :] + cols_i[..., :, None]).reshape(-1)
+    side_b = [table.index_select(0, bt).reshape(p, g, k, k) for table in geometry.gallery]
+    del bt
+    theta_a = torch.gather(probe.theta, 1, rows.reshape(p, g * k)).reshape(p, g, k)
+    theta_b = torch.gather(gallery.theta[fingers], 1, cols.transpose(0, 1).reshape(g, p * k))
+    rotation = wrap_angle(theta_a - theta_b.reshape(g, p, k).transpose(0, 1))
+    rho_t = compatibility(side_a[0], side_b[0], side_a[1], side_b[1], rotation, params, transposed=True)
+    del side_a, side_b
+    relaxed = relax(lam0, rho_t.mT, in_set, n_r, params)
 
     efficiency = relaxed / torch.where(in_set, lam0, 1.0)
     n_sel = min(params.max_np, k)
-    best = _ranked_topk(efficiency_key(efficiency), n_sel, in_set)  # [P, G, n_sel]
+    best = _ranked_topk(efficiency_key(efficiency), n_sel, in_set)  # [P, g, n_sel]
     chosen = torch.gather(relaxed, -1, best)
-    n_p = lss_pair_count(n_a[:, None], n_b[None, :], params)  # [P, G]
+    n_p = lss_pair_count(n_a[:, None], n_b[None, :], params)  # [P, g]
     keep = torch.arange(n_sel, device=lam.device) < n_p[..., None]
     score = torch.where(keep, chosen, 0.0).sum(-1) / n_p.to(chosen.dtype)
     return torch.where((n_a[:, None] > 0) & (n_b[None, :] > 0), score, 0.0)
@@ -247,8 +347,9 @@ def score_fingers(
 
     Consolidated by LSS or LSS-R as ``params.consolidation`` says; scores lie in [0, 1]. The
     gallery is unpacked and scored in chunks of fingers sized so the chunk's float operands and
-    ``[P, g, Mp, Mg]`` (LSS-R: also ``[P, g, K, K]``) intermediates stay near ``chunk_bytes``;
-    there is no loop over pairs. Both sets must share the cylinder params and the device.
+    ``[P, g, Mp, Mg]`` (LSS-R: also ``[P, g, K, K]``, which on the CPU go block by block, see
+    :func:`lss_r_scores`) intermediates stay near ``chunk_bytes``; there is no loop over pairs.
+    Both sets must share the cylinder params and the device.
     """
     _check(probe, gallery, params)
     a = _Operands.of(probe, probe_side=True)
@@ -260,12 +361,16 @@ def score_fingers(
     # about ten [P, Mp, Mg] float tensors of products and masks.
     per_finger = mg * (params.cells * 4 + params.cells // 2 + params.spatial_cells * 4) + 10 * 4 * p * mp * mg
     relaxing = params.consolidation == "lss_r"
+    fixed = 0
     if relaxing:
-        # The int64 rank key over [P, Mp, Mg], and per [P, K, K] (K = min(Mp, Mg)): two int64
-        # gather indices, two gathered 3-channel geometries and ~8 float terms of ρ: ~18 floats.
-        k = min(mp, mg)
-        per_finger += 8 * p * mp * mg + 18 * 4 * p * k * k
-    step = max(1, chunk_bytes // max(per_finger, 1))
+        # Each finger's minutia geometry: three [Mg, Mg] tables and their scratch, ~8 floats.
+        per_finger += 8 * 4 * mg * mg
+        relaxed = _relaxed_bytes(p, mp, mg, min(mp, mg))
+        if _relaxes_in_blocks(probe.device):
+            fixed = max(relaxed, _CPU_RELAX_BLOCK_BYTES)  # one block at a time
+        else:
+            per_finger += relaxed  # the whole chunk at once
+    step = max(1, (chunk_bytes - fixed) // max(per_finger, 1))
     out = torch.zeros((p, g), dtype=torch.float32, device=probe.device)
     for lo in range(0, g, step):
         hi = min(g, lo + step)

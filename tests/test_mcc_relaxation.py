@@ -25,6 +25,7 @@ from gpu_kernels import (
     local_similarities,
     lss_r_scores,
     score_fingers,
+    similarity,
 )
 from gpu_kernels.reference import (
     ReferenceCylinders,
@@ -155,6 +156,19 @@ def test_radial_angle_is_measured_in_the_image_convention() -> None:
     # Mirrored (neighbour below instead of above): distances and directions agree, dR does not.
     mirrored = torch.tensor([[100.0, 100.0], [100.0, 150.0]])
     assert pair_compatibility(xy, theta, mirrored, theta, LSS_R)[0, 1] < 1e-6
+
+
+def test_compatibility_is_never_subnormal() -> None:
+    # Far-apart, unrelated pairs: ρ would underflow into subnormal floats (slow on CPUs); each
+    # factor is floored at Z(-28), so ρ is a normal float, at most ~7e-13 too high, or the 0 of
+    # the diagonal.
+    rng = np.random.default_rng(13)
+    xy_a, xy_b = (torch.tensor(rng.uniform(0, 500, (40, 2)), dtype=torch.float32) for _ in range(2))
+    theta_a, theta_b = (torch.tensor(rng.uniform(0, 2 * math.pi, 40), dtype=torch.float32) for _ in range(2))
+    rho = pair_compatibility(xy_a, theta_a, xy_b, theta_b, LSS_R)
+    off = rho[~torch.eye(40, dtype=torch.bool)]
+    assert off.min() >= torch.finfo(torch.float32).tiny and rho.diagonal().eq(0).all()
+    assert off.median() < 1e-12
 
 
 # --------------------------------------------------------------------------- relaxation by hand
@@ -318,6 +332,28 @@ def test_batching_and_chunking_do_not_change_scores() -> None:
     torch.testing.assert_close(score_fingers(p_cyl, g_cyl, LSS_R, chunk_bytes=1), whole, atol=1e-6, rtol=0)
     alone = torch.tensor([[score(a, b) for b in gallery] for a in probes])
     torch.testing.assert_close(whole, alone, atol=1e-5, rtol=0)
+
+
+def test_cpu_blocks_and_the_whole_chunk_at_once_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the CPU, LSS-R relaxes the gallery in blocks of fingers sorted by n_R, each with its own
+    # pair-set size K and cut Mg; elsewhere the whole chunk goes at once with K = min(Mp, Mg). Only
+    # rounding may tell them apart.
+    rng = np.random.default_rng(14)
+    realistic = DIFFICULTIES["realistic"]
+    masters = [master_finger(rng, position) for position in (1, 4, 6)]
+    probes = [impression(rng, m, difficulty=realistic) for m in masters] + [random_template(rng, 9)]
+    gallery = [impression(rng, m, difficulty=realistic) for m in masters for _ in range(2)]
+    gallery += [random_template(rng, n) for n in (3, 12, 30)] + [None]
+    p_cyl, g_cyl = encode_fingers(probes, LSS_R), encode_fingers(gallery, LSS_R)
+    blocked = score_fingers(p_cyl, g_cyl, LSS_R)
+    monkeypatch.setattr(similarity, "_CPU_RELAX_BLOCK_BYTES", 1)  # one finger per block
+    one_by_one = score_fingers(p_cyl, g_cyl, LSS_R)
+    blocks = similarity._cpu_blocks(p_cyl.valid.sum(-1), g_cyl.valid, p_cyl.max_minutiae)
+    assert len(blocks) == len(gallery) and len({k for _, k, _ in blocks}) > 3
+    monkeypatch.setattr(similarity, "_relaxes_in_blocks", lambda device: False)
+    whole = score_fingers(p_cyl, g_cyl, LSS_R)
+    torch.testing.assert_close(one_by_one, blocked, atol=1e-6, rtol=0)
+    torch.testing.assert_close(whole, blocked, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- CUDA
