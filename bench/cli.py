@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from fedprint.progress import stage_progress
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the matching engine and of the federation.")
 console = Console()
@@ -173,7 +175,6 @@ def shortlist(
 ) -> None:
     """Recall and speed-up of the faiss shortlist + full MCC against exhaustive MCC, on any data set."""
     import torch
-    from rich.progress import Progress
 
     from bench.shortlist import ShortlistBenchConfig, run_shortlist_bench
 
@@ -187,14 +188,7 @@ def shortlist(
         exhaustive_sample=exhaustive_sample,
         device=device,
     )
-    with Progress(console=console, transient=True) as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done)
-
+    with stage_progress(console) as on_progress:
         result = run_shortlist_bench(data, config, on_progress)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from fedprint.progress import stage_progress
+
 DIFFICULTY_HELP = "impression damage preset: easy, realistic or hard"
 
 
@@ -159,14 +161,7 @@ def register(app: typer.Typer, console: Console) -> None:
             impostor_pairs=impostor_pairs, searches=searches, seed=seed, device=device, shortlist=shortlist
         )
         started = time.perf_counter()
-        with Progress(console=console, transient=True) as progress:
-            tasks: dict[str, Any] = {}
-
-            def on_progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total)
-                progress.update(tasks[stage], completed=done)
-
+        with stage_progress(console) as on_progress:
             result = evaluate(dataset, options, progress=on_progress)
         report: dict[str, Any] = {"dataset": str(data), **summary(result)}
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
