@@ -57,7 +57,7 @@ def generator_statistics(data: Path, report: Path, out: Path, *, seed: int, pers
             counts / max(1.0, counts.sum()), edges, label=f"{name} ({int(counts.sum())})", fill=False
         )
     axes[2].set_title("single-finger MCC scores (share per bin)")
-    axes[2].set_xlabel("LSS score")
+    axes[2].set_xlabel("MCC score (LSS-R); the last bin holds the tail")
     axes[2].set_yscale("log")
     axes[2].legend()
     fig.tight_layout()

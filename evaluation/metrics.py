@@ -184,7 +184,18 @@ def fpir_curve(outcomes: SearchOutcomes, targets: tuple[float, ...]) -> list[tup
     return points
 
 
-def histogram(scores: npt.ArrayLike, bins: int = 50) -> dict[str, list[float] | list[int]]:
-    """Counts of ``scores`` in ``bins`` equal bins over [0, 1] (scores here are LSS or fused, in [0, 1])."""
-    counts, edges = np.histogram(np.clip(np.asarray(scores, np.float64), 0.0, 1.0), bins=bins, range=(0, 1))
+def histogram(
+    scores: npt.ArrayLike, bins: int = 50, upper: float = 1.0
+) -> dict[str, list[float] | list[int]]:
+    """Counts of ``scores`` in ``bins`` equal bins over [0, upper]; scores above ``upper`` are
+    counted in the last bin (scores here are MCC or fused scores, in [0, 1])."""
+    clipped = np.clip(np.asarray(scores, np.float64), 0.0, upper)
+    counts, edges = np.histogram(clipped, bins=bins, range=(0, upper))
     return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def histogram_range(*groups: npt.ArrayLike) -> float:
+    """An upper edge that shows where scores of all ``groups`` lie: the 99th percentile of the
+    highest group, so that a long genuine tail does not squeeze the impostor peak into one bin."""
+    tops = [float(np.quantile(np.asarray(g, np.float64), 0.99)) for g in groups if np.asarray(g).size]
+    return min(1.0, max([1e-6, *tops]) * 1.1)

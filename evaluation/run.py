@@ -316,11 +316,15 @@ def summary(result: EvalResult) -> dict[str, Any]:
         out["rank1_ci"] = _interval(rank1)
     else:
         out["rank1"] = None
+    # Each pair of distributions shares its bins, sized to where its scores lie (LSS-R scores
+    # sit far below 1), so the two can be drawn on one axis.
+    pair = metrics.histogram_range(result.genuine, result.impostor)
+    search = metrics.histogram_range(oc.mate_scores, oc.nonmated_top_scores)
     out["histograms"] = {
-        "genuine": metrics.histogram(result.genuine),
-        "impostor": metrics.histogram(result.impostor),
-        "mated": metrics.histogram(oc.mate_scores),
-        "nonmated_top": metrics.histogram(oc.nonmated_top_scores),
+        "genuine": metrics.histogram(result.genuine, upper=pair),
+        "impostor": metrics.histogram(result.impostor, upper=pair),
+        "mated": metrics.histogram(oc.mate_scores, upper=search),
+        "nonmated_top": metrics.histogram(oc.nonmated_top_scores, upper=search),
     }
     return out
 
