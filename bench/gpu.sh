@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command on a machine with an NVIDIA GPU: the matcher benchmark on CPU and CUDA (a larger
 # sweep than the CPU default), the batching and two-tier benchmarks on CUDA; JSON and PNG under
-# ${1:-bench-results}/. Run from the repository root after `make test` has built .venv with a CUDA build of torch==2.13.0 installed first
-# (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126).
+# ${1:-bench-results}/. Run from the repository root after `make test` has built .venv with a
+# CUDA build of torch==2.13.0 installed first (pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126).
 set -euo pipefail
 out="${1:-bench-results}"
 mkdir -p "$out"
