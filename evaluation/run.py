@@ -167,7 +167,7 @@ class _Searcher:
             fused = score_tenprints(probes, self.gallery, self.params).fused
             rows = np.broadcast_to(np.arange(len(self.gallery)), tuple(fused.shape))
             return fused.cpu().numpy().astype(np.float64), rows
-        _, short = self.index.search(subject_descriptors(probes), probes.present, self.shortlist)
+        short = self.index.candidates(probes, self.shortlist)
         fused = score_shortlisted(probes, self.gallery, short, self.params).fused
         return fused.cpu().numpy().astype(np.float64), short.numpy()
 

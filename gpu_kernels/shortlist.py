@@ -120,6 +120,10 @@ class ShortlistIndex:
         scores, rows = self.index.search(np.ascontiguousarray(codes.numpy(), dtype=np.float32), k)
         return torch.from_numpy(scores), torch.from_numpy(rows).to(torch.int64)
 
+    def candidates(self, probes: TenPrintCylinders, k: int) -> Tensor:
+        """The ``k`` gallery rows the index votes for each probe ten-print, ``int64 [P, k]``, best first."""
+        return self.search(subject_descriptors(probes), probes.present, k)[1]
+
 
 def score_shortlisted(
     probes: TenPrintCylinders, gallery: TenPrintCylinders, rows: Tensor, params: MccParams

@@ -185,10 +185,7 @@ class Gallery:
             return [SearchResult([], 0, 0) for _ in range(len(probes))]
         probes = probes.to(self.device)
         if subset is None and snap.descriptors is not None and self.uses_shortlist(len(ids)):
-            shortlist = self._index(snap)
-            _, rows_t = shortlist.search(
-                subject_descriptors(probes), probes.present, self.shortlist.candidates
-            )
+            rows_t = self._index(snap).candidates(probes, self.shortlist.candidates)
             scores = score_shortlisted(probes, cylinders, rows_t, self.params)
             candidate_rows = rows_t.to(self.device)  # [P, K] gallery rows behind the score columns
         else:
