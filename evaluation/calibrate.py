@@ -15,7 +15,7 @@ import yaml
 
 from evaluation import metrics
 from evaluation.run import CURVE_FPIRS
-from fedprint.config import Thresholds, calibrated_thresholds
+from fedprint.config import Thresholds
 
 
 class CalibrationError(ValueError):
@@ -65,8 +65,3 @@ def write_thresholds(path: Path, thresholds: Thresholds) -> None:
     loaded = yaml.safe_load(text)
     Thresholds.model_validate(loaded["thresholds"])
     path.write_text(text, encoding="utf-8")
-
-
-def read_thresholds(path: Path) -> Thresholds:
-    """The ``thresholds:`` section of a YAML file (a node config or a thresholds-only file)."""
-    return calibrated_thresholds(path)

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from evaluation import metrics
-from evaluation.calibrate import calibrate, read_thresholds, write_thresholds
+from evaluation.calibrate import calibrate, write_thresholds
 from evaluation.dataset import DatasetError, read_dataset
 from evaluation.run import EvalOptions, evaluate, summary
 from fedprint.cli import app
-from fedprint.config import NodeConfig
+from fedprint.config import NodeConfig, calibrated_thresholds
 from minutiae.xyt import write_xyt
 from synthetic.evaluation_set import write_evaluation_set
 from synthetic.fingers import DIFFICULTIES, impression, master_finger, master_with_flow
@@ -83,7 +83,7 @@ def test_calibration_and_config_round_trip(tmp_path: Path) -> None:
     loaded = NodeConfig.load(config)
     assert loaded.thresholds.hit == t.hit and loaded.node == "iafis"
     assert loaded.thresholds.fpir_curve and "trailing comment" in config.read_text()
-    assert read_thresholds(config) == loaded.thresholds
+    assert calibrated_thresholds(config) == loaded.thresholds
 
 
 def test_generator_is_deterministic_and_workers_do_not_matter(tmp_path: Path) -> None:
