@@ -30,10 +30,10 @@ def angle_error_degrees(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @st.composite
-def templates(draw, *, width=None, height=None, ppi=None, position=None, impression=None):
+def templates(draw, *, width=None, height=None, ppi=None, position=None, impression=None, max_minutiae=255):
     width = width or draw(st.integers(16, 2000))
     height = height or draw(st.integers(16, 2000))
-    n = draw(st.integers(1, 255))
+    n = draw(st.integers(1, max_minutiae))
     xs = draw(st.lists(st.integers(0, width - 1), min_size=n, max_size=n))
     ys = draw(st.lists(st.integers(0, height - 1), min_size=n, max_size=n))
     thetas = draw(st.lists(st.floats(0, 2 * math.pi, exclude_max=True), min_size=n, max_size=n))
@@ -81,7 +81,12 @@ def test_iso_multi_finger_record_round_trips_every_view_in_order(data: st.DataOb
     keys = data.draw(
         st.lists(st.tuples(st.integers(0, 10), st.integers(0, 15)), min_size=1, max_size=12, unique=True)
     )
-    views = [data.draw(templates(width=400, height=500, ppi=500, position=p, impression=i)) for p, i in keys]
+    # Up to 12 views of up to 255 minutiae each overran Hypothesis's data budget now and then
+    # (FailedHealthCheck); the single-view test above covers full-size views.
+    views = [
+        data.draw(templates(width=400, height=500, ppi=500, position=p, impression=i, max_minutiae=60))
+        for p, i in keys
+    ]
     record = encode_record(views)
     assert struct.unpack(">I", record[8:12])[0] == len(record)
     assert record[22] == len(views)
