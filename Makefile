@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck proto proto-check clean
+.PHONY: demo test lint imports typecheck kernels-narrow proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The layers of DESIGN.md section 9 as import contracts ([tool.importlinter] in pyproject.toml).
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) lint imports typecheck
 	$(BIN)/pytest -q
+
+# The floating-point kernel tests once more on narrower vector units than this CPU may have
+# (AVX2, then none), so a test that holds only with AVX-512 fails here rather than on the next
+# machine. ONEDNN_MAX_CPU_ISA caps the matrix products, ATEN_CPU_CAPABILITY the other kernels.
+kernels-narrow: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q -m kernels
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q -m kernels
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

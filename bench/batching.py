@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from fedprint.clients import enroll
-from fedprint.config import BatchingConfig, NodeConfig
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.rpc import open_channel
-from nodes.gallery import build_node
+from nodes.gallery.config import BatchingConfig, NodeConfig
+from nodes.iafis import build_node
 from synthetic.population import generate_population
 
 

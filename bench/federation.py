@@ -19,9 +19,9 @@ import numpy as np
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import enroll, submit_bookings, wait_for_notifications
-from fedprint.demo import federation
 from fedprint.pki import TlsFiles, issue_dev_pki
 from fedprint.rpc import open_channel
+from launcher.processes import federation
 from synthetic.population import generate_population
 
 

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.dataset import CaptureRef, capture_refs, load_capture
 from gpu_kernels import MccParams, encode_tenprints, score_tenprints
 from gpu_kernels.cylinder_file import CylinderFile, CylinderFileWriter
 from gpu_kernels.shortlist import ShortlistIndex, subject_descriptors
+from minutiae.dataset import CaptureRef, capture_refs, load_capture
 
 Progress = Callable[[str, int, int], None]
 _GPU_BYTES = 80 * 10**9

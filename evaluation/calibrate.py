@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from evaluation import metrics
+from evaluation.calibration import Thresholds
 from evaluation.run import CURVE_FPIRS
-from fedprint.config import Thresholds
 
 
 class CalibrationError(ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.dataset import read_dataset
+from minutiae.dataset import read_dataset
 from synthetic.fingers import PatternClass
 from synthetic.population import person_master_fingers
 

@@ -1,6 +1,6 @@
 """``fedprint eval``: 1:1 and 1:N accuracy of the MCC matcher on a data set in the standard layout.
 
-Two experiments on one data set (see :mod:`evaluation.dataset`):
+Two experiments on one data set (see :mod:`minutiae.dataset`):
 
 - **1:1, single finger.** Every probe finger is compared with every gallery finger of the same
   subject and position (all genuine pairs). Impostor pairs are sampled in *blocks*: subjects are
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from evaluation import metrics
-from evaluation.dataset import Capture, Dataset
 from gpu_kernels import (
     MccParams,
     TenPrintCylinders,
@@ -41,6 +40,7 @@ from gpu_kernels import (
     score_tenprints,
 )
 from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
+from minutiae.dataset import Capture, Dataset
 from minutiae.template import FingerTemplate
 
 FMR_TARGETS = (1e-2, 1e-3, 1e-4)

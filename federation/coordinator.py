@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
+from federation.config import CoordinatorConfig
 from federation.intake import UnauthorizedOri, check_booking
 from federation.outbox import OutboxDeliverer
 from federation.policy import ThreatPolicy
@@ -26,7 +27,6 @@ from federation.store import CoordinatorStore
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
-from fedprint.config import CoordinatorConfig
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice

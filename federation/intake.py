@@ -7,7 +7,7 @@ from collections.abc import Collection
 
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.rpc import FieldViolation, InvalidRequest
-from minutiae.wire import DecodedTenPrint, decode_tenprint
+from fedprint.tenprint import DecodedTenPrint, decode_tenprint
 
 TCN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 ORI = re.compile(r"^[A-Za-z0-9]{9}$")

@@ -1,4 +1,4 @@
-"""Client-side helpers the CLI, the demo and the tests share: enrolling a synthetic
+"""Client calls the CLI, the demo, the benchmarks and the tests share: enrolling a
 gallery, submitting bookings concurrently, reading the ICE queue."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -17,27 +18,21 @@ from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.pki import TlsFiles
-from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import open_channel
-from synthetic.population import GalleryEntry, tenprint_to_proto
 
 #: Subjects per Enroll stream: each stream is one transaction on the node.
 ENROLL_CHUNK = 250
 
 
-def enroll_request(entry: GalleryEntry) -> gal.EnrollRequest:
-    """The Enroll message for one synthetic gallery entry."""
-    request = gal.EnrollRequest(subject_id=entry.subject_id, tenprint=tenprint_to_proto(entry.tenprint))
-    if isinstance(entry.record, rec.CriminalHistory):
-        request.criminal_history.CopyFrom(entry.record)
-    else:
-        request.immigration_history.CopyFrom(entry.record)
-    return request
+class Enrollable(Protocol):
+    """Anything that knows its own ``Enroll`` message (e.g. a synthetic gallery entry)."""
+
+    def enroll_request(self) -> gal.EnrollRequest: ...
 
 
 async def enroll(
     address: str,
-    entries: Sequence[GalleryEntry],
+    entries: Sequence[Enrollable],
     *,
     deadline_s: float = 300.0,
     on_progress: Callable[[int], None] | None = None,
@@ -50,8 +45,8 @@ async def enroll(
         for start in range(0, len(entries), ENROLL_CHUNK):
             chunk = entries[start : start + ENROLL_CHUNK]
 
-            def requests(chunk: Sequence[GalleryEntry] = chunk) -> Iterator[gal.EnrollRequest]:
-                return (enroll_request(e) for e in chunk)
+            def requests(chunk: Sequence[Enrollable] = chunk) -> Iterator[gal.EnrollRequest]:
+                return (e.enroll_request() for e in chunk)
 
             response = await stub.Enroll(requests(), timeout=deadline_s)
             size = int(response.gallery_size)

@@ -14,12 +14,12 @@ from sqlalchemy import DateTime, Integer, LargeBinary, String, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from fedprint.config import IceConfig
 from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid, service
+from ice_service.config import IceConfig
 
 log = structlog.get_logger(__name__)
 MAX_LIST = 1000

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation.dataset import MANIFEST, ManifestRow, manifest_text
+from minutiae.dataset import MANIFEST, ManifestRow, manifest_text
 from minutiae.iso19794_2 import encode_template
 from synthetic.fingers import DIFFICULTIES, impression
-from synthetic.population import _rng, person_masters
+from synthetic.population import person_masters, rng_stream
 
 # Stream keys of the evaluation set, apart from the population's (0-5).
 _EVAL_GALLERY, _EVAL_PROBE = 16, 17
@@ -79,7 +79,7 @@ def _write_chunk(chunk: _Chunk) -> str:
         if person < chunk.enrolled:
             sides.insert(0, ("gallery", "g", _EVAL_GALLERY, False))
         for role, tag, purpose, plain in sides:
-            rng = _rng(chunk.seed, purpose, person)
+            rng = rng_stream(chunk.seed, purpose, person)
             for m in masters:
                 quality = float(rng.uniform(*difficulty.quality))
                 t = impression(rng, m, quality=quality, difficulty=difficulty, plain=plain)

@@ -40,6 +40,7 @@ from google.protobuf import json_format
 
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2
+from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.records.v1 import records_pb2 as rec
 from minutiae.iso19794_2 import decode_template, encode_template
 from minutiae.template import FingerTemplate, TemplateError, TenPrintTemplates
@@ -69,6 +70,15 @@ class GalleryEntry:
     person_id: str
     tenprint: TenPrintTemplates
     record: rec.CriminalHistory | rec.ImmigrationHistory
+
+    def enroll_request(self) -> gal.EnrollRequest:
+        """The ``Enroll`` message that puts this subject into its gallery."""
+        request = gal.EnrollRequest(subject_id=self.subject_id, tenprint=tenprint_to_proto(self.tenprint))
+        if isinstance(self.record, rec.CriminalHistory):
+            request.criminal_history.CopyFrom(self.record)
+        else:
+            request.immigration_history.CopyFrom(self.record)
+        return request
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,9 @@ class Population:
     persons: int = 0
 
 
-def _rng(seed: int, purpose: int, index: int = 0) -> np.random.Generator:
+def rng_stream(seed: int, purpose: int, index: int = 0) -> np.random.Generator:
+    """The random stream of one ``purpose`` (a stream key) and ``index`` (a person) under ``seed``:
+    independent of every other stream, so adding data of one kind never shifts another."""
     return np.random.default_rng([seed, purpose, index])
 
 
@@ -136,7 +148,7 @@ def tenprint_to_proto(t: TenPrintTemplates, *, absent: Mapping[int, int] | None 
 
 def person_master_fingers(seed: int, person: int) -> list[MasterFinger]:
     """The ten master fingers (FGP 1-10) of person number ``person``, with their ridge flow."""
-    rng = _rng(seed, _MASTERS, person)
+    rng = rng_stream(seed, _MASTERS, person)
     return [master_with_flow(rng, position) for position in range(1, 11)]
 
 
@@ -148,7 +160,7 @@ def person_masters(seed: int, person: int) -> list[FingerTemplate]:
 def _enrol(
     seed: int, purpose: int, person: int, masters: list[FingerTemplate], difficulty: Difficulty
 ) -> TenPrintTemplates:
-    rng = _rng(seed, purpose, person)
+    rng = rng_stream(seed, purpose, person)
     return TenPrintTemplates(
         fingers={
             m.finger_position: _quantised(
@@ -194,7 +206,7 @@ def generate_population(
         raise ValueError(f"persons={persons}: at least 5 are needed to populate every category")
     if bookings < 0:
         raise ValueError(f"bookings={bookings} must not be negative")
-    plan = _rng(seed, _PLAN)
+    plan = rng_stream(seed, _PLAN)
     groups = _split(plan, persons)
     in_iafis = sorted(groups["both"] + groups["iafis_only"])
     in_ident = sorted(groups["both"] + groups["ident_only"])
@@ -219,7 +231,7 @@ def generate_population(
 
     def descriptors_of(person: int) -> rec.SubjectDescriptors:
         if person not in descriptors_cache:
-            rng = _rng(seed, _PERSON, person)
+            rng = rng_stream(seed, _PERSON, person)
             descriptors_cache[person] = people.descriptors(
                 rng, foreign_born=person in ident_ids or rng.uniform() < 0.1
             )
@@ -233,7 +245,7 @@ def generate_population(
 
     iafis: list[GalleryEntry] = []
     for person in in_iafis:
-        rng = _rng(seed, _PERSON, 1_000_000 + person)
+        rng = rng_stream(seed, _PERSON, 1_000_000 + person)
         record: rec.CriminalHistory | rec.ImmigrationHistory = people.criminal_history(
             rng, iafis_ids[person], descriptors_of(person)
         )
@@ -243,7 +255,7 @@ def generate_population(
 
     ident: list[GalleryEntry] = []
     for person in in_ident:
-        rng = _rng(seed, _PERSON, 2_000_000 + person)
+        rng = rng_stream(seed, _PERSON, 2_000_000 + person)
         status = rec.NATURALIZED_CITIZEN if person == forced_naturalized else None
         record = people.immigration_history(rng, ident_ids[person], descriptors_of(person), status=status)
         tenprint = _enrol(seed, _IDENT_ENROL, person, masters_of(person), difficulty)
@@ -304,7 +316,7 @@ def _booking(
     ident: GalleryEntry | None,
     difficulty: Difficulty,
 ) -> SyntheticBooking:
-    rng = _rng(seed, _BOOKING, index)
+    rng = rng_stream(seed, _BOOKING, index)
     booking = booking_pb2.Booking(
         tcn=f"TCN-{seed}-{index + 1:06d}", ori=str(rng.choice(people.ORIS)), subject=subject
     )

@@ -10,16 +10,19 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from federation.config import CoordinatorConfig
 from federation.coordinator import CoordinatorService, build_coordinator
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import enroll, list_notifications, wait_for_notifications
-from fedprint.config import CoordinatorConfig, IceConfig, NodeConfig
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.pki import TlsFiles, issue_dev_pki
 from fedprint.rpc import open_channel
 from ice_service import build_ice
+from ice_service.config import IceConfig
 from ice_service.server import IceService
-from nodes.gallery import GalleryNode, build_node
+from launcher.services import build_node
+from nodes.gallery import GalleryNode
+from nodes.gallery.config import NodeConfig
 from synthetic.population import Population, generate_population
 
 
@@ -64,7 +67,7 @@ class Federation:
     async def restart_node(self, name: str) -> GalleryNode:
         """Starts a fresh node process-equivalent on the same port and data directory."""
         old: GalleryNode = getattr(self, name)
-        config = NodeConfig(node=name, listen=old.host.address, data_dir=self.root / name, tls=self.pki[name])  # type: ignore[arg-type]
+        config = NodeConfig(node=name, listen=old.host.address, data_dir=self.root / name, tls=self.pki[name])
         node = build_node(config)
         await node.host.start()
         setattr(self, name, node)
@@ -90,7 +93,7 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
         await ice.host.start()
         nodes = []
         for name in ("iafis", "ident"):
-            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name, tls=pki[name]))  # type: ignore[arg-type]
+            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name, tls=pki[name]))
             started.append(node)
             await node.host.start()
             nodes.append(node)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.batching import BatchingBenchConfig, run_batching_bench
-from fedprint.config import BatchingConfig
+from nodes.gallery.config import BatchingConfig
 
 
 async def test_concurrent_identify_calls_are_gathered_into_batches() -> None:

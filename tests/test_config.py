@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fedprint.config import CoordinatorConfig, IceConfig, NodeConfig, Thresholds
+from evaluation.calibration import Thresholds
+from federation.config import CoordinatorConfig
+from ice_service.config import IceConfig
+from nodes.gallery.config import NodeConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 

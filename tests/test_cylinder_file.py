@@ -15,6 +15,9 @@ from gpu_kernels.cylinder_file import CylinderFile, CylinderFileError, CylinderF
 from minutiae.template import TenPrintTemplates
 from synthetic.fingers import impression, master_finger
 
+# Floating-point kernels: CI runs these again with AVX2 and with no vector extensions.
+pytestmark = pytest.mark.kernels
+
 PARAMS = MccParams()
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cli.app import app
 from evaluation import metrics
 from evaluation.calibrate import calibrate, write_thresholds
-from evaluation.dataset import DatasetError, read_dataset
+from evaluation.calibration import calibrated_thresholds
 from evaluation.run import EvalOptions, evaluate, summary
-from fedprint.cli import app
-from fedprint.config import NodeConfig, calibrated_thresholds
+from minutiae.dataset import DatasetError, read_dataset
 from minutiae.xyt import write_xyt
+from nodes.gallery.config import NodeConfig
 from synthetic.evaluation_set import write_evaluation_set
 from synthetic.fingers import DIFFICULTIES, impression, master_finger, master_with_flow
 

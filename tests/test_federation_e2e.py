@@ -152,11 +152,10 @@ async def test_a_malformed_template_is_refused_with_field_details_and_nothing_is
 async def test_a_malformed_enrollment_stores_nothing_of_its_stream(
     federation: Federation, population: Population
 ) -> None:
-    from fedprint.clients import enroll_request
 
-    good = enroll_request(population.iafis[0])
+    good = population.iafis[0].enroll_request()
     good.subject_id = good.criminal_history.subject_id = "UCN-NEW-0001"
-    bad = enroll_request(population.iafis[1])
+    bad = population.iafis[1].enroll_request()
     bad.subject_id = bad.criminal_history.subject_id = "UCN-NEW-0002"
     bad.tenprint.fingers[0].template.data = b"FMR\x00 21\x00" + bad.tenprint.fingers[0].template.data[8:]
     async with federation.channel(federation.iafis.host.address) as channel:

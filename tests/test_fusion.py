@@ -20,6 +20,9 @@ from gpu_kernels import (
 )
 from minutiae.template import FingerTemplate, TenPrintTemplates
 
+# Floating-point kernels: CI runs these again with AVX2 and with no vector extensions.
+pytestmark = pytest.mark.kernels
+
 PARAMS = MccParams(consolidation="lss")
 
 

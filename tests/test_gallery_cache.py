@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedprint.clients import enroll
-from fedprint.config import NodeConfig
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.rpc import open_channel
-from nodes.gallery import GalleryNode, build_node
+from launcher.services import build_node
+from nodes.gallery import GalleryNode
+from nodes.gallery.config import NodeConfig
 from synthetic.population import Population
 
 

@@ -10,13 +10,15 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from evaluation.calibration import Thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.clients import enroll
-from fedprint.config import NodeConfig, Thresholds
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.rpc import field_violations, open_channel
-from nodes.gallery import GalleryNode, build_node
+from launcher.services import build_node
+from nodes.gallery import GalleryNode
+from nodes.gallery.config import NodeConfig
 from synthetic.population import Population, tenprint_to_proto
 
 

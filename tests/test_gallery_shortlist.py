@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedprint.config import ShortlistConfig
-from minutiae.wire import decode_tenprint
+from fedprint.tenprint import decode_tenprint
+from nodes.gallery.config import ShortlistConfig
 from nodes.gallery.gallery import Gallery
 from synthetic.population import Population
+
+# Floating-point kernels: CI runs these again with AVX2 and with no vector extensions.
+pytestmark = pytest.mark.kernels
 
 CPU = torch.device("cpu")
 

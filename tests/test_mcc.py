@@ -38,6 +38,9 @@ from gpu_kernels.reference import (
 )
 from minutiae.template import FingerTemplate
 
+# Floating-point kernels: CI runs these again with AVX2 and with no vector extensions.
+pytestmark = pytest.mark.kernels
+
 BINARY = MccParams(consolidation="lss")
 FLOAT = MccParams(binary=False, consolidation="lss")
 SIZE = 400

@@ -23,6 +23,9 @@ from gpu_kernels.reference import _hull, reference_cylinders
 from minutiae.template import FingerTemplate
 from synthetic.fingers import impression, master_finger
 
+# Floating-point kernels: CI runs these again with AVX2 and with no vector extensions.
+pytestmark = pytest.mark.kernels
+
 BINARY = MccParams(consolidation="lss")
 FLOAT = MccParams(binary=False, consolidation="lss")
 W, H = 400, 500
@@ -95,9 +98,16 @@ def assert_matches_reference(templates: list[FingerTemplate], params: MccParams)
             np.testing.assert_allclose(values[f, :n], ref.values.reshape(n, -1), atol=1e-5)
 
 
-def assert_same(a: CylinderSet, b: CylinderSet) -> None:
-    for name in ("values", "cell_valid", "valid", "theta", "xy", "counts"):
+def assert_same(a: CylinderSet, b: CylinderSet, params: MccParams) -> None:
+    """Binary cylinders and every count are exact wherever they are computed; float cell values
+    are sums whose order the CPU's vector width and the batch shape may change (one ulp apart
+    on an AVX2 machine), so they agree within a few ulps of 1.0."""
+    for name in ("cell_valid", "valid", "theta", "xy", "counts"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+    if params.binary:
+        assert torch.equal(a.values, b.values)
+    else:
+        torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- hulls
@@ -140,17 +150,17 @@ def test_synthetic_fingers_match_reference() -> None:
 # --------------------------------------------------------------------------- batching
 
 
-def test_batching_and_chunking_change_no_bit() -> None:
+def test_batching_and_chunking_change_nothing_but_float_rounding() -> None:
     fingers: list[FingerTemplate | None] = [*synthetic_fingers(24, seed=2), *edge_cases(), None]
     order = np.random.default_rng(3).permutation(len(fingers))
     fingers = [fingers[i] for i in order]
     for params in (BINARY, FLOAT):
         batch = encode_fingers(fingers, params)
         alone = CylinderSet.cat([encode_fingers([t], params) for t in fingers]).padded(batch.max_minutiae)
-        assert_same(batch, alone)
-        assert_same(batch, encode_fingers(fingers, params, chunk_bytes=1 << 20))
+        assert_same(batch, alone, params)
+        assert_same(batch, encode_fingers(fingers, params, chunk_bytes=1 << 20), params)
         few = fingers[:8]  # one finger a chunk and one cylinder a batch
-        assert_same(encode_fingers(few, params), encode_fingers(few, params, chunk_bytes=1))
+        assert_same(encode_fingers(few, params), encode_fingers(few, params, chunk_bytes=1), params)
 
 
 def test_dense_random_fingers_match_reference() -> None:

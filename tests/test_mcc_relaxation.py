@@ -39,6 +39,9 @@ from minutiae.template import FingerTemplate
 from synthetic.fingers import DIFFICULTIES, impression, master_finger
 from tests.test_mcc import SIZE, random_template, rotated
 
+# Floating-point kernels: CI runs these again with AVX2 and with no vector extensions.
+pytestmark = pytest.mark.kernels
+
 LSS = MccParams(consolidation="lss")
 LSS_R = MccParams(consolidation="lss_r")
 LSS_R_FLOAT = MccParams(binary=False, consolidation="lss_r")

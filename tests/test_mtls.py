@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from fedprint.clients import list_notifications
-from fedprint.config import IceConfig
 from fedprint.pki import TlsFiles, issue_dev_pki
 from ice_service import build_ice
+from ice_service.config import IceConfig
 
 
 async def test_services_speak_mtls_and_refuse_strangers(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ def test_serve_answers_health_and_shuts_down_gracefully_on_sigterm(tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "fedprint",
+            "cli",
             "serve",
             "ice",
             "--config",

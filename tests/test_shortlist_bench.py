@@ -96,8 +96,8 @@ def test_shortlisted_scores_on_cuda_match_cpu(encoded: tuple) -> None:
 
 
 def test_bench_cli_writes_json_and_png(tmp_path, monkeypatch) -> None:
-    import bench.cli as cli
     import bench.matcher as matcher
+    import cli.bench
 
     real = matcher.run_matcher_bench
 
@@ -109,7 +109,7 @@ def test_bench_cli_writes_json_and_png(tmp_path, monkeypatch) -> None:
     out = tmp_path / "m.json"
     args = ["--json", str(out), "--sizes", "2", "--shortlist-sizes", "20", "--batches", "1"]
     result = CliRunner().invoke(
-        cli.bench_app, ["matcher", *args, "--probes", "1", "--base", "2", "--device", "cpu"]
+        cli.bench.bench_app, ["matcher", *args, "--probes", "1", "--base", "2", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["gallery_size"] == 2

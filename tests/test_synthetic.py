@@ -9,8 +9,8 @@ import pytest
 
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.records.v1 import records_pb2 as rec
+from fedprint.tenprint import decode_tenprint
 from minutiae import FingerTemplate, TenPrintTemplates
-from minutiae.wire import decode_tenprint
 from synthetic.fingers import MIN_IMPRESSION_MINUTIAE, MIN_SPACING, _spaced_points, impression, master_finger
 from synthetic.people import OFFENSES, history_level, level_of
 from synthetic.population import (

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedprint.config import ShortlistConfig
 from gpu_kernels import MccParams, TenPrintCylinders, encode_tenprints, score_tenprints
 from gpu_kernels.fusion import TenPrintScores
 from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
 from minutiae.template import TenPrintTemplates
+from nodes.gallery.config import ShortlistConfig
 
 #: Version of the node's in-memory template format (MCC parameters and packing).
 #: Stored templates are kept as received, so a new version re-encodes them at start-up.

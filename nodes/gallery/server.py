@@ -18,17 +18,18 @@ import grpc
 import structlog
 import torch
 
+from evaluation.calibration import Thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
-from fedprint.config import NodeConfig, Thresholds
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid, service
+from fedprint.tenprint import decode_tenprint
 from gpu_kernels import TenPrintCylinders
 from minutiae.iso19794_2 import decode_template
 from minutiae.template import TenPrintTemplates
-from minutiae.wire import decode_tenprint
 from nodes.gallery.batcher import MicroBatcher
 from nodes.gallery.cache import read_cache, write_cache
+from nodes.gallery.config import NodeConfig
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, SearchResult, resolve_device
 from nodes.gallery.records import RecordStore, RecordT
 from nodes.gallery.store import Enrollment, GalleryStore
@@ -359,19 +360,6 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         )
 
 
-def record_store_for(node: str) -> RecordStore[Any]:
-    """The record model of a node by name."""
-    if node == "iafis":
-        from nodes.iafis import CriminalHistoryStore
-
-        return CriminalHistoryStore()
-    if node == "ident":
-        from nodes.ident import ImmigrationHistoryStore
-
-        return ImmigrationHistoryStore()
-    raise ValueError(f"unknown node {node!r}")
-
-
 @dataclass
 class GalleryNode:
     """A running node: its gRPC host and what to close on shutdown."""
@@ -400,14 +388,17 @@ class GalleryNode:
         store.close()
 
 
-def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNode:
-    """Opens the node's store, loads its gallery onto the device, and prepares the server."""
+def build_gallery_node(
+    config: NodeConfig, records: RecordStore[Any], database_url: str | None = None
+) -> GalleryNode:
+    """Opens the node's store with its record model, loads its gallery onto the device, and
+    prepares the server. Each node package supplies ``records``; this server knows none by name."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     if config.torch_threads is not None:
         # Nodes sharing a machine must not each spin up one thread per core.
         torch.set_num_threads(config.torch_threads)
     url = database_url or f"sqlite:///{config.data_dir / (config.node + '.sqlite')}"
-    store = GalleryStore(url, record_store_for(config.node))
+    store = GalleryStore(url, records)
     gallery = Gallery(resolve_device(config.device), shortlist=config.shortlist)
     cache = config.data_dir / f"{config.node}.cylinders" if config.gallery_cache else None
     started = time.perf_counter()

@@ -1,5 +1,6 @@
 """The IDENT node: immigration records on the shared gallery server."""
 
 from nodes.ident.records import ImmigrationHistoryStore
+from nodes.ident.service import build_node
 
-__all__ = ["ImmigrationHistoryStore"]
+__all__ = ["ImmigrationHistoryStore", "build_node"]

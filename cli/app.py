@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from fedprint import accuracy as _accuracy
+from cli import accuracy as _accuracy
 from fedprint.logging import configure
 from fedprint.pki import DEFAULT_HOSTS, TlsFiles, issue_dev_pki
 
@@ -51,7 +51,7 @@ def serve(
     ] = None,
 ) -> None:
     """Runs one service until SIGTERM/SIGINT, then shuts it down gracefully."""
-    from fedprint.services import run_service
+    from launcher.services import run_service
 
     asyncio.run(run_service(role.value, config, listen=listen, ready_file=ready_file))
 
@@ -92,8 +92,8 @@ def submit(
     """Submits a population's bookings to a running coordinator and prints the decisions."""
     from google.protobuf import json_format
 
+    from cli.report import decisions_table
     from fedprint.clients import submit_bookings
-    from fedprint.report import decisions_table
     from synthetic.population import read_population
 
     population = read_population(data)
@@ -144,7 +144,7 @@ def demo(
     workdir: Annotated[Path | None, typer.Option(help="keep data, configs and logs here")] = None,
 ) -> None:
     """Starts all four services, enrolls both galleries, submits bookings, checks every decision."""
-    from fedprint.demo import run_demo
+    from cli.demo import run_demo
 
     configure("warning", json=False)
     summary = asyncio.run(run_demo(console, persons=persons, bookings=bookings, seed=seed, workdir=workdir))
@@ -156,7 +156,7 @@ def demo(
 
 def _register_bench() -> None:
     # `fedprint bench matcher ...`: the group lives in bench/ with the benchmarks it runs.
-    from bench.cli import bench_app
+    from cli.bench import bench_app
 
     app.add_typer(bench_app, name="bench")
 

@@ -1,18 +1,22 @@
-"""Building each of the four services from its configuration file, and running one
-until it is told to stop."""
+"""The wiring of services into processes: each of the four services built from its
+configuration file, and run until it is told to stop."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from fedprint.config import CoordinatorConfig, IceConfig, NodeConfig
+from federation.config import CoordinatorConfig
 from fedprint.logging import configure
 from fedprint.rpc import ServiceHost
+from ice_service.config import IceConfig
+
+if TYPE_CHECKING:
+    from nodes.gallery import GalleryNode, NodeConfig
 
 log = structlog.get_logger(__name__)
 
@@ -27,10 +31,29 @@ class Service(Protocol):
     async def stop(self, grace_s: float = 5.0) -> None: ...
 
 
+#: The gallery nodes this federation runs, each a package that hands its record model to the
+#: shared gallery server.
+GALLERY_NODES = ("iafis", "ident")
+
+
+def build_node(config: NodeConfig) -> GalleryNode:
+    """The gallery node ``config.node`` names, configured and not yet started."""
+    # Imported here: the coordinator's and ICE's processes never load torch.
+    if config.node == "iafis":
+        from nodes import iafis
+
+        return iafis.build_node(config)
+    if config.node == "ident":
+        from nodes import ident
+
+        return ident.build_node(config)
+    raise ValueError(f"unknown gallery node {config.node!r}; known: {', '.join(GALLERY_NODES)}")
+
+
 def build_service(role: str, config_path: Path | None, **overrides: Any) -> Service:
     """The service for ``role`` (coordinator, iafis, ident, ice), configured and not yet started."""
-    if role in ("iafis", "ident"):
-        from nodes.gallery import build_node
+    if role in GALLERY_NODES:
+        from nodes.gallery.config import NodeConfig
 
         node_config = NodeConfig.load(config_path, node=role, **overrides)
         configure(node_config.log_level)

@@ -1,6 +1,6 @@
 """The accuracy verbs of ``fedprint``: ``synth``, ``match`` and ``eval``.
 
-Kept out of :mod:`fedprint.cli` so that file stays a list of verbs; :func:`register` adds them.
+Kept out of :mod:`cli.app` so that file stays a list of verbs; :func:`register` adds them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from fedprint.progress import stage_progress
+from cli.progress import stage_progress
 
 DIFFICULTY_HELP = "impression damage preset: easy, realistic or hard"
 
@@ -102,8 +102,8 @@ def register(app: typer.Typer, console: Console) -> None:
         ] = False,
     ) -> None:
         """Prints the 1:1 MCC score (LSS, 0-1) of two single-finger template files."""
-        from evaluation.dataset import read_template
         from gpu_kernels import MccParams, encode_fingers, score_fingers
+        from minutiae.dataset import read_template
         from minutiae.template import TemplateError
 
         try:
@@ -148,8 +148,8 @@ def register(app: typer.Typer, console: Console) -> None:
 
         from evaluation.calibrate import CalibrationError, write_thresholds
         from evaluation.calibrate import calibrate as derive
-        from evaluation.dataset import DatasetError, read_dataset
         from evaluation.run import EvalOptions, det_plot, evaluate, summary
+        from minutiae.dataset import DatasetError, read_dataset
 
         if threads is not None:
             torch.set_num_threads(threads)

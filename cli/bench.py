@@ -1,4 +1,4 @@
-"""The ``fedprint bench`` command group (registered by :mod:`fedprint.cli`)."""
+"""The ``fedprint bench`` command group (registered by :mod:`cli.app`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedprint.progress import stage_progress
+from cli.progress import stage_progress
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the matching engine and of the federation.")
 console = Console()
@@ -120,8 +120,8 @@ def batching(
     import asyncio
 
     from bench.batching import BatchingBenchConfig, run_batching_bench
-    from fedprint.config import BatchingConfig
     from fedprint.logging import configure
+    from nodes.gallery.config import BatchingConfig
 
     # The node runs in this process; its per-call log lines would bury the table.
     configure("warning")

@@ -1,0 +1,34 @@
+"""Configuration of the federation coordinator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from fedprint.settings import ServiceSettings
+
+
+class CoordinatorConfig(ServiceSettings):
+    """The federation coordinator."""
+
+    iafis_address: str
+    ident_address: str
+    ice_address: str
+    node_deadline_s: float = Field(default=20.0, gt=0, description="deadline of each node search")
+    ice_deadline_s: float = Field(default=5.0, gt=0)
+    max_candidates: int = Field(default=5, ge=1, description="candidates kept per node in a decision")
+    policy_path: Path | None = Field(default=None, description="threat policy YAML; the bundled one if unset")
+    authorized_oris: list[str] = Field(
+        default_factory=list, description="ORIs allowed to submit; empty = any"
+    )
+    outbox_retry_initial_s: float = Field(default=0.5, gt=0)
+    outbox_retry_max_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("authorized_oris")
+    @classmethod
+    def _oris_are_nine_chars(cls, oris: list[str]) -> list[str]:
+        for ori in oris:
+            if len(ori) != 9 or not ori.isalnum():
+                raise ValueError(f"ORI {ori!r} must be nine letters or digits")
+        return oris
