@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cli import accuracy as _accuracy
+from cli import operations as _operations
 from fedprint.logging import configure
 from fedprint.pki import DEFAULT_HOSTS, TlsFiles, issue_dev_pki
 
@@ -166,6 +167,8 @@ _register_bench()
 
 # synth, match and eval live in their own module (the accuracy harness).
 _accuracy.register(app, console)
+# audit and outbox: operators' commands on the coordinator's database.
+_operations.register(app, console)
 
 
 if __name__ == "__main__":

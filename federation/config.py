@@ -24,6 +24,19 @@ class CoordinatorConfig(ServiceSettings):
     )
     outbox_retry_initial_s: float = Field(default=0.5, gt=0)
     outbox_retry_max_s: float = Field(default=30.0, gt=0)
+    # At the 30 s cap, 200 attempts keep retrying for about an hour and a half of ICE outage
+    # before a notification needs an operator.
+    outbox_max_attempts: int = Field(
+        default=200, ge=1, description="failed deliveries before a notification becomes a dead letter"
+    )
+    retry_initial_s: float = Field(
+        default=2.0, gt=0, description="first wait before an incomplete booking is searched again"
+    )
+    retry_max_s: float = Field(default=60.0, gt=0, description="longest wait between such retries")
+    booking_key_file: Path | None = Field(
+        default=None,
+        description="hex AES-256 key sealing incomplete bookings at rest; data_dir/booking.key if unset",
+    )
 
     @field_validator("authorized_oris")
     @classmethod

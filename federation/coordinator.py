@@ -3,13 +3,16 @@
 For each booking it searches IAFIS and IDENT at the same time, each under its own
 deadline; applies the threat policy; stores the decision, its audit entry and any
 ICE notification in one transaction; and answers within the caller's deadline.
-A node that does not answer makes the decision INCOMPLETE, never a no-hit.
+A node that does not answer makes the decision INCOMPLETE, never a no-hit: the
+coordinator keeps the booking sealed, searches the nodes that did not answer again
+with backoff, and publishes the final decision on ``WatchDecisions``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -19,10 +22,12 @@ from typing import Any
 import grpc
 import structlog
 
+from federation.background import DueWorkLoop, backoff_s
 from federation.config import CoordinatorConfig
-from federation.intake import UnauthorizedOri, check_booking
+from federation.intake import UnauthorizedOri, booking_content, changed_parts, check_booking
 from federation.outbox import OutboxDeliverer
 from federation.policy import ThreatPolicy
+from federation.sealing import BookingSeal, SealingError, load_or_create_key
 from federation.store import CoordinatorStore
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
@@ -81,6 +86,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         iafis: NodeClient,
         ident: NodeClient,
         outbox: OutboxDeliverer,
+        seal: BookingSeal,
     ) -> None:
         self.config = config
         self.store = store
@@ -88,7 +94,11 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         self.iafis = iafis
         self.ident = ident
         self.outbox = outbox
+        self.seal = seal
         self.feed = DecisionFeed()
+        self.retrier = DueWorkLoop(
+            "incomplete-bookings", self.retry_due, store.next_booking_due_at, idle_s=config.retry_max_s
+        )
         # One evaluation per TCN at a time: a resubmission waits for the first to finish.
         # Weak values: a lock disappears once no call holds or awaits it.
         self._tcn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -131,10 +141,21 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             notification.iafis_match.CopyFrom(decision.iafis.candidates[0])
         return notification
 
-    async def decide(self, booking: bk.Booking, deadline_s: float) -> bk.BookingDecision:
-        """Searches both nodes at once and applies the policy (does not store)."""
+    async def _result(
+        self, node: NodeClient, booking: bk.Booking, deadline_s: float, previous: bk.NodeResult | None
+    ) -> bk.NodeResult:
+        if previous is not None and previous.outcome == bk.ANSWERED:
+            return previous  # that node answered an earlier attempt: search only the missing ones
+        return await self._search(node, booking, deadline_s)
+
+    async def decide(
+        self, booking: bk.Booking, deadline_s: float, previous: bk.BookingDecision | None = None
+    ) -> bk.BookingDecision:
+        """Searches both nodes at once (only those that did not answer ``previous``, an earlier
+        incomplete decision of this booking) and applies the policy (does not store)."""
         iafis, ident = await asyncio.gather(
-            self._search(self.iafis, booking, deadline_s), self._search(self.ident, booking, deadline_s)
+            self._result(self.iafis, booking, deadline_s, previous.iafis if previous else None),
+            self._result(self.ident, booking, deadline_s, previous.ident if previous else None),
         )
         outcome = self.policy.decide(booking.charges, iafis, ident)
         complete = iafis.outcome == bk.ANSWERED and ident.outcome == bk.ANSWERED
@@ -172,24 +193,55 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         self, booking: bk.Booking, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bk.BookingDecision:
         previous = await asyncio.to_thread(self.store.decision, booking.tcn)
-        if previous is not None and previous.ori != booking.ori:
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS, f"TCN {booking.tcn} was already used by another agency"
-            )
-        if previous is not None and previous.status == bk.COMPLETE:
-            log.info("booking already decided", tcn=booking.tcn)
-            return previous
+        if previous is not None:
+            stored = await asyncio.to_thread(self.store.booking_content, booking.tcn)
+            changed = changed_parts(stored or "", booking)
+            if previous.ori != booking.ori and "ori" not in changed:
+                changed.insert(0, "ori")
+            if changed:
+                log.warning("resubmission differs", tcn=booking.tcn, ori=booking.ori, parts=changed)
+                await context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"TCN {booking.tcn} was already submitted with a different {', '.join(changed)}; "
+                    "a new booking needs a new TCN",
+                )
+            if previous.status == bk.COMPLETE:
+                log.info("booking already decided", tcn=booking.tcn)
+                return previous
         timeout = self.config.node_deadline_s
         remaining = context.time_remaining()
         if remaining is not None:
             # Leave the caller time to receive the answer after both searches.
             timeout = max(0.1, min(timeout, remaining - 0.5))
-        decision = await self.decide(booking, timeout)
+        return await self._evaluate(booking, previous, timeout)
+
+    async def _evaluate(
+        self, booking: bk.Booking, previous: bk.BookingDecision | None, deadline_s: float, retries: int = 0
+    ) -> bk.BookingDecision:
+        """Decides, stores (sealing the booking while incomplete, with its next retry ``retries``
+        backoffs away) and publishes one attempt."""
+        decision = await self.decide(booking, deadline_s, previous)
         decision.attempt = (previous.attempt if previous is not None else 0) + 1
         notification = self._notification(booking, decision) if decision.notification == bk.QUEUED else None
-        await asyncio.to_thread(self.store.record_decision, decision, notification)
+        sealed: bytes | None = None
+        retry_at: dt.datetime | None = None
+        if decision.status == bk.INCOMPLETE:
+            sealed = self.seal.seal(booking.tcn, booking.SerializeToString())
+            delay = backoff_s(retries, self.config.retry_initial_s, self.config.retry_max_s)
+            retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+        await asyncio.to_thread(
+            self.store.record_decision,
+            decision,
+            notification,
+            content=booking_content(booking),
+            sealed_booking=sealed,
+            retry_at=retry_at,
+            retries=retries,
+        )
         if notification is not None:
             self.outbox.wake()
+        if sealed is not None:
+            self.retrier.wake()
         self.feed.publish(decision)
         log.info(
             "booking decided",
@@ -204,6 +256,38 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         )
         return decision
 
+    async def retry_due(self) -> int:
+        """Searches again, for each sealed incomplete booking that is due, the nodes that did not
+        answer; returns how many bookings became final."""
+        finished = 0
+        for pending in await asyncio.to_thread(self.store.due_bookings):
+            lock = self._tcn_locks.get(pending.tcn)
+            if lock is None:
+                lock = self._tcn_locks[pending.tcn] = asyncio.Lock()
+            async with lock:
+                previous = await asyncio.to_thread(self.store.decision, pending.tcn)
+                if previous is not None and previous.status == bk.COMPLETE:
+                    continue  # a resubmission finished it meanwhile (and dropped the sealed copy)
+                try:
+                    booking = bk.Booking.FromString(self.seal.open(pending.tcn, pending.sealed))
+                except SealingError:
+                    log.error("sealed booking does not open; left for an operator", tcn=pending.tcn)
+                    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.config.retry_max_s)
+                    await asyncio.to_thread(self.store.reschedule_booking, pending.tcn, later)
+                    continue
+                decision = await self._evaluate(
+                    booking, previous, self.config.node_deadline_s, retries=pending.retries + 1
+                )
+                if decision.status == bk.COMPLETE:
+                    finished += 1
+                else:
+                    delay = backoff_s(
+                        pending.retries + 1, self.config.retry_initial_s, self.config.retry_max_s
+                    )
+                    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+                    await asyncio.to_thread(self.store.reschedule_booking, pending.tcn, later)
+        return finished
+
     async def GetDecision(
         self, request: bk.GetDecisionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bk.BookingDecision:
@@ -211,6 +295,11 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         if decision is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no decision for TCN {request.tcn}")
         return decision
+
+    async def GetStats(
+        self, request: bk.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bk.CoordinatorStats:
+        return await asyncio.to_thread(self.store.stats)
 
     async def WatchDecisions(
         self, request: bk.WatchDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -233,10 +322,12 @@ class CoordinatorService:
     async def start(self) -> int:
         port = await self.host.start()
         self.coordinator.outbox.start()
+        self.coordinator.retrier.start()
         return port
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.host.stop(grace_s)
+        await self.coordinator.retrier.stop()
         await self.coordinator.outbox.stop()
         for channel in self.channels:
             await channel.close(None)
@@ -257,7 +348,9 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
         deadline_s=config.ice_deadline_s,
         retry_initial_s=config.outbox_retry_initial_s,
         retry_max_s=config.outbox_retry_max_s,
+        max_attempts=config.outbox_max_attempts,
     )
+    seal = BookingSeal(load_or_create_key(config.booking_key_file or config.data_dir / "booking.key"))
     coordinator = Coordinator(
         config,
         store,
@@ -265,6 +358,7 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
         NodeClient("iafis", gal_grpc.GalleryServiceStub(channels[0])),
         NodeClient("ident", gal_grpc.GalleryServiceStub(channels[1])),
         outbox,
+        seal,
     )
     host = ServiceHost(
         config.listen,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Collection
 
@@ -52,3 +54,36 @@ def check_booking(booking: bk.Booking, authorized_oris: Collection[str]) -> Deco
     if authorized_oris and booking.ori not in authorized_oris:
         raise UnauthorizedOri(f"ORI {booking.ori} is not authorised to submit bookings")
     return decoded
+
+
+#: The parts of a booking that a resubmission of its TCN must repeat exactly.
+BOOKING_PARTS = ("ori", "booking_time", "subject", "charges", "tenprint")
+
+
+def _part_bytes(booking: bk.Booking, part: str) -> bytes:
+    only = bk.Booking()
+    if part == "ori":
+        only.ori = booking.ori
+    elif part == "charges":
+        only.charges.extend(booking.charges)
+    else:
+        getattr(only, part).CopyFrom(getattr(booking, part))
+    return only.SerializeToString(deterministic=True)
+
+
+def booking_content(booking: bk.Booking) -> str:
+    """Digests of each part of a booking (JSON), stored with its decision."""
+    return json.dumps(
+        {part: hashlib.sha256(_part_bytes(booking, part)).hexdigest() for part in BOOKING_PARTS},
+        sort_keys=True,
+    )
+
+
+def changed_parts(stored_content: str, booking: bk.Booking) -> list[str]:
+    """The parts in which ``booking`` differs from the booking whose digests were stored
+    (empty when it is the same booking, or when nothing was stored to compare with)."""
+    if not stored_content:
+        return []
+    stored = json.loads(stored_content)
+    now = json.loads(booking_content(booking))
+    return [part for part in BOOKING_PARTS if stored.get(part) != now[part]]

@@ -1,18 +1,18 @@
 """Delivers queued ICE notifications: at least once, idempotent by TCN on the
 receiving side, retried with exponential backoff, surviving restarts (the queue
-is the coordinator's database, not memory).
+is the coordinator's database, not memory). A notification that fails ``max_attempts``
+times becomes a dead letter that an operator retries (`fedprint outbox retry`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import random
 
 import grpc
 import structlog
 
+from federation.background import DueWorkLoop, backoff_s
 from federation.store import CoordinatorStore
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 
@@ -30,32 +30,30 @@ class OutboxDeliverer:
         deadline_s: float,
         retry_initial_s: float,
         retry_max_s: float,
+        max_attempts: int,
     ) -> None:
         self._store = store
         self._ice = ice
         self._deadline_s = deadline_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._max_attempts = max_attempts
+        self._loop = DueWorkLoop("outbox", self.deliver_due, store.next_due_at, idle_s=retry_max_s)
         self.delivered = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox")
+        self._loop.start()
 
     def wake(self) -> None:
         """Something was queued: look now rather than at the next retry time."""
-        self._wake.set()
+        self._loop.wake()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
 
     def backoff_s(self, attempts: int) -> float:
         """Exponential backoff with full jitter, capped."""
-        return random.uniform(0.5, 1.0) * min(self._retry_max_s, self._retry_initial_s * 2.0**attempts)
+        return backoff_s(attempts, self._retry_initial_s, self._retry_max_s)
 
     async def deliver_due(self) -> int:
         """One pass over the due entries; returns how many were delivered."""
@@ -65,33 +63,28 @@ class OutboxDeliverer:
                 ack = await self._ice.Notify(pending.notification, timeout=self._deadline_s)
             except grpc.aio.AioRpcError as error:
                 retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.backoff_s(pending.attempts))
-                await asyncio.to_thread(
-                    self._store.mark_failed, pending.tcn, f"{error.code().name}: {error.details()}", retry_at
+                reason = f"{error.code().name}: {error.details()}"
+                dead = await asyncio.to_thread(
+                    self._store.mark_failed, pending.tcn, reason, retry_at, self._max_attempts
                 )
-                log.warning(
-                    "notification not delivered",
-                    tcn=pending.tcn,
-                    attempts=pending.attempts + 1,
-                    code=error.code().name,
-                    retry_at=retry_at.isoformat(),
-                )
+                if dead:
+                    log.error(
+                        "notification dead-lettered",
+                        tcn=pending.tcn,
+                        attempts=pending.attempts + 1,
+                        code=reason,
+                    )
+                else:
+                    log.warning(
+                        "notification not delivered",
+                        tcn=pending.tcn,
+                        attempts=pending.attempts + 1,
+                        code=error.code().name,
+                        retry_at=retry_at.isoformat(),
+                    )
                 continue
             await asyncio.to_thread(self._store.mark_delivered, pending.tcn, ack.duplicate)
             delivered += 1
             log.info("notification delivered", tcn=pending.tcn, duplicate=ack.duplicate)
         self.delivered += delivered
         return delivered
-
-    async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.deliver_due()
-            except Exception:  # a database hiccup must not end delivery for good
-                log.exception("outbox pass failed")
-            next_due = await asyncio.to_thread(self._store.next_due_at)
-            wait = self._retry_max_s
-            if next_due is not None:
-                wait = max(0.05, (next_due - dt.datetime.now(dt.UTC)).total_seconds())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=min(wait, self._retry_max_s))

@@ -1,6 +1,6 @@
-"""The coordinator's durable state: latest decision per TCN, the append-only audit
-log, and the notification outbox, in one database so that a decision and its
-notification are committed together or not at all.
+"""The coordinator's durable state, in one database so that what belongs together commits
+together: the latest decision per TCN, the hash-chained append-only audit log, the
+notification outbox and its dead letters, and the sealed bookings of incomplete decisions.
 """
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, event, select, update
+from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, event, func, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from federation.audit import GENESIS, AuditEntry, ChainBreak, entry_hash, verify_chain
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
@@ -29,18 +31,31 @@ class DecisionRow(_Base):
     attempt: Mapped[int] = mapped_column(Integer)
     decision: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    #: Digests of the booking's parts (see federation.resubmission): a resubmitted TCN must match.
+    content: Mapped[str] = mapped_column(Text, default="")
 
 
 class AuditRow(_Base):
-    """Append-only: a trigger refuses updates and deletes (SQLite)."""
+    """Append-only (triggers on SQLite and PostgreSQL) and hash-chained (federation.audit)."""
 
     __tablename__ = "audit_log"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     tcn: Mapped[str] = mapped_column(String(64), index=True)
     event: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str] = mapped_column(Text)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(_Base):
+    """One row: how many entries the log has and the hash of the last."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    entries: Mapped[int] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
 
 
 class OutboxRow(_Base):
@@ -54,6 +69,29 @@ class OutboxRow(_Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
 
 
+class DeadLetterRow(_Base):
+    """A notification that used up its attempts; it waits here for an operator's retry."""
+
+    __tablename__ = "outbox_dead_letters"
+    tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    notification: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer)
+    dead_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str] = mapped_column(Text)
+
+
+class PendingBookingRow(_Base):
+    """An incomplete booking, sealed (federation.sealing), kept until its decision is final."""
+
+    __tablename__ = "pending_bookings"
+    tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 @event.listens_for(AuditRow.__table__, "after_create")
 def _append_only(target: object, connection: Connection, **kw: object) -> None:
     if connection.dialect.name == "sqlite":
@@ -62,6 +100,19 @@ def _append_only(target: object, connection: Connection, **kw: object) -> None:
                 f"CREATE TRIGGER audit_log_no_{op.lower()} BEFORE {op} ON audit_log "
                 "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
             )
+    elif connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log "
+            "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
+            "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +120,27 @@ class PendingNotification:
     tcn: str
     notification: ice.Notification
     attempts: int
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A notification not yet acknowledged: pending in the outbox, or a dead letter."""
+
+    tcn: str
+    level: int
+    attempts: int
+    created_at: dt.datetime
+    last_error: str
+    dead: bool
+
+
+@dataclass(frozen=True)
+class PendingBooking:
+    """A sealed incomplete booking due for another search."""
+
+    tcn: str
+    sealed: bytes
+    retries: int
 
 
 def _now() -> dt.datetime:
@@ -80,21 +152,109 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
+def _set_notification_state(session: Session, tcn: str, state: bk.NotificationState.ValueType) -> None:
+    row = session.get(DecisionRow, tcn)
+    if row is not None:
+        decision = bk.BookingDecision.FromString(row.decision)
+        decision.notification = state
+        row.decision = decision.SerializeToString()
+
+
 class CoordinatorStore:
-    """Decisions, audit log and outbox of the coordinator."""
+    """Decisions, audit log, outbox and sealed incomplete bookings of the coordinator."""
 
     def __init__(self, url: str) -> None:
         self._engine = connect(url)
         _Base.metadata.create_all(self._engine)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        try:
+            with self._sessions.begin() as session:
+                if session.get(AuditHead, 1) is None:
+                    session.add(AuditHead(id=1, entries=0, last_hash=GENESIS))
+        except IntegrityError:
+            pass  # another process created it first
+
+    # ------------------------------------------------------------------ audit
+
+    def _append_audit(self, session: Session, tcn: str, event: str, detail: str, payload: bytes) -> None:
+        # The head is written before it is read: on SQLite the write takes the database's write
+        # lock, on PostgreSQL the row lock, so concurrent appends queue up and never share a
+        # previous hash.
+        session.execute(update(AuditHead).where(AuditHead.id == 1).values(entries=AuditHead.entries + 1))
+        seq, prev = session.execute(
+            select(AuditHead.entries, AuditHead.last_hash).where(AuditHead.id == 1)
+        ).one()
+        now = _now()
+        digest = entry_hash(prev, seq, now, tcn, event, detail, payload)
+        session.add(
+            AuditRow(
+                seq=seq,
+                recorded_at=now,
+                tcn=tcn,
+                event=event,
+                detail=detail,
+                payload=payload,
+                prev_hash=prev,
+                entry_hash=digest,
+            )
+        )
+        session.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=digest))
+
+    def record_event(self, tcn: str, event: str, detail: str) -> None:
+        """Appends an audit entry that belongs to no other write (a refusal, an operator's act)."""
+        with self._sessions.begin() as session:
+            self._append_audit(session, tcn, event, detail, b"")
+
+    def audit(self, tcn: str) -> list[tuple[str, str]]:
+        """(event, detail) of a TCN's audit entries, oldest first."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(AuditRow.event, AuditRow.detail).where(AuditRow.tcn == tcn).order_by(AuditRow.seq)
+            )
+            return [(e, d) for e, d in rows]
+
+    def verify_audit(self) -> tuple[int, ChainBreak | None]:
+        """(entries checked, the first break or None) over the whole log."""
+        with self._sessions() as session:
+            head = session.get(AuditHead, 1)
+            rows = session.scalars(select(AuditRow).order_by(AuditRow.seq)).all()
+            entries = [
+                AuditEntry(
+                    r.seq, r.recorded_at, r.tcn, r.event, r.detail, r.payload, r.prev_hash, r.entry_hash
+                )
+                for r in rows
+            ]
+        head_entries, head_hash = (head.entries, head.last_hash) if head is not None else (0, GENESIS)
+        return len(entries), verify_chain(entries, head_entries, head_hash)
+
+    # ------------------------------------------------------------------ decisions
 
     def decision(self, tcn: str) -> bk.BookingDecision | None:
         with self._sessions() as session:
             row = session.get(DecisionRow, tcn)
             return None if row is None else bk.BookingDecision.FromString(row.decision)
 
-    def record_decision(self, decision: bk.BookingDecision, notification: ice.Notification | None) -> None:
-        """Stores the decision, appends it to the audit log and queues the notification, atomically."""
+    def booking_content(self, tcn: str) -> str | None:
+        """The content digests stored with a TCN's decision, None when there is no decision."""
+        with self._sessions() as session:
+            row = session.get(DecisionRow, tcn)
+            return None if row is None else row.content
+
+    def record_decision(
+        self,
+        decision: bk.BookingDecision,
+        notification: ice.Notification | None,
+        *,
+        content: str = "",
+        sealed_booking: bytes | None = None,
+        retry_at: dt.datetime | None = None,
+        retries: int = 0,
+    ) -> None:
+        """Stores the decision, appends it to the audit log and queues the notification, atomically.
+
+        An incomplete decision keeps ``sealed_booking`` for the coordinator's own retries, due
+        at ``retry_at``; a complete one deletes the sealed booking in the same transaction.
+        """
         now = _now()
         payload = decision.SerializeToString()
         with self._sessions.begin() as session:
@@ -108,6 +268,7 @@ class CoordinatorStore:
                         attempt=decision.attempt,
                         decision=payload,
                         updated_at=now,
+                        content=content,
                     )
                 )
             else:
@@ -117,15 +278,7 @@ class CoordinatorStore:
                     payload,
                     now,
                 )
-            session.add(
-                AuditRow(
-                    recorded_at=now,
-                    tcn=decision.tcn,
-                    event="decision",
-                    detail="; ".join(decision.reasons),
-                    payload=payload,
-                )
-            )
+            self._append_audit(session, decision.tcn, "decision", "; ".join(decision.reasons), payload)
             if notification is not None and session.get(OutboxRow, decision.tcn) is None:
                 session.add(
                     OutboxRow(
@@ -137,6 +290,59 @@ class CoordinatorStore:
                         last_error="",
                     )
                 )
+            pending = session.get(PendingBookingRow, decision.tcn)
+            if decision.status == bk.COMPLETE:
+                if pending is not None:
+                    session.delete(pending)
+            elif sealed_booking is not None and retry_at is not None:
+                if pending is None:
+                    session.add(
+                        PendingBookingRow(
+                            tcn=decision.tcn,
+                            sealed=sealed_booking,
+                            created_at=now,
+                            retries=retries,
+                            next_attempt_at=retry_at,
+                        )
+                    )
+                else:
+                    pending.sealed, pending.retries, pending.next_attempt_at = (
+                        sealed_booking,
+                        retries,
+                        retry_at,
+                    )
+
+    # ------------------------------------------------------------------ incomplete bookings
+
+    def due_bookings(self, limit: int = 16) -> list[PendingBooking]:
+        """Sealed incomplete bookings whose next retry is due, oldest due first."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(PendingBookingRow)
+                .where(PendingBookingRow.next_attempt_at <= _now())
+                .order_by(PendingBookingRow.next_attempt_at)
+                .limit(limit)
+            )
+            return [PendingBooking(r.tcn, r.sealed, r.retries) for r in rows]
+
+    def reschedule_booking(self, tcn: str, retry_at: dt.datetime) -> None:
+        """Moves a sealed booking's next retry to ``retry_at`` (counting one more retry)."""
+        with self._sessions.begin() as session:
+            row = session.get(PendingBookingRow, tcn)
+            if row is not None:
+                row.retries += 1
+                row.next_attempt_at = retry_at
+
+    def next_booking_due_at(self) -> dt.datetime | None:
+        with self._sessions() as session:
+            due = session.scalar(select(func.min(PendingBookingRow.next_attempt_at)))
+            return None if due is None else _aware(due)
+
+    def has_sealed_booking(self, tcn: str) -> bool:
+        with self._sessions() as session:
+            return session.get(PendingBookingRow, tcn) is not None
+
+    # ------------------------------------------------------------------ outbox
 
     def due_notifications(self, limit: int = 64) -> list[PendingNotification]:
         with self._sessions() as session:
@@ -154,40 +360,68 @@ class CoordinatorStore:
     def next_due_at(self) -> dt.datetime | None:
         with self._sessions() as session:
             due = session.scalar(
-                select(OutboxRow.next_attempt_at)
-                .where(OutboxRow.delivered_at.is_(None))
-                .order_by(OutboxRow.next_attempt_at)
-                .limit(1)
+                select(func.min(OutboxRow.next_attempt_at)).where(OutboxRow.delivered_at.is_(None))
             )
             return None if due is None else _aware(due)
 
     def mark_delivered(self, tcn: str, duplicate: bool) -> None:
         """Closes the outbox entry and moves the stored decision to DELIVERED."""
-        now = _now()
         with self._sessions.begin() as session:
-            session.execute(update(OutboxRow).where(OutboxRow.tcn == tcn).values(delivered_at=now))
-            row = session.get(DecisionRow, tcn)
-            if row is not None:
-                decision = bk.BookingDecision.FromString(row.decision)
-                decision.notification = bk.DELIVERED
-                row.decision = decision.SerializeToString()
-            session.add(
-                AuditRow(
-                    recorded_at=now,
-                    tcn=tcn,
-                    event="notification_delivered",
-                    detail="acknowledged (already received)" if duplicate else "acknowledged",
-                    payload=b"",
-                )
-            )
+            session.execute(update(OutboxRow).where(OutboxRow.tcn == tcn).values(delivered_at=_now()))
+            _set_notification_state(session, tcn, bk.DELIVERED)
+            detail = "acknowledged (already received)" if duplicate else "acknowledged"
+            self._append_audit(session, tcn, "notification_delivered", detail, b"")
 
-    def mark_failed(self, tcn: str, error: str, retry_at: dt.datetime) -> None:
+    def mark_failed(self, tcn: str, error: str, retry_at: dt.datetime, max_attempts: int) -> bool:
+        """Counts a failed delivery; at ``max_attempts`` the entry becomes a dead letter (the
+        decision UNDELIVERABLE, audited). Returns whether it did."""
         with self._sessions.begin() as session:
             row = session.get(OutboxRow, tcn)
-            if row is not None:
-                row.attempts += 1
-                row.last_error = error
-                row.next_attempt_at = retry_at
+            if row is None or row.delivered_at is not None:
+                return False
+            row.attempts += 1
+            row.last_error = error
+            row.next_attempt_at = retry_at
+            if row.attempts < max_attempts:
+                return False
+            session.add(
+                DeadLetterRow(
+                    tcn=tcn,
+                    notification=row.notification,
+                    created_at=row.created_at,
+                    attempts=row.attempts,
+                    dead_at=_now(),
+                    last_error=error,
+                )
+            )
+            session.delete(row)
+            _set_notification_state(session, tcn, bk.UNDELIVERABLE)
+            self._append_audit(
+                session, tcn, "notification_dead_lettered", f"{row.attempts} attempts; last: {error}", b""
+            )
+            return True
+
+    def retry_dead_letter(self, tcn: str, operator: str) -> bool:
+        """Puts a dead letter back into the outbox with fresh attempts (audited with the
+        operator); False when ``tcn`` has no dead letter."""
+        with self._sessions.begin() as session:
+            dead = session.get(DeadLetterRow, tcn)
+            if dead is None:
+                return False
+            session.add(
+                OutboxRow(
+                    tcn=tcn,
+                    notification=dead.notification,
+                    created_at=dead.created_at,
+                    attempts=0,
+                    next_attempt_at=_now(),
+                    last_error=dead.last_error,
+                )
+            )
+            session.delete(dead)
+            _set_notification_state(session, tcn, bk.QUEUED)
+            self._append_audit(session, tcn, "notification_requeued", f"by {operator}", b"")
+            return True
 
     def outbox_attempts(self, tcn: str) -> tuple[int, bool] | None:
         """(attempts, delivered) of a TCN's outbox entry, None when it has none."""
@@ -195,13 +429,61 @@ class CoordinatorStore:
             row = session.get(OutboxRow, tcn)
             return None if row is None else (row.attempts, row.delivered_at is not None)
 
-    def audit(self, tcn: str) -> list[tuple[str, str]]:
-        """(event, detail) of a TCN's audit entries, oldest first."""
+    def undelivered(self) -> list[OutboxEntry]:
+        """Every notification ICE has not acknowledged: dead letters first, then pending, oldest first."""
         with self._sessions() as session:
-            rows = session.execute(
-                select(AuditRow.event, AuditRow.detail).where(AuditRow.tcn == tcn).order_by(AuditRow.id)
+            dead = session.scalars(select(DeadLetterRow).order_by(DeadLetterRow.created_at)).all()
+            pending = session.scalars(
+                select(OutboxRow).where(OutboxRow.delivered_at.is_(None)).order_by(OutboxRow.created_at)
+            ).all()
+            entries = [
+                OutboxEntry(
+                    r.tcn,
+                    ice.Notification.FromString(r.notification).level,
+                    r.attempts,
+                    _aware(r.created_at),
+                    r.last_error,
+                    True,
+                )
+                for r in dead
+            ]
+            entries += [
+                OutboxEntry(
+                    r.tcn,
+                    ice.Notification.FromString(r.notification).level,
+                    r.attempts,
+                    _aware(r.created_at),
+                    r.last_error,
+                    False,
+                )
+                for r in pending
+            ]
+            return entries
+
+    # ------------------------------------------------------------------ statistics
+
+    def stats(self) -> bk.CoordinatorStats:
+        """Counts of decisions, retried bookings, the outbox and its dead letters."""
+        with self._sessions() as session:
+            oldest = session.scalar(
+                select(func.min(OutboxRow.created_at)).where(OutboxRow.delivered_at.is_(None))
             )
-            return [(e, d) for e, d in rows]
+            return bk.CoordinatorStats(
+                decisions=session.scalar(select(func.count()).select_from(DecisionRow)) or 0,
+                incomplete=session.scalar(
+                    select(func.count()).select_from(DecisionRow).where(DecisionRow.status == bk.INCOMPLETE)
+                )
+                or 0,
+                retrying_bookings=session.scalar(select(func.count()).select_from(PendingBookingRow)) or 0,
+                outbox_pending=session.scalar(
+                    select(func.count()).select_from(OutboxRow).where(OutboxRow.delivered_at.is_(None))
+                )
+                or 0,
+                oldest_pending_notification_age_s=(
+                    0.0 if oldest is None else max(0.0, (_now() - _aware(oldest)).total_seconds())
+                ),
+                dead_letters=session.scalar(select(func.count()).select_from(DeadLetterRow)) or 0,
+            )
 
     def close(self) -> None:
         self._engine.dispose()

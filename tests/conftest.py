@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from launcher.services import build_node
 from nodes.gallery import GalleryNode
 from nodes.gallery.config import NodeConfig
 from synthetic.population import Population, generate_population
+from tests.postgres import server_binaries, throwaway_postgres
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +106,8 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
             node_deadline_s=10.0,
             outbox_retry_initial_s=0.05,
             outbox_retry_max_s=0.5,
+            retry_initial_s=0.2,
+            retry_max_s=1.0,
             authorized_oris=sorted({b.booking.ori for b in population.bookings}),
             tls=pki["coordinator"],
         )
@@ -120,3 +123,32 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
         current = [fed.coordinator, fed.iafis, fed.ident, fed.ice] if fed is not None else []
         for service in [*current, *reversed(started)]:
             await service.stop(0)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """URL of a throwaway PostgreSQL server (skips where no server binaries are installed)."""
+    bindir = server_binaries()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs them)")
+    with throwaway_postgres(bindir) as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the throwaway server for one test."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -95,6 +95,10 @@ class _NotificationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Not
     """an IDENT hit that a suppression rule withholds (see reasons)"""
     DEFERRED: _NotificationState.ValueType  # 6
     """the decision is incomplete; decided when it completes"""
+    UNDELIVERABLE: _NotificationState.ValueType  # 7
+    """ICE refused or missed the notification as many times as the outbox allows: it
+    waits in the dead-letter table until an operator retries it (`fedprint outbox`).
+    """
 
 class NotificationState(_NotificationState, metaclass=_NotificationStateEnumTypeWrapper):
     """What happens about ICE for this booking."""
@@ -112,6 +116,10 @@ SUPPRESSED: NotificationState.ValueType  # 5
 """an IDENT hit that a suppression rule withholds (see reasons)"""
 DEFERRED: NotificationState.ValueType  # 6
 """the decision is incomplete; decided when it completes"""
+UNDELIVERABLE: NotificationState.ValueType  # 7
+"""ICE refused or missed the notification as many times as the outbox allows: it
+waits in the dead-letter table until an operator retries it (`fedprint outbox`).
+"""
 Global___NotificationState: _TypeAlias = NotificationState  # noqa: Y015
 
 @_typing.final
@@ -306,3 +314,58 @@ class WatchDecisionsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchDecisionsRequest: _TypeAlias = WatchDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class CoordinatorStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    INCOMPLETE_FIELD_NUMBER: _builtins.int
+    RETRYING_BOOKINGS_FIELD_NUMBER: _builtins.int
+    OUTBOX_PENDING_FIELD_NUMBER: _builtins.int
+    OLDEST_PENDING_NOTIFICATION_AGE_S_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    decisions: _builtins.int
+    """Decisions stored (one per TCN), and how many of them are still incomplete."""
+    incomplete: _builtins.int
+    retrying_bookings: _builtins.int
+    """Incomplete bookings the coordinator keeps (encrypted) and retries by itself."""
+    outbox_pending: _builtins.int
+    """Notifications in the outbox not yet acknowledged by ICE, and the age in
+    seconds of the oldest of them (0 when none).
+    """
+    oldest_pending_notification_age_s: _builtins.float
+    dead_letters: _builtins.int
+    """Notifications that exhausted their attempts (see NotificationState.UNDELIVERABLE)."""
+    def __init__(
+        self,
+        *,
+        decisions: _builtins.int = ...,
+        incomplete: _builtins.int = ...,
+        retrying_bookings: _builtins.int = ...,
+        outbox_pending: _builtins.int = ...,
+        oldest_pending_notification_age_s: _builtins.float = ...,
+        dead_letters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "decisions", b"decisions", "incomplete", b"incomplete", "oldest_pending_notification_age_s", b"oldest_pending_notification_age_s", "outbox_pending", b"outbox_pending", "retrying_bookings", b"retrying_bookings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CoordinatorStats: _TypeAlias = CoordinatorStats  # noqa: Y015

@@ -49,6 +49,11 @@ class BookingServiceStub:
                 request_serializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.WatchDecisionsRequest.SerializeToString,
                 response_deserializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.BookingDecision.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/fedprint.booking.v1.BookingService/GetStats',
+                request_serializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.CoordinatorStats.FromString,
+                _registered_method=True)
 
 
 class BookingServiceServicer:
@@ -72,7 +77,17 @@ class BookingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchDecisions(self, request, context):
-        """Streams every decision made from now on (optionally for one ORI only).
+        """Streams every decision made from now on (optionally for one ORI only),
+        including the final decisions of incomplete bookings that the coordinator
+        completes by itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """What is waiting inside the coordinator: bookings still being retried and
+        notifications not yet acknowledged by ICE, with the age of the oldest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +110,11 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.WatchDecisions,
                     request_deserializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.WatchDecisionsRequest.FromString,
                     response_serializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.BookingDecision.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.GetStatsRequest.FromString,
+                    response_serializer=fedprint_dot_booking_dot_v1_dot_booking__pb2.CoordinatorStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +198,33 @@ class BookingService:
             '/fedprint.booking.v1.BookingService/WatchDecisions',
             fedprint_dot_booking_dot_v1_dot_booking__pb2.WatchDecisionsRequest.SerializeToString,
             fedprint_dot_booking_dot_v1_dot_booking__pb2.BookingDecision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedprint.booking.v1.BookingService/GetStats',
+            fedprint_dot_booking_dot_v1_dot_booking__pb2.GetStatsRequest.SerializeToString,
+            fedprint_dot_booking_dot_v1_dot_booking__pb2.CoordinatorStats.FromString,
             options,
             channel_credentials,
             insecure,

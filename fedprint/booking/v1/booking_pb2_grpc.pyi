@@ -43,7 +43,14 @@ class BookingServiceStub:
     GetDecision: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetDecisionRequest, _booking_pb2.BookingDecision]
     """The latest decision for a TCN; NOT_FOUND when none was made."""
     WatchDecisions: _grpc.UnaryStreamMultiCallable[_booking_pb2.WatchDecisionsRequest, _booking_pb2.BookingDecision]
-    """Streams every decision made from now on (optionally for one ORI only)."""
+    """Streams every decision made from now on (optionally for one ORI only),
+    including the final decisions of incomplete bookings that the coordinator
+    completes by itself.
+    """
+    GetStats: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetStatsRequest, _booking_pb2.CoordinatorStats]
+    """What is waiting inside the coordinator: bookings still being retried and
+    notifications not yet acknowledged by ICE, with the age of the oldest.
+    """
 
 @_typing.type_check_only
 class BookingServiceAsyncStub(BookingServiceStub):
@@ -57,7 +64,14 @@ class BookingServiceAsyncStub(BookingServiceStub):
     GetDecision: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetDecisionRequest, _booking_pb2.BookingDecision]  # type: ignore[assignment]
     """The latest decision for a TCN; NOT_FOUND when none was made."""
     WatchDecisions: _aio.UnaryStreamMultiCallable[_booking_pb2.WatchDecisionsRequest, _booking_pb2.BookingDecision]  # type: ignore[assignment]
-    """Streams every decision made from now on (optionally for one ORI only)."""
+    """Streams every decision made from now on (optionally for one ORI only),
+    including the final decisions of incomplete bookings that the coordinator
+    completes by itself.
+    """
+    GetStats: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetStatsRequest, _booking_pb2.CoordinatorStats]  # type: ignore[assignment]
+    """What is waiting inside the coordinator: bookings still being retried and
+    notifications not yet acknowledged by ICE, with the age of the oldest.
+    """
 
 class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -86,6 +100,19 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _booking_pb2.WatchDecisionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_booking_pb2.BookingDecision], _abc.AsyncIterator[_booking_pb2.BookingDecision]]:
-        """Streams every decision made from now on (optionally for one ORI only)."""
+        """Streams every decision made from now on (optionally for one ORI only),
+        including the final decisions of incomplete bookings that the coordinator
+        completes by itself.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _booking_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.CoordinatorStats, _abc.Awaitable[_booking_pb2.CoordinatorStats]]:
+        """What is waiting inside the coordinator: bookings still being retried and
+        notifications not yet acknowledged by ICE, with the age of the oldest.
+        """
 
 def add_BookingServiceServicer_to_server(servicer: BookingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

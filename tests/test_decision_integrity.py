@@ -1,0 +1,213 @@
+"""Bookings that finish on their own, resubmissions that must repeat themselves, notifications
+that end in a dead-letter table rather than retrying forever, and an audit log whose every
+edit is found: over real gRPC servers, real SQLite, and a throwaway PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sqlite3
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+from typer.testing import CliRunner
+
+from cli.app import app
+from federation.outbox import OutboxDeliverer
+from federation.store import CoordinatorStore
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.records.v1 import records_pb2 as rec
+from fedprint.rpc import open_channel
+from synthetic.population import Population
+from tests.conftest import Federation
+from tests.test_federation_e2e import pick, with_tcn
+
+
+async def test_a_booking_left_incomplete_by_a_down_node_becomes_final_without_resubmission(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    stub = federation.booking_stub()
+    watch = stub.WatchDecisions(bk.WatchDecisionsRequest(ori=sample.booking.ori), timeout=60)
+    await federation.ident.stop(0)
+
+    decision = await stub.SubmitBooking(sample.booking, timeout=30)
+    assert decision.status == bk.INCOMPLETE and decision.ident.outcome == bk.UNAVAILABLE
+    store = federation.coordinator.coordinator.store
+    assert store.has_sealed_booking(sample.booking.tcn)
+    stats = await stub.GetStats(bk.GetStatsRequest(), timeout=5)
+    assert stats.incomplete == 1 and stats.retrying_bookings == 1
+    # Sealed at rest: no finger template appears in the coordinator's database file.
+    template = sample.booking.tenprint.fingers[0].template.data
+    database = (federation.root / "coordinator" / "coordinator.sqlite").read_bytes()
+    assert template[20:60] not in database
+
+    await federation.restart_node("ident")  # nobody resubmits: the coordinator retries by itself
+    final = None
+    async for update in watch:
+        if update.tcn == sample.booking.tcn and update.status == bk.COMPLETE:
+            final = update
+            break
+    watch.cancel()
+    assert final is not None and final.attempt >= 2
+    assert final.iafis.outcome == bk.ANSWERED  # kept from the first attempt, not searched again
+    assert final.ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    assert final.notification == bk.QUEUED
+    assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]
+    assert not store.has_sealed_booking(sample.booking.tcn)  # deleted once final
+    stats = await stub.GetStats(bk.GetStatsRequest(), timeout=5)
+    assert stats.incomplete == 0 and stats.retrying_bookings == 0
+
+
+async def test_a_resubmitted_tcn_with_other_charges_is_refused_naming_what_differs(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=True, ident=False)
+    stub = federation.booking_stub()
+    first = await stub.SubmitBooking(sample.booking, timeout=30)
+    assert (await stub.SubmitBooking(sample.booking, timeout=30)) == first  # same booking: same answer
+
+    changed = with_tcn(sample.booking, sample.booking.tcn)
+    changed.charges.append(rec.Charge(ncic_code="0999", literal="HOMICIDE"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.SubmitBooking(changed, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "charges" in (refused.value.details() or "") and "tenprint" not in (refused.value.details() or "")
+    stored = await stub.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)
+    assert stored == first
+
+
+def notification(tcn: str) -> ice.Notification:
+    return ice.Notification(tcn=tcn, ori="XX0010000", level=rec.LEVEL_1)
+
+
+def decision(tcn: str, state: bk.NotificationState.ValueType = bk.QUEUED) -> bk.BookingDecision:
+    return bk.BookingDecision(tcn=tcn, ori="XX0010000", status=bk.COMPLETE, notification=state, attempt=1)
+
+
+async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_can_retry(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'coordinator.sqlite'}"
+    store = CoordinatorStore(url)
+    store.record_decision(decision("TCN-DEAD-1"), notification("TCN-DEAD-1"))
+    # A real channel to a port where nothing listens: every attempt is UNAVAILABLE.
+    async with open_channel("127.0.0.1:1") as channel:
+        outbox = OutboxDeliverer(
+            store,
+            ice_grpc.IceNotificationServiceStub(channel),
+            deadline_s=1.0,
+            retry_initial_s=0.001,
+            retry_max_s=0.002,
+            max_attempts=3,
+        )
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            assert await outbox.deliver_due() == 0
+    assert store.due_notifications() == []  # no more attempts: it is not retried forever
+    stored = store.decision("TCN-DEAD-1")
+    assert stored is not None and stored.notification == bk.UNDELIVERABLE
+    (entry,) = store.undelivered()
+    assert entry.dead and entry.attempts == 3 and entry.last_error.startswith("UNAVAILABLE")
+    assert store.stats().dead_letters == 1 and store.stats().outbox_pending == 0
+    store.close()
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["outbox", "list", "--db", url, "--json"])
+    assert listed.exit_code == 0 and '"state": "dead"' in listed.output
+    assert runner.invoke(app, ["outbox", "retry", "TCN-NOPE", "--db", url]).exit_code == 1
+    assert runner.invoke(app, ["outbox", "retry", "TCN-DEAD-1", "--db", url]).exit_code == 0
+
+    store = CoordinatorStore(url)
+    assert [p.tcn for p in store.due_notifications()] == ["TCN-DEAD-1"]
+    stored = store.decision("TCN-DEAD-1")
+    assert stored is not None and stored.notification == bk.QUEUED
+    events = [event for event, _ in store.audit("TCN-DEAD-1")]
+    assert events == ["decision", "notification_dead_lettered", "notification_requeued"]
+    stats = store.stats()
+    assert stats.outbox_pending == 1 and stats.dead_letters == 0
+    assert stats.oldest_pending_notification_age_s >= 0.0
+    store.close()
+
+
+def filled_store(url: str) -> CoordinatorStore:
+    store = CoordinatorStore(url)
+    for i in range(5):
+        store.record_decision(decision(f"TCN-AUDIT-{i}"), notification(f"TCN-AUDIT-{i}"))
+    store.mark_delivered("TCN-AUDIT-0", duplicate=False)
+    store.record_event("TCN-AUDIT-1", "refused", "example of an entry of its own")
+    return store
+
+
+def test_the_audit_chain_finds_an_edited_entry_and_a_truncated_log(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.sqlite"
+    url = f"sqlite:///{path}"
+    store = filled_store(url)
+    assert store.verify_audit() == (7, None)
+    store.close()
+    runner = CliRunner()
+    assert runner.invoke(app, ["audit", "verify", "--db", url]).exit_code == 0
+
+    with sqlite3.connect(path) as db:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 3")
+        # Someone who drops the triggers first can edit; the chain still tells.
+        db.execute("DROP TRIGGER audit_log_no_update")
+        db.execute("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 3")
+    verified = runner.invoke(app, ["audit", "verify", "--db", url])
+    assert verified.exit_code == 1
+    assert "entry 3 (TCN TCN-AUDIT-2)" in verified.output and "changed" in verified.output
+
+    truncated = tmp_path / "truncated.sqlite"
+    store = filled_store(f"sqlite:///{truncated}")
+    store.close()
+    with sqlite3.connect(truncated) as db:
+        db.execute("DROP TRIGGER audit_log_no_delete")
+        db.execute("DELETE FROM audit_log WHERE seq = (SELECT max(seq) FROM audit_log)")
+    store = CoordinatorStore(f"sqlite:///{truncated}")
+    checked, broken = store.verify_audit()
+    store.close()
+    assert checked == 6 and broken is not None and broken.seq == 7
+
+
+def test_the_audit_log_is_append_only_and_chained_on_postgresql(postgres_url: str) -> None:
+    store = filled_store(postgres_url)
+    assert store.verify_audit() == (7, None)
+    store.close()
+    engine = create_engine(postgres_url)
+    for statement in ("UPDATE audit_log SET detail = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
+            connection.execute(text(statement))
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_change"))
+        connection.execute(text("UPDATE audit_log SET tcn = 'TCN-OTHER' WHERE seq = 2"))
+    engine.dispose()
+    store = CoordinatorStore(postgres_url)
+    checked, broken = store.verify_audit()
+    store.close()
+    assert checked == 7 and broken is not None and broken.seq == 2
+
+
+def test_concurrent_writers_never_fork_the_audit_chain(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = CoordinatorStore(f"sqlite:///{tmp_path / 'coordinator.sqlite'}")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: store.record_decision(decision(f"TCN-C-{i}"), None), range(40)))
+    assert store.verify_audit() == (40, None)
+    store.close()
+
+
+def test_stats_age_counts_from_when_the_notification_was_queued(tmp_path: Path) -> None:
+    store = CoordinatorStore(f"sqlite:///{tmp_path / 'coordinator.sqlite'}")
+    store.record_decision(decision("TCN-AGE-1"), notification("TCN-AGE-1"))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
+    store.mark_failed("TCN-AGE-1", "UNAVAILABLE: down", later, max_attempts=10)
+    assert store.stats().outbox_pending == 1
+    assert 0.0 <= store.stats().oldest_pending_notification_age_s < 30.0
+    store.close()
