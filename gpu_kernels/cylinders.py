@@ -142,6 +142,33 @@ class CylinderSet:
             params=self.params,
         )
 
+    def compacted(self) -> CylinderSet:
+        """Each finger's valid cylinders first, in their original order, and M cut to the most
+        valid cylinders of any finger (at least 1). What scoring needs and no more: an invalid
+        cylinder matches nothing, and keeping the valid ones in order keeps every ranking of
+        pairs (and its ties) as it was."""
+        n_valid = self.valid.sum(-1)
+        m = max(1, int(n_valid.max())) if len(self) else 1
+        if m == self.max_minutiae and bool(self.valid[:, :m].all()):
+            return self
+        order = torch.argsort((~self.valid).to(torch.uint8), dim=1, stable=True)[:, :m]
+
+        def take(t: Tensor) -> Tensor:
+            index = order.reshape(*order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+            return torch.gather(t, 1, index)
+
+        if self.max_minutiae < m:  # no minutiae at all: one invalid, all-zero cylinder each
+            return self.padded(m)
+        return CylinderSet(
+            values=take(self.values),
+            cell_valid=take(self.cell_valid),
+            valid=torch.arange(m, device=self.device)[None, :] < n_valid[:, None],
+            theta=take(self.theta),
+            xy=take(self.xy),
+            counts=self.counts,
+            params=self.params,
+        )
+
     def padded(self, m: int) -> CylinderSet:
         """The same fingers with M padded up to ``m`` invalid, all-zero cylinders."""
         extra = m - self.max_minutiae

@@ -16,8 +16,6 @@ from minutiae.template import TenPrintTemplates
 FINGER_POSITIONS = tuple(range(1, 11))
 """ANSI/NIST FGP codes 1-10; position ``f`` lives at index ``f - 1`` of every ``[..., 10]`` axis."""
 
-_MIB = 1 << 20
-
 
 @dataclass(frozen=True)
 class TenPrintCylinders:
@@ -123,7 +121,7 @@ def score_tenprints(
     params: MccParams,
     *,
     fusion: FusionParams | None = None,
-    chunk_bytes: int = 256 * _MIB,
+    chunk_bytes: int | None = None,
 ) -> TenPrintScores:
     """Scores every probe subject against every gallery subject, finger by finger, and fuses.
 

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -61,30 +63,26 @@ _CPU_RELAX_BLOCK_BYTES = 8 * _MIB
 
 @dataclass(frozen=True)
 class _Operands:
-    """Unpacked operands of a finger set: ``values [N, M, C]`` and spatial validity ``mask
-    [N, M, S]`` (0/1 float), ``valid, theta: [N, M]``. The probe side also carries ``energy``
-    = Σ_k value² ``[N, M, S]`` and ``mask_cells``, the mask repeated over sections ``[N, M, C]``;
-    the gallery side, unpacked chunk by chunk, needs neither (see :func:`_local`)."""
+    """Unpacked operands of a finger set: ``values [N, M, C]``, ``energy`` = Σ_k value² per
+    spatial cell ``[N, M, S]`` (binary: the count of set bits), spatial validity ``mask [N, M, S]``
+    (0/1 float, all 0 for an invalid cylinder, so that no product involving it reaches the
+    matchability threshold on common cells), ``valid, theta: [N, M]``."""
 
     values: Tensor
+    energy: Tensor
     mask: Tensor
     valid: Tensor
     theta: Tensor
-    energy: Tensor | None = None
-    mask_cells: Tensor | None = None
 
     @staticmethod
-    def of(cyl: CylinderSet, *, probe_side: bool) -> _Operands:
+    def of(cyl: CylinderSet) -> _Operands:
         p = cyl.params
         values = cyl.unpacked_values()
-        mask = cyl.unpacked_cell_valid()
-        if not probe_side:
-            return _Operands(values, mask, cyl.valid, cyl.theta)
         n, m, _ = values.shape
         squares = values if p.binary else values * values
         energy = squares.reshape(n, m, p.spatial_cells, p.nd).sum(-1)
-        mask_cells = mask.repeat_interleave(p.nd, dim=-1)
-        return _Operands(values, mask, cyl.valid, cyl.theta, energy, mask_cells)
+        mask = cyl.unpacked_cell_valid().mul_(cyl.valid[..., None])
+        return _Operands(values, energy, mask, cyl.valid, cyl.theta)
 
 
 def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> None:
@@ -99,42 +97,35 @@ def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> None:
 def _local(a: _Operands, b: _Operands, params: MccParams) -> Tensor:
     """Local similarities ``[P, G, Mp, Mg]`` of every cylinder pair; 0 where not matchable.
 
-    ``a`` is the probe side (with ``energy`` and ``mask_cells``), ``b`` a gallery chunk. Products:
-    ``[a; ma] @ b`` over C cells gives a·b and ||b|a||² (binary: b² = b) in one matmul, and
-    ``[Σ_k a²; ma] @ mb`` over S spatial cells gives ||a|b||² and the common valid cells.
+    Products: a·b over the C cells, and over the S spatial cells only (validity is per spatial
+    cell, the same in each of its Nd sections): ``[Σ_k a²; ma] @ mb`` gives ||a|b||² and the
+    common valid cells, ``ma @ Σ_k b²`` gives ||b|a||². Bit-based values make every product an
+    exact integer in float32, whatever the summation order. The elementwise work then runs in
+    place, on buffers the products returned.
     """
-    assert a.energy is not None and a.mask_cells is not None
     p, mp, c = a.values.shape
     g, mg, _ = b.values.shape
     s = params.spatial_cells
     rows = p * mp
-    b_values = b.values.reshape(g * mg, c)
-    if params.binary:
-        over_cells = torch.cat([a.values, a.mask_cells], 0).reshape(2 * rows, c) @ b_values.T
-        dot, norm_b2 = over_cells[:rows], over_cells[rows:]
-    else:
-        dot = a.values.reshape(rows, c) @ b_values.T
-        norm_b2 = a.mask_cells.reshape(rows, c) @ (b_values * b_values).T
+    dot = a.values.reshape(rows, c) @ b.values.reshape(g * mg, c).T
     over_spatial = torch.cat([a.energy, a.mask], 0).reshape(2 * rows, s) @ b.mask.reshape(g * mg, s).T
     norm_a2, common = over_spatial[:rows], over_spatial[rows:]
-    dot, norm_a2, norm_b2, common = (t.reshape(p, mp, g, mg) for t in (dot, norm_a2, norm_b2, common))
+    norm_b2 = a.mask.reshape(rows, s) @ b.energy.reshape(g * mg, s).T
 
-    norm_a, norm_b = torch.sqrt(norm_a2), torch.sqrt(norm_b2)
-    # Rounding can push the float variant's difference slightly below zero; clamp.
-    diff = torch.sqrt((norm_a2 + norm_b2 - 2.0 * dot).clamp(min=0.0))
-    denom = norm_a + norm_b
-    lam = 1.0 - diff / denom.clamp(min=1e-12)
-
+    # ||a|b - b|a|| = sqrt(||a|b||² + ||b|a||² - 2 a·b); rounding can push the float variant's
+    # difference slightly below zero, hence the clamp.
+    lam = dot.mul_(-2.0).add_(norm_a2).add_(norm_b2).clamp_(min=0.0).sqrt_()
+    denom = norm_a2.sqrt_().add_(norm_b2.sqrt_())
     n_disk = int(disk_mask(params).sum())
+    # An invalid cylinder has no valid cell (see _Operands), so this also requires both valid.
+    matchable = (common >= params.min_me * n_disk).logical_and_(denom > 0)
+    lam.div_(denom.clamp_(min=1e-12)).neg_().add_(1.0)
+    lam, matchable = lam.reshape(p, mp, g, mg), matchable.reshape(p, mp, g, mg)
     d_theta = wrap_angle(a.theta[:, :, None, None] - b.theta[None, None])
-    matchable = (
-        (d_theta.abs() <= params.delta_theta)
-        & (common >= params.min_me * n_disk)
-        & (denom > 0)
-        & a.valid[:, :, None, None]
-        & b.valid[None, None]
-    )
-    return torch.where(matchable, lam, 0.0).permute(0, 2, 1, 3)
+    matchable.logical_and_(d_theta.abs_() <= params.delta_theta)
+    if params.min_me * n_disk <= 0:  # the common-cell test no longer excludes invalid cylinders
+        matchable.logical_and_(a.valid[:, :, None, None] & b.valid[None, None])
+    return lam.mul_(matchable).permute(0, 2, 1, 3)
 
 
 def lss_pair_count(n_a: Tensor, n_b: Tensor, params: MccParams) -> Tensor:
@@ -333,7 +324,7 @@ def local_similarities(probe: CylinderSet, gallery: CylinderSet, params: MccPara
     finger g, 0 where the pair is not matchable or either cylinder is invalid.
     """
     _check(probe, gallery, params)
-    return _local(_Operands.of(probe, probe_side=True), _Operands.of(gallery, probe_side=False), params)
+    return _local(_Operands.of(probe), _Operands.of(gallery), params)
 
 
 def score_fingers(
@@ -341,7 +332,7 @@ def score_fingers(
     gallery: CylinderSet,
     params: MccParams,
     *,
-    chunk_bytes: int = 256 * _MIB,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Global scores of all pairs: ``probe: [P, Mp, ·]``, ``gallery: [G, Mg, ·]`` -> ``[P, G]``.
 
@@ -349,48 +340,109 @@ def score_fingers(
     gallery is unpacked and scored in chunks of fingers sized so the chunk's float operands and
     ``[P, g, Mp, Mg]`` (LSS-R: also ``[P, g, K, K]``, which on the CPU go block by block, see
     :func:`lss_r_scores`) intermediates stay near ``chunk_bytes``; there is no loop over pairs.
-    Both sets must share the cylinder params and the device.
+    Both sets must share the cylinder params and the device. ``chunk_bytes`` defaults to
+    :func:`default_chunk_bytes` of the device.
     """
     _check(probe, gallery, params)
-    a = _Operands.of(probe, probe_side=True)
-    n_a = probe.valid.sum(-1)
-    n_b = gallery.valid.sum(-1)
-    p, mp = probe.valid.shape
-    g, mg = gallery.valid.shape
-    # Per gallery finger: its unpacked operands (float values, int32 index scratch, mask) and
-    # about ten [P, Mp, Mg] float tensors of products and masks.
-    per_finger = mg * (params.cells * 4 + params.cells // 2 + params.spatial_cells * 4) + 10 * 4 * p * mp * mg
-    relaxing = params.consolidation == "lss_r"
-    fixed = 0
-    if relaxing:
-        # Each finger's minutia geometry: three [Mg, Mg] tables and their scratch, ~8 floats.
-        per_finger += 8 * 4 * mg * mg
-        relaxed = _relaxed_bytes(p, mp, mg, min(mp, mg))
-        if _relaxes_in_blocks(probe.device):
-            fixed = max(relaxed, _CPU_RELAX_BLOCK_BYTES)  # one block at a time
+    out = torch.zeros((len(probe), len(gallery)), dtype=torch.float32, device=probe.device)
+    if len(probe) == 0 or len(gallery) == 0:
+        return out
+    plan = _ChunkPlan.of(probe, gallery, params, chunk_bytes)
+    a = _Operands.of(plan.probe)
+    n_a = plan.probe.valid.sum(-1)
+    for lo, hi in plan.bounds:
+        fingers = plan.order[lo:hi]
+        part = gallery.select(fingers).compacted()
+        lam = _local(a, _Operands.of(part), params)
+        if params.consolidation == "lss_r":
+            out[:, fingers] = lss_r_scores(lam, plan.probe, part, params)
         else:
-            per_finger += relaxed  # the whole chunk at once
-    step = max(1, (chunk_bytes - fixed) // max(per_finger, 1))
-    out = torch.zeros((p, g), dtype=torch.float32, device=probe.device)
-    for lo in range(0, g, step):
-        hi = min(g, lo + step)
-        part = gallery.select(slice(lo, hi))
-        lam = _local(a, _Operands.of(part, probe_side=False), params)
-        if relaxing:
-            out[:, lo:hi] = lss_r_scores(lam, probe, part, params)
-        else:
-            out[:, lo:hi] = lss_scores(lam, n_a, n_b[lo:hi], params)
+            out[:, fingers] = lss_scores(lam, n_a, part.valid.sum(-1), params)
     return out
 
 
-def score_flops(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> int:
-    """Floating-point operations of the matrix products :func:`score_fingers` executes for
-    ``probe: [P, Mp, ·]`` against ``gallery: [G, Mg, ·]`` (2 per multiply-add, padded M as run).
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """How :func:`score_fingers` goes through a gallery: the probes compacted to their valid
+    cylinders; gallery fingers in ``order`` of valid count, whose ``widths`` (valid counts, at
+    least 1) are non-decreasing; and ``bounds``, the ``[lo, hi)`` chunks of that order, each
+    compacted to its largest width ``widths[hi - 1]``."""
 
-    Two products per pair of cylinders over the C cells (binary: a·b and ||b|a||² stacked; the
-    float variant also two) and two over the S spatial cells (||a|b||² and the common cells).
-    The elementwise work around them is not counted: this is the work a roofline compares.
+    probe: CylinderSet
+    order: Tensor
+    widths: npt.NDArray[np.int64]
+    bounds: list[tuple[int, int]]
+
+    @staticmethod
+    def of(
+        probe: CylinderSet, gallery: CylinderSet, params: MccParams, chunk_bytes: int | None
+    ) -> _ChunkPlan:
+        if chunk_bytes is None:
+            chunk_bytes = default_chunk_bytes(probe.device)
+        # Cost follows the valid cylinders, not the largest padded M: an invalid cylinder matches
+        # nothing, so the probes keep only their valid ones (CylinderSet.compacted), and gallery
+        # fingers of similar valid counts share a chunk.
+        probe = probe.compacted()
+        p, mp = len(probe), probe.max_minutiae
+        relaxing = params.consolidation == "lss_r"
+        in_blocks = _relaxes_in_blocks(probe.device)
+
+        def per_finger(width: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+            # A gallery finger's unpacked operands (float values, int32 index scratch, mask,
+            # energy) and about ten [P, Mp, w] float tensors of products and masks.
+            cells = params.cells * 4 + params.cells // 2 + params.spatial_cells * 8
+            cost = width * cells + 40 * p * mp * width
+            if relaxing:
+                cost += 32 * width * width  # its minutia geometry: three [w, w] tables and scratch
+                if not in_blocks:  # the chunk's relaxation at once (on the CPU: block by block)
+                    cost += p * (24 * mp * width + 32 * np.minimum(mp, width) ** 2)
+            return cost
+
+        fixed = max(_relaxed_bytes(p, mp, mp, mp), _CPU_RELAX_BLOCK_BYTES) if relaxing and in_blocks else 0
+        n_valid = gallery.valid.sum(-1)
+        order = torch.argsort(n_valid, stable=True)
+        widths = np.maximum(n_valid[order].cpu().numpy(), 1)
+        return _ChunkPlan(probe, order, widths, _chunks(per_finger(widths), max(1, chunk_bytes - fixed)))
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    """How much memory one gallery chunk's temporaries may take on ``device``.
+
+    On the CPU, small enough that the elementwise passes after the products run mostly out of
+    cache: scoring 8 realistic probes against 160 gallery fingers took half the CPU time at
+    32 MiB of what it took at 256 MiB (16 and 64 MiB were within 10 % of 32; 8 MiB leaves no
+    room beside LSS-R's blocks). Elsewhere, large chunks keep the device busy.
     """
-    p, mp = probe.valid.shape
-    g, mg = gallery.valid.shape
-    return 2 * (2 * p * mp) * (g * mg) * (params.cells + params.spatial_cells)
+    return 32 * _MIB if device.type == "cpu" else 256 * _MIB
+
+
+def _chunks(cost: npt.NDArray[np.int64], budget: int) -> list[tuple[int, int]]:
+    """Consecutive ``[lo, hi)`` ranges of fingers whose cost, each counted at the range's
+    largest (``cost`` is non-decreasing), stays within ``budget``; at least one finger each."""
+    bounds, lo, n = [], 0, len(cost)
+    while lo < n:
+        # (hi - lo) · cost[hi - 1] grows with hi: the last hi within budget, by bisection.
+        total = np.arange(1, n - lo + 1) * cost[lo:]
+        hi = lo + max(1, int(np.searchsorted(total, budget, side="right")))
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def score_flops(
+    probe: CylinderSet, gallery: CylinderSet, params: MccParams, *, chunk_bytes: int | None = None
+) -> int:
+    """Floating-point operations of the matrix products :func:`score_fingers` executes for
+    ``probe: [P, Mp, ·]`` against ``gallery: [G, Mg, ·]`` (2 per multiply-add), counted over the
+    cylinders it really multiplies: the probes' valid ones against each gallery chunk's width.
+
+    Per pair of cylinders: one product over the C cells (a·b) and three over the S spatial cells
+    (||a|b||², the common cells, ||b|a||²). The elementwise work around them is not counted: this
+    is the work a roofline compares.
+    """
+    if len(probe) == 0 or len(gallery) == 0:
+        return 0
+    plan = _ChunkPlan.of(probe, gallery, params, chunk_bytes)
+    columns = sum((hi - lo) * int(plan.widths[hi - 1]) for lo, hi in plan.bounds)
+    rows = len(plan.probe) * plan.probe.max_minutiae
+    return 2 * rows * columns * (params.cells + 3 * params.spatial_cells)
