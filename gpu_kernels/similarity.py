@@ -53,6 +53,7 @@ from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet, disk_mask, wrap_angle
 from gpu_kernels.params import MccParams
+from gpu_kernels.products import bit_operand_dtype, bit_product
 from gpu_kernels.relaxation import compatibility, efficiency_key, minutia_geometry, relax
 
 _MIB = 1 << 20
@@ -76,12 +77,16 @@ class _Operands:
 
     @staticmethod
     def of(cyl: CylinderSet) -> _Operands:
+        """Bit-based cylinders unpack into the device's fastest exact product arithmetic
+        (:func:`gpu_kernels.products.bit_operand_dtype`); float ones stay float32."""
         p = cyl.params
-        values = cyl.unpacked_values()
+        dtype = bit_operand_dtype(cyl.device) if p.binary else torch.float32
+        values = cyl.unpacked_values(dtype)
         n, m, _ = values.shape
         squares = values if p.binary else values * values
-        energy = squares.reshape(n, m, p.spatial_cells, p.nd).sum(-1)
-        mask = cyl.unpacked_cell_valid().mul_(cyl.valid[..., None])
+        # At most nd (6) set bits per spatial cell: the energy fits the operand dtype.
+        energy = squares.reshape(n, m, p.spatial_cells, p.nd).sum(-1, dtype=dtype)
+        mask = cyl.unpacked_cell_valid(dtype).mul_(cyl.valid[..., None])
         return _Operands(values, energy, mask, cyl.valid, cyl.theta)
 
 
@@ -100,17 +105,19 @@ def _local(a: _Operands, b: _Operands, params: MccParams) -> Tensor:
     Products: a·b over the C cells, and over the S spatial cells only (validity is per spatial
     cell, the same in each of its Nd sections): ``[Σ_k a²; ma] @ mb`` gives ||a|b||² and the
     common valid cells, ``ma @ Σ_k b²`` gives ||b|a||². Bit-based values make every product an
-    exact integer in float32, whatever the summation order. The elementwise work then runs in
-    place, on buffers the products returned.
+    exact count, in float32 or int8 arithmetic alike (:mod:`gpu_kernels.products`), whatever
+    the summation order. The elementwise work then runs in place on the products' buffers.
     """
     p, mp, c = a.values.shape
     g, mg, _ = b.values.shape
     s = params.spatial_cells
     rows = p * mp
-    dot = a.values.reshape(rows, c) @ b.values.reshape(g * mg, c).T
-    over_spatial = torch.cat([a.energy, a.mask], 0).reshape(2 * rows, s) @ b.mask.reshape(g * mg, s).T
+    dot = bit_product(a.values.reshape(rows, c), b.values.reshape(g * mg, c))
+    over_spatial = bit_product(
+        torch.cat([a.energy, a.mask], 0).reshape(2 * rows, s), b.mask.reshape(g * mg, s)
+    )
     norm_a2, common = over_spatial[:rows], over_spatial[rows:]
-    norm_b2 = a.mask.reshape(rows, s) @ b.energy.reshape(g * mg, s).T
+    norm_b2 = bit_product(a.mask.reshape(rows, s), b.energy.reshape(g * mg, s))
 
     # ||a|b - b|a|| = sqrt(||a|b||² + ||b|a||² - 2 a·b); rounding can push the float variant's
     # difference slightly below zero, hence the clamp.
