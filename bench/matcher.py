@@ -15,10 +15,13 @@ What is measured, and how:
   per-pair, per-cell implementation the tests check the kernels against, timed on a few pairs
   of the same cylinders. ``unbatched_matches_per_second`` is the batched kernel called once
   per pair (what a naive port would do), for a less flattering comparison.
-- **Roofline**: the best ``torch.matmul`` rate of this device on the shapes of the scoring
-  products, measured in the same run; ``achieved_flops`` counts the matmul work of the scorer
-  (:func:`gpu_kernels.similarity.score_flops`) divided by the whole scoring time, so
-  ``roofline_fraction`` says how much of the time the arithmetic units do useful products.
+- **Roofline**: the best rate of this device's product of 0/1 matrices on the shape of the
+  scoring products, in the arithmetic the scorer uses here (``arithmetic``: float32, or int8
+  accumulating in int32, see :mod:`gpu_kernels.products`), measured in the same run, and the
+  float32 rate beside it. ``achieved_flops`` counts the product work the scorer really does
+  (:func:`gpu_kernels.similarity.score_flops`: valid cylinders only) divided by the whole
+  scoring time, so ``roofline_fraction`` says how much of the time the arithmetic units do
+  useful products; ``flops_per_match`` is that work per finger comparison.
 - **Shortlist**: faiss over compact subject codes (:mod:`gpu_kernels.shortlist`), then full
   MCC on the shortlist. Recall is against exhaustive rank-1 hits on the base subjects; at
   sizes beyond the base it is projected from each genuine probe's code-score rank among the
@@ -43,6 +46,7 @@ import torch
 
 from gpu_kernels import MccParams, TenPrintCylinders, encode_tenprints, score_tenprints
 from gpu_kernels.params import Consolidation
+from gpu_kernels.products import bit_operand_dtype, bit_product
 from gpu_kernels.reference import (
     ReferenceCylinders,
     reference_lss_from_cylinders,
@@ -141,11 +145,13 @@ def _timed(
     return best
 
 
-def matmul_roofline(rows: int, inner: int, cols: int, device: torch.device) -> float:
-    """Best float32 ``torch.matmul`` rate, FLOP/s, on ``[rows, inner] @ [inner, cols]``."""
-    a = torch.rand(rows, inner, device=device)
-    b = torch.rand(inner, cols, device=device)
-    seconds = _timed(lambda: torch.matmul(a, b), device, repeats=5)
+def product_roofline(rows: int, inner: int, cols: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Best rate, operations/s (2 per multiply-add), of :func:`gpu_kernels.products.bit_product`
+    on 0/1 operands ``[rows, inner]`` and ``[cols, inner]`` of ``dtype``."""
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.rand(rows, inner, generator=generator) < 0.4).to(device=device, dtype=dtype)
+    b = (torch.rand(cols, inner, generator=generator) < 0.4).to(device=device, dtype=dtype)
+    seconds = _timed(lambda: bit_product(a, b), device, repeats=5)
     return 2.0 * rows * inner * cols / seconds
 
 
@@ -253,9 +259,12 @@ def _device_run(
     # Roofline on the shape of the largest per-finger product of the scorer.
     mp = probes.fingers[0].max_minutiae
     mg = gallery_base.fingers[0].max_minutiae
-    progress(f"{device}: matmul roofline")
-    roofline = matmul_roofline(
-        2 * probe_count * mp, params.cells, min(max(config.gallery_sizes), 200) * mg, device
+    progress(f"{device}: product roofline")
+    arithmetic = bit_operand_dtype(device) if params.binary else torch.float32
+    shape = (probe_count * mp, params.cells, min(max(config.gallery_sizes), 200) * mg)
+    roofline = product_roofline(*shape, device, arithmetic)
+    float32_roofline = (
+        roofline if arithmetic == torch.float32 else product_roofline(*shape, device, torch.float32)
     )
 
     progress(f"{device}: reference and unbatched rates")
@@ -351,9 +360,12 @@ def _device_run(
         "reference_matches_per_second": reference,
         "unbatched_matches_per_second": unbatched,
         "speedup_vs_reference": matches / reference,
+        "arithmetic": str(arithmetic).removeprefix("torch."),
         "roofline_flops": roofline,
+        "float32_roofline_flops": float32_roofline,
         "achieved_flops": achieved,
         "roofline_fraction": achieved / roofline,
+        "flops_per_match": achieved / matches,
         "peak_memory_bytes": _peak_memory(device),
         "device_bytes_per_subject": base_index.bytes_per_subject,
         "host_bytes_per_subject": host_bytes,

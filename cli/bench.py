@@ -36,7 +36,7 @@ def matcher(
     ] = None,
     consolidation: Annotated[str, typer.Option(help="lss_r (the nodes' default) or lss")] = "lss_r",
 ) -> None:
-    """Throughput against gallery and batch size, exhaustive vs shortlist, against the matmul roofline."""
+    """Throughput against gallery and batch size, exhaustive vs shortlist, against the product roofline."""
     from bench.matcher import MatcherBenchConfig, plot_throughput, run_matcher_bench, table_rows
 
     if consolidation not in ("lss", "lss_r"):
@@ -70,8 +70,10 @@ def matcher(
     console.print(
         f"{result['device']}: {result['matches_per_second']:,.0f} matches/s, reference "
         f"{result['reference_matches_per_second']:,.2f} ({result['speedup_vs_reference']:,.0f}x), "
-        f"roofline fraction {result['roofline_fraction']:.2f} "
-        f"({result['achieved_flops'] / 1e9:.1f} of {result['roofline_flops'] / 1e9:.1f} GFLOP/s); "
+        f"{result['flops_per_match'] / 1e6:.1f} MOP/match in {result['arithmetic']}, roofline fraction "
+        f"{result['roofline_fraction']:.2f} ({result['achieved_flops'] / 1e9:.1f} of "
+        f"{result['roofline_flops'] / 1e9:.1f} GOP/s; float32 peak "
+        f"{result['float32_roofline_flops'] / 1e9:.1f}); "
         f"shortlist recall {result['shortlist']['recall_vs_exhaustive_rank1_at_base']:.3f} at base, "
         f"{result['shortlist']['projected_recall_at_fraction']:.3f} projected; "
         f"{result['device_bytes_per_subject']} device B/subject, "
