@@ -138,6 +138,13 @@ class CoordinatorStore:
                     )
                 )
 
+    def record_denial(self, tcn: str, detail: str) -> None:
+        """Appends a refused call to the audit log (``tcn`` empty when the call named no booking)."""
+        with self._sessions.begin() as session:
+            session.add(
+                AuditRow(recorded_at=_now(), tcn=tcn, event="access_denied", detail=detail, payload=b"")
+            )
+
     def due_notifications(self, limit: int = 64) -> list[PendingNotification]:
         with self._sessions() as session:
             rows = session.scalars(
