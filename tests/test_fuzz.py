@@ -367,3 +367,64 @@ def test_every_service_of_the_federation_is_fuzzed() -> None:
     fuzzed_methods = {t.method for t in TARGETS}
     served = {m for m in ACCESS if not m.startswith("/grpc.reflection.v1.")}  # v1 and v1alpha share code
     assert served == fuzzed_methods
+
+
+# -- Inputs that broke a server once, kept as regression tests ---------------------------------
+
+
+def _unary(fed: FuzzFederation, server: str, identity: str, method: str, payload: bytes) -> grpc.RpcError:
+    call = fed.channel(server, identity).unary_unary(
+        method, request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        call(payload, timeout=30)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("server", "identity", "method"),
+    [
+        ("coordinator", "agency", _BOOKING + "SubmitBooking"),
+        ("iafis", "coordinator", _GALLERY + "Identify"),
+        ("ice", "coordinator", _ICE + "Notify"),
+        ("ice", "ice", "/grpc.health.v1.Health/Check"),
+    ],
+)
+def test_undecodable_request_bytes_are_invalid_argument_not_unknown(
+    fuzzed: FuzzFederation, server: str, identity: str, method: str
+) -> None:
+    # Found by byte mutation: gRPC's own decoding answers a corrupt message with UNKNOWN
+    # ("Unexpected DecodeError"); the access interceptor decodes and answers INVALID_ARGUMENT.
+    if identity == "agency":
+        identity = agency_name(fuzzed.population.bookings[0].booking.ori)
+    for payload in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\x80\x80\x80\x80\x10"):
+        error = _unary(fuzzed, server, identity, method, payload)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, payload  # type: ignore[attr-defined]
+
+
+def test_a_record_with_a_timestamp_past_year_9999_is_refused_not_a_crash(fuzzed: FuzzFederation) -> None:
+    # Found by field mutation: storing the arrest called Timestamp.ToDatetime, which raises
+    # ValueError outside 0001-9999, and the Enroll call ended UNKNOWN.
+    request = fuzzed.population.iafis[0].enroll_request()
+    request.criminal_history.arrests[0].arrested_at.seconds = 2**62
+    enroll_call = fuzzed.channel("iafis", "admin").stream_unary(
+        _GALLERY + "Enroll", request_serializer=gal.EnrollRequest.SerializeToString
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        enroll_call(iter([request]), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "criminal_history.arrests[0].arrested_at" in (caught.value.details() or "")  # type: ignore[attr-defined]
+
+
+def test_a_million_empty_fingers_cost_one_violation(fuzzed: FuzzFederation) -> None:
+    booking = bk.Booking()
+    booking.CopyFrom(fuzzed.population.bookings[0].booking)
+    booking.tcn = "TCN-MANY-FINGERS"
+    booking.tenprint.fingers.extend(bio.Finger() for _ in range(1_000_000))
+    payload = booking.SerializeToString()
+    assert len(payload) > 2_000_000
+    started = time.monotonic()
+    error = _unary(fuzzed, "coordinator", agency_name(booking.ori), _BOOKING + "SubmitBooking", payload)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "1000010 fingers, at most 10" in (error.details() or "")  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 10
