@@ -160,40 +160,48 @@ def messages(
     return st.fixed_dictionaries({}, optional=optional).map(build)
 
 
+def _all_fields(message: Message) -> list[tuple[Message, FieldDescriptor]]:
+    """Every field of every message present in a tree, set or not, as (owning message, field)."""
+    found: list[tuple[Message, FieldDescriptor]] = []
+    for field in message.DESCRIPTOR.fields:
+        found.append((message, field))
+        if field.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        if _is_repeated(field):
+            for child in getattr(message, field.name):
+                found.extend(_all_fields(child))
+        elif message.HasField(field.name):
+            found.extend(_all_fields(getattr(message, field.name)))
+    return found
+
+
 @st.composite
 def mutated(draw: st.DrawFn, seeds: Sequence[Message], context: FuzzContext | None = None) -> Message:
-    """One of ``seeds`` (valid messages) with up to three fields replaced, cleared or, for repeated
-    fields, truncated or duplicated, anywhere in the message tree (none: the seed as it is)."""
+    """One of ``seeds`` (valid messages) with up to three fields, picked alike from anywhere in the
+    message tree, replaced, cleared, or (repeated fields) truncated or duplicated; with none, the
+    seed as it is."""
     context = context or FuzzContext()
     message = seeds[draw(st.integers(0, len(seeds) - 1))]  # by index: no repr of the seeds
     copy = type(message)()
     copy.CopyFrom(message)
     for _ in range(draw(st.integers(0, 3))):
-        target: Message = copy
-        while True:
-            fields = list(target.DESCRIPTOR.fields)
-            if not fields:
-                break  # a message without fields (GetStatsRequest): nothing to change
-            field = draw(st.sampled_from(fields))
-            value = getattr(target, field.name)
-            is_message = field.type == FieldDescriptor.TYPE_MESSAGE
-            if is_message and not _is_repeated(field) and target.HasField(field.name) and draw(st.booleans()):
-                target = value  # go deeper
-                continue
-            if is_message and _is_repeated(field) and len(value) and draw(st.booleans()):
-                target = value[draw(st.integers(0, len(value) - 1))]
-                continue
-            action = draw(st.sampled_from(["replace", "clear", "truncate", "duplicate"]))
-            if action == "clear":
-                target.ClearField(field.name)
-            elif action == "truncate" and _is_repeated(field) and len(value):
-                del value[draw(st.integers(0, len(value) - 1)) :]
-            elif action == "duplicate" and _is_repeated(field) and len(value):
-                value.extend(list(value)[: draw(st.integers(1, len(value)))])
-            else:
-                target.ClearField(field.name)
-                _assign(target, field, draw(field_values(field, 2, context)))
-            break
+        fields = _all_fields(copy)
+        if not fields:
+            break  # a message without fields (GetStatsRequest): nothing to change
+        # Uniformly over the tree: Hypothesis's integers lean towards small values, which would
+        # keep hitting the first fields.
+        target, field = fields[draw(st.randoms(use_true_random=False)).randrange(len(fields))]
+        value = getattr(target, field.name)
+        action = draw(st.sampled_from(["replace", "replace", "clear", "truncate", "duplicate"]))
+        if action == "clear":
+            target.ClearField(field.name)
+        elif action == "truncate" and _is_repeated(field) and len(value):
+            del value[draw(st.integers(0, len(value) - 1)) :]
+        elif action == "duplicate" and _is_repeated(field) and len(value):
+            value.extend(list(value)[: draw(st.integers(1, len(value)))])
+        else:
+            target.ClearField(field.name)
+            _assign(target, field, draw(field_values(field, 2, context)))
     return copy
 
 

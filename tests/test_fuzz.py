@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 #: Wall-clock budget of the whole fuzz run; each target gets its share and stops drawing new
 #: inputs once it is spent (the example counts below fit well inside it on a 2-core machine).
-BUDGET_S = 50.0
+BUDGET_S = 55.0
 #: Codes a server may answer a fuzzed request with: OK, or a deliberate refusal.
 ACCEPTED = {
     grpc.StatusCode.OK,
@@ -168,7 +168,15 @@ class Target:
 
 
 def _bookings(p: Population) -> list[Message]:
-    return [b.booking for b in p.bookings]
+    """The population's bookings, all as the first agency's, so that the fuzzer's agency certificate
+    matches them and mutations get past the ORI check."""
+    bookings = []
+    for b in p.bookings:
+        booking = bk.Booking()
+        booking.CopyFrom(b.booking)
+        booking.ori = p.bookings[0].booking.ori
+        bookings.append(booking)
+    return bookings
 
 
 def _probes(p: Population) -> list[Message]:
@@ -201,7 +209,7 @@ _BOOKING = "/fedprint.booking.v1.BookingService/"
 _GALLERY = "/fedprint.gallery.v1.GalleryService/"
 _ICE = "/fedprint.ice.v1.IceNotificationService/"
 TARGETS = [
-    Target("coordinator", _BOOKING + "SubmitBooking", bk.Booking.DESCRIPTOR, seeds=_bookings, examples=150),
+    Target("coordinator", _BOOKING + "SubmitBooking", bk.Booking.DESCRIPTOR, seeds=_bookings, examples=300),
     Target("coordinator", _BOOKING + "GetDecision", bk.GetDecisionRequest.DESCRIPTOR, examples=80),
     Target(
         "coordinator",
@@ -210,14 +218,14 @@ TARGETS = [
         response_streaming=True,
         examples=15,
     ),
-    Target("iafis", _GALLERY + "Identify", gal.IdentifyRequest.DESCRIPTOR, seeds=_probes, examples=120),
+    Target("iafis", _GALLERY + "Identify", gal.IdentifyRequest.DESCRIPTOR, seeds=_probes, examples=200),
     Target(
         "iafis",
         _GALLERY + "Enroll",
         gal.EnrollRequest.DESCRIPTOR,
         request_streaming=True,
         seeds=lambda p: [e.enroll_request() for e in p.iafis[:4]],
-        examples=100,
+        examples=400,
     ),
     Target(
         "ident",
@@ -225,11 +233,11 @@ TARGETS = [
         gal.EnrollRequest.DESCRIPTOR,
         request_streaming=True,
         seeds=lambda p: [e.enroll_request() for e in p.ident[:4]],
-        examples=100,
+        examples=400,
     ),
     Target("ident", _GALLERY + "Remove", gal.RemoveRequest.DESCRIPTOR, examples=80),
     Target("ident", _GALLERY + "GetStats", gal.GetStatsRequest.DESCRIPTOR, examples=10),
-    Target("ice", _ICE + "Notify", ice.Notification.DESCRIPTOR, seeds=_notifications, examples=150),
+    Target("ice", _ICE + "Notify", ice.Notification.DESCRIPTOR, seeds=_notifications, examples=300),
     Target("ice", _ICE + "ListNotifications", ice.ListNotificationsRequest.DESCRIPTOR, examples=60),
     Target("ice", "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest.DESCRIPTOR, examples=40),
     Target(
@@ -248,7 +256,12 @@ TARGETS = [
         examples=50,
     ),
 ]
-_SHARE_S = BUDGET_S * 0.9 / len(TARGETS)
+_EXAMPLES = sum(t.examples for t in TARGETS)
+
+
+def _share_s(target: Target) -> float:
+    """A target's slice of the budget, in proportion to its examples (streams wait on deadlines)."""
+    return BUDGET_S * 0.9 * target.examples / _EXAMPLES
 
 
 def _identities(target: Target, fed: FuzzFederation) -> list[str]:
@@ -256,6 +269,8 @@ def _identities(target: Target, fed: FuzzFederation) -> list[str]:
     allowed = ACCESS[target.method]
     names = list(fed.pki)
     mine = [n for n in names if identity_of(fed.pki[n].cert.read_bytes()).role in allowed]
+    if target.method.endswith("/SubmitBooking"):
+        mine = [agency_name(fed.population.bookings[0].booking.ori)]  # the seeds' agency (_bookings)
     others = [n for n in names if n not in mine][:1]  # none for health: every role may check it
     return [*mine, *mine, *mine, *others]
 
@@ -304,15 +319,19 @@ def _payloads(target: Target, fed: FuzzFederation) -> st.SearchStrategy[list[byt
         messages(target.request, 4, context).map(lambda m: m.SerializeToString())
     ]
     if seeds:
+        # Mutations of valid messages twice as often: they get past the first checks.
+        one.append(mutated(seeds, context).map(lambda m: m.SerializeToString()))
         one.append(mutated(seeds, context).map(lambda m: m.SerializeToString()))
         one.append(damaged_payload(seeds).map(lambda m: m.SerializeToString()))
         one.append(mutated_bytes(Seeds(s.SerializeToString() for s in seeds)))
     else:
         one.append(mutated_bytes(Seeds([b"", b"\x0a\x03TCN", b"\x08\x01\x12\x00"])))
-    message = st.one_of(*one)
     if target.request_streaming:
-        return st.lists(message, min_size=0 if target.response_streaming else 1, max_size=4)
-    return message.map(lambda m: [m])
+        # One kind of input per stream: a stream holding one generated message is refused whole,
+        # which would hide what the mutated messages beside it do.
+        smallest = 0 if target.response_streaming else 1
+        return st.one_of(*(st.lists(kind, min_size=smallest, max_size=3) for kind in one))
+    return st.one_of(*one).map(lambda m: [m])
 
 
 @pytest.mark.slow
@@ -320,6 +339,7 @@ def _payloads(target: Target, fed: FuzzFederation) -> st.SearchStrategy[list[byt
 def test_fuzzed_requests_get_an_answer_never_a_crash(fuzzed: FuzzFederation, target: Target) -> None:
     started = time.monotonic()
     identities = _identities(target, fuzzed)
+    share_s = _share_s(target)
     counted: dict[str, int] = {}
 
     @settings(
@@ -329,7 +349,7 @@ def test_fuzzed_requests_get_an_answer_never_a_crash(fuzzed: FuzzFederation, tar
     )
     @given(payload=_payloads(target, fuzzed), identity=st.sampled_from(identities))
     def fuzz(payload: list[bytes], identity: str) -> None:
-        if time.monotonic() - started > _SHARE_S:
+        if time.monotonic() - started > share_s:
             return  # this target's share of the budget is spent
         code = _call(fuzzed, target, identity, payload)
         counted[code.name] = counted.get(code.name, 0) + 1
@@ -393,8 +413,9 @@ def _unary(fed: FuzzFederation, server: str, identity: str, method: str, payload
 def test_undecodable_request_bytes_are_invalid_argument_not_unknown(
     fuzzed: FuzzFederation, server: str, identity: str, method: str
 ) -> None:
-    # Found by byte mutation: gRPC's own decoding answers a corrupt message with UNKNOWN
-    # ("Unexpected DecodeError"); the access interceptor decodes and answers INVALID_ARGUMENT.
+    # Found by byte mutation (every run finds it when the interceptor's decoding is taken out):
+    # gRPC's own decoding answers a corrupt message with UNKNOWN ("Unexpected DecodeError"); the
+    # access interceptor decodes and answers INVALID_ARGUMENT.
     if identity == "agency":
         identity = agency_name(fuzzed.population.bookings[0].booking.ori)
     for payload in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\x80\x80\x80\x80\x10"):
@@ -403,8 +424,10 @@ def test_undecodable_request_bytes_are_invalid_argument_not_unknown(
 
 
 def test_a_record_with_a_timestamp_past_year_9999_is_refused_not_a_crash(fuzzed: FuzzFederation) -> None:
-    # Found by field mutation: storing the arrest called Timestamp.ToDatetime, which raises
-    # ValueError outside 0001-9999, and the Enroll call ended UNKNOWN.
+    # Found while writing the field strategies (int64 seconds over their whole range), by reading
+    # the record stores: storing the arrest called Timestamp.ToDatetime, which raises ValueError
+    # outside 0001-9999, and the Enroll call ended UNKNOWN. The fuzzer generates such values, but
+    # behind a record that is valid in every other field they are rare within its budget.
     request = fuzzed.population.iafis[0].enroll_request()
     request.criminal_history.arrests[0].arrested_at.seconds = 2**62
     enroll_call = fuzzed.channel("iafis", "admin").stream_unary(
