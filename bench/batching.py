@@ -21,6 +21,7 @@ import numpy as np
 from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.pki import TlsFiles, issue_dev_pki
 from fedprint.rpc import open_channel
 from nodes.gallery.config import BatchingConfig, NodeConfig
 from nodes.iafis import build_node
@@ -45,12 +46,14 @@ class BatchingBenchConfig:
     torch_threads: int | None = None
 
 
-async def _load(address: str, probes: list[gal.Probe], concurrency: int) -> tuple[list[float], float]:
+async def _load(
+    address: str, probes: list[gal.Probe], concurrency: int, tls: TlsFiles
+) -> tuple[list[float], float]:
     """Sends every probe as its own Identify call, ``concurrency`` at a time; latencies (ms) and
     the elapsed wall time (s)."""
     latencies: list[float] = []
     gate = asyncio.Semaphore(concurrency)
-    async with open_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         # One call first, so connection set-up is not charged to the first batch.
         await stub.Identify(gal.IdentifyRequest(probes=probes[:1]), timeout=120)
@@ -79,9 +82,15 @@ async def run_batching_bench(
     ]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedprint-batching-") as root:
+        # The node as deployed: mTLS, searched by the coordinator's identity.
+        pki = issue_dev_pki(Path(root) / "pki")
         for i, setting in enumerate(config.settings):
             node_config = NodeConfig(
-                node="iafis", data_dir=Path(root), batching=setting, torch_threads=config.torch_threads
+                node="iafis",
+                data_dir=Path(root),
+                batching=setting,
+                torch_threads=config.torch_threads,
+                tls=pki["iafis"],
             )
             progress(f"node with max_batch={setting.max_batch}, max_wait_ms={setting.max_wait_ms}")
             node = build_node(node_config)
@@ -89,12 +98,14 @@ async def run_batching_bench(
             try:
                 if i == 0:
                     progress(f"enrolling {len(population.iafis)} subjects")
-                    await enroll(node.host.address, population.iafis)
+                    await enroll(node.host.address, population.iafis, tls=pki["admin"])
                 progress(
                     f"{config.requests} calls, {config.concurrency} at a time, max_batch={setting.max_batch}"
                 )
                 before = node.servicer.batcher.stats.items, node.servicer.batcher.stats.batches
-                latencies, elapsed = await _load(node.host.address, probes, config.concurrency)
+                latencies, elapsed = await _load(
+                    node.host.address, probes, config.concurrency, pki["coordinator"]
+                )
                 stats = node.servicer.batcher.stats
                 items, batches = stats.items - before[0], stats.batches - before[1]
             finally:

@@ -19,7 +19,7 @@ import numpy as np
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import enroll, submit_bookings, wait_for_notifications
-from fedprint.pki import TlsFiles, issue_dev_pki
+from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
 from fedprint.rpc import open_channel
 from launcher.processes import federation
 from synthetic.population import generate_population
@@ -35,18 +35,19 @@ class FederationBenchConfig:
     seed: int = 3
 
 
-async def _lost_decisions(address: str, tcns: list[str], tls: TlsFiles) -> int:
-    """TCNs the coordinator has no decision for."""
+async def _lost_decisions(address: str, bookings: list[bk.Booking], agencies: dict[str, TlsFiles]) -> int:
+    """Bookings the coordinator has no decision for (each asked for by its own agency)."""
     lost = 0
-    async with open_channel(address, tls) as channel:
-        stub = bk_grpc.BookingServiceStub(channel)
-        for tcn in tcns:
-            try:
-                await stub.GetDecision(bk.GetDecisionRequest(tcn=tcn), timeout=10)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                lost += 1
+    for ori, identity in agencies.items():
+        async with open_channel(address, identity) as channel:
+            stub = bk_grpc.BookingServiceStub(channel)
+            for booking in (b for b in bookings if b.ori == ori):
+                try:
+                    await stub.GetDecision(bk.GetDecisionRequest(tcn=booking.tcn), timeout=10)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    lost += 1
     return lost
 
 
@@ -62,23 +63,26 @@ async def run_federation_bench(config: FederationBenchConfig, workdir: Path | No
         bookings.append(booking)
     with contextlib.ExitStack() as stack:
         root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedprint-bench-")))
-        pki = issue_dev_pki(root / "pki")
-        client = pki["booking-system"]
+        oris = sorted({b.ori for b in bookings})
+        pki = issue_dev_pki(root / "pki", oris=oris)
+        agencies = {ori: pki[agency_name(ori)] for ori in oris}
         async with federation(root, pki) as addresses:
             await asyncio.gather(
-                enroll(addresses["iafis"], population.iafis, tls=client),
-                enroll(addresses["ident"], population.ident, tls=client),
+                enroll(addresses["iafis"], population.iafis, tls=pki["admin"]),
+                enroll(addresses["ident"], population.ident, tls=pki["admin"]),
             )
             started = time.perf_counter()
             results = await submit_bookings(
-                addresses["coordinator"], bookings, concurrency=config.concurrency, tls=client
+                addresses["coordinator"], bookings, concurrency=config.concurrency, agencies=agencies
             )
             elapsed = time.perf_counter() - started
             queued = {
                 r.tcn for r in results if r.decision is not None and r.decision.notification == bk.QUEUED
             }
-            received = await wait_for_notifications(addresses["ice"], len(queued), timeout_s=60, tls=client)
-            lost = await _lost_decisions(addresses["coordinator"], [b.tcn for b in bookings], client)
+            received = await wait_for_notifications(
+                addresses["ice"], len(queued), timeout_s=60, tls=pki["ice"]
+            )
+            lost = await _lost_decisions(addresses["coordinator"], bookings, agencies)
         lost += len(queued - {n.notification.tcn for n in received})
     latencies = np.array([r.latency_ms for r in results if r.decision is not None])
     return {

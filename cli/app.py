@@ -16,7 +16,7 @@ from rich.progress import Progress
 from cli import accuracy as _accuracy
 from cli import operations as _operations
 from fedprint.logging import configure
-from fedprint.pki import DEFAULT_HOSTS, TlsFiles, issue_dev_pki
+from fedprint.pki import DEFAULT_HOSTS, TlsFiles, agency_name, issue_dev_pki
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Piped output (CI logs, files) gets room for the decision tables.
@@ -31,12 +31,26 @@ class Role(enum.StrEnum):
 
 
 TlsDirOption = Annotated[
-    Path | None, typer.Option(help="mTLS: directory from `fedprint certs`; uses its booking-system identity")
+    Path,
+    typer.Option(help="mTLS: the directory `fedprint certs` wrote; each command uses its role's identity"),
+]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure", help="plaintext, no certificates: only against services run --insecure")
 ]
 
 
-def _client_tls(directory: Path | None) -> TlsFiles | None:
-    return None if directory is None else TlsFiles.in_dir(directory, "booking-system")
+def _identity(directory: Path, name: str, insecure: bool) -> TlsFiles | None:
+    """The identity ``name`` in the PKI directory (None with --insecure); a clear error when absent."""
+    if insecure:
+        return None
+    files = TlsFiles.in_dir(directory, name)
+    for path in (files.ca, files.cert, files.key):
+        if not path.is_file():
+            raise typer.BadParameter(
+                f"{path} does not exist: run `fedprint certs {directory}` (with --ori for agencies), "
+                "or pass --tls-dir"
+            )
+    return files
 
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")]
@@ -50,11 +64,20 @@ def serve(
     ready_file: Annotated[
         Path | None, typer.Option(help="write the bound address here once serving (for supervisors)")
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="serve plaintext and admit every caller (local debugging only; warns at start)"
+        ),
+    ] = False,
 ) -> None:
-    """Runs one service until SIGTERM/SIGINT, then shuts it down gracefully."""
+    """Runs one service until SIGTERM/SIGINT, then shuts it down gracefully.
+
+    The service speaks mutual TLS with the files of its config's ``tls`` section and refuses to
+    start without them, unless told ``--insecure`` (or ``insecure: true``)."""
     from launcher.services import run_service
 
-    asyncio.run(run_service(role.value, config, listen=listen, ready_file=ready_file))
+    asyncio.run(run_service(role.value, config, listen=listen, ready_file=ready_file, insecure=insecure))
 
 
 @app.command()
@@ -62,21 +85,28 @@ def enroll(
     data: Annotated[Path, typer.Argument(help="population directory written by `fedprint synth`")],
     node: Annotated[Role, typer.Option(help="iafis or ident")],
     address: Annotated[str, typer.Option(help="the node's host:port")],
-    tls_dir: TlsDirOption = None,
+    tls_dir: TlsDirOption = Path("pki"),
+    insecure: InsecureOption = False,
 ) -> None:
-    """Enrolls a population's IAFIS or IDENT gallery into a running node."""
+    """Enrolls a population's IAFIS or IDENT gallery into a running node, as the gallery
+    administrator (``admin`` in the PKI directory)."""
     from fedprint.clients import enroll as enroll_entries
     from synthetic.population import read_population
 
     if node not in (Role.iafis, Role.ident):
         raise typer.BadParameter("enroll into iafis or ident")
+    tls = _identity(tls_dir, "admin", insecure)
     population = read_population(data)
     entries = population.iafis if node == Role.iafis else population.ident
     with Progress(console=console) as progress:
         task = progress.add_task(f"enrolling into {node.value}", total=len(entries))
         size = asyncio.run(
             enroll_entries(
-                address, entries, on_progress=lambda n: progress.advance(task, n), tls=_client_tls(tls_dir)
+                address,
+                entries,
+                on_progress=lambda n: progress.advance(task, n),
+                tls=tls,
+                insecure=insecure,
             )
         )
     console.print(f"{node.value}: gallery holds {size} subjects")
@@ -88,9 +118,11 @@ def submit(
     address: Annotated[str, typer.Option(help="the coordinator's host:port")],
     concurrency: Annotated[int, typer.Option(help="bookings in flight at once")] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the decisions as JSON here")] = None,
-    tls_dir: TlsDirOption = None,
+    tls_dir: TlsDirOption = Path("pki"),
+    insecure: InsecureOption = False,
 ) -> None:
-    """Submits a population's bookings to a running coordinator and prints the decisions."""
+    """Submits a population's bookings to a running coordinator and prints the decisions. Each
+    booking goes with its agency's certificate (``agency-<ORI>`` in the PKI directory)."""
     from google.protobuf import json_format
 
     from cli.report import decisions_table
@@ -99,11 +131,23 @@ def submit(
 
     population = read_population(data)
     bookings = [b.booking for b in population.bookings]
+    agencies: dict[str, TlsFiles] | None = None
+    if not insecure:
+        agencies = {}
+        for ori in sorted({b.ori for b in bookings}):
+            identity = _identity(tls_dir, agency_name(ori), insecure)
+            assert identity is not None
+            agencies[ori] = identity
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("submitting", total=len(bookings))
         results = asyncio.run(
             submit_bookings(
-                address, bookings, concurrency=concurrency, on_done=lambda _: progress.advance(task)
+                address,
+                bookings,
+                concurrency=concurrency,
+                on_done=lambda _: progress.advance(task),
+                agencies=agencies,
+                insecure=insecure,
             )
         )
     console.print(decisions_table(results))
@@ -125,14 +169,27 @@ def submit(
 
 @app.command()
 def certs(
-    out: Annotated[Path, typer.Argument(help="directory for ca.pem and <service>.pem/.key")],
+    out: Annotated[Path, typer.Argument(help="directory for ca.pem and <identity>.pem/.key")] = Path("pki"),
     host: Annotated[
         list[str] | None, typer.Option(help="host name or IP the services are reached at (repeatable)")
     ] = None,
+    ori: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a booking agency's ORI (repeatable); default: the synthetic population's agencies"
+        ),
+    ] = None,
     days: Annotated[int, typer.Option(help="validity in days")] = 365,
 ) -> None:
-    """Creates a development CA and an mTLS certificate for each service and the booking system."""
-    issued = issue_dev_pki(out, hosts=host or list(DEFAULT_HOSTS), days=days)
+    """Creates a development CA (or reuses the one in OUT) and a certificate for every role: the
+    coordinator, both nodes, ICE, a gallery administrator, an examiner, and one booking agency per ORI."""
+    from fedprint.validation import ORI
+    from synthetic.people import ORIS
+
+    oris = ori or list(ORIS)
+    if bad := [o for o in oris if not ORI.valid(o)]:
+        raise typer.BadParameter(f"not an ORI (nine upper-case letters or digits): {', '.join(bad)}")
+    issued = issue_dev_pki(out, oris=oris, hosts=host or list(DEFAULT_HOSTS), days=days)
     console.print(f"wrote ca.pem and certificates for {', '.join(issued)} to {out}")
 
 

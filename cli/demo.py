@@ -23,7 +23,7 @@ from evaluation.calibration import calibrated_thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.clients import Submission, enroll, submit_bookings, wait_for_notifications
-from fedprint.pki import issue_dev_pki
+from fedprint.pki import agency_name, issue_dev_pki
 from launcher.processes import federation
 from synthetic.population import GroundTruth, generate_population, write_population
 
@@ -82,30 +82,36 @@ async def run_demo(
             f"{thresholds.review:.4f} (FPIR {thresholds.review_fpir:g}); {thresholds.source}"
         )
         console.print("starting ICE, IAFIS, IDENT and the coordinator (mTLS, development CA)")
-        pki = issue_dev_pki(workdir / "pki")
-        client = pki["booking-system"]
+        # Every role separated: the services' own identities, a gallery administrator who enrolls,
+        # one booking-agency certificate per ORI that submits, ICE reading its queue.
+        oris = sorted({b.booking.ori for b in population.bookings})
+        pki = issue_dev_pki(workdir / "pki", oris=oris)
+        agencies = {ori: pki[agency_name(ori)] for ori in oris}
+        console.print(f"identities: {', '.join(pki)}")
         async with federation(workdir, pki) as addresses:
             console.print(
                 "services: " + ", ".join(f"{role} {address}" for role, address in addresses.items())
             )
             with console.status("enrolling both galleries"):
                 await asyncio.gather(
-                    enroll(addresses["iafis"], population.iafis, tls=client),
-                    enroll(addresses["ident"], population.ident, tls=client),
+                    enroll(addresses["iafis"], population.iafis, tls=pki["admin"]),
+                    enroll(addresses["ident"], population.ident, tls=pki["admin"]),
                 )
             with console.status("submitting bookings"):
                 results: list[Submission] = await submit_bookings(
                     addresses["coordinator"],
                     [b.booking for b in population.bookings],
                     concurrency=8,
-                    tls=client,
+                    agencies=agencies,
                 )
             verdicts = [check(r.decision, b.truth) for r, b in zip(results, population.bookings, strict=True)]
             queued = sum(
                 1 for r in results if r.decision is not None and r.decision.notification == bk.QUEUED
             )
             with console.status("waiting for the ICE outbox to deliver"):
-                received = await wait_for_notifications(addresses["ice"], queued, timeout_s=30, tls=client)
+                received = await wait_for_notifications(
+                    addresses["ice"], queued, timeout_s=30, tls=pki["ice"]
+                )
         console.print(
             decisions_table(results, ["ok" if not v else "[red]" + "; ".join(v) + "[/red]" for v in verdicts])
         )

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from fedprint.settings import ServiceSettings
+from fedprint.settings import RateLimit, ServiceSettings
+from fedprint.validation import ORI
 
 
 class CoordinatorConfig(ServiceSettings):
@@ -20,7 +21,11 @@ class CoordinatorConfig(ServiceSettings):
     max_candidates: int = Field(default=5, ge=1, description="candidates kept per node in a decision")
     policy_path: Path | None = Field(default=None, description="threat policy YAML; the bundled one if unset")
     authorized_oris: list[str] = Field(
-        default_factory=list, description="ORIs allowed to submit; empty = any"
+        default_factory=list,
+        description="ORIs allowed to submit (besides their certificate); empty: any agency the CA certified",
+    )
+    rate_limit: RateLimit | None = Field(
+        default_factory=RateLimit, description="calls per agency ORI (RESOURCE_EXHAUSTED past it); null: none"
     )
     outbox_retry_initial_s: float = Field(default=0.5, gt=0)
     outbox_retry_max_s: float = Field(default=30.0, gt=0)
@@ -42,6 +47,6 @@ class CoordinatorConfig(ServiceSettings):
     @classmethod
     def _oris_are_nine_chars(cls, oris: list[str]) -> list[str]:
         for ori in oris:
-            if len(ori) != 9 or not ori.isalnum():
-                raise ValueError(f"ORI {ori!r} must be nine letters or digits")
+            if not ORI.valid(ori):
+                raise ValueError(f"ORI {ori!r} must be nine upper-case letters or digits")
         return oris

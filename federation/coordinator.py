@@ -24,11 +24,13 @@ import structlog
 
 from federation.background import DueWorkLoop, backoff_s
 from federation.config import CoordinatorConfig
-from federation.intake import UnauthorizedOri, booking_content, changed_parts, check_booking
+from federation.disclosure import agency_view
+from federation.intake import booking_content, changed_parts, check_booking_header, check_booking_tenprint
 from federation.outbox import OutboxDeliverer
 from federation.policy import ThreatPolicy
 from federation.sealing import BookingSeal, SealingError, load_or_create_key
-from federation.store import CoordinatorStore
+from federation.store import CoordinatorStore, PendingBooking
+from fedprint.access import AccessPolicy, Denial, TokenBuckets, current_caller, deny
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
@@ -37,6 +39,7 @@ from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel, service
+from fedprint.validation import ORI, TCN, Violations
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +122,8 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             probe = response.results[0]
             result.outcome = bk.ANSWERED
             result.band = probe.decision
-            result.candidates.extend(probe.candidates)
+            # Never more than asked for, whatever a node sends.
+            result.candidates.extend(probe.candidates[: self.config.max_candidates])
             result.thresholds.CopyFrom(probe.thresholds)
             result.unusable_fingers.extend(probe.unusable_fingers)
         result.latency_ms = (time.perf_counter() - started) * 1000
@@ -173,16 +177,34 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         decision.decided_at.GetCurrentTime()
         return decision
 
+    async def audit_denial(self, denial: Denial) -> None:
+        """Keeps a refused call in the audit trail (the booking's TCN when the call named one)."""
+        detail = "; ".join(f"{k}={v}" for k, v in denial.fields().items() if k != "tcn" and v)
+        await asyncio.to_thread(self.store.record_event, denial.tcn, "access_denied", detail)
+
     async def SubmitBooking(
         self, request: bk.Booking, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bk.BookingDecision:
         try:
-            check_booking(request, self.config.authorized_oris)
+            check_booking_header(request)
         except InvalidRequest as error:
             await abort_invalid(context, error)
-        except UnauthorizedOri as error:
-            log.warning("unauthorised ORI", ori=request.ori, tcn=request.tcn)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        # The ORI is the certificate's: a booking claiming another agency's is refused before its
+        # ten-print is decoded.
+        caller = current_caller()
+        if not caller.acts_for(request.ori):
+            await deny(
+                context,
+                f"the certificate is for ORI {caller.identity.ori if caller.identity else ''}, "
+                f"the booking claims {request.ori}",
+                tcn=request.tcn,
+            )
+        if self.config.authorized_oris and request.ori not in self.config.authorized_oris:
+            await deny(context, f"ORI {request.ori} is not authorised to submit bookings", tcn=request.tcn)
+        try:
+            check_booking_tenprint(request)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
         lock = self._tcn_locks.get(request.tcn)
         if lock is None:
             lock = self._tcn_locks[request.tcn] = asyncio.Lock()
@@ -213,20 +235,44 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         if remaining is not None:
             # Leave the caller time to receive the answer after both searches.
             timeout = max(0.1, min(timeout, remaining - 0.5))
-        return await self._evaluate(booking, previous, timeout)
+        evidence = previous
+        if previous is not None:
+            kept = await asyncio.to_thread(self.store.sealed_booking, booking.tcn)
+            evidence = self._open_evidence(booking.tcn, kept, previous)
+        return await self._evaluate(booking, evidence, timeout)
+
+    def _open_evidence(
+        self, tcn: str, kept: PendingBooking | None, stored: bk.BookingDecision
+    ) -> bk.BookingDecision:
+        """The full evidence of an incomplete attempt (node results with the records the agency
+        view drops), from its sealed copy; the stored decision when there is none to open."""
+        if kept is None or not kept.sealed_evidence:
+            return stored
+        try:
+            return bk.BookingDecision.FromString(self.seal.open(tcn, kept.sealed_evidence))
+        except SealingError:
+            log.error("sealed evidence does not open; searching every node again", tcn=tcn)
+            return bk.BookingDecision(tcn=tcn, ori=stored.ori, attempt=stored.attempt)
 
     async def _evaluate(
         self, booking: bk.Booking, previous: bk.BookingDecision | None, deadline_s: float, retries: int = 0
     ) -> bk.BookingDecision:
-        """Decides, stores (sealing the booking while incomplete, with its next retry ``retries``
-        backoffs away) and publishes one attempt."""
-        decision = await self.decide(booking, deadline_s, previous)
-        decision.attempt = (previous.attempt if previous is not None else 0) + 1
-        notification = self._notification(booking, decision) if decision.notification == bk.QUEUED else None
-        sealed: bytes | None = None
+        """Decides, stores and publishes one attempt. ``previous`` is the evidence of the last
+        (incomplete) attempt: its answered searches are kept. While incomplete, the booking and
+        the evidence stay sealed for the next retry, ``retries`` backoffs away."""
+        evidence = await self.decide(booking, deadline_s, previous)
+        evidence.attempt = (previous.attempt if previous is not None else 0) + 1
+        # ICE gets the immigration record in the notification; the agency, the store, the audit
+        # log and the watchers get the decision without it (federation.disclosure).
+        notification = self._notification(booking, evidence) if evidence.notification == bk.QUEUED else None
+        decision = agency_view(evidence)
+        sealed: tuple[bytes, bytes] | None = None
         retry_at: dt.datetime | None = None
         if decision.status == bk.INCOMPLETE:
-            sealed = self.seal.seal(booking.tcn, booking.SerializeToString())
+            sealed = (
+                self.seal.seal(booking.tcn, booking.SerializeToString()),
+                self.seal.seal(booking.tcn, evidence.SerializeToString()),
+            )
             delay = backoff_s(retries, self.config.retry_initial_s, self.config.retry_max_s)
             retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
         await asyncio.to_thread(
@@ -234,7 +280,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             decision,
             notification,
             content=booking_content(booking),
-            sealed_booking=sealed,
+            sealed=sealed,
             retry_at=retry_at,
             retries=retries,
         )
@@ -275,8 +321,9 @@ class Coordinator(bk_grpc.BookingServiceServicer):
                     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.config.retry_max_s)
                     await asyncio.to_thread(self.store.reschedule_booking, pending.tcn, later)
                     continue
+                evidence = self._open_evidence(pending.tcn, pending, previous) if previous else None
                 decision = await self._evaluate(
-                    booking, previous, self.config.node_deadline_s, retries=pending.retries + 1
+                    booking, evidence, self.config.node_deadline_s, retries=pending.retries + 1
                 )
                 if decision.status == bk.COMPLETE:
                     finished += 1
@@ -291,9 +338,14 @@ class Coordinator(bk_grpc.BookingServiceServicer):
     async def GetDecision(
         self, request: bk.GetDecisionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bk.BookingDecision:
+        violations = Violations()
+        if not TCN.check(request.tcn, "tcn", violations):
+            await abort_invalid(context, InvalidRequest(violations, "malformed request"))
         decision = await asyncio.to_thread(self.store.decision, request.tcn)
         if decision is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no decision for TCN {request.tcn}")
+        if not current_caller().acts_for(decision.ori):
+            await deny(context, f"TCN {request.tcn} is another agency's booking", tcn=request.tcn)
         return decision
 
     async def GetStats(
@@ -304,6 +356,15 @@ class Coordinator(bk_grpc.BookingServiceServicer):
     async def WatchDecisions(
         self, request: bk.WatchDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bk.BookingDecision]:
+        caller = current_caller()
+        if request.ori:
+            violations = Violations()
+            if not ORI.check(request.ori, "ori", violations):
+                await abort_invalid(context, InvalidRequest(violations, "malformed request"))
+        if caller.identity is not None and not request.ori:
+            await deny(context, "an agency watches its own ORI's decisions: set ori")
+        if not caller.acts_for(request.ori):
+            await deny(context, f"ORI {request.ori} is another agency's")
         with self.feed.subscribe() as queue:
             while True:
                 decision = await queue.get()
@@ -340,7 +401,8 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
     store = CoordinatorStore(database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}")
     policy = ThreatPolicy.load(config.policy_path)
     channels = [
-        open_channel(a, config.tls) for a in (config.iafis_address, config.ident_address, config.ice_address)
+        open_channel(a, config.tls, insecure=config.insecure)
+        for a in (config.iafis_address, config.ident_address, config.ice_address)
     ]
     outbox = OutboxDeliverer(
         store,
@@ -370,5 +432,14 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
             )
         ],
         config.tls,
+        insecure=config.insecure,
+        access=AccessPolicy(
+            rate_limit=(
+                TokenBuckets(config.rate_limit.per_second, config.rate_limit.burst)
+                if config.rate_limit is not None
+                else None
+            ),
+            audit=coordinator.audit_denial,
+        ),
     )
     return CoordinatorService(host, coordinator, channels)

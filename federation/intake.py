@@ -1,59 +1,41 @@
-"""Booking intake: what a booking must carry before anything is searched or stored."""
+"""Booking intake: what a booking must carry before anything is searched or stored.
+
+Two steps, so that nothing is decoded for a caller who may not submit: :func:`check_booking_header`
+(identifiers, codes, counts and text, all cheap), then the coordinator checks the ORI against
+the caller's certificate, then :func:`check_booking_tenprint` decodes the templates.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Collection
 
 from fedprint.booking.v1 import booking_pb2 as bk
-from fedprint.rpc import FieldViolation, InvalidRequest
+from fedprint.rpc import InvalidRequest
 from fedprint.tenprint import DecodedTenPrint, decode_tenprint
-
-TCN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-ORI = re.compile(r"^[A-Za-z0-9]{9}$")
-NCIC_CODE = re.compile(r"^\d{4}$")
-MAX_CHARGES = 50
+from fedprint.validation import ORI, TCN, Violations, check_charges, check_descriptors, check_timestamp
 
 
-class UnauthorizedOri(PermissionError):
-    """The booking's ORI may not submit to this coordinator."""
-
-
-def check_booking(booking: bk.Booking, authorized_oris: Collection[str]) -> DecodedTenPrint:
-    """Validates a booking.
-
-    Raises :class:`InvalidRequest` listing every bad field, then :class:`UnauthorizedOri`.
-    """
-    violations: list[FieldViolation] = []
-    if not TCN.match(booking.tcn):
-        violations.append(FieldViolation("tcn", "1-64 letters, digits or _.:- starting alphanumeric"))
-    if not ORI.match(booking.ori):
-        violations.append(FieldViolation("ori", "an ORI is nine letters or digits"))
+def check_booking_header(booking: bk.Booking) -> None:
+    """Everything of a booking but its ten-print. Raises :class:`InvalidRequest` listing the bad fields."""
+    violations = Violations()
+    TCN.check(booking.tcn, "tcn", violations)
+    ORI.check(booking.ori, "ori", violations)
     if not booking.HasField("booking_time"):
-        violations.append(FieldViolation("booking_time", "booking time is required"))
+        violations.add("booking_time", "booking time is required")
+    else:
+        check_timestamp(booking.booking_time, "booking_time", violations)
     if not booking.charges:
-        violations.append(FieldViolation("charges", "a booking carries at least one charge"))
-    if len(booking.charges) > MAX_CHARGES:
-        violations.append(FieldViolation("charges", f"{len(booking.charges)} charges, at most {MAX_CHARGES}"))
-    for i, charge in enumerate(booking.charges):
-        if not NCIC_CODE.match(charge.ncic_code):
-            violations.append(
-                FieldViolation(
-                    f"charges[{i}].ncic_code", f"NCIC offense code {charge.ncic_code!r} is not four digits"
-                )
-            )
-    decoded: DecodedTenPrint | None = None
-    try:
-        decoded = decode_tenprint(booking.tenprint, "tenprint")
-    except InvalidRequest as error:
-        violations.extend(error.violations)
-    if violations or decoded is None:
+        violations.add("charges", "a booking carries at least one charge")
+    check_charges(booking.charges, "charges", violations)
+    check_descriptors(booking.subject, "subject", violations)
+    if violations:
         raise InvalidRequest(violations, "malformed booking")
-    if authorized_oris and booking.ori not in authorized_oris:
-        raise UnauthorizedOri(f"ORI {booking.ori} is not authorised to submit bookings")
-    return decoded
+
+
+def check_booking_tenprint(booking: bk.Booking) -> DecodedTenPrint:
+    """Decodes the booking's ten-print; raises :class:`InvalidRequest` listing every bad finger."""
+    return decode_tenprint(booking.tenprint, "tenprint")
 
 
 #: The parts of a booking that a resubmission of its TCN must repeat exactly.

@@ -20,8 +20,9 @@ BUNDLED_POLICY = "threat_policy.yaml"
 
 
 class CodeRange(BaseModel):
-    start: str = Field(alias="from", pattern=r"^\d{4}$")
-    end: str = Field(alias="to", pattern=r"^\d{4}$")
+    # Rust regex (pydantic): \d would take any Unicode digit; $ is the end of the text there.
+    start: str = Field(alias="from", pattern=r"^[0-9]{4}$")
+    end: str = Field(alias="to", pattern=r"^[0-9]{4}$")
     category: str
 
     @model_validator(mode="after")

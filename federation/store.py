@@ -87,6 +87,8 @@ class PendingBookingRow(_Base):
     __tablename__ = "pending_bookings"
     tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    #: The last attempt's full evidence (records included), sealed the same way.
+    sealed_evidence: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     retries: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -136,10 +138,11 @@ class OutboxEntry:
 
 @dataclass(frozen=True)
 class PendingBooking:
-    """A sealed incomplete booking due for another search."""
+    """A sealed incomplete booking, and the sealed evidence of its last attempt."""
 
     tcn: str
     sealed: bytes
+    sealed_evidence: bytes
     retries: int
 
 
@@ -246,14 +249,15 @@ class CoordinatorStore:
         notification: ice.Notification | None,
         *,
         content: str = "",
-        sealed_booking: bytes | None = None,
+        sealed: tuple[bytes, bytes] | None = None,
         retry_at: dt.datetime | None = None,
         retries: int = 0,
     ) -> None:
         """Stores the decision, appends it to the audit log and queues the notification, atomically.
 
-        An incomplete decision keeps ``sealed_booking`` for the coordinator's own retries, due
-        at ``retry_at``; a complete one deletes the sealed booking in the same transaction.
+        An incomplete decision keeps ``sealed`` (the sealed booking and the sealed evidence) for
+        the coordinator's own retries, due at ``retry_at``; a complete one deletes them in the
+        same transaction.
         """
         now = _now()
         payload = decision.SerializeToString()
@@ -294,23 +298,21 @@ class CoordinatorStore:
             if decision.status == bk.COMPLETE:
                 if pending is not None:
                     session.delete(pending)
-            elif sealed_booking is not None and retry_at is not None:
+            elif sealed is not None and retry_at is not None:
                 if pending is None:
                     session.add(
                         PendingBookingRow(
                             tcn=decision.tcn,
-                            sealed=sealed_booking,
+                            sealed=sealed[0],
+                            sealed_evidence=sealed[1],
                             created_at=now,
                             retries=retries,
                             next_attempt_at=retry_at,
                         )
                     )
                 else:
-                    pending.sealed, pending.retries, pending.next_attempt_at = (
-                        sealed_booking,
-                        retries,
-                        retry_at,
-                    )
+                    pending.sealed, pending.sealed_evidence = sealed
+                    pending.retries, pending.next_attempt_at = retries, retry_at
 
     # ------------------------------------------------------------------ incomplete bookings
 
@@ -323,7 +325,7 @@ class CoordinatorStore:
                 .order_by(PendingBookingRow.next_attempt_at)
                 .limit(limit)
             )
-            return [PendingBooking(r.tcn, r.sealed, r.retries) for r in rows]
+            return [PendingBooking(r.tcn, r.sealed, r.sealed_evidence, r.retries) for r in rows]
 
     def reschedule_booking(self, tcn: str, retry_at: dt.datetime) -> None:
         """Moves a sealed booking's next retry to ``retry_at`` (counting one more retry)."""
@@ -338,9 +340,11 @@ class CoordinatorStore:
             due = session.scalar(select(func.min(PendingBookingRow.next_attempt_at)))
             return None if due is None else _aware(due)
 
-    def has_sealed_booking(self, tcn: str) -> bool:
+    def sealed_booking(self, tcn: str) -> PendingBooking | None:
+        """The sealed booking and evidence kept for ``tcn`` while its decision is incomplete."""
         with self._sessions() as session:
-            return session.get(PendingBookingRow, tcn) is not None
+            r = session.get(PendingBookingRow, tcn)
+            return None if r is None else PendingBooking(r.tcn, r.sealed, r.sealed_evidence, r.retries)
 
     # ------------------------------------------------------------------ outbox
 

@@ -1,11 +1,15 @@
 """Client calls the CLI, the demo, the benchmarks and the tests share: enrolling a
-gallery, submitting bookings concurrently, reading the ICE queue."""
+gallery (as a gallery administrator), submitting bookings concurrently (each as its agency),
+reading the ICE queue (as ICE).
+
+Every call speaks mutual TLS with the identity given; plaintext only with ``insecure=True``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,11 +40,13 @@ async def enroll(
     *,
     deadline_s: float = 300.0,
     on_progress: Callable[[int], None] | None = None,
-    tls: TlsFiles | None = None,
+    tls: TlsFiles | None,
+    insecure: bool = False,
 ) -> int:
-    """Enrolls ``entries`` in streams of :data:`ENROLL_CHUNK`; returns the gallery size after."""
+    """Enrolls ``entries`` in streams of :data:`ENROLL_CHUNK`, as the gallery administrator ``tls``;
+    returns the gallery size after."""
     size = 0
-    async with open_channel(address, tls) as channel:
+    async with open_channel(address, tls, insecure=insecure) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         for start in range(0, len(entries), ENROLL_CHUNK):
             chunk = entries[start : start + ENROLL_CHUNK]
@@ -72,18 +78,27 @@ async def submit_bookings(
     concurrency: int = 8,
     deadline_s: float = 60.0,
     on_done: Callable[[Submission], None] | None = None,
-    tls: TlsFiles | None = None,
+    agencies: Mapping[str, TlsFiles] | None,
+    insecure: bool = False,
 ) -> list[Submission]:
-    """Submits every booking, ``concurrency`` at a time; results follow the input order."""
+    """Submits every booking, ``concurrency`` at a time, each with the certificate of its ORI's
+    agency (``agencies``: ORI -> identity); results follow the input order."""
     limit = asyncio.Semaphore(concurrency)
-    async with open_channel(address, tls) as channel:
-        stub = bk_grpc.BookingServiceStub(channel)
+    oris = sorted({b.ori for b in bookings})
+    if agencies is not None and (missing := [o for o in oris if o not in agencies]):
+        raise KeyError(f"no booking-agency certificate for ORI {', '.join(missing)}")
+    channels = {
+        ori: open_channel(address, agencies[ori] if agencies is not None else None, insecure=insecure)
+        for ori in oris
+    }
+    try:
+        stubs = {ori: bk_grpc.BookingServiceStub(channel) for ori, channel in channels.items()}
 
         async def one(booking: bk.Booking) -> Submission:
             async with limit:
                 started = time.perf_counter()
                 try:
-                    decision = await stub.SubmitBooking(booking, timeout=deadline_s)
+                    decision = await stubs[booking.ori].SubmitBooking(booking, timeout=deadline_s)
                     result = Submission(booking.tcn, decision, "", (time.perf_counter() - started) * 1000)
                 except grpc.aio.AioRpcError as error:
                     result = Submission(
@@ -97,13 +112,16 @@ async def submit_bookings(
             return result
 
         return list(await asyncio.gather(*(one(b) for b in bookings)))
+    finally:
+        for channel in channels.values():
+            await channel.close(None)
 
 
 async def list_notifications(
-    address: str, limit: int = 1000, tls: TlsFiles | None = None
+    address: str, limit: int = 1000, *, tls: TlsFiles | None, insecure: bool = False
 ) -> list[ice.ReceivedNotification]:
-    """The ICE queue, level 1 first, then by time received."""
-    async with open_channel(address, tls) as channel:
+    """The ICE queue, level 1 first, then by time received (read as ICE: ``tls``)."""
+    async with open_channel(address, tls, insecure=insecure) as channel:
         response = await ice_grpc.IceNotificationServiceStub(channel).ListNotifications(
             ice.ListNotificationsRequest(limit=limit), timeout=10
         )
@@ -111,13 +129,13 @@ async def list_notifications(
 
 
 async def wait_for_notifications(
-    address: str, expected: int, timeout_s: float, tls: TlsFiles | None = None
+    address: str, expected: int, timeout_s: float, *, tls: TlsFiles | None, insecure: bool = False
 ) -> list[ice.ReceivedNotification]:
     """Polls the ICE queue until it holds ``expected`` notifications or the time is up."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            received = await list_notifications(address, tls=tls)
+            received = await list_notifications(address, tls=tls, insecure=insecure)
         except grpc.aio.AioRpcError as error:
             # A service that has just (re)started may refuse the first connection.
             if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:

@@ -1,15 +1,19 @@
 """What every fedprint gRPC server and client shares: hosting with health and
-reflection, graceful shutdown, errors with ``google.rpc`` details, and channels.
+reflection, mutual TLS with certificates reloaded when their files change, access control
+(:mod:`fedprint.access`), graceful shutdown, errors with ``google.rpc`` details, and channels.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -17,7 +21,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from fedprint.access import AccessInterceptor, AccessPolicy
 from fedprint.pki import TlsFiles
+from fedprint.validation import MAX_VIOLATIONS, FieldViolation, Violations
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "FieldViolation",
+    "InsecureNotAllowed",
+    "InvalidRequest",
+    "ServiceHost",
+    "abort_invalid",
+    "bad_request_status",
+    "field_violations",
+    "open_channel",
+    "service",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -30,21 +49,31 @@ _SERVER_OPTIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class FieldViolation:
-    """One invalid field of a request: where it is (``tenprint.fingers[3].template``) and why."""
+class InsecureNotAllowed(ValueError):
+    """Plaintext was asked for (no TLS files) without saying ``insecure``."""
 
-    field: str
-    description: str
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} has no TLS files (tls: ca, cert, key from `fedprint certs`); plaintext is only "
+            "for local debugging and needs `insecure: true` in the config or --insecure"
+        )
 
 
 class InvalidRequest(ValueError):
-    """A request failed validation; carries the field violations for the client."""
+    """A request failed validation; carries the field violations for the client (the first
+    :data:`~fedprint.validation.MAX_VIOLATIONS`, then how many more)."""
 
-    def __init__(self, violations: Sequence[FieldViolation], message: str = "invalid request") -> None:
-        super().__init__(f"{message}: " + "; ".join(f"{v.field}: {v.description}" for v in violations))
+    def __init__(
+        self, violations: Sequence[FieldViolation] | Violations, message: str = "invalid request"
+    ) -> None:
+        if not isinstance(violations, Violations):
+            collected = Violations()
+            collected.extend(violations)
+            violations = collected
+        self.violations = violations.reported()
+        shown = self.violations[: min(len(self.violations), MAX_VIOLATIONS)]
+        super().__init__(f"{message}: " + "; ".join(f"{v.field}: {v.description}" for v in shown))
         self.message = message
-        self.violations = list(violations)
 
 
 def bad_request_status(error: InvalidRequest) -> grpc.Status:
@@ -91,20 +120,84 @@ def service(
     return descriptor.full_name, lambda server: add_servicer(servicer, server)
 
 
-class ServiceHost:
-    """A ``grpc.aio`` server with health checking and reflection for the given services,
-    plaintext or (with ``tls``) mutual TLS.
+class _CertificateReloader:
+    """Serves a server's certificate, key and CA, re-read when their files change.
 
-    ``services`` pairs each full service name with the function that adds its
-    servicer. Health reports SERVING from :meth:`start` until :meth:`stop`.
+    gRPC calls :meth:`fetch` before each TLS handshake (``dynamic_ssl_server_credentials``); it
+    answers None (keep the current configuration) unless a file's size, modification time or inode
+    changed and the new certificate and key belong together, so a renewal written in two steps is
+    picked up once both files are in place.
+    """
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self.tls = tls
+        self._lock = threading.Lock()
+        self._seen = self._signature()
+        self.reloads = 0
+        self.initial = self._configuration(*self._read())
+
+    def _signature(self) -> tuple[tuple[int, int, int], ...]:
+        stats = [os.stat(p) for p in (self.tls.ca, self.tls.cert, self.tls.key)]
+        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        ca, cert, key = (p.read_bytes() for p in (self.tls.ca, self.tls.cert, self.tls.key))
+        certificate = x509.load_pem_x509_certificate(cert)
+        private = serialization.load_pem_private_key(key, password=None)
+        public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if certificate.public_key().public_bytes(*public) != private.public_key().public_bytes(*public):
+            raise ValueError(f"{self.tls.key} is not the key of {self.tls.cert}")
+        x509.load_pem_x509_certificates(ca)
+        return ca, cert, key
+
+    @staticmethod
+    def _configuration(ca: bytes, cert: bytes, key: bytes) -> Any:
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self) -> Any:
+        with self._lock:
+            try:
+                signature = self._signature()
+                if signature == self._seen:
+                    return None
+                files = self._read()
+            except (OSError, ValueError) as error:
+                # Half-written or mismatched files: keep serving with what we have, try again later.
+                log.warning("certificate files not reloaded", cert=str(self.tls.cert), error=str(error))
+                return None
+            self._seen = signature
+            self.reloads += 1
+        log.info("certificates reloaded", cert=str(self.tls.cert), ca=str(self.tls.ca))
+        return self._configuration(*files)
+
+
+class ServiceHost:
+    """A ``grpc.aio`` server with health checking and reflection for the given services, speaking
+    mutual TLS (every client shows a certificate from the federation's CA) and admitting each
+    call by the caller's role (:class:`fedprint.access.AccessInterceptor`).
+
+    Without ``tls`` it refuses to exist unless ``insecure`` is set; a plaintext server then warns
+    at every start and admits every caller. ``services`` pairs each full service name with the
+    function that adds its servicer. Health reports SERVING from :meth:`start` until :meth:`stop`.
     """
 
     def __init__(
-        self, listen: str, services: Sequence[tuple[str, Registrar]], tls: TlsFiles | None = None
+        self,
+        listen: str,
+        services: Sequence[tuple[str, Registrar]],
+        tls: TlsFiles | None,
+        *,
+        insecure: bool = False,
+        access: AccessPolicy | None = None,
     ) -> None:
+        if tls is None and not insecure:
+            raise InsecureNotAllowed(f"the server for {', '.join(name for name, _ in services)}")
         self.listen = listen
         self.tls = tls
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
+        self.access = access or AccessPolicy()
+        self.access.authenticate = tls is not None
+        self._reloader = _CertificateReloader(tls) if tls is not None else None
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[AccessInterceptor(self.access)])
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._names = [name for name, _ in services]
         for _, register in services:
@@ -115,16 +208,26 @@ class ServiceHost:
         )
         self.port = 0
 
+    @property
+    def certificate_reloads(self) -> int:
+        """How often the TLS files were re-read since start-up."""
+        return self._reloader.reloads if self._reloader is not None else 0
+
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port (useful with port 0)."""
-        if self.tls is None:
+        if self._reloader is None:
+            log.warning(
+                "PLAINTEXT: serving without TLS and without checking who calls (insecure mode, "
+                "for local debugging only)",
+                listen=self.listen,
+                services=self._names,
+            )
             self.port = self._server.add_insecure_port(self.listen)
         else:
-            # mTLS: clients must present a certificate signed by the same CA.
-            credentials = grpc.ssl_server_credentials(
-                [(self.tls.key.read_bytes(), self.tls.cert.read_bytes())],
-                root_certificates=self.tls.ca.read_bytes(),
-                require_client_auth=True,
+            # mTLS: clients must present a certificate signed by the CA; the files are re-read when
+            # they change (certificate renewal without a restart).
+            credentials = grpc.dynamic_ssl_server_credentials(
+                self._reloader.initial, self._reloader.fetch, require_client_authentication=True
             )
             self.port = self._server.add_secure_port(self.listen, credentials)
         if self.port == 0:
@@ -158,10 +261,13 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
-    """A client channel: mTLS when ``tls`` is given (else plaintext), the servers' message-size
-    limits, and a short reconnect backoff."""
+def open_channel(address: str, tls: TlsFiles | None, *, insecure: bool = False) -> grpc.aio.Channel:
+    """A client channel: mutual TLS with ``tls`` (the server's certificate is verified against its
+    CA), the servers' message-size limits, and a short reconnect backoff. Plaintext only when
+    ``tls`` is None and ``insecure`` is set."""
     if tls is None:
+        if not insecure:
+            raise InsecureNotAllowed(f"a channel to {address}")
         return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),

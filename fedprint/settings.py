@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedprint.pki import TlsFiles
+
+
+class RateLimit(BaseModel):
+    """Calls a booking agency (one ORI) may make: ``per_second`` sustained, ``burst`` at once."""
+
+    per_second: float = Field(default=20.0, gt=0)
+    burst: int = Field(default=40, ge=1)
 
 
 class ServiceSettings(BaseSettings):
@@ -27,8 +34,23 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="where the service keeps its SQLite files")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls: TlsFiles | None = Field(
-        default=None, description="mTLS files (ca, cert, key) from `fedprint certs`; plaintext if unset"
+        default=None, description="mTLS files (ca, cert, key) from `fedprint certs`; required unless insecure"
     )
+    insecure: bool = Field(
+        default=False,
+        description="plaintext without caller identities, for local debugging only (warns at every start)",
+    )
+
+    @model_validator(mode="after")
+    def _secure_unless_told(self) -> Self:
+        if self.tls is None and not self.insecure:
+            raise ValueError(
+                "no tls section: give tls {ca, cert, key} (see `fedprint certs`), or set insecure: true "
+                "(--insecure) for plaintext local debugging"
+            )
+        if self.tls is not None and self.insecure:
+            raise ValueError("tls and insecure: true contradict each other; drop one")
+        return self
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> Self:

@@ -11,13 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
-from fedprint.rpc import FieldViolation, InvalidRequest
+from fedprint.rpc import InvalidRequest
+from fedprint.validation import Violations
 from minutiae.iso19794_2 import decode_template
 from minutiae.template import FingerTemplate, TemplateError, TenPrintTemplates
 
 # Fewer minutiae than this cannot give a meaningful MCC score (too few cylinders
 # reach the minimum neighbour count); such a finger is reported, not matched.
 MIN_USABLE_MINUTIAE = 8
+#: A ten-print has at most one entry per finger position.
+MAX_FINGERS = 10
+#: Largest template record accepted: one ISO/IEC 19794-2 view of 255 minutiae is 1,560 bytes; the
+#: rest leaves room for an extended data block.
+MAX_TEMPLATE_BYTES = 16 * 1024
+
+
+#: Absences a sender may declare (NOT_SUBMITTED is the receiver's finding: the position is missing).
+_DECLARED_ABSENCES = frozenset({bio.AMPUTATED, bio.UNABLE_TO_PRINT, bio.UNUSABLE})
 
 
 @dataclass(frozen=True)
@@ -44,35 +54,37 @@ class DecodedTenPrint:
 
 def decode_tenprint(tenprint: bio.TenPrint, field: str = "tenprint") -> DecodedTenPrint:
     """Decodes every finger; raises :class:`fedprint.rpc.InvalidRequest` listing all bad fields."""
-    violations: list[FieldViolation] = []
+    violations = Violations()
     usable: dict[int, FingerTemplate] = {}
     issues: list[FingerIssue] = []
     seen: set[int] = set()
     if not tenprint.fingers:
-        violations.append(FieldViolation(f"{field}.fingers", "a ten-print needs at least one finger"))
+        violations.add(f"{field}.fingers", "a ten-print needs at least one finger")
+    if len(tenprint.fingers) > MAX_FINGERS:
+        # Refused before any finger is looked at: a message of a million fingers costs nothing more.
+        violations.add(f"{field}.fingers", f"{len(tenprint.fingers)} fingers, at most {MAX_FINGERS}")
+        raise InvalidRequest(violations, "malformed ten-print")
     for i, finger in enumerate(tenprint.fingers):
         where = f"{field}.fingers[{i}]"
         position = int(finger.position)
         if not 1 <= position <= 10:
-            violations.append(FieldViolation(f"{where}.position", f"finger position {position} not in 1-10"))
+            violations.add(f"{where}.position", f"finger position {position} not in 1-10")
             continue
         if position in seen:
-            violations.append(FieldViolation(f"{where}.position", f"finger position {position} repeated"))
+            violations.add(f"{where}.position", f"finger position {position} repeated")
             continue
         seen.add(position)
         kind = finger.WhichOneof("data")
         if kind is None:
-            violations.append(FieldViolation(where, "finger has neither template, image nor absence"))
+            violations.add(where, "finger has neither template, image nor absence")
         elif kind == "absence":
-            if finger.absence == bio.FINGER_ABSENCE_UNSPECIFIED:
-                violations.append(FieldViolation(f"{where}.absence", "absence reason must be set"))
+            if finger.absence not in _DECLARED_ABSENCES:
+                violations.add(f"{where}.absence", "absence must be AMPUTATED, UNABLE_TO_PRINT or UNUSABLE")
             else:
                 issues.append(FingerIssue(position, finger.absence, "declared absent"))
         elif kind == "image":
-            violations.append(
-                FieldViolation(
-                    f"{where}.image", "images are not accepted yet: send ISO/IEC 19794-2 minutiae templates"
-                )
+            violations.add(
+                f"{where}.image", "images are not accepted yet: send ISO/IEC 19794-2 minutiae templates"
             )
         else:
             template = _decode_template(finger.template, position, f"{where}.template", violations)
@@ -94,29 +106,29 @@ def decode_tenprint(tenprint: bio.TenPrint, field: str = "tenprint") -> DecodedT
         if position not in seen:
             issues.append(FingerIssue(position, bio.NOT_SUBMITTED, "not in the request"))
     if not usable:
-        raise InvalidRequest([FieldViolation(f"{field}.fingers", "no usable finger to search with")])
+        violations.add(f"{field}.fingers", "no usable finger to search with")
+        raise InvalidRequest(violations, "malformed ten-print")
     issues.sort(key=lambda issue: issue.position)
     return DecodedTenPrint(TenPrintTemplates(usable), tuple(issues))
 
 
 def _decode_template(
-    message: bio.FingerTemplate, position: int, where: str, violations: list[FieldViolation]
+    message: bio.FingerTemplate, position: int, where: str, violations: Violations
 ) -> FingerTemplate | None:
     if message.format != bio.ISO_19794_2_2005:
-        violations.append(
-            FieldViolation(f"{where}.format", "only ISO_19794_2_2005 minutiae templates are accepted")
-        )
+        violations.add(f"{where}.format", "only ISO_19794_2_2005 minutiae templates are accepted")
+        return None
+    if len(message.data) > MAX_TEMPLATE_BYTES:
+        violations.add(f"{where}.data", f"{len(message.data)} bytes, at most {MAX_TEMPLATE_BYTES}")
         return None
     try:
         template = decode_template(message.data)
     except TemplateError as error:
-        violations.append(FieldViolation(f"{where}.data", str(error)))
+        violations.add(f"{where}.data", str(error))
         return None
     if template.finger_position not in (0, position):
-        violations.append(
-            FieldViolation(
-                f"{where}.data", f"record is for finger {template.finger_position}, sent as finger {position}"
-            )
+        violations.add(
+            f"{where}.data", f"record is for finger {template.finger_position}, sent as finger {position}"
         )
         return None
     return template

@@ -18,11 +18,47 @@ from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.records.v1 import records_pb2 as rec
-from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid, service
+from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, service
+from fedprint.validation import (
+    ORI,
+    SUBJECT_ID,
+    TCN,
+    Violations,
+    check_charges,
+    check_count,
+    check_text,
+    check_timestamp,
+)
 from ice_service.config import IceConfig
 
 log = structlog.get_logger(__name__)
 MAX_LIST = 1000
+#: Reasons a notification may carry (a decision has a handful).
+MAX_REASONS = 50
+_LEVELS = frozenset({rec.LEVEL_1, rec.LEVEL_2, rec.LEVEL_3})
+
+
+def check_notification(n: ice.Notification) -> Violations:
+    """What must hold of a notification before it is stored."""
+    violations = Violations()
+    TCN.check(n.tcn, "tcn", violations)
+    ORI.check(n.ori, "ori", violations)
+    if n.level not in _LEVELS:
+        violations.add("level", "threat level must be LEVEL_1, LEVEL_2 or LEVEL_3")
+    if n.HasField("booking_time"):
+        check_timestamp(n.booking_time, "booking_time", violations)
+    check_charges(n.charges, "charges", violations)
+    if not n.ident_match.subject_id:
+        violations.add("ident_match.subject_id", "the matched IDENT subject is required")
+    else:
+        SUBJECT_ID.check(n.ident_match.subject_id, "ident_match.subject_id", violations)
+    if n.HasField("iafis_match"):
+        SUBJECT_ID.check(n.iafis_match.subject_id, "iafis_match.subject_id", violations)
+    check_text(n.policy_version, "policy_version", violations, limit=64)
+    if check_count(len(n.reasons), MAX_REASONS, "reasons", violations, "reasons"):
+        for i, reason in enumerate(n.reasons):
+            check_text(reason, f"reasons[{i}]", violations, limit=500)
+    return violations
 
 
 class _Base(DeclarativeBase):
@@ -87,15 +123,7 @@ class IceNotificationServer(ice_grpc.IceNotificationServiceServicer):
         self.store = store
 
     async def Notify(self, request: ice.Notification, context: grpc.aio.ServicerContext[Any, Any]) -> ice.Ack:
-        violations = []
-        if not request.tcn:
-            violations.append(FieldViolation("tcn", "TCN is required"))
-        if request.level == rec.THREAT_LEVEL_UNSPECIFIED:
-            violations.append(FieldViolation("level", "threat level is required"))
-        if not request.ident_match.subject_id:
-            violations.append(
-                FieldViolation("ident_match.subject_id", "the matched IDENT subject is required")
-            )
+        violations = check_notification(request)
         if violations:
             await abort_invalid(context, InvalidRequest(violations, "malformed notification"))
         duplicate, received_at = await asyncio.to_thread(self.store.add, request)
@@ -107,6 +135,10 @@ class IceNotificationServer(ice_grpc.IceNotificationServiceServicer):
     async def ListNotifications(
         self, request: ice.ListNotificationsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ice.ListNotificationsResponse:
+        if request.level and request.level not in _LEVELS:
+            violations = Violations()
+            violations.add("level", "level must be unset, LEVEL_1, LEVEL_2 or LEVEL_3")
+            await abort_invalid(context, InvalidRequest(violations, "malformed request"))
         limit = min(request.limit or 100, MAX_LIST)
         rows = await asyncio.to_thread(self.store.list, limit, int(request.level))
         response = ice.ListNotificationsResponse()
@@ -146,5 +178,6 @@ def build_ice(config: IceConfig, database_url: str | None = None) -> IceService:
             )
         ],
         config.tls,
+        insecure=config.insecure,
     )
     return IceService(host, server)

@@ -1,5 +1,6 @@
 """Services as processes: ``fedprint serve ROLE`` started, awaited and stopped, and the whole
-federation (ICE, both nodes, the coordinator) brought up on 127.0.0.1 over mTLS."""
+federation (ICE, both nodes, the coordinator) brought up on 127.0.0.1 over mTLS, each service with
+its own identity from the development PKI."""
 
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ async def stop_service(service: ServiceProcess, timeout_s: float = 15.0) -> int:
 
 @contextlib.asynccontextmanager
 async def federation(workdir: Path, pki: dict[str, TlsFiles]) -> AsyncIterator[dict[str, str]]:
-    """The four services as processes speaking mTLS; yields their addresses by role and stops
-    them all on exit."""
+    """The four services as processes speaking mTLS, each with its own certificate from ``pki``
+    (:func:`fedprint.pki.issue_dev_pki`); yields their addresses by role and stops them all on exit."""
     started: list[ServiceProcess] = []
     common = {"listen": "127.0.0.1:0", "log_level": "info"}
 

@@ -74,14 +74,26 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
 
 
 async def run_service(
-    role: str, config_path: Path | None, *, listen: str | None = None, ready_file: Path | None = None
+    role: str,
+    config_path: Path | None,
+    *,
+    listen: str | None = None,
+    ready_file: Path | None = None,
+    insecure: bool = False,
 ) -> None:
     """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully.
 
     ``ready_file`` receives the bound address once the service is serving (supervisors and
     the demo wait for it; with ``listen: host:0`` it is the only way to learn the port).
+    ``insecure`` serves plaintext (as ``insecure: true`` in the config does); without it, and
+    without a ``tls`` section, the service refuses to start.
     """
-    service = build_service(role, config_path, **({"listen": listen} if listen else {}))
+    overrides: dict[str, Any] = {}
+    if listen:
+        overrides["listen"] = listen
+    if insecure:
+        overrides["insecure"] = True
+    service = build_service(role, config_path, **overrides)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic population and the four real services on loopback."""
+"""Shared fixtures: a small synthetic population, a development PKI with an identity for every
+role, and the four real services on loopback, each with its own certificate."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from federation.coordinator import CoordinatorService, build_coordinator
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import enroll, list_notifications, wait_for_notifications
 from fedprint.ice.v1 import ice_pb2 as ice
-from fedprint.pki import TlsFiles, issue_dev_pki
+from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
 from fedprint.rpc import open_channel
 from ice_service import build_ice
 from ice_service.config import IceConfig
@@ -33,6 +34,14 @@ def population() -> Population:
     return generate_population(seed=11, persons=80, bookings=24)
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory, population: Population) -> dict[str, TlsFiles]:
+    """A CA and an identity for every role: coordinator, iafis, ident, ice, admin, examiner, and
+    ``agency-<ORI>`` for each agency that books in the population."""
+    oris = sorted({b.booking.ori for b in population.bookings})
+    return issue_dev_pki(tmp_path_factory.mktemp("pki"), oris=oris)
+
+
 @dataclass
 class Federation:
     """The four services running in this process on 127.0.0.1, each a real gRPC server."""
@@ -43,26 +52,28 @@ class Federation:
     ident: GalleryNode
     coordinator: CoordinatorService
     coordinator_config: CoordinatorConfig
-    #: mTLS identities of every service and of the booking system (the tests' client).
+    #: mTLS identities of every role (see the ``pki`` fixture).
     pki: dict[str, TlsFiles]
 
     @property
     def address(self) -> str:
         return self.coordinator.host.address
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """A channel with the booking system's client certificate."""
-        return open_channel(address, self.pki["booking-system"])
+    def channel(self, address: str, identity: str) -> grpc.aio.Channel:
+        """A channel to ``address`` with the client certificate ``identity`` (``admin``, ``ice``,
+        ``agency-<ORI>``, ...)."""
+        return open_channel(address, self.pki[identity])
 
-    def booking_stub(self) -> bk_grpc.BookingServiceAsyncStub:
-        return bk_grpc.BookingServiceStub(self.channel(self.address))
+    def booking_stub(self, ori: str) -> bk_grpc.BookingServiceAsyncStub:
+        """The coordinator's booking service, called as the agency ``ori``."""
+        return bk_grpc.BookingServiceStub(self.channel(self.address, agency_name(ori)))
 
     async def notifications(self) -> list[ice.ReceivedNotification]:
-        return await list_notifications(self.ice.host.address, tls=self.pki["booking-system"])
+        return await list_notifications(self.ice.host.address, tls=self.pki["ice"])
 
     async def wait_for_notifications(self, expected: int) -> list[ice.ReceivedNotification]:
         return await wait_for_notifications(
-            self.ice.host.address, expected, timeout_s=10, tls=self.pki["booking-system"]
+            self.ice.host.address, expected, timeout_s=10, tls=self.pki["ice"]
         )
 
     async def restart_node(self, name: str) -> GalleryNode:
@@ -84,10 +95,11 @@ class Federation:
 
 
 @pytest_asyncio.fixture
-async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Federation]:
+async def federation(
+    tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
+) -> AsyncIterator[Federation]:
     fed: Federation | None = None
     started: list[IceService | GalleryNode | CoordinatorService] = []
-    pki = issue_dev_pki(tmp_path / "pki")
     try:
         ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=pki["ice"]))
         started.append(ice)
@@ -114,8 +126,8 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
         coordinator = build_coordinator(config)
         started.append(coordinator)
         await coordinator.start()
-        await enroll(nodes[0].host.address, population.iafis, tls=pki["booking-system"])
-        await enroll(nodes[1].host.address, population.ident, tls=pki["booking-system"])
+        await enroll(nodes[0].host.address, population.iafis, tls=pki["admin"])
+        await enroll(nodes[1].host.address, population.ident, tls=pki["admin"])
         fed = Federation(tmp_path, ice, nodes[0], nodes[1], coordinator, config, pki)
         yield fed
     finally:

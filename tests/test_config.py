@@ -24,7 +24,21 @@ def test_the_example_configs_load() -> None:
 
 def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDPRINT_BATCHING__MAX_BATCH", "64")
-    assert NodeConfig(node="ident").batching.max_batch == 64
+    assert NodeConfig(node="ident", insecure=True).batching.max_batch == 64
+
+
+def test_the_example_configs_speak_mtls() -> None:
+    config = CoordinatorConfig.load(CONFIG / "coordinator.yaml")
+    assert config.tls is not None and config.tls.cert == Path("pki/coordinator.pem") and not config.insecure
+    assert config.rate_limit is not None and config.rate_limit.per_second > 0
+
+
+def test_no_tls_is_refused_unless_insecure_is_said() -> None:
+    with pytest.raises(ValidationError, match="insecure"):
+        IceConfig()
+    assert IceConfig(insecure=True).tls is None
+    with pytest.raises(ValidationError, match="contradict"):
+        IceConfig(insecure=True, tls={"ca": "ca.pem", "cert": "ice.pem", "key": "ice.key"})
 
 
 def test_review_threshold_above_hit_is_refused() -> None:
@@ -34,7 +48,7 @@ def test_review_threshold_above_hit_is_refused() -> None:
 
 def test_unknown_fields_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "node.yaml"
-    path.write_text("node: iafis\nthreshold: 0.3\n")  # misspelt
+    path.write_text("node: iafis\ninsecure: true\nthreshold: 0.3\n")  # misspelt
     with pytest.raises(ValidationError, match="threshold"):
         NodeConfig.load(path)
 
@@ -42,7 +56,15 @@ def test_unknown_fields_are_refused(tmp_path: Path) -> None:
 def test_bad_ori_in_allow_list_is_refused() -> None:
     with pytest.raises(ValidationError, match="nine"):
         CoordinatorConfig(
-            iafis_address="a:1", ident_address="b:1", ice_address="c:1", authorized_oris=["XX1"]
+            iafis_address="a:1",
+            ident_address="b:1",
+            ice_address="c:1",
+            authorized_oris=["XX1"],
+            insecure=True,
+        )
+    with pytest.raises(ValidationError, match="nine"):  # a trailing newline is not part of an ORI
+        CoordinatorConfig(
+            iafis_address="a:1", ident_address="b:1", ice_address="c:1", authorized_oris=["XX0010000\n"]
         )
 
 

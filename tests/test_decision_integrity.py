@@ -19,6 +19,7 @@ from cli.app import app
 from federation.outbox import OutboxDeliverer
 from federation.store import CoordinatorStore
 from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.records.v1 import records_pb2 as rec
@@ -32,15 +33,16 @@ async def test_a_booking_left_incomplete_by_a_down_node_becomes_final_without_re
     federation: Federation, population: Population
 ) -> None:
     sample = pick(population, iafis=False, ident=True, notify=True)
-    stub = federation.booking_stub()
+    stub = federation.booking_stub(sample.booking.ori)
+    admin = bk_grpc.BookingServiceStub(federation.channel(federation.address, "admin"))
     watch = stub.WatchDecisions(bk.WatchDecisionsRequest(ori=sample.booking.ori), timeout=60)
     await federation.ident.stop(0)
 
     decision = await stub.SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE and decision.ident.outcome == bk.UNAVAILABLE
     store = federation.coordinator.coordinator.store
-    assert store.has_sealed_booking(sample.booking.tcn)
-    stats = await stub.GetStats(bk.GetStatsRequest(), timeout=5)
+    assert store.sealed_booking(sample.booking.tcn) is not None
+    stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
     assert stats.incomplete == 1 and stats.retrying_bookings == 1
     # Sealed at rest: no finger template appears in the coordinator's database file.
     template = sample.booking.tenprint.fingers[0].template.data
@@ -59,8 +61,8 @@ async def test_a_booking_left_incomplete_by_a_down_node_becomes_final_without_re
     assert final.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert final.notification == bk.QUEUED
     assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]
-    assert not store.has_sealed_booking(sample.booking.tcn)  # deleted once final
-    stats = await stub.GetStats(bk.GetStatsRequest(), timeout=5)
+    assert store.sealed_booking(sample.booking.tcn) is None  # deleted once final
+    stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
     assert stats.incomplete == 0 and stats.retrying_bookings == 0
 
 
@@ -68,7 +70,7 @@ async def test_a_resubmitted_tcn_with_other_charges_is_refused_naming_what_diffe
     federation: Federation, population: Population
 ) -> None:
     sample = pick(population, iafis=True, ident=False)
-    stub = federation.booking_stub()
+    stub = federation.booking_stub(sample.booking.ori)
     first = await stub.SubmitBooking(sample.booking, timeout=30)
     assert (await stub.SubmitBooking(sample.booking, timeout=30)) == first  # same booking: same answer
 
@@ -97,7 +99,7 @@ async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_
     store = CoordinatorStore(url)
     store.record_decision(decision("TCN-DEAD-1"), notification("TCN-DEAD-1"))
     # A real channel to a port where nothing listens: every attempt is UNAVAILABLE.
-    async with open_channel("127.0.0.1:1") as channel:
+    async with open_channel("127.0.0.1:1", None, insecure=True) as channel:
         outbox = OutboxDeliverer(
             store,
             ice_grpc.IceNotificationServiceStub(channel),
@@ -211,3 +213,23 @@ def test_stats_age_counts_from_when_the_notification_was_queued(tmp_path: Path) 
     assert store.stats().outbox_pending == 1
     assert 0.0 <= store.stats().oldest_pending_notification_age_s < 30.0
     store.close()
+
+
+async def test_a_retry_keeps_the_answered_search_with_the_record_that_only_ice_may_see(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    stub = federation.booking_stub(sample.booking.ori)
+    await federation.iafis.stop(0)
+    first = await stub.SubmitBooking(sample.booking, timeout=30)
+    assert first.status == bk.INCOMPLETE and first.ident.outcome == bk.ANSWERED
+    assert first.ident.candidates[0].WhichOneof("record") is None  # the agency never sees it
+
+    await federation.restart_node("iafis")
+    (received,) = await federation.wait_for_notifications(1)
+    # IDENT was not searched again, yet ICE gets the immigration record of the first answer.
+    match = received.notification.ident_match
+    assert match.subject_id == sample.truth.ident_subject_id
+    assert match.immigration_history.subject_id == sample.truth.ident_subject_id
+    final = await stub.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)
+    assert final.status == bk.COMPLETE and final.ident.candidates[0].WhichOneof("record") is None

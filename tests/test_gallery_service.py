@@ -15,6 +15,7 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.pki import TlsFiles
 from fedprint.rpc import field_violations, open_channel
 from launcher.services import build_node
 from nodes.gallery import GalleryNode
@@ -23,11 +24,13 @@ from synthetic.population import Population, tenprint_to_proto
 
 
 @pytest_asyncio.fixture
-async def ident(tmp_path: Path, population: Population) -> AsyncIterator[GalleryNode]:
+async def ident(
+    tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
+) -> AsyncIterator[GalleryNode]:
     thresholds = Thresholds(hit=0.022, review=0.019, fpir_curve=[(1e-3, 0.022), (1e-4, 0.025)])
-    node = build_node(NodeConfig(node="ident", data_dir=tmp_path, thresholds=thresholds))
+    node = build_node(NodeConfig(node="ident", data_dir=tmp_path, thresholds=thresholds, tls=pki["ident"]))
     await node.host.start()
-    await enroll(node.host.address, population.ident)
+    await enroll(node.host.address, population.ident, tls=pki["admin"])
     try:
         yield node
     finally:
@@ -46,32 +49,44 @@ def mated_index(population: Population) -> int:
     return next(i for i, e in enumerate(population.ident) if e.subject_id in booked)
 
 
-async def identify(node: GalleryNode, request: gal.IdentifyRequest) -> gal.IdentifyResponse:
-    async with open_channel(node.host.address) as channel:
+async def identify(
+    node: GalleryNode, pki: dict[str, TlsFiles], request: gal.IdentifyRequest
+) -> gal.IdentifyResponse:
+    """Searches as the coordinator, the one role a node answers Identify for."""
+    async with open_channel(node.host.address, pki["coordinator"]) as channel:
         return await gal_grpc.GalleryServiceStub(channel).Identify(request, timeout=30)
 
 
 async def test_candidates_carry_per_finger_scores_and_thresholds(
-    ident: GalleryNode, population: Population
+    ident: GalleryNode, population: Population, pki: dict[str, TlsFiles]
 ) -> None:
     i = mated_index(population)
-    response = await identify(ident, gal.IdentifyRequest(probes=[probe_of(population, i)], max_results=3))
+    response = await identify(
+        ident, pki, gal.IdentifyRequest(probes=[probe_of(population, i)], max_results=3)
+    )
     result = response.results[0]
     assert response.node == "ident" and result.decision == bio.HIT
     assert [c.rank for c in result.candidates] == [1, 2, 3]
     assert result.candidates[0].subject_id == population.ident[i].subject_id
     assert result.candidates[0].immigration_history.subject_id == population.ident[i].subject_id
+    # Minimal disclosure: only HIT candidates come with their record.
+    for candidate in result.candidates[1:]:
+        assert candidate.band == bio.HIT or candidate.WhichOneof("record") is None
     assert all(s.probe_minutiae > 0 and s.candidate_minutiae > 0 for s in result.candidates[0].finger_scores)
     assert result.thresholds.hit == pytest.approx(0.022) and result.searched_subjects == len(population.ident)
     # A gallery this small is below the shortlist tier: every subject gets full MCC.
     assert result.fully_scored_subjects == len(population.ident)
 
 
-async def test_a_gallery_subset_limits_the_search(ident: GalleryNode, population: Population) -> None:
+async def test_a_gallery_subset_limits_the_search(
+    ident: GalleryNode, population: Population, pki: dict[str, TlsFiles]
+) -> None:
     i = mated_index(population)
     others = [e.subject_id for j, e in enumerate(population.ident) if j != i][:5]
     response = await identify(
-        ident, gal.IdentifyRequest(probes=[probe_of(population, i)], subject_ids=[*others, "FIN-UNKNOWN"])
+        ident,
+        pki,
+        gal.IdentifyRequest(probes=[probe_of(population, i)], subject_ids=[*others, "FIN-UNKNOWN"]),
     )
     result = response.results[0]
     assert result.searched_subjects == result.fully_scored_subjects == 5
@@ -79,17 +94,19 @@ async def test_a_gallery_subset_limits_the_search(ident: GalleryNode, population
     assert result.decision == bio.NO_HIT
 
 
-async def test_a_target_fpir_moves_the_hit_threshold(ident: GalleryNode, population: Population) -> None:
+async def test_a_target_fpir_moves_the_hit_threshold(
+    ident: GalleryNode, population: Population, pki: dict[str, TlsFiles]
+) -> None:
     request = gal.IdentifyRequest(probes=[probe_of(population, mated_index(population))], target_fpir=1e-4)
-    result = (await identify(ident, request)).results[0]
+    result = (await identify(ident, pki, request)).results[0]
     assert result.thresholds.hit == pytest.approx(0.025) and result.thresholds.hit_fpir == pytest.approx(1e-4)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await identify(ident, gal.IdentifyRequest(probes=request.probes, target_fpir=1e-7))
+        await identify(ident, pki, gal.IdentifyRequest(probes=request.probes, target_fpir=1e-7))
     assert [v.field for v in field_violations(caught.value)] == ["target_fpir"]
 
 
 async def test_oversize_and_malformed_requests_name_their_fields(
-    ident: GalleryNode, population: Population
+    ident: GalleryNode, population: Population, pki: dict[str, TlsFiles]
 ) -> None:
     probe = probe_of(population, mated_index(population))
     too_many = gal.IdentifyRequest(
@@ -109,20 +126,20 @@ async def test_oversize_and_malformed_requests_name_their_fields(
     }
     for field, request in cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await identify(ident, request)
+            await identify(ident, pki, request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in [v.field for v in field_violations(caught.value)], field
 
 
 async def test_missing_and_unusable_fingers_are_reported_not_fatal(
-    ident: GalleryNode, population: Population
+    ident: GalleryNode, population: Population, pki: dict[str, TlsFiles]
 ) -> None:
     entry = population.ident[0]
     fingers = dict(entry.tenprint.fingers)
     tenprint = tenprint_to_proto(type(entry.tenprint)({p: t for p, t in fingers.items() if p <= 6}))
     tenprint.fingers.add(position=bio.LEFT_INDEX, absence=bio.AMPUTATED)
     result = (
-        await identify(ident, gal.IdentifyRequest(probes=[gal.Probe(probe_id="P", tenprint=tenprint)]))
+        await identify(ident, pki, gal.IdentifyRequest(probes=[gal.Probe(probe_id="P", tenprint=tenprint)]))
     ).results[0]
     issues = {(int(i.position), i.absence) for i in result.unusable_fingers}
     assert issues == {
@@ -134,9 +151,11 @@ async def test_missing_and_unusable_fingers_are_reported_not_fatal(
     assert result.candidates[0].subject_id == entry.subject_id  # its own enrollment impression
 
 
-async def test_removed_subjects_are_no_longer_found(ident: GalleryNode, population: Population) -> None:
+async def test_removed_subjects_are_no_longer_found(
+    ident: GalleryNode, population: Population, pki: dict[str, TlsFiles]
+) -> None:
     i = mated_index(population)
-    async with open_channel(ident.host.address) as channel:
+    async with open_channel(ident.host.address, pki["admin"]) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         removed = await stub.Remove(
             gal.RemoveRequest(subject_ids=[population.ident[i].subject_id]), timeout=5
@@ -144,6 +163,6 @@ async def test_removed_subjects_are_no_longer_found(ident: GalleryNode, populati
         stats = await stub.GetStats(gal.GetStatsRequest(), timeout=5)
     assert removed.removed == 1 and stats.gallery_size == len(population.ident) - 1
     assert stats.template_format_version >= 1 and stats.device == "cpu"
-    result = (await identify(ident, gal.IdentifyRequest(probes=[probe_of(population, i)]))).results[0]
+    result = (await identify(ident, pki, gal.IdentifyRequest(probes=[probe_of(population, i)]))).results[0]
     assert population.ident[i].subject_id not in {c.subject_id for c in result.candidates}
     assert result.decision == bio.NO_HIT

@@ -1,36 +1,68 @@
-"""Mutual TLS between services: a client without a certificate from the federation's CA
-is refused at the handshake; one with a certificate gets through."""
+"""Mutual TLS between services: a client without a certificate from the federation's CA is
+refused at the handshake; one with a certificate gets through; renewed certificates are picked
+up without a restart."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
 import pytest
 
 from fedprint.clients import list_notifications
-from fedprint.pki import TlsFiles, issue_dev_pki
+from fedprint.pki import Role, TlsFiles, identity_of, issue_dev_pki
 from ice_service import build_ice
 from ice_service.config import IceConfig
 
 
 async def test_services_speak_mtls_and_refuse_strangers(tmp_path: Path) -> None:
     issued = issue_dev_pki(tmp_path / "pki")
-    stranger = issue_dev_pki(tmp_path / "other-ca", services=["booking-system"])["booking-system"]
+    stranger = issue_dev_pki(tmp_path / "other-ca")["ice"]
     ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=issued["ice"]))
     await ice.host.start()
     try:
-        assert await list_notifications(ice.host.address, tls=issued["booking-system"]) == []
+        assert await list_notifications(ice.host.address, tls=issued["ice"]) == []
         for bad in (None, stranger):  # plaintext, and a certificate from another CA
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await list_notifications(ice.host.address, tls=bad)
+                await list_notifications(ice.host.address, tls=bad, insecure=bad is None)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await ice.stop(0)
 
 
-def test_dev_pki_writes_one_identity_per_service(tmp_path: Path) -> None:
-    issued = issue_dev_pki(tmp_path, services=["coordinator", "iafis"])
+async def test_a_server_picks_up_renewed_certificates_without_a_restart(tmp_path: Path) -> None:
+    old = issue_dev_pki(tmp_path / "pki")
+    ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=old["ice"]))
+    await ice.host.start()
+    try:
+        assert await list_notifications(ice.host.address, tls=old["ice"]) == []
+        # A new CA replaces the old one: new files at the same paths, no restart.
+        staged = issue_dev_pki(tmp_path / "renewed")
+        for name in ("ca.pem", "ice.pem", "ice.key"):
+            (tmp_path / "pki" / name).write_bytes((tmp_path / "renewed" / name).read_bytes())
+        await asyncio.sleep(0.05)
+        assert await list_notifications(ice.host.address, tls=staged["ice"]) == []
+        assert ice.host.certificate_reloads == 1
+        # Identities of the old CA no longer get in (the client trusts the new CA's server).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await list_notifications(ice.host.address, tls=old["admin"])
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await ice.stop(0)
+
+
+def test_dev_pki_writes_one_identity_per_role_and_agency(tmp_path: Path) -> None:
+    issued = issue_dev_pki(tmp_path, oris=["XX0010000"])
+    assert set(issued) == {"coordinator", "iafis", "ident", "ice", "admin", "examiner", "agency-XX0010000"}
     assert issued["iafis"] == TlsFiles.in_dir(tmp_path, "iafis")
     assert issued["iafis"].cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
     assert issued["iafis"].key.stat().st_mode & 0o077 == 0  # private keys are private
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    agency = identity_of(issued["agency-XX0010000"].cert.read_bytes())
+    assert (agency.role, agency.ori) == (Role.BOOKING_AGENCY, "XX0010000")
+    assert identity_of(issued["admin"].cert.read_bytes()).role is Role.GALLERY_ADMIN
+    assert identity_of(issued["coordinator"].cert.read_bytes()).ori is None
+    # A second run reuses the CA, so identities issued earlier stay valid.
+    again = issue_dev_pki(tmp_path, oris=["XX0020000"])
+    assert again["agency-XX0020000"].ca.read_bytes() == issued["admin"].ca.read_bytes()

@@ -7,7 +7,6 @@ A node is this server plus its :class:`~nodes.gallery.records.RecordStore`
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid, service
 from fedprint.tenprint import decode_tenprint
+from fedprint.validation import PROBE_ID, SUBJECT_ID, Violations, check_count
 from gpu_kernels import TenPrintCylinders
 from minutiae.iso19794_2 import decode_template
 from minutiae.template import TenPrintTemplates
@@ -36,9 +36,10 @@ from nodes.gallery.store import Enrollment, GalleryStore
 
 log = structlog.get_logger(__name__)
 
-SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 #: Most subjects one Enroll stream may carry; it is one transaction held in memory.
 MAX_ENROLL_PER_STREAM = 50_000
+#: Most subject ids one Remove call, or one Identify's gallery subset, may name.
+MAX_SUBJECT_IDS = 10_000
 #: Subjects encoded per device call when loading the gallery at start-up.
 LOAD_CHUNK = 512
 
@@ -164,42 +165,35 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         return self.gallery.search(probes, k, subset)
 
     def _validate_identify(self, request: gal.IdentifyRequest) -> tuple[list[Any], Thresholds, int]:
-        violations: list[FieldViolation] = []
+        violations = Violations()
         if not request.probes:
-            violations.append(FieldViolation("probes", "at least one probe is required"))
-        if len(request.probes) > self.config.max_probes_per_request:
-            violations.append(
-                FieldViolation(
-                    "probes", f"{len(request.probes)} probes, at most {self.config.max_probes_per_request}"
-                )
-            )
+            violations.add("probes", "at least one probe is required")
+        probes_ok = check_count(
+            len(request.probes), self.config.max_probes_per_request, "probes", violations, "probes"
+        )
         if request.max_results > self.config.max_results_limit:
-            violations.append(
-                FieldViolation(
-                    "max_results", f"{request.max_results} exceeds {self.config.max_results_limit}"
-                )
-            )
-        if not 0.0 <= request.target_fpir < 1.0:
-            violations.append(FieldViolation("target_fpir", "must lie in (0, 1), or 0 for the default"))
+            violations.add("max_results", f"{request.max_results} exceeds {self.config.max_results_limit}")
+        if not 0.0 <= request.target_fpir < 1.0:  # also refuses NaN
+            violations.add("target_fpir", "must lie in (0, 1), or 0 for the default")
+        if check_count(len(request.subject_ids), MAX_SUBJECT_IDS, "subject_ids", violations, "subject ids"):
+            for i, subject_id in enumerate(request.subject_ids):
+                SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations)
         thresholds = self.config.thresholds
         if request.target_fpir > 0.0 and not violations:
             derived = thresholds.for_fpir(request.target_fpir)
             if derived is None:
-                violations.append(
-                    FieldViolation(
-                        "target_fpir", f"no calibration reaches FPIR {request.target_fpir:g} on this node"
-                    )
+                violations.add(
+                    "target_fpir", f"no calibration reaches FPIR {request.target_fpir:g} on this node"
                 )
             else:
                 thresholds = derived
         decoded = []
         seen: set[str] = set()
-        for i, probe in enumerate(request.probes):
-            if not probe.probe_id:
-                violations.append(FieldViolation(f"probes[{i}].probe_id", "probe id is required"))
-            elif probe.probe_id in seen:
-                violations.append(FieldViolation(f"probes[{i}].probe_id", "probe id repeated"))
-            seen.add(probe.probe_id)
+        for i, probe in enumerate(request.probes if probes_ok else []):
+            if PROBE_ID.check(probe.probe_id, f"probes[{i}].probe_id", violations):
+                if probe.probe_id in seen:
+                    violations.add(f"probes[{i}].probe_id", "probe id repeated")
+                seen.add(probe.probe_id)
             try:
                 decoded.append(decode_tenprint(probe.tenprint, f"probes[{i}].tenprint"))
             except InvalidRequest as error:
@@ -224,8 +218,12 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             results = list(
                 await asyncio.gather(*(self.batcher.submit(_SearchItem(d.templates, k)) for d in decoded))
             )
-        candidate_ids = sorted({m.subject_id for r in results for m in r.matches})
-        records = await asyncio.to_thread(self.store.get_records, candidate_ids)
+        # Minimal disclosure: a record goes out only with a HIT candidate. Review-band and no-hit
+        # candidates carry their subject id and scores, nothing about the person.
+        hit_ids = sorted(
+            {m.subject_id for r in results for m in r.matches if band_of(m.fused, thresholds) == bio.HIT}
+        )
+        records = await asyncio.to_thread(self.store.get_records, hit_ids) if hit_ids else {}
         response = gal.IdentifyResponse(node=self.node)
         for probe, d, searched in zip(request.probes, decoded, results, strict=True):
             result = response.results.add(
@@ -249,7 +247,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                         probe_minutiae=d.templates.fingers[position].count,
                         candidate_minutiae=match.candidate_minutiae.get(position, 0),
                     )
-                record = records.get(match.subject_id)
+                record = records.get(match.subject_id) if candidate.band == bio.HIT else None
                 if record is not None:
                     getattr(candidate, self.records.record_field).CopyFrom(record)
             result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT
@@ -274,7 +272,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
     ) -> gal.EnrollResponse:
         enrollments: list[Enrollment[RecordT]] = []
         tenprints: list[TenPrintTemplates] = []
-        violations: list[FieldViolation] = []
+        violations = Violations()
         seen: set[str] = set()
         i = -1
         async for request in request_iterator:
@@ -320,10 +318,10 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
     def _validate_enrollment(
         self, request: gal.EnrollRequest, where: str, seen: set[str]
     ) -> list[FieldViolation]:
-        if not SUBJECT_ID.match(request.subject_id):
-            return [
-                FieldViolation(f"{where}.subject_id", "1-64 letters, digits or _.:- starting alphanumeric")
-            ]
+        if not SUBJECT_ID.valid(request.subject_id):
+            bad = Violations()
+            SUBJECT_ID.check(request.subject_id, f"{where}.subject_id", bad)
+            return bad.reported()
         if request.subject_id in seen:
             return [
                 FieldViolation(f"{where}.subject_id", f"{request.subject_id} appears twice in the stream")
@@ -337,10 +335,14 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
     async def Remove(
         self, request: gal.RemoveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.RemoveResponse:
+        violations = Violations()
         if not request.subject_ids:
-            await abort_invalid(
-                context, InvalidRequest([FieldViolation("subject_ids", "name at least one subject")])
-            )
+            violations.add("subject_ids", "name at least one subject")
+        if check_count(len(request.subject_ids), MAX_SUBJECT_IDS, "subject_ids", violations, "subject ids"):
+            for i, subject_id in enumerate(request.subject_ids):
+                SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations)
+        if violations:
+            await abort_invalid(context, InvalidRequest(violations, "malformed remove request"))
         ids = list(request.subject_ids)
         removed = await asyncio.to_thread(self.store.remove, ids)
         self.gallery.remove(ids)
@@ -423,5 +425,6 @@ def build_gallery_node(
             )
         ],
         config.tls,
+        insecure=config.insecure,
     )
     return GalleryNode(host, servicer, loaded, cache)

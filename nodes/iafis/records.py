@@ -10,6 +10,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import FieldViolation
+from fedprint.validation import (
+    ORI,
+    Violations,
+    check_charges,
+    check_count,
+    check_descriptors,
+    check_timestamp,
+)
 from nodes.gallery.records import DescriptorColumns, check_subject_id
 
 
@@ -50,13 +58,9 @@ class ChargeRow(_Base):
     arrest: Mapped[ArrestRow] = relationship(back_populates="charges")
 
 
-def validate_charge(charge: rec.Charge, field: str) -> list[FieldViolation]:
-    """An NCIC offense code is four digits."""
-    if len(charge.ncic_code) != 4 or not charge.ncic_code.isdigit():
-        return [
-            FieldViolation(f"{field}.ncic_code", f"NCIC offense code {charge.ncic_code!r} is not four digits")
-        ]
-    return []
+#: Arrest cycles in one criminal history.
+MAX_ARRESTS = 500
+_DISPOSITIONS = frozenset(rec.Disposition.values())
 
 
 class CriminalHistoryStore:
@@ -66,11 +70,18 @@ class CriminalHistoryStore:
     metadata = _Base.metadata
 
     def validate(self, record: rec.CriminalHistory, subject_id: str, field: str) -> list[FieldViolation]:
-        found = check_subject_id(record.subject_id, subject_id, field)
-        for i, arrest in enumerate(record.arrests):
-            for j, charge in enumerate(arrest.charges):
-                found += validate_charge(charge, f"{field}.arrests[{i}].charges[{j}]")
-        return found
+        violations = Violations()
+        violations.extend(check_subject_id(record.subject_id, subject_id, field))
+        check_descriptors(record.descriptors, f"{field}.descriptors", violations)
+        if check_count(len(record.arrests), MAX_ARRESTS, f"{field}.arrests", violations, "arrests"):
+            for i, arrest in enumerate(record.arrests):
+                where = f"{field}.arrests[{i}]"
+                check_timestamp(arrest.arrested_at, f"{where}.arrested_at", violations)
+                ORI.check(arrest.ori, f"{where}.ori", violations)
+                if arrest.disposition not in _DISPOSITIONS:
+                    violations.add(f"{where}.disposition", f"unknown disposition {arrest.disposition}")
+                check_charges(arrest.charges, f"{where}.charges", violations)
+        return violations.reported()
 
     def put(self, session: Session, record: rec.CriminalHistory) -> None:
         # ORM-level delete so the cascade removes the old child rows too.

@@ -10,6 +10,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import FieldViolation
+from fedprint.validation import (
+    ENCOUNTER_ID,
+    LOCATION,
+    Violations,
+    check_count,
+    check_descriptors,
+    check_timestamp,
+)
 from nodes.gallery.records import DescriptorColumns, check_subject_id
 
 
@@ -40,6 +48,13 @@ class EncounterRow(_Base):
     subject: Mapped[ImmigrationSubject] = relationship(back_populates="encounters")
 
 
+#: Encounters in one immigration history.
+MAX_ENCOUNTERS = 500
+MAX_PRIOR_REMOVALS = 100
+_STATUSES = frozenset(rec.ImmigrationStatus.values())
+_ENCOUNTER_TYPES = frozenset(rec.EncounterType.values())
+
+
 class ImmigrationHistoryStore:
     """:class:`nodes.gallery.records.RecordStore` for ``fedprint.records.v1.ImmigrationHistory``."""
 
@@ -47,10 +62,26 @@ class ImmigrationHistoryStore:
     metadata = _Base.metadata
 
     def validate(self, record: rec.ImmigrationHistory, subject_id: str, field: str) -> list[FieldViolation]:
-        found = check_subject_id(record.subject_id, subject_id, field)
-        if record.status == rec.IMMIGRATION_STATUS_UNSPECIFIED:
-            found.append(FieldViolation(f"{field}.status", "immigration status must be set"))
-        return found
+        violations = Violations()
+        violations.extend(check_subject_id(record.subject_id, subject_id, field))
+        check_descriptors(record.descriptors, f"{field}.descriptors", violations)
+        if record.status == rec.IMMIGRATION_STATUS_UNSPECIFIED or record.status not in _STATUSES:
+            violations.add(f"{field}.status", "immigration status must be set to a known status")
+        if record.prior_removals > MAX_PRIOR_REMOVALS:
+            violations.add(
+                f"{field}.prior_removals", f"{record.prior_removals}, at most {MAX_PRIOR_REMOVALS}"
+            )
+        if check_count(
+            len(record.encounters), MAX_ENCOUNTERS, f"{field}.encounters", violations, "encounters"
+        ):
+            for i, encounter in enumerate(record.encounters):
+                where = f"{field}.encounters[{i}]"
+                ENCOUNTER_ID.check(encounter.encounter_id, f"{where}.encounter_id", violations)
+                check_timestamp(encounter.encountered_at, f"{where}.encountered_at", violations)
+                if encounter.type not in _ENCOUNTER_TYPES:
+                    violations.add(f"{where}.type", f"unknown encounter type {encounter.type}")
+                LOCATION.check(encounter.location, f"{where}.location", violations)
+        return violations.reported()
 
     def put(self, session: Session, record: rec.ImmigrationHistory) -> None:
         # ORM-level delete so the cascade removes the old child rows too.

@@ -4,6 +4,9 @@ isort:skip_file
 The booking service of the federation coordinator: a booking system submits a
 ten-print booking and gets, in the same call, the criminal-history and
 immigration search results and the threat-priority decision.
+
+Callers are booking agencies, identified by their client certificate (role
+booking-agency, and the agency's ORI); every other role gets PERMISSION_DENIED.
 """
 
 from collections import abc as _abc
@@ -190,7 +193,9 @@ class NodeResult(_message.Message):
     latency_ms: _builtins.float
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_gallery_pb2.Candidate]:
-        """Best candidates with scores and records."""
+        """Best candidates with scores. Only an IAFIS HIT candidate carries its record
+        (the criminal history); IDENT records go to ICE alone, never to the agency.
+        """
 
     @_builtins.property
     def thresholds(self) -> _biometrics_pb2.Thresholds: ...
@@ -301,7 +306,7 @@ class WatchDecisionsRequest(_message.Message):
 
     ORI_FIELD_NUMBER: _builtins.int
     ori: _builtins.str
-    """When set, only decisions for bookings from this ORI."""
+    """The caller's own ORI (required for an agency; another agency's is refused)."""
     def __init__(
         self,
         *,

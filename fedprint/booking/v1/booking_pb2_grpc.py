@@ -63,23 +63,26 @@ class BookingServiceServicer:
         """Searches IAFIS and IDENT at once and decides, within the call's deadline.
         Idempotent by TCN: a complete decision is returned as stored; an incomplete
         one is evaluated again. INVALID_ARGUMENT (google.rpc.BadRequest) for a
-        malformed booking, PERMISSION_DENIED for an ORI not authorised here.
+        malformed booking; PERMISSION_DENIED when the booking's ORI is not the one
+        in the caller's certificate, or is not authorised here; RESOURCE_EXHAUSTED
+        (google.rpc.RetryInfo) past the agency's rate limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDecision(self, request, context):
-        """The latest decision for a TCN; NOT_FOUND when none was made.
+        """The latest decision for a TCN; NOT_FOUND when none was made,
+        PERMISSION_DENIED when it is another agency's booking.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchDecisions(self, request, context):
-        """Streams every decision made from now on (optionally for one ORI only),
-        including the final decisions of incomplete bookings that the coordinator
-        completes by itself.
+        """Streams the caller's agency's decisions made from now on, including the
+        final decisions of incomplete bookings that the coordinator completes by
+        itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -4,6 +4,9 @@ isort:skip_file
 The booking service of the federation coordinator: a booking system submits a
 ten-print booking and gets, in the same call, the criminal-history and
 immigration search results and the threat-priority decision.
+
+Callers are booking agencies, identified by their client certificate (role
+booking-agency, and the agency's ORI); every other role gets PERMISSION_DENIED.
 """
 
 from collections import abc as _abc
@@ -38,14 +41,18 @@ class BookingServiceStub:
     """Searches IAFIS and IDENT at once and decides, within the call's deadline.
     Idempotent by TCN: a complete decision is returned as stored; an incomplete
     one is evaluated again. INVALID_ARGUMENT (google.rpc.BadRequest) for a
-    malformed booking, PERMISSION_DENIED for an ORI not authorised here.
+    malformed booking; PERMISSION_DENIED when the booking's ORI is not the one
+    in the caller's certificate, or is not authorised here; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) past the agency's rate limit.
     """
     GetDecision: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetDecisionRequest, _booking_pb2.BookingDecision]
-    """The latest decision for a TCN; NOT_FOUND when none was made."""
+    """The latest decision for a TCN; NOT_FOUND when none was made,
+    PERMISSION_DENIED when it is another agency's booking.
+    """
     WatchDecisions: _grpc.UnaryStreamMultiCallable[_booking_pb2.WatchDecisionsRequest, _booking_pb2.BookingDecision]
-    """Streams every decision made from now on (optionally for one ORI only),
-    including the final decisions of incomplete bookings that the coordinator
-    completes by itself.
+    """Streams the caller's agency's decisions made from now on, including the
+    final decisions of incomplete bookings that the coordinator completes by
+    itself.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetStatsRequest, _booking_pb2.CoordinatorStats]
     """What is waiting inside the coordinator: bookings still being retried and
@@ -59,14 +66,18 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """Searches IAFIS and IDENT at once and decides, within the call's deadline.
     Idempotent by TCN: a complete decision is returned as stored; an incomplete
     one is evaluated again. INVALID_ARGUMENT (google.rpc.BadRequest) for a
-    malformed booking, PERMISSION_DENIED for an ORI not authorised here.
+    malformed booking; PERMISSION_DENIED when the booking's ORI is not the one
+    in the caller's certificate, or is not authorised here; RESOURCE_EXHAUSTED
+    (google.rpc.RetryInfo) past the agency's rate limit.
     """
     GetDecision: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetDecisionRequest, _booking_pb2.BookingDecision]  # type: ignore[assignment]
-    """The latest decision for a TCN; NOT_FOUND when none was made."""
+    """The latest decision for a TCN; NOT_FOUND when none was made,
+    PERMISSION_DENIED when it is another agency's booking.
+    """
     WatchDecisions: _aio.UnaryStreamMultiCallable[_booking_pb2.WatchDecisionsRequest, _booking_pb2.BookingDecision]  # type: ignore[assignment]
-    """Streams every decision made from now on (optionally for one ORI only),
-    including the final decisions of incomplete bookings that the coordinator
-    completes by itself.
+    """Streams the caller's agency's decisions made from now on, including the
+    final decisions of incomplete bookings that the coordinator completes by
+    itself.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetStatsRequest, _booking_pb2.CoordinatorStats]  # type: ignore[assignment]
     """What is waiting inside the coordinator: bookings still being retried and
@@ -83,7 +94,9 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Searches IAFIS and IDENT at once and decides, within the call's deadline.
         Idempotent by TCN: a complete decision is returned as stored; an incomplete
         one is evaluated again. INVALID_ARGUMENT (google.rpc.BadRequest) for a
-        malformed booking, PERMISSION_DENIED for an ORI not authorised here.
+        malformed booking; PERMISSION_DENIED when the booking's ORI is not the one
+        in the caller's certificate, or is not authorised here; RESOURCE_EXHAUSTED
+        (google.rpc.RetryInfo) past the agency's rate limit.
         """
 
     @_abc_1.abstractmethod
@@ -92,7 +105,9 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _booking_pb2.GetDecisionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_booking_pb2.BookingDecision, _abc.Awaitable[_booking_pb2.BookingDecision]]:
-        """The latest decision for a TCN; NOT_FOUND when none was made."""
+        """The latest decision for a TCN; NOT_FOUND when none was made,
+        PERMISSION_DENIED when it is another agency's booking.
+        """
 
     @_abc_1.abstractmethod
     def WatchDecisions(
@@ -100,9 +115,9 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _booking_pb2.WatchDecisionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_booking_pb2.BookingDecision], _abc.AsyncIterator[_booking_pb2.BookingDecision]]:
-        """Streams every decision made from now on (optionally for one ORI only),
-        including the final decisions of incomplete bookings that the coordinator
-        completes by itself.
+        """Streams the caller's agency's decisions made from now on, including the
+        final decisions of incomplete bookings that the coordinator completes by
+        itself.
         """
 
     @_abc_1.abstractmethod

@@ -62,6 +62,7 @@ class GalleryServiceServicer:
     def Identify(self, request, context):
         """Searches one or more ten-print probes against the gallery (1:N).
         INVALID_ARGUMENT with google.rpc.BadRequest for malformed probes.
+        Callers: the coordinator only (role from the client certificate).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,20 +71,21 @@ class GalleryServiceServicer:
     def Enroll(self, request_iterator, context):
         """Enrolls subjects. The stream is one transaction: when any message is invalid
         the call fails with INVALID_ARGUMENT and nothing of the stream is stored.
+        Callers: gallery administrators only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Remove(self, request, context):
-        """Removes subjects and their templates.
+        """Removes subjects and their templates. Callers: gallery administrators only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Reports gallery size and template format version.
+        """Reports gallery size and template format version. Callers: gallery administrators.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,15 +36,17 @@ class GalleryServiceStub:
     Identify: _grpc.UnaryUnaryMultiCallable[_gallery_pb2.IdentifyRequest, _gallery_pb2.IdentifyResponse]
     """Searches one or more ten-print probes against the gallery (1:N).
     INVALID_ARGUMENT with google.rpc.BadRequest for malformed probes.
+    Callers: the coordinator only (role from the client certificate).
     """
     Enroll: _grpc.StreamUnaryMultiCallable[_gallery_pb2.EnrollRequest, _gallery_pb2.EnrollResponse]
     """Enrolls subjects. The stream is one transaction: when any message is invalid
     the call fails with INVALID_ARGUMENT and nothing of the stream is stored.
+    Callers: gallery administrators only.
     """
     Remove: _grpc.UnaryUnaryMultiCallable[_gallery_pb2.RemoveRequest, _gallery_pb2.RemoveResponse]
-    """Removes subjects and their templates."""
+    """Removes subjects and their templates. Callers: gallery administrators only."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_gallery_pb2.GetStatsRequest, _gallery_pb2.GalleryStats]
-    """Reports gallery size and template format version."""
+    """Reports gallery size and template format version. Callers: gallery administrators."""
 
 @_typing.type_check_only
 class GalleryServiceAsyncStub(GalleryServiceStub):
@@ -52,15 +54,17 @@ class GalleryServiceAsyncStub(GalleryServiceStub):
     Identify: _aio.UnaryUnaryMultiCallable[_gallery_pb2.IdentifyRequest, _gallery_pb2.IdentifyResponse]  # type: ignore[assignment]
     """Searches one or more ten-print probes against the gallery (1:N).
     INVALID_ARGUMENT with google.rpc.BadRequest for malformed probes.
+    Callers: the coordinator only (role from the client certificate).
     """
     Enroll: _aio.StreamUnaryMultiCallable[_gallery_pb2.EnrollRequest, _gallery_pb2.EnrollResponse]  # type: ignore[assignment]
     """Enrolls subjects. The stream is one transaction: when any message is invalid
     the call fails with INVALID_ARGUMENT and nothing of the stream is stored.
+    Callers: gallery administrators only.
     """
     Remove: _aio.UnaryUnaryMultiCallable[_gallery_pb2.RemoveRequest, _gallery_pb2.RemoveResponse]  # type: ignore[assignment]
-    """Removes subjects and their templates."""
+    """Removes subjects and their templates. Callers: gallery administrators only."""
     GetStats: _aio.UnaryUnaryMultiCallable[_gallery_pb2.GetStatsRequest, _gallery_pb2.GalleryStats]  # type: ignore[assignment]
-    """Reports gallery size and template format version."""
+    """Reports gallery size and template format version. Callers: gallery administrators."""
 
 class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -71,6 +75,7 @@ class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gallery_pb2.IdentifyResponse, _abc.Awaitable[_gallery_pb2.IdentifyResponse]]:
         """Searches one or more ten-print probes against the gallery (1:N).
         INVALID_ARGUMENT with google.rpc.BadRequest for malformed probes.
+        Callers: the coordinator only (role from the client certificate).
         """
 
     @_abc_1.abstractmethod
@@ -81,6 +86,7 @@ class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gallery_pb2.EnrollResponse, _abc.Awaitable[_gallery_pb2.EnrollResponse]]:
         """Enrolls subjects. The stream is one transaction: when any message is invalid
         the call fails with INVALID_ARGUMENT and nothing of the stream is stored.
+        Callers: gallery administrators only.
         """
 
     @_abc_1.abstractmethod
@@ -89,7 +95,7 @@ class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gallery_pb2.RemoveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gallery_pb2.RemoveResponse, _abc.Awaitable[_gallery_pb2.RemoveResponse]]:
-        """Removes subjects and their templates."""
+        """Removes subjects and their templates. Callers: gallery administrators only."""
 
     @_abc_1.abstractmethod
     def GetStats(
@@ -97,6 +103,6 @@ class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gallery_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gallery_pb2.GalleryStats, _abc.Awaitable[_gallery_pb2.GalleryStats]]:
-        """Reports gallery size and template format version."""
+        """Reports gallery size and template format version. Callers: gallery administrators."""
 
 def add_GalleryServiceServicer_to_server(servicer: GalleryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

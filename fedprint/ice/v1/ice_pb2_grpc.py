@@ -51,7 +51,7 @@ class IceNotificationServiceServicer:
 
     def Notify(self, request, context):
         """Records a notification. Idempotent by TCN: a repeat is acknowledged with
-        `duplicate` set and changes nothing.
+        `duplicate` set and changes nothing. Callers: the coordinator only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -59,6 +59,7 @@ class IceNotificationServiceServicer:
 
     def ListNotifications(self, request, context):
         """Notifications ordered by level (1 first), then by time received.
+        Callers: ICE only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,20 +35,24 @@ class IceNotificationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IceNotificationServiceAsyncStub: ...
     Notify: _grpc.UnaryUnaryMultiCallable[_ice_pb2.Notification, _ice_pb2.Ack]
     """Records a notification. Idempotent by TCN: a repeat is acknowledged with
-    `duplicate` set and changes nothing.
+    `duplicate` set and changes nothing. Callers: the coordinator only.
     """
     ListNotifications: _grpc.UnaryUnaryMultiCallable[_ice_pb2.ListNotificationsRequest, _ice_pb2.ListNotificationsResponse]
-    """Notifications ordered by level (1 first), then by time received."""
+    """Notifications ordered by level (1 first), then by time received.
+    Callers: ICE only.
+    """
 
 @_typing.type_check_only
 class IceNotificationServiceAsyncStub(IceNotificationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Notify: _aio.UnaryUnaryMultiCallable[_ice_pb2.Notification, _ice_pb2.Ack]  # type: ignore[assignment]
     """Records a notification. Idempotent by TCN: a repeat is acknowledged with
-    `duplicate` set and changes nothing.
+    `duplicate` set and changes nothing. Callers: the coordinator only.
     """
     ListNotifications: _aio.UnaryUnaryMultiCallable[_ice_pb2.ListNotificationsRequest, _ice_pb2.ListNotificationsResponse]  # type: ignore[assignment]
-    """Notifications ordered by level (1 first), then by time received."""
+    """Notifications ordered by level (1 first), then by time received.
+    Callers: ICE only.
+    """
 
 class IceNotificationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -58,7 +62,7 @@ class IceNotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ice_pb2.Ack, _abc.Awaitable[_ice_pb2.Ack]]:
         """Records a notification. Idempotent by TCN: a repeat is acknowledged with
-        `duplicate` set and changes nothing.
+        `duplicate` set and changes nothing. Callers: the coordinator only.
         """
 
     @_abc_1.abstractmethod
@@ -67,6 +71,8 @@ class IceNotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ice_pb2.ListNotificationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ice_pb2.ListNotificationsResponse, _abc.Awaitable[_ice_pb2.ListNotificationsResponse]]:
-        """Notifications ordered by level (1 first), then by time received."""
+        """Notifications ordered by level (1 first), then by time received.
+        Callers: ICE only.
+        """
 
 def add_IceNotificationServiceServicer_to_server(servicer: IceNotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
