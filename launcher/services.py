@@ -37,16 +37,18 @@ GALLERY_NODES = ("iafis", "ident")
 
 
 def build_node(config: NodeConfig) -> GalleryNode:
-    """The gallery node ``config.node`` names, configured and not yet started."""
+    """The gallery node ``config.node`` names, configured and not yet started (on the database
+    its settings name, else its SQLite file)."""
+    url = config.resolved_database_url()
     # Imported here: the coordinator's and ICE's processes never load torch.
     if config.node == "iafis":
         from nodes import iafis
 
-        return iafis.build_node(config)
+        return iafis.build_node(config, url)
     if config.node == "ident":
         from nodes import ident
 
-        return ident.build_node(config)
+        return ident.build_node(config, url)
     raise ValueError(f"unknown gallery node {config.node!r}; known: {', '.join(GALLERY_NODES)}")
 
 
@@ -63,13 +65,13 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
 
         coordinator_config = CoordinatorConfig.load(config_path, **overrides)
         configure(coordinator_config.log_level)
-        return build_coordinator(coordinator_config)
+        return build_coordinator(coordinator_config, coordinator_config.resolved_database_url())
     if role == "ice":
         from ice_service import build_ice
 
         ice_config = IceConfig.load(config_path, **overrides)
         configure(ice_config.log_level)
-        return build_ice(ice_config)
+        return build_ice(ice_config, ice_config.resolved_database_url())
     raise ValueError(f"unknown service {role!r}")
 
 
