@@ -25,6 +25,7 @@ import structlog
 from federation.background import DueWorkLoop, backoff_s
 from federation.config import CoordinatorConfig
 from federation.intake import UnauthorizedOri, booking_content, changed_parts, check_booking
+from federation.metrics import CoordinatorStatsCollector
 from federation.outbox import OutboxDeliverer
 from federation.policy import ThreatPolicy
 from federation.sealing import BookingSeal, SealingError, load_or_create_key
@@ -370,5 +371,8 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
             )
         ],
         config.tls,
+        metrics_listen=config.metrics_listen,
+        health_listen=config.health_listen,
     )
+    host.metrics.registry.register(CoordinatorStatsCollector(store))
     return CoordinatorService(host, coordinator, channels)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from fedprint.metrics import ServiceMetrics
 from fedprint.pki import TlsFiles
 
 log = structlog.get_logger(__name__)
@@ -97,15 +98,34 @@ class ServiceHost:
 
     ``services`` pairs each full service name with the function that adds its
     servicer. Health reports SERVING from :meth:`start` until :meth:`stop`.
+
+    Every call is counted and timed in :attr:`metrics` (the service adds its own metrics to
+    ``metrics.registry``), served over HTTP at ``/metrics`` when ``metrics_listen`` is given.
+    ``health_listen`` opens a second, plaintext gRPC server carrying only the health service, with
+    the same statuses: Kubernetes' gRPC probes speak no TLS, and it reveals nothing but them.
     """
 
     def __init__(
-        self, listen: str, services: Sequence[tuple[str, Registrar]], tls: TlsFiles | None = None
+        self,
+        listen: str,
+        services: Sequence[tuple[str, Registrar]],
+        tls: TlsFiles | None = None,
+        *,
+        metrics_listen: str | None = None,
+        health_listen: str | None = None,
     ) -> None:
         self.listen = listen
         self.tls = tls
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
+        self.metrics = ServiceMetrics()
+        self.metrics_listen = metrics_listen
+        self.health_listen = health_listen
+        self.health_port = 0
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[self.metrics.interceptor()])
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health_server: grpc.aio.Server | None = None
+        if health_listen is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         self._names = [name for name, _ in services]
         for _, register in services:
             register(self._server)
@@ -129,6 +149,13 @@ class ServiceHost:
             self.port = self._server.add_secure_port(self.listen, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.listen}")
+        if self._health_server is not None and self.health_listen is not None:
+            self.health_port = self._health_server.add_insecure_port(self.health_listen)
+            if self.health_port == 0:
+                raise OSError(f"could not bind {self.health_listen}")
+            await self._health_server.start()
+        if self.metrics_listen is not None:
+            self.metrics.serve(self.metrics_listen)
         await self._server.start()
         for name in ["", *self._names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -143,6 +170,9 @@ class ServiceHost:
         """Reports NOT_SERVING, lets in-flight calls finish for ``grace_s``, then stops."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        self.metrics.stop()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

@@ -88,13 +88,15 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
     fed: Federation | None = None
     started: list[IceService | GalleryNode | CoordinatorService] = []
     pki = issue_dev_pki(tmp_path / "pki")
+    # Every service serves /metrics and plaintext health on ports of its own, as in the Helm chart.
+    ops = {"metrics_listen": "127.0.0.1:0", "health_listen": "127.0.0.1:0"}
     try:
-        ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=pki["ice"]))
+        ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=pki["ice"], **ops))
         started.append(ice)
         await ice.host.start()
         nodes = []
         for name in ("iafis", "ident"):
-            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name, tls=pki[name]))
+            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name, tls=pki[name], **ops))
             started.append(node)
             await node.host.start()
             nodes.append(node)
@@ -110,6 +112,7 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
             retry_max_s=1.0,
             authorized_oris=sorted({b.booking.ori for b in population.bookings}),
             tls=pki["coordinator"],
+            **ops,
         )
         coordinator = build_coordinator(config)
         started.append(coordinator)
