@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from fedprint import tracing
 from fedprint.metrics import ServiceMetrics
 from fedprint.pki import TlsFiles
 
@@ -100,7 +101,8 @@ class ServiceHost:
     servicer. Health reports SERVING from :meth:`start` until :meth:`stop`.
 
     Every call is counted and timed in :attr:`metrics` (the service adds its own metrics to
-    ``metrics.registry``), served over HTTP at ``/metrics`` when ``metrics_listen`` is given.
+    ``metrics.registry``), served over HTTP at ``/metrics`` when ``metrics_listen`` is given, and
+    traced when the process traces (:mod:`fedprint.tracing`).
     ``health_listen`` opens a second, plaintext gRPC server carrying only the health service, with
     the same statuses: Kubernetes' gRPC probes speak no TLS, and it reveals nothing but them.
     """
@@ -120,7 +122,9 @@ class ServiceHost:
         self.metrics_listen = metrics_listen
         self.health_listen = health_listen
         self.health_port = 0
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[self.metrics.interceptor()])
+        self._server = grpc.aio.server(
+            options=_SERVER_OPTIONS, interceptors=[self.metrics.interceptor(), *tracing.server_interceptors()]
+        )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._health_server: grpc.aio.Server | None = None
         if health_listen is not None:
@@ -191,11 +195,12 @@ _CHANNEL_OPTIONS = [
 def open_channel(address: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
     """A client channel: mTLS when ``tls`` is given (else plaintext), the servers' message-size
     limits, and a short reconnect backoff."""
+    interceptors = tracing.client_interceptors()  # none unless the process traces
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),
         private_key=tls.key.read_bytes(),
         certificate_chain=tls.cert.read_bytes(),
     )
-    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS, interceptors=interceptors)

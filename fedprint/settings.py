@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from fedprint.pki import TlsFiles
+from fedprint.tracing import TracingSettings
 
 #: The YAML file :meth:`ServiceSettings.load` is reading (a context variable: the sources are
 #: chosen by a class method, and two loads may run in one process).
@@ -101,6 +102,9 @@ class ServiceSettings(BaseSettings):
             "host:port of a plaintext gRPC server carrying only grpc.health.v1 (for Kubernetes probes, "
             "which speak no mTLS); off if unset"
         ),
+    )
+    tracing: TracingSettings | None = Field(
+        default=None, description="OpenTelemetry traces: exporter and collector; off if unset"
     )
     database_url: SecretStr | None = Field(
         default=None,

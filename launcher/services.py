@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from federation.config import CoordinatorConfig
+from fedprint import tracing
 from fedprint.logging import configure
 from fedprint.rpc import ServiceHost
 from ice_service.config import IceConfig
@@ -59,18 +60,21 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
 
         node_config = NodeConfig.load(config_path, node=role, **overrides)
         configure(node_config.log_level)
+        tracing.configure(role, node_config.tracing)
         return build_node(node_config)
     if role == "coordinator":
         from federation.coordinator import build_coordinator
 
         coordinator_config = CoordinatorConfig.load(config_path, **overrides)
         configure(coordinator_config.log_level)
+        tracing.configure(role, coordinator_config.tracing)
         return build_coordinator(coordinator_config, coordinator_config.resolved_database_url())
     if role == "ice":
         from ice_service import build_ice
 
         ice_config = IceConfig.load(config_path, **overrides)
         configure(ice_config.log_level)
+        tracing.configure(role, ice_config.tracing)
         return build_ice(ice_config, ice_config.resolved_database_url())
     raise ValueError(f"unknown service {role!r}")
 
@@ -95,3 +99,4 @@ async def run_service(
     await stop.wait()
     log.info("shutting down", role=role, address=service.host.address)
     await service.stop()
+    tracing.reset()  # flushes the spans still buffered

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -45,6 +45,9 @@ class Federation:
     coordinator_config: CoordinatorConfig
     #: mTLS identities of every service and of the booking system (the tests' client).
     pki: dict[str, TlsFiles]
+    #: Channels handed out, kept referenced: grpc.aio closes a channel its owner drops when the
+    #: garbage collector gets to it, which a stub alone does not prevent.
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -52,7 +55,9 @@ class Federation:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """A channel with the booking system's client certificate."""
-        return open_channel(address, self.pki["booking-system"])
+        channel = open_channel(address, self.pki["booking-system"])
+        self.channels.append(channel)
+        return channel
 
     def booking_stub(self) -> bk_grpc.BookingServiceAsyncStub:
         return bk_grpc.BookingServiceStub(self.channel(self.address))
@@ -126,6 +131,8 @@ async def federation(tmp_path: Path, population: Population) -> AsyncIterator[Fe
         current = [fed.coordinator, fed.iafis, fed.ident, fed.ice] if fed is not None else []
         for service in [*current, *reversed(started)]:
             await service.stop(0)
+        for channel in fed.channels if fed is not None else []:
+            await channel.close(None)
 
 
 @pytest.fixture(scope="session")

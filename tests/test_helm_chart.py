@@ -42,6 +42,22 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     },
     "sharded": {
         "gallery": {"iafis": {"shards": {"count": 3, "replicas": 2}}, "ident": {"shards": {"count": 2}}},
+        # With traces to a collector, and the egress to reach it.
+        "tracing": {"endpoint": "http://otel-collector.observability:4317", "sampleRatio": 0.25},
+        "networkPolicy": {
+            "extraEgress": [
+                {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "observability"}
+                            }
+                        }
+                    ],
+                    "ports": [{"port": 4317, "protocol": "TCP"}],
+                }
+            ]
+        },
     },
     "external-postgresql": {
         "postgresql": {"enabled": False},
@@ -455,6 +471,14 @@ def test_sharded_galleries_get_one_stateful_set_per_partition_and_a_router_that_
         config = config_of(manifests, router)
         assert config["role"] == "router"
         assert config["shards"] == [f"prod-fedprint-{node}-shard-{i}:50051" for i in range(count)]
+    for w in fedprint_workloads(manifests):
+        assert config_of(manifests, w)["tracing"] == {
+            "exporter": "otlp",
+            "endpoint": "http://otel-collector.observability:4317",
+            "insecure": True,
+            "sample_ratio": 0.25,
+        }
+    assert "tracing" not in config_of(render("default"), fedprint_workloads(render("default"))[0])
 
 
 def test_external_postgresql_deploys_no_database_and_reads_the_urls_from_the_given_secret() -> None:
@@ -506,6 +530,8 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "misspelt peer": ({"networkPolicy": {"agencyPeers": [{"ipBlok": {"cidr": "10.0.0.0/8"}}]}}, "'ipBlok'"),
     "port out of range": ({"ports": {"grpc": 70000}}, "/ports/grpc"),
     "log level": ({"logLevel": "verbose"}, "/logLevel"),
+    "tracing endpoint": ({"tracing": {"endpoint": "otel:4317"}}, "/tracing/endpoint"),
+    "sample ratio": ({"tracing": {"sampleRatio": 2}}, "/tracing/sampleRatio"),
 }
 
 

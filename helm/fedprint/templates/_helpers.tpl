@@ -82,6 +82,9 @@ Secrets are files named here, never values: (dict "ctx" $ "identity" "iafis" "da
 {{- if $v.metrics.enabled -}}
 {{- $_ := set $cfg "metrics_listen" (printf "%s:%d" $v.bindAddress (int $v.ports.metrics)) -}}
 {{- end -}}
+{{- if $v.tracing.endpoint -}}
+{{- $_ := set $cfg "tracing" (dict "exporter" "otlp" "endpoint" $v.tracing.endpoint "insecure" $v.tracing.insecure "sample_ratio" $v.tracing.sampleRatio) -}}
+{{- end -}}
 {{- if $v.insecure -}}
 {{- $_ := set $cfg "insecure" true -}}
 {{- else -}}
