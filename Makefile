@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint imports typecheck kernels-narrow proto proto-check clean
+.PHONY: demo test lint imports typecheck kernels-narrow proto proto-check image image-cuda clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ test: $(STAMP) lint imports typecheck
 kernels-narrow: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q -m kernels
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q -m kernels
+
+# Container images (need a container engine, which these machines lack; see helm/README.md).
+# The tag follows the version in pyproject.toml, which is the Helm chart's appVersion.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER ?= docker
+
+image:
+	$(DOCKER) build -f Dockerfile -t fedprint:$(VERSION) .
+
+image-cuda:
+	$(DOCKER) build -f Dockerfile.cuda -t fedprint-cuda:$(VERSION) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

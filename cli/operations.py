@@ -28,7 +28,8 @@ def _database_url(db: str | None, config: Path | None) -> str:
         return db
     if config is None:
         raise typer.BadParameter("give --db URL or --config of the coordinator")
-    return f"sqlite:///{CoordinatorConfig.load(config).data_dir / 'coordinator.sqlite'}"
+    settings = CoordinatorConfig.load(config)
+    return settings.resolved_database_url() or f"sqlite:///{settings.data_dir / 'coordinator.sqlite'}"
 
 
 def register(app: typer.Typer, console: Console) -> None:

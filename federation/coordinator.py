@@ -26,6 +26,7 @@ from federation.background import DueWorkLoop, backoff_s
 from federation.config import CoordinatorConfig
 from federation.disclosure import agency_view
 from federation.intake import booking_content, changed_parts, check_booking_header, check_booking_tenprint
+from federation.metrics import CoordinatorStatsCollector
 from federation.outbox import OutboxDeliverer
 from federation.policy import ThreatPolicy
 from federation.sealing import BookingSeal, SealingError, load_or_create_key
@@ -441,5 +442,8 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
             ),
             audit=coordinator.audit_denial,
         ),
+        metrics_listen=config.metrics_listen,
+        health_listen=config.health_listen,
     )
+    host.metrics.registry.register(CoordinatorStatsCollector(store))
     return CoordinatorService(host, coordinator, channels)

@@ -21,7 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from fedprint import tracing
 from fedprint.access import AccessInterceptor, AccessPolicy
+from fedprint.metrics import ServiceMetrics
 from fedprint.pki import TlsFiles
 from fedprint.validation import MAX_VIOLATIONS, FieldViolation, Violations
 
@@ -179,6 +181,12 @@ class ServiceHost:
     Without ``tls`` it refuses to exist unless ``insecure`` is set; a plaintext server then warns
     at every start and admits every caller. ``services`` pairs each full service name with the
     function that adds its servicer. Health reports SERVING from :meth:`start` until :meth:`stop`.
+
+    Every call is counted and timed in :attr:`metrics` (the service adds its own metrics to
+    ``metrics.registry``), served over HTTP at ``/metrics`` when ``metrics_listen`` is given, and
+    traced when the process traces (:mod:`fedprint.tracing`).
+    ``health_listen`` opens a second, plaintext gRPC server carrying only the health service, with
+    the same statuses: Kubernetes' gRPC probes speak no TLS, and it reveals nothing but them.
     """
 
     def __init__(
@@ -189,6 +197,8 @@ class ServiceHost:
         *,
         insecure: bool = False,
         access: AccessPolicy | None = None,
+        metrics_listen: str | None = None,
+        health_listen: str | None = None,
     ) -> None:
         if tls is None and not insecure:
             raise InsecureNotAllowed(f"the server for {', '.join(name for name, _ in services)}")
@@ -197,8 +207,26 @@ class ServiceHost:
         self.access = access or AccessPolicy()
         self.access.authenticate = tls is not None
         self._reloader = _CertificateReloader(tls) if tls is not None else None
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[AccessInterceptor(self.access)])
+        self.metrics = ServiceMetrics()
+        self.metrics_listen = metrics_listen
+        self.health_listen = health_listen
+        self.health_port = 0
+        # Metrics and the trace span outermost, so that refused calls are counted and traced
+        # too; then access, which decodes only admitted calls; then what reads the request.
+        self._server = grpc.aio.server(
+            options=_SERVER_OPTIONS,
+            interceptors=[
+                self.metrics.interceptor(),
+                *tracing.server_interceptors(),
+                AccessInterceptor(self.access),
+                *tracing.request_interceptors(),
+            ],
+        )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health_server: grpc.aio.Server | None = None
+        if health_listen is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         self._names = [name for name, _ in services]
         for _, register in services:
             register(self._server)
@@ -232,6 +260,13 @@ class ServiceHost:
             self.port = self._server.add_secure_port(self.listen, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.listen}")
+        if self._health_server is not None and self.health_listen is not None:
+            self.health_port = self._health_server.add_insecure_port(self.health_listen)
+            if self.health_port == 0:
+                raise OSError(f"could not bind {self.health_listen}")
+            await self._health_server.start()
+        if self.metrics_listen is not None:
+            self.metrics.serve(self.metrics_listen)
         await self._server.start()
         for name in ["", *self._names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -246,6 +281,9 @@ class ServiceHost:
         """Reports NOT_SERVING, lets in-flight calls finish for ``grace_s``, then stops."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        self.metrics.stop()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -265,13 +303,14 @@ def open_channel(address: str, tls: TlsFiles | None, *, insecure: bool = False) 
     """A client channel: mutual TLS with ``tls`` (the server's certificate is verified against its
     CA), the servers' message-size limits, and a short reconnect backoff. Plaintext only when
     ``tls`` is None and ``insecure`` is set."""
+    interceptors = tracing.client_interceptors()  # none unless the process traces
     if tls is None:
         if not insecure:
             raise InsecureNotAllowed(f"a channel to {address}")
-        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),
         private_key=tls.key.read_bytes(),
         certificate_chain=tls.cert.read_bytes(),
     )
-    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS, interceptors=interceptors)

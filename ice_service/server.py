@@ -179,5 +179,7 @@ def build_ice(config: IceConfig, database_url: str | None = None) -> IceService:
         ],
         config.tls,
         insecure=config.insecure,
+        metrics_listen=config.metrics_listen,
+        health_listen=config.health_listen,
     )
     return IceService(host, server)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from federation.config import CoordinatorConfig
+from fedprint import tracing
 from fedprint.logging import configure
 from fedprint.rpc import ServiceHost
 from ice_service.config import IceConfig
@@ -37,16 +38,18 @@ GALLERY_NODES = ("iafis", "ident")
 
 
 def build_node(config: NodeConfig) -> GalleryNode:
-    """The gallery node ``config.node`` names, configured and not yet started."""
+    """The gallery node ``config.node`` names, configured and not yet started (on the database
+    its settings name, else its SQLite file)."""
+    url = config.resolved_database_url()
     # Imported here: the coordinator's and ICE's processes never load torch.
     if config.node == "iafis":
         from nodes import iafis
 
-        return iafis.build_node(config)
+        return iafis.build_node(config, url)
     if config.node == "ident":
         from nodes import ident
 
-        return ident.build_node(config)
+        return ident.build_node(config, url)
     raise ValueError(f"unknown gallery node {config.node!r}; known: {', '.join(GALLERY_NODES)}")
 
 
@@ -57,19 +60,22 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
 
         node_config = NodeConfig.load(config_path, node=role, **overrides)
         configure(node_config.log_level)
+        tracing.configure(role, node_config.tracing)
         return build_node(node_config)
     if role == "coordinator":
         from federation.coordinator import build_coordinator
 
         coordinator_config = CoordinatorConfig.load(config_path, **overrides)
         configure(coordinator_config.log_level)
-        return build_coordinator(coordinator_config)
+        tracing.configure(role, coordinator_config.tracing)
+        return build_coordinator(coordinator_config, coordinator_config.resolved_database_url())
     if role == "ice":
         from ice_service import build_ice
 
         ice_config = IceConfig.load(config_path, **overrides)
         configure(ice_config.log_level)
-        return build_ice(ice_config)
+        tracing.configure(role, ice_config.tracing)
+        return build_ice(ice_config, ice_config.resolved_database_url())
     raise ValueError(f"unknown service {role!r}")
 
 
@@ -105,3 +111,4 @@ async def run_service(
     await stop.wait()
     log.info("shutting down", role=role, address=service.host.address)
     await service.stop()
+    tracing.reset()  # flushes the spans still buffered

@@ -4,7 +4,7 @@ role, and the four real services on loopback, each with its own certificate."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -54,6 +54,9 @@ class Federation:
     coordinator_config: CoordinatorConfig
     #: mTLS identities of every role (see the ``pki`` fixture).
     pki: dict[str, TlsFiles]
+    #: Channels handed out, kept referenced: grpc.aio closes a channel its owner drops when the
+    #: garbage collector gets to it, which a stub alone does not prevent.
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -61,8 +64,10 @@ class Federation:
 
     def channel(self, address: str, identity: str) -> grpc.aio.Channel:
         """A channel to ``address`` with the client certificate ``identity`` (``admin``, ``ice``,
-        ``agency-<ORI>``, ...)."""
-        return open_channel(address, self.pki[identity])
+        ``agency-<ORI>``, ...); kept referenced, since grpc.aio closes a channel it collects."""
+        channel = open_channel(address, self.pki[identity])
+        self.channels.append(channel)
+        return channel
 
     def booking_stub(self, ori: str) -> bk_grpc.BookingServiceAsyncStub:
         """The coordinator's booking service, called as the agency ``ori``."""
@@ -100,13 +105,15 @@ async def federation(
 ) -> AsyncIterator[Federation]:
     fed: Federation | None = None
     started: list[IceService | GalleryNode | CoordinatorService] = []
+    # Every service serves /metrics and plaintext health on ports of its own, as in the Helm chart.
+    ops = {"metrics_listen": "127.0.0.1:0", "health_listen": "127.0.0.1:0"}
     try:
-        ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=pki["ice"]))
+        ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=pki["ice"], **ops))
         started.append(ice)
         await ice.host.start()
         nodes = []
         for name in ("iafis", "ident"):
-            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name, tls=pki[name]))
+            node = build_node(NodeConfig(node=name, data_dir=tmp_path / name, tls=pki[name], **ops))
             started.append(node)
             await node.host.start()
             nodes.append(node)
@@ -122,6 +129,7 @@ async def federation(
             retry_max_s=1.0,
             authorized_oris=sorted({b.booking.ori for b in population.bookings}),
             tls=pki["coordinator"],
+            **ops,
         )
         coordinator = build_coordinator(config)
         started.append(coordinator)
@@ -135,6 +143,8 @@ async def federation(
         current = [fed.coordinator, fed.iafis, fed.ident, fed.ice] if fed is not None else []
         for service in [*current, *reversed(started)]:
             await service.stop(0)
+        for channel in fed.channels if fed is not None else []:
+            await channel.close(None)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from evaluation.calibration import Thresholds
 from federation.config import CoordinatorConfig
+from fedprint.settings import SecretInConfigFile
 from ice_service.config import IceConfig
 from nodes.gallery.config import NodeConfig
 
@@ -76,3 +77,67 @@ def test_target_fpir_moves_the_hit_threshold_along_the_calibration_curve() -> No
     assert loose is not None and loose.hit == 0.36 and loose.review == 0.36  # review never above hit
     assert t.for_fpir(1e-6) is None
     assert Thresholds(hit=0.4, review=0.3).for_fpir(1e-3) is None
+
+
+def test_environment_overrides_the_config_file_and_the_command_line_overrides_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "node: iafis\nlisten: 127.0.0.1:50061\ninsecure: true\nbatching: {max_batch: 16, max_wait_ms: 7}\n"
+    )
+    assert NodeConfig.load(path).batching.max_batch == 16
+    monkeypatch.setenv("FEDPRINT_BATCHING__MAX_BATCH", "64")
+    monkeypatch.setenv("FEDPRINT_LISTEN", "0.0.0.0:50061")
+    config = NodeConfig.load(path)
+    assert config.batching.max_batch == 64  # environment over file
+    assert config.batching.max_wait_ms == 7  # the file's other nested value survives (deep merge)
+    assert config.listen == "0.0.0.0:50061"
+    assert NodeConfig.load(path, listen="127.0.0.1:0").listen == "127.0.0.1:0"  # command line over all
+
+
+def test_coordinator_deadline_from_the_environment_beats_the_example_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert CoordinatorConfig.load(CONFIG / "coordinator.yaml").node_deadline_s == 20
+    monkeypatch.setenv("FEDPRINT_NODE_DEADLINE_S", "5")
+    assert CoordinatorConfig.load(CONFIG / "coordinator.yaml").node_deadline_s == 5
+
+
+def test_a_missing_config_file_is_an_error_not_silence(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        IceConfig.load(tmp_path / "nope.yaml")
+
+
+def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ice.yaml"
+    path.write_text("- listen\n")
+    with pytest.raises(ValueError, match="mapping"):
+        IceConfig.load(path)
+
+
+def test_the_database_url_is_a_secret_refused_in_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ice.yaml"
+    path.write_text("insecure: true\ndatabase_url: postgresql://ice:hunter2@db/ice\n")
+    with pytest.raises(SecretInConfigFile, match="FEDPRINT_DATABASE_URL") as refused:
+        IceConfig.load(path)
+    assert "hunter2" not in str(refused.value)
+    # From the environment it is taken, and kept out of the settings' repr.
+    path.write_text("listen: 127.0.0.1:0\ninsecure: true\n")
+    monkeypatch.setenv("FEDPRINT_DATABASE_URL", "postgresql://ice:hunter2@db/ice")
+    config = IceConfig.load(path)
+    assert config.resolved_database_url() == "postgresql://ice:hunter2@db/ice"
+    assert "hunter2" not in repr(config)
+
+
+def test_the_database_url_from_a_mounted_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "database-url"
+    secret.write_text("postgresql://coordinator:pw@db:5432/fedprint\n")
+    path = tmp_path / "ice.yaml"
+    path.write_text(f"insecure: true\ndatabase_url_file: {secret}\n")
+    assert IceConfig.load(path).resolved_database_url() == "postgresql://coordinator:pw@db:5432/fedprint"
+    assert IceConfig.load(None, insecure=True).resolved_database_url() is None  # SQLite by default
+    with pytest.raises(ValidationError, match="both set"):
+        IceConfig(database_url="sqlite://", database_url_file=secret, insecure=True)

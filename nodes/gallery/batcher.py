@@ -51,8 +51,15 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.stats = BatchStats()
+        #: Called after each batch with its size and device seconds (metrics hook).
+        self.on_batch: Callable[[int, float], None] | None = None
         self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for the next batch."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         if self._worker is None:
@@ -100,7 +107,10 @@ class MicroBatcher(Generic[In, Out]):
                         p.future.set_exception(error)
                 continue
             finally:
-                self.stats.busy_s += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                self.stats.busy_s += elapsed
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), elapsed)
             self.stats.batches += 1
             self.stats.items += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))

@@ -31,6 +31,7 @@ from nodes.gallery.batcher import MicroBatcher
 from nodes.gallery.cache import read_cache, write_cache
 from nodes.gallery.config import NodeConfig
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, SearchResult, resolve_device
+from nodes.gallery.metrics import GalleryMetrics
 from nodes.gallery.records import RecordStore, RecordT
 from nodes.gallery.store import Enrollment, GalleryStore
 
@@ -142,6 +143,8 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             max_batch=config.batching.max_batch,
             max_wait_s=config.batching.max_wait_ms / 1000,
         )
+        #: Set once the node's host exists (:func:`build_gallery_node`).
+        self.metrics: GalleryMetrics | None = None
 
     @property
     def records(self) -> RecordStore[RecordT]:
@@ -263,6 +266,8 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             fully_scored=[r.fully_scored for r in results],
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        if self.metrics is not None:
+            self.metrics.observe_identify(response)
         return response
 
     # -- Enroll / Remove / GetStats -------------------------------------------------------------
@@ -426,5 +431,8 @@ def build_gallery_node(
         ],
         config.tls,
         insecure=config.insecure,
+        metrics_listen=config.metrics_listen,
+        health_listen=config.health_listen,
     )
+    servicer.metrics = GalleryMetrics(host.metrics.registry, servicer)
     return GalleryNode(host, servicer, loaded, cache)
