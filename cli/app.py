@@ -15,6 +15,9 @@ from rich.progress import Progress
 
 from cli import accuracy as _accuracy
 from cli import operations as _operations
+from cli.identity import InsecureOption, TlsDirOption
+from cli.identity import identity as _identity
+from cli.review import register as _register_review
 from fedprint.logging import configure
 from fedprint.pki import DEFAULT_HOSTS, TlsFiles, agency_name, issue_dev_pki
 
@@ -28,29 +31,6 @@ class Role(enum.StrEnum):
     iafis = "iafis"
     ident = "ident"
     ice = "ice"
-
-
-TlsDirOption = Annotated[
-    Path,
-    typer.Option(help="mTLS: the directory `fedprint certs` wrote; each command uses its role's identity"),
-]
-InsecureOption = Annotated[
-    bool, typer.Option("--insecure", help="plaintext, no certificates: only against services run --insecure")
-]
-
-
-def _identity(directory: Path, name: str, insecure: bool) -> TlsFiles | None:
-    """The identity ``name`` in the PKI directory (None with --insecure); a clear error when absent."""
-    if insecure:
-        return None
-    files = TlsFiles.in_dir(directory, name)
-    for path in (files.ca, files.cert, files.key):
-        if not path.is_file():
-            raise typer.BadParameter(
-                f"{path} does not exist: run `fedprint certs {directory}` (with --ori for agencies), "
-                "or pass --tls-dir"
-            )
-    return files
 
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")]
@@ -226,6 +206,8 @@ _register_bench()
 _accuracy.register(app, console)
 # audit and outbox: operators' commands on the coordinator's database.
 _operations.register(app, console)
+# review: examiners' commands against the coordinator's ReviewService.
+_register_review(app, console)
 
 
 if __name__ == "__main__":

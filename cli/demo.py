@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,10 @@ from cli.report import decisions_table, ice_table
 from evaluation.calibration import calibrated_thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import Submission, enroll, submit_bookings, wait_for_notifications
-from fedprint.pki import agency_name, issue_dev_pki
+from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
+from fedprint.rpc import open_channel
 from launcher.processes import federation
 from synthetic.population import GroundTruth, generate_population, write_population
 
@@ -32,8 +35,9 @@ from synthetic.population import GroundTruth, generate_population, write_populat
 DEMO_DIFFICULTY = "realistic"
 
 
-def check(decision: bk.BookingDecision | None, truth: GroundTruth) -> list[str]:
-    """What is wrong with a decision against the ground truth (empty when right)."""
+def check(decision: bk.BookingDecision | None, truth: GroundTruth, *, confirmed: bool = False) -> list[str]:
+    """What is wrong with a decision against the ground truth (empty when right). ``confirmed``:
+    an examiner confirmed the decision's review-band IDENT candidate, which makes it a hit."""
     if decision is None:
         return ["no decision"]
     problems = []
@@ -43,7 +47,7 @@ def check(decision: bk.BookingDecision | None, truth: GroundTruth) -> list[str]:
         ("IAFIS", decision.iafis, truth.iafis_subject_id),
         ("IDENT", decision.ident, truth.ident_subject_id),
     ):
-        hit = result.band == bio.HIT and bool(result.candidates)
+        hit = (result.band == bio.HIT or (name == "IDENT" and confirmed)) and bool(result.candidates)
         if expected is None and hit:
             problems.append(f"{name} false hit {result.candidates[0].subject_id}")
         elif expected is not None and not hit:
@@ -56,6 +60,48 @@ def check(decision: bk.BookingDecision | None, truth: GroundTruth) -> list[str]:
     if notified != truth.expect_notification:
         problems.append(f"notification {bk.NotificationState.Name(decision.notification)}")
     return problems
+
+
+async def examine(
+    coordinator: str, workdir: Path, results: list[Submission], truth: dict[str, GroundTruth]
+) -> dict[str, bool]:
+    """The demo's examiner works every review through the command line (`fedprint review show`,
+    then `confirm` or `reject`), as a person would; the demo plays the examiner's eye with the
+    ground truth. Returns, per reviewed TCN, whether the match was confirmed."""
+    reviewed: dict[str, bool] = {}
+    common = ["--address", coordinator, "--tls-dir", str(workdir / "pki")]
+    for r in results:
+        if r.decision is None or r.decision.notification != bk.EXAMINER_REVIEW:
+            continue
+        png = workdir / f"review-{r.tcn}.png"
+        await _fedprint("review", "show", r.tcn, "--png", str(png), *common)
+        candidate = r.decision.ident.candidates[0].subject_id
+        same_person = truth[r.tcn].ident_subject_id == candidate
+        verdict = "confirm" if same_person else "reject"
+        note = "minutiae agree finger by finger" if same_person else "ridge detail differs"
+        await _fedprint("review", verdict, r.tcn, "--note", note, *common)
+        reviewed[r.tcn] = same_person
+    return reviewed
+
+
+async def _fedprint(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"fedprint {' '.join(args[:3])} failed: {output.decode(errors='replace')}")
+
+
+async def _final(coordinator: str, submission: Submission, agencies: dict[str, TlsFiles]) -> Submission:
+    """A reviewed booking's decision as the coordinator holds it after the examiner's verdict."""
+    assert submission.decision is not None
+    ori = submission.decision.ori
+    async with open_channel(coordinator, agencies[ori]) as channel:
+        decision = await bk_grpc.BookingServiceStub(channel).GetDecision(
+            bk.GetDecisionRequest(tcn=submission.tcn), timeout=10
+        )
+    return Submission(submission.tcn, decision, submission.error, submission.latency_ms)
 
 
 async def run_demo(
@@ -104,9 +150,24 @@ async def run_demo(
                     concurrency=8,
                     agencies=agencies,
                 )
-            verdicts = [check(r.decision, b.truth) for r, b in zip(results, population.bookings, strict=True)]
+            reviewed = await examine(
+                addresses["coordinator"],
+                workdir,
+                results,
+                {b.booking.tcn: b.truth for b in population.bookings},
+            )
+            results = [
+                await _final(addresses["coordinator"], r, agencies) if r.tcn in reviewed else r
+                for r in results
+            ]
+            verdicts = [
+                check(r.decision, b.truth, confirmed=reviewed.get(r.tcn, False))
+                for r, b in zip(results, population.bookings, strict=True)
+            ]
             queued = sum(
-                1 for r in results if r.decision is not None and r.decision.notification == bk.QUEUED
+                1
+                for r in results
+                if r.decision is not None and r.decision.notification in (bk.QUEUED, bk.DELIVERED)
             )
             with console.status("waiting for the ICE outbox to deliver"):
                 received = await wait_for_notifications(
@@ -129,7 +190,8 @@ async def run_demo(
             + sum(r.decision is None for r in results),
             "correct": sum(not v for v in verdicts),
             "wrong": sum(bool(v) for v in verdicts),
-            "reviews": sum(d.notification == bk.EXAMINER_REVIEW for d in decisions),
+            "reviews": len(reviewed),
+            "reviews_confirmed": sum(reviewed.values()),
             "suppressed": sum(d.notification == bk.SUPPRESSED for d in decisions),
             "p50_ms": round(statistics.median(r.latency_ms for r in results), 1) if results else 0.0,
             "elapsed_s": round(time.perf_counter() - started, 1),

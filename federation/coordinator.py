@@ -29,6 +29,7 @@ from federation.intake import booking_content, changed_parts, check_booking_head
 from federation.metrics import CoordinatorStatsCollector
 from federation.outbox import OutboxDeliverer
 from federation.policy import ThreatPolicy
+from federation.review import ReviewServicer, opened_review
 from federation.sealing import BookingSeal, SealingError, load_or_create_key
 from federation.store import CoordinatorStore, PendingBooking
 from fedprint.access import AccessPolicy, Denial, TokenBuckets, current_caller, deny
@@ -39,6 +40,8 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.review.v1 import review_pb2 as rv
+from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel, service
 from fedprint.validation import ORI, TCN, Violations
 
@@ -130,7 +133,13 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         result.latency_ms = (time.perf_counter() - started) * 1000
         return result
 
-    def _notification(self, booking: bk.Booking, decision: bk.BookingDecision) -> ice.Notification:
+    def open_booking(self, tcn: str, sealed: bytes) -> bk.Booking:
+        """A booking the coordinator keeps sealed (incomplete, or under examiner review)."""
+        return bk.Booking.FromString(self.seal.open(tcn, sealed))
+
+    def notification(self, booking: bk.Booking, decision: bk.BookingDecision) -> ice.Notification:
+        """The ICE notification of an IDENT hit: ``decision`` is the full evidence (with the
+        immigration record of its first IDENT candidate)."""
         notification = ice.Notification(
             tcn=booking.tcn,
             ori=booking.ori,
@@ -265,10 +274,14 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         evidence.attempt = (previous.attempt if previous is not None else 0) + 1
         # ICE gets the immigration record in the notification; the agency, the store, the audit
         # log and the watchers get the decision without it (federation.disclosure).
-        notification = self._notification(booking, evidence) if evidence.notification == bk.QUEUED else None
+        notification = self.notification(booking, evidence) if evidence.notification == bk.QUEUED else None
         decision = agency_view(evidence)
         sealed: tuple[bytes, bytes] | None = None
         retry_at: dt.datetime | None = None
+        review: tuple[rv.Review, bytes] | None = None
+        if decision.status == bk.COMPLETE and decision.notification == bk.EXAMINER_REVIEW:
+            # The examiner compares the booking's prints: it stays sealed until the verdict.
+            review = (opened_review(evidence), self.seal.seal(booking.tcn, booking.SerializeToString()))
         if decision.status == bk.INCOMPLETE:
             sealed = (
                 self.seal.seal(booking.tcn, booking.SerializeToString()),
@@ -284,6 +297,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             sealed=sealed,
             retry_at=retry_at,
             retries=retries,
+            review=review,
         )
         if notification is not None:
             self.outbox.wake()
@@ -316,7 +330,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
                 if previous is not None and previous.status == bk.COMPLETE:
                     continue  # a resubmission finished it meanwhile (and dropped the sealed copy)
                 try:
-                    booking = bk.Booking.FromString(self.seal.open(pending.tcn, pending.sealed))
+                    booking = self.open_booking(pending.tcn, pending.sealed)
                 except SealingError:
                     log.error("sealed booking does not open; left for an operator", tcn=pending.tcn)
                     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.config.retry_max_s)
@@ -430,7 +444,12 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
                 bk.DESCRIPTOR.services_by_name["BookingService"],
                 bk_grpc.add_BookingServiceServicer_to_server,
                 coordinator,
-            )
+            ),
+            service(
+                rv.DESCRIPTOR.services_by_name["ReviewService"],
+                rv_grpc.add_ReviewServiceServicer_to_server,
+                ReviewServicer(coordinator),
+            ),
         ],
         config.tls,
         insecure=config.insecure,

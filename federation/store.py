@@ -6,6 +6,7 @@ notification outbox and its dead letters, and the sealed bookings of incomplete 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, event, func, select, update
@@ -17,6 +18,7 @@ from federation.audit import GENESIS, AuditEntry, ChainBreak, entry_hash, verify
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.review.v1 import review_pb2 as rv
 
 
 class _Base(DeclarativeBase):
@@ -92,6 +94,31 @@ class PendingBookingRow(_Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     retries: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ReviewRow(_Base):
+    """An examiner review of a booking's borderline IDENT match (fedprint.review.v1)."""
+
+    __tablename__ = "reviews"
+    tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ori: Mapped[str] = mapped_column(String(9), index=True)
+    state: Mapped[int] = mapped_column(Integer, index=True)
+    examiner: Mapped[str] = mapped_column(Text, default="")
+    opened_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    note: Mapped[str] = mapped_column(Text, default="")
+    #: The review.v1.Review as opened (candidate scores, thresholds, level, reasons).
+    review: Mapped[bytes] = mapped_column(LargeBinary)
+    #: The booking, sealed (federation.sealing) for the examiner's comparison; emptied once decided.
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+def _state_name(state: int) -> str:
+    return rv.ReviewState.Name(rv.ReviewState.ValueType(state)).lower()
+
+
+class ReviewConflict(Exception):
+    """A review cannot move as asked: another examiner holds it, or it is already decided."""
 
 
 @event.listens_for(AuditRow.__table__, "after_create")
@@ -252,8 +279,12 @@ class CoordinatorStore:
         sealed: tuple[bytes, bytes] | None = None,
         retry_at: dt.datetime | None = None,
         retries: int = 0,
+        review: tuple[rv.Review, bytes] | None = None,
     ) -> None:
         """Stores the decision, appends it to the audit log and queues the notification, atomically.
+
+        ``review`` (the review as opened, and the sealed booking) opens an examiner review with
+        the decision, unless the TCN has one already.
 
         An incomplete decision keeps ``sealed`` (the sealed booking and the sealed evidence) for
         the coordinator's own retries, due at ``retry_at``; a complete one deletes them in the
@@ -294,6 +325,21 @@ class CoordinatorStore:
                         last_error="",
                     )
                 )
+            if review is not None and session.get(ReviewRow, decision.tcn) is None:
+                opened, sealed_booking = review
+                session.add(
+                    ReviewRow(
+                        tcn=decision.tcn,
+                        ori=decision.ori,
+                        state=rv.OPEN,
+                        examiner="",
+                        opened_at=now,
+                        note="",
+                        review=opened.SerializeToString(),
+                        sealed=sealed_booking,
+                    )
+                )
+                self._append_audit(session, decision.tcn, "review_opened", opened.candidate.subject_id, b"")
             pending = session.get(PendingBookingRow, decision.tcn)
             if decision.status == bk.COMPLETE:
                 if pending is not None:
@@ -463,6 +509,107 @@ class CoordinatorStore:
                 for r in pending
             ]
             return entries
+
+    # ------------------------------------------------------------------ examiner reviews
+
+    @staticmethod
+    def _review(row: ReviewRow) -> rv.Review:
+        review = rv.Review.FromString(row.review)
+        review.review_id, review.ori, review.state = row.tcn, row.ori, rv.ReviewState.ValueType(row.state)
+        review.examiner, review.note = row.examiner, row.note
+        review.opened_at.FromDatetime(_aware(row.opened_at))
+        review.age_s = max(0.0, (_now() - _aware(row.opened_at)).total_seconds())
+        if row.decided_at is not None:
+            review.decided_at.FromDatetime(_aware(row.decided_at))
+        return review
+
+    def reviews(self, states: Sequence[int], limit: int) -> list[rv.Review]:
+        """Reviews in ``states``, oldest first."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(ReviewRow)
+                .where(ReviewRow.state.in_(states))
+                .order_by(ReviewRow.opened_at)
+                .limit(limit)
+            )
+            return [self._review(r) for r in rows]
+
+    def claim_review(self, tcn: str, examiner: str) -> tuple[rv.Review, bytes] | None:
+        """Claims an open review for ``examiner`` (a claim of one's own is kept); returns the
+        review and the sealed booking, None when there is no such review. Raises
+        :class:`ReviewConflict` when another examiner holds it or it is decided."""
+        with self._sessions.begin() as session:
+            row = session.get(ReviewRow, tcn)
+            if row is None:
+                return None
+            if row.state == rv.CLAIMED and row.examiner != examiner:
+                raise ReviewConflict(f"review {tcn} is claimed by {row.examiner}")
+            if row.state in (rv.CONFIRMED, rv.REJECTED):
+                raise ReviewConflict(f"review {tcn} is already {_state_name(row.state)}")
+            if row.state == rv.OPEN:
+                row.state, row.examiner = rv.CLAIMED, examiner
+                self._append_audit(session, tcn, "review_claimed", f"by {examiner}", b"")
+            return self._review(row), row.sealed
+
+    def held_review(self, tcn: str, examiner: str) -> tuple[rv.Review, bytes] | None:
+        """The review ``examiner`` holds a claim on, with its sealed booking; None when there is
+        no such review. Raises :class:`ReviewConflict` when the examiner holds no claim on it."""
+        with self._sessions() as session:
+            row = session.get(ReviewRow, tcn)
+            if row is None:
+                return None
+            if row.state != rv.CLAIMED or row.examiner != examiner:
+                held = f"claimed by {row.examiner}" if row.state == rv.CLAIMED else _state_name(row.state)
+                raise ReviewConflict(f"review {tcn} is {held}; claim it before deciding")
+            return self._review(row), row.sealed
+
+    def decide_review(
+        self,
+        tcn: str,
+        examiner: str,
+        verdict: rv.Verdict.ValueType,
+        note: str,
+        notification: ice.Notification | None,
+    ) -> tuple[rv.Review, bk.BookingDecision | None]:
+        """Records the examiner's verdict, atomically: the review closed and its sealed booking
+        dropped; the stored decision's notification state and reasons updated; on a
+        confirmation, ``notification`` queued in the outbox; all of it audited. Raises
+        :class:`ReviewConflict` unless ``examiner`` holds the claim; KeyError when no review."""
+        now = _now()
+        confirmed = verdict == rv.CONFIRM
+        with self._sessions.begin() as session:
+            row = session.get(ReviewRow, tcn)
+            if row is None:
+                raise KeyError(tcn)
+            if row.state != rv.CLAIMED or row.examiner != examiner:
+                held = f"claimed by {row.examiner}" if row.state == rv.CLAIMED else _state_name(row.state)
+                raise ReviewConflict(f"review {tcn} is {held}; claim it before deciding")
+            row.state = rv.CONFIRMED if confirmed else rv.REJECTED
+            row.decided_at, row.note, row.sealed = now, note, b""
+            stored = session.get(DecisionRow, tcn)
+            decision: bk.BookingDecision | None = None
+            if stored is not None:
+                decision = bk.BookingDecision.FromString(stored.decision)
+                what = "confirmed" if confirmed else "rejected"
+                decision.reasons.append(
+                    f"examiner {what} the IDENT match: {note}" if note else f"examiner {what} the IDENT match"
+                )
+                decision.notification = bk.QUEUED if confirmed else bk.NOT_REQUIRED
+                stored.decision, stored.updated_at = decision.SerializeToString(), now
+            if confirmed and notification is not None and session.get(OutboxRow, tcn) is None:
+                session.add(
+                    OutboxRow(
+                        tcn=tcn,
+                        notification=notification.SerializeToString(),
+                        created_at=now,
+                        attempts=0,
+                        next_attempt_at=now,
+                        last_error="",
+                    )
+                )
+            event = "review_confirmed" if confirmed else "review_rejected"
+            self._append_audit(session, tcn, event, f"by {examiner}: {note}", b"")
+            return self._review(row), decision
 
     # ------------------------------------------------------------------ statistics
 

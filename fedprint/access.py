@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 _BOOKING = "/fedprint.booking.v1.BookingService/"
 _GALLERY = "/fedprint.gallery.v1.GalleryService/"
 _ICE = "/fedprint.ice.v1.IceNotificationService/"
+_REVIEW = "/fedprint.review.v1.ReviewService/"
 #: Every role: health checking and reflection answer any authenticated caller.
 ANY_ROLE = frozenset(Role)
 
@@ -53,6 +54,13 @@ ACCESS: Mapping[str, frozenset[Role]] = {
     _GALLERY + "Enroll": frozenset({Role.GALLERY_ADMIN}),
     _GALLERY + "Remove": frozenset({Role.GALLERY_ADMIN}),
     _GALLERY + "GetStats": frozenset({Role.GALLERY_ADMIN}),
+    # A subject's prints and record leave a node only for the coordinator, which asks when an
+    # examiner claims a review of that subject.
+    _GALLERY + "GetSubject": frozenset({Role.COORDINATOR}),
+    # Examiners work the reviews of borderline matches.
+    _REVIEW + "ListReviews": frozenset({Role.EXAMINER}),
+    _REVIEW + "ClaimReview": frozenset({Role.EXAMINER}),
+    _REVIEW + "DecideReview": frozenset({Role.EXAMINER}),
     # ICE receives notifications from the coordinator; only ICE reads them.
     _ICE + "Notify": frozenset({Role.COORDINATOR}),
     _ICE + "ListNotifications": frozenset({Role.ICE}),

@@ -284,6 +284,35 @@ def _lss_r_block(
     """:func:`lss_r_scores` of the gallery fingers ``fingers: int64 [g]``, whose local
     similarities are ``lam: [P, g, Mp, w]`` (w <= Mg) and valid counts ``n_b: [g]``, with pair sets
     of K = ``k`` >= their every n_R."""
+    return _lss_r_consolidate(lam, k, probe, gallery, fingers, n_a, n_b, geometry, params).score
+
+
+@dataclass(frozen=True)
+class _Consolidated:
+    """LSS-R's outcome for a block: ``score [P, g]``; the pairs that carried it, as flat indices
+    into each ``[Mp, w]`` similarity matrix, ``pairs [P, g, n_sel]`` (first n_P of them count,
+    ``kept``), and their relaxed similarities ``relaxed [P, g, n_sel]``."""
+
+    score: Tensor
+    pairs: Tensor
+    kept: Tensor
+    relaxed: Tensor
+
+
+def _lss_r_consolidate(
+    lam: Tensor,
+    k: int,
+    probe: CylinderSet,
+    gallery: CylinderSet,
+    fingers: Tensor,
+    n_a: Tensor,
+    n_b: Tensor,
+    geometry: _PairGeometry,
+    params: MccParams,
+) -> _Consolidated:
+    """:func:`lss_r_scores` of the gallery fingers ``fingers: int64 [g]``, whose local
+    similarities are ``lam: [P, g, Mp, w]`` (w <= Mg) and valid counts ``n_b: [g]``, with pair sets
+    of K = ``k`` >= their every n_R."""
     p, g, mp, w = lam.shape
     mg = gallery.max_minutiae
     n_r = torch.minimum(n_a[:, None], n_b[None, :])  # [P, g]
@@ -321,7 +350,8 @@ def _lss_r_block(
     n_p = lss_pair_count(n_a[:, None], n_b[None, :], params)  # [P, g]
     keep = torch.arange(n_sel, device=lam.device) < n_p[..., None]
     score = torch.where(keep, chosen, 0.0).sum(-1) / n_p.to(chosen.dtype)
-    return torch.where((n_a[:, None] > 0) & (n_b[None, :] > 0), score, 0.0)
+    score = torch.where((n_a[:, None] > 0) & (n_b[None, :] > 0), score, 0.0)
+    return _Consolidated(score, torch.gather(top, -1, best), keep & torch.gather(in_set, -1, best), chosen)
 
 
 def local_similarities(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> Tensor:
@@ -453,3 +483,40 @@ def score_flops(
     columns = sum((hi - lo) * int(plan.widths[hi - 1]) for lo, hi in plan.bounds)
     rows = len(plan.probe) * plan.probe.max_minutiae
     return 2 * rows * columns * (params.cells + 3 * params.spatial_cells)
+
+
+@dataclass(frozen=True)
+class MatchedPairs:
+    """Why one probe finger scored what it did against one gallery finger: the global score and
+    the minutia pairs that carried it (probe index, gallery index, the pair's similarity in the
+    score: relaxed for LSS-R, local for LSS), strongest first."""
+
+    score: float
+    pairs: list[tuple[int, int, float]]
+
+
+def matched_pairs(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> MatchedPairs:
+    """The pairs behind the score of probe finger 0 against gallery finger 0 (one finger each;
+    indices are minutia indices of the encoded templates). For examiners and debugging."""
+    _check(probe, gallery, params)
+    probe, gallery = probe.select(slice(0, 1)), gallery.select(slice(0, 1))
+    lam = _local(_Operands.of(probe), _Operands.of(gallery), params)
+    mg = lam.shape[-1]
+    n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)
+    if params.consolidation == "lss_r":
+        k = max(1, min(probe.max_minutiae, mg))
+        fingers = torch.zeros(1, dtype=torch.int64, device=lam.device)
+        geometry = _PairGeometry.of(probe, gallery)
+        out = _lss_r_consolidate(lam, k, probe, gallery, fingers, n_a, n_b, geometry, params)
+        score, flat, kept, values = out.score[0, 0], out.pairs[0, 0], out.kept[0, 0], out.relaxed[0, 0]
+    else:
+        score = lss_scores(lam, n_a, n_b, params)[0, 0]
+        n_p = int(lss_pair_count(n_a, n_b, params)[0])
+        values, flat = torch.topk(lam.reshape(-1), min(n_p, lam.numel()))
+        kept = values > 0
+    pairs = [
+        (int(f) // mg, int(f) % mg, float(v))
+        for f, v, keep in zip(flat.tolist(), values.tolist(), kept.tolist(), strict=True)
+        if keep
+    ]
+    return MatchedPairs(float(score), sorted(pairs, key=lambda p: -p[2]))

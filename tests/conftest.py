@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -81,10 +82,13 @@ class Federation:
             self.ice.host.address, expected, timeout_s=10, tls=self.pki["ice"]
         )
 
-    async def restart_node(self, name: str) -> GalleryNode:
-        """Starts a fresh node process-equivalent on the same port and data directory."""
+    async def restart_node(self, name: str, **settings: Any) -> GalleryNode:
+        """Starts a fresh node process-equivalent on the same port and data directory, with
+        ``settings`` (NodeConfig fields) changed."""
         old: GalleryNode = getattr(self, name)
-        config = NodeConfig(node=name, listen=old.host.address, data_dir=self.root / name, tls=self.pki[name])
+        config = NodeConfig(
+            node=name, listen=old.host.address, data_dir=self.root / name, tls=self.pki[name], **settings
+        )
         node = build_node(config)
         await node.host.start()
         setattr(self, name, node)

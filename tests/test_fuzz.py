@@ -38,6 +38,7 @@ from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.pki import TlsFiles, agency_name, identity_of, issue_dev_pki
+from fedprint.review.v1 import review_pb2 as rv
 from ice_service import build_ice
 from ice_service.config import IceConfig
 from ice_service.server import IceService
@@ -208,10 +209,14 @@ def _notifications(p: Population) -> list[Message]:
 _BOOKING = "/fedprint.booking.v1.BookingService/"
 _GALLERY = "/fedprint.gallery.v1.GalleryService/"
 _ICE = "/fedprint.ice.v1.IceNotificationService/"
+_REVIEW = "/fedprint.review.v1.ReviewService/"
 TARGETS = [
     Target("coordinator", _BOOKING + "SubmitBooking", bk.Booking.DESCRIPTOR, seeds=_bookings, examples=300),
     Target("coordinator", _BOOKING + "GetDecision", bk.GetDecisionRequest.DESCRIPTOR, examples=80),
     Target("coordinator", _BOOKING + "GetStats", bk.GetStatsRequest.DESCRIPTOR, examples=10),
+    Target("coordinator", _REVIEW + "ListReviews", rv.ListReviewsRequest.DESCRIPTOR, examples=20),
+    Target("coordinator", _REVIEW + "ClaimReview", rv.ClaimReviewRequest.DESCRIPTOR, examples=30),
+    Target("coordinator", _REVIEW + "DecideReview", rv.DecideReviewRequest.DESCRIPTOR, examples=40),
     Target(
         "coordinator",
         _BOOKING + "WatchDecisions",
@@ -238,6 +243,13 @@ TARGETS = [
     ),
     Target("ident", _GALLERY + "Remove", gal.RemoveRequest.DESCRIPTOR, examples=80),
     Target("ident", _GALLERY + "GetStats", gal.GetStatsRequest.DESCRIPTOR, examples=10),
+    Target(
+        "ident",
+        _GALLERY + "GetSubject",
+        gal.GetSubjectRequest.DESCRIPTOR,
+        seeds=lambda p: [gal.GetSubjectRequest(subject_id=e.subject_id) for e in p.ident[:3]],
+        examples=30,
+    ),
     Target("ice", _ICE + "Notify", ice.Notification.DESCRIPTOR, seeds=_notifications, examples=300),
     Target("ice", _ICE + "ListNotifications", ice.ListNotificationsRequest.DESCRIPTOR, examples=60),
     Target("ice", "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest.DESCRIPTOR, examples=40),

@@ -354,6 +354,27 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         log.info("removed", node=self.node, subjects=removed, gallery_size=len(self.gallery))
         return gal.RemoveResponse(removed=removed, gallery_size=len(self.gallery))
 
+    async def GetSubject(
+        self, request: gal.GetSubjectRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.Subject:
+        violations = Violations()
+        if not SUBJECT_ID.check(request.subject_id, "subject_id", violations):
+            await abort_invalid(context, InvalidRequest(violations, "malformed request"))
+        found = await asyncio.to_thread(self.store.subject, request.subject_id)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"subject {request.subject_id} is not enrolled")
+        templates, record = found
+        subject = gal.Subject(subject_id=request.subject_id)
+        for position, (fmt, data) in templates.items():
+            subject.tenprint.fingers.add(
+                position=bio.FingerPosition.ValueType(position),
+                template=bio.FingerTemplate(format=bio.TemplateFormat.ValueType(fmt), data=data),
+            )
+        if record is not None:
+            getattr(subject, self.records.record_field).CopyFrom(record)
+        log.info("subject released for review", node=self.node, subject_id=request.subject_id)
+        return subject
+
     async def GetStats(
         self, request: gal.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.GalleryStats:

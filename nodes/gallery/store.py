@@ -145,6 +145,20 @@ class GalleryStore(Generic[RecordT]):
             if current is not None:
                 yield current, fingers
 
+    def subject(self, subject_id: str) -> tuple[dict[int, tuple[int, bytes]], RecordT | None] | None:
+        """One enrolled subject's stored templates (position -> (format, data)) and record, or
+        None when the subject is not enrolled."""
+        with self._sessions() as session:
+            if session.get(SubjectRow, subject_id) is None:
+                return None
+            rows = session.execute(
+                select(FingerRow.position, FingerRow.format, FingerRow.data)
+                .where(FingerRow.subject_id == subject_id)
+                .order_by(FingerRow.position)
+            )
+            templates = {position: (fmt, data) for position, fmt, data in rows}
+            return templates, self.records.get(session, [subject_id]).get(subject_id)
+
     def get_records(self, subject_ids: Sequence[str]) -> dict[str, RecordT]:
         with self._sessions() as session:
             return self.records.get(session, subject_ids)

@@ -355,3 +355,57 @@ class GalleryStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GalleryStats: _TypeAlias = GalleryStats  # noqa: Y015
+
+@_typing.final
+class GetSubjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        subject_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSubjectRequest: _TypeAlias = GetSubjectRequest  # noqa: Y015
+
+@_typing.final
+class Subject(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    TENPRINT_FIELD_NUMBER: _builtins.int
+    CRIMINAL_HISTORY_FIELD_NUMBER: _builtins.int
+    IMMIGRATION_HISTORY_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    @_builtins.property
+    def tenprint(self) -> _biometrics_pb2.TenPrint:
+        """The templates as enrolled."""
+
+    @_builtins.property
+    def criminal_history(self) -> _records_pb2.CriminalHistory: ...
+    @_builtins.property
+    def immigration_history(self) -> _records_pb2.ImmigrationHistory: ...
+    def __init__(
+        self,
+        *,
+        subject_id: _builtins.str = ...,
+        tenprint: _biometrics_pb2.TenPrint | None = ...,
+        criminal_history: _records_pb2.CriminalHistory | None = ...,
+        immigration_history: _records_pb2.ImmigrationHistory | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["criminal_history", b"criminal_history", "immigration_history", b"immigration_history", "record", b"record", "tenprint", b"tenprint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["criminal_history", b"criminal_history", "immigration_history", b"immigration_history", "record", b"record", "subject_id", b"subject_id", "tenprint", b"tenprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_record: _TypeAlias = _typing.Literal["criminal_history", "immigration_history"]  # noqa: Y015
+    _WhichOneofArgType_record: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_record) -> _WhichOneofReturnType_record | None: ...
+
+Global___Subject: _TypeAlias = Subject  # noqa: Y015

@@ -54,6 +54,11 @@ class GalleryServiceStub:
                 request_serializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GalleryStats.FromString,
                 _registered_method=True)
+        self.GetSubject = channel.unary_unary(
+                '/fedprint.gallery.v1.GalleryService/GetSubject',
+                request_serializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GetSubjectRequest.SerializeToString,
+                response_deserializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.Subject.FromString,
+                _registered_method=True)
 
 
 class GalleryServiceServicer:
@@ -91,6 +96,15 @@ class GalleryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSubject(self, request, context):
+        """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
+        borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
+        when an examiner claims a review of this subject (and audits it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GalleryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_GalleryServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GetStatsRequest.FromString,
                     response_serializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GalleryStats.SerializeToString,
+            ),
+            'GetSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSubject,
+                    request_deserializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GetSubjectRequest.FromString,
+                    response_serializer=fedprint_dot_gallery_dot_v1_dot_gallery__pb2.Subject.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class GalleryService:
             '/fedprint.gallery.v1.GalleryService/GetStats',
             fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GetStatsRequest.SerializeToString,
             fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GalleryStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedprint.gallery.v1.GalleryService/GetSubject',
+            fedprint_dot_gallery_dot_v1_dot_gallery__pb2.GetSubjectRequest.SerializeToString,
+            fedprint_dot_gallery_dot_v1_dot_gallery__pb2.Subject.FromString,
             options,
             channel_credentials,
             insecure,

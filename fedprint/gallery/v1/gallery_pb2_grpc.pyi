@@ -47,6 +47,11 @@ class GalleryServiceStub:
     """Removes subjects and their templates. Callers: gallery administrators only."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_gallery_pb2.GetStatsRequest, _gallery_pb2.GalleryStats]
     """Reports gallery size and template format version. Callers: gallery administrators."""
+    GetSubject: _grpc.UnaryUnaryMultiCallable[_gallery_pb2.GetSubjectRequest, _gallery_pb2.Subject]
+    """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
+    borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
+    when an examiner claims a review of this subject (and audits it).
+    """
 
 @_typing.type_check_only
 class GalleryServiceAsyncStub(GalleryServiceStub):
@@ -65,6 +70,11 @@ class GalleryServiceAsyncStub(GalleryServiceStub):
     """Removes subjects and their templates. Callers: gallery administrators only."""
     GetStats: _aio.UnaryUnaryMultiCallable[_gallery_pb2.GetStatsRequest, _gallery_pb2.GalleryStats]  # type: ignore[assignment]
     """Reports gallery size and template format version. Callers: gallery administrators."""
+    GetSubject: _aio.UnaryUnaryMultiCallable[_gallery_pb2.GetSubjectRequest, _gallery_pb2.Subject]  # type: ignore[assignment]
+    """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
+    borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
+    when an examiner claims a review of this subject (and audits it).
+    """
 
 class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -104,5 +114,16 @@ class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gallery_pb2.GalleryStats, _abc.Awaitable[_gallery_pb2.GalleryStats]]:
         """Reports gallery size and template format version. Callers: gallery administrators."""
+
+    @_abc_1.abstractmethod
+    def GetSubject(
+        self,
+        request: _gallery_pb2.GetSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gallery_pb2.Subject, _abc.Awaitable[_gallery_pb2.Subject]]:
+        """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
+        borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
+        when an examiner claims a review of this subject (and audits it).
+        """
 
 def add_GalleryServiceServicer_to_server(servicer: GalleryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

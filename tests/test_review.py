@@ -1,0 +1,174 @@
+"""Examiner review over real gRPC servers: a borderline IDENT match opens a review instead of a
+notification; an examiner (by certificate) claims it, sees both ten-prints and the candidate's
+record, and confirms (exactly one ICE notice) or rejects (none); every step is audited."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from evaluation.calibration import Thresholds, calibrated_thresholds
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.review.v1 import review_pb2 as rv
+from fedprint.review.v1 import review_pb2_grpc as rv_grpc
+from synthetic.population import Population, SyntheticBooking
+from tests.conftest import Federation
+
+
+def ident_mates(population: Population) -> list[SyntheticBooking]:
+    return [b for b in population.bookings if b.truth.ident_subject_id and b.truth.expect_notification]
+
+
+async def in_review(federation: Federation, sample: SyntheticBooking) -> bk.BookingDecision:
+    decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
+    assert decision.status == bk.COMPLETE and decision.notification == bk.EXAMINER_REVIEW
+    assert decision.ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    return decision
+
+
+@pytest.fixture
+async def reviewing(federation: Federation) -> Federation:
+    """The federation with an IDENT node whose hit threshold no one reaches: every IDENT mate
+    lands in the review band (non-mates stay below it)."""
+    calibrated = calibrated_thresholds()
+    await federation.ident.stop(0)
+    thresholds = Thresholds(hit=0.99, review=calibrated.review, source="test: review band for every mate")
+    await federation.restart_node("ident", thresholds=thresholds)
+    return federation
+
+
+async def test_a_confirmed_review_notifies_ice_once_and_a_rejected_one_not_at_all(
+    reviewing: Federation, population: Population
+) -> None:
+    confirm, reject = ident_mates(population)[:2]
+    await in_review(reviewing, confirm)
+    await in_review(reviewing, reject)
+    assert await reviewing.notifications() == []  # a borderline match notifies no one by itself
+
+    examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
+    listed = (await examiner.ListReviews(rv.ListReviewsRequest(), timeout=5)).reviews
+    assert [r.review_id for r in listed] == [confirm.booking.tcn, reject.booking.tcn]  # oldest first
+    first = listed[0]
+    assert first.state == rv.OPEN and first.age_s >= 0.0 and first.opened_at.seconds > 0
+    assert first.candidate.subject_id == confirm.truth.ident_subject_id
+    assert first.candidate.WhichOneof("record") is None and first.candidate.finger_scores
+
+    case = await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=confirm.booking.tcn), timeout=10)
+    assert case.review.state == rv.CLAIMED and "examiner" in case.review.examiner
+    assert len(case.probe.fingers) == len(confirm.booking.tenprint.fingers)
+    assert (
+        case.candidate_tenprint.fingers and case.candidate_record.subject_id == confirm.truth.ident_subject_id
+    )
+
+    decided = await examiner.DecideReview(
+        rv.DecideReviewRequest(review_id=confirm.booking.tcn, verdict=rv.CONFIRM, note="ridge detail agrees"),
+        timeout=10,
+    )
+    assert decided.state == rv.CONFIRMED and decided.note == "ridge detail agrees"
+    (notice,) = await reviewing.wait_for_notifications(1)
+    assert notice.notification.tcn == confirm.booking.tcn
+    assert notice.notification.ident_match.immigration_history.subject_id == confirm.truth.ident_subject_id
+    assert any("examiner" in reason and "confirmed" in reason for reason in notice.notification.reasons)
+
+    await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=reject.booking.tcn), timeout=10)
+    rejected = await examiner.DecideReview(
+        rv.DecideReviewRequest(review_id=reject.booking.tcn, verdict=rv.REJECT, note="cores differ"),
+        timeout=10,
+    )
+    assert rejected.state == rv.REJECTED
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await examiner.DecideReview(
+            rv.DecideReviewRequest(review_id=reject.booking.tcn, verdict=rv.CONFIRM), timeout=10
+        )
+    assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert [n.notification.tcn for n in await reviewing.wait_for_notifications(2)] == [confirm.booking.tcn]
+
+    agency = reviewing.booking_stub(reject.booking.ori)
+    closed = await agency.GetDecision(bk.GetDecisionRequest(tcn=reject.booking.tcn), timeout=5)
+    assert closed.notification == bk.NOT_REQUIRED and "rejected" in closed.reasons[-1]
+    store = reviewing.coordinator.coordinator.store
+    assert [e for e, _ in store.audit(confirm.booking.tcn)][:4] == [
+        "decision",
+        "review_opened",
+        "review_claimed",
+        "review_confirmed",
+    ]
+    assert [e for e, _ in store.audit(reject.booking.tcn)] == [
+        "decision",
+        "review_opened",
+        "review_claimed",
+        "review_rejected",
+    ]
+    assert store.verify_audit()[1] is None
+    assert (await examiner.ListReviews(rv.ListReviewsRequest(), timeout=5)).reviews == []
+
+
+async def test_only_examiners_review_and_a_decision_needs_a_claim(
+    reviewing: Federation, population: Population
+) -> None:
+    sample = ident_mates(population)[0]
+    await in_review(reviewing, sample)
+    agency = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, f"agency-{sample.booking.ori}"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await agency.ListReviews(rv.ListReviewsRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
+    with pytest.raises(grpc.aio.AioRpcError) as unclaimed:
+        await examiner.DecideReview(
+            rv.DecideReviewRequest(review_id=sample.booking.tcn, verdict=rv.CONFIRM), timeout=5
+        )
+    assert unclaimed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await examiner.ClaimReview(rv.ClaimReviewRequest(review_id="TCN-NO-SUCH"), timeout=5)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_examiner_works_a_review_from_the_command_line(
+    reviewing: Federation, population: Population, tmp_path: Path
+) -> None:
+    sample = ident_mates(population)[0]
+    await in_review(reviewing, sample)
+    pki_dir = reviewing.pki["examiner"].cert.parent
+    common = ["--address", reviewing.address, "--tls-dir", str(pki_dir)]
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, ["review", *args, *common])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    listed = json.loads(await asyncio.to_thread(run, "list", "--json"))
+    assert [r["review_id"] for r in listed] == [sample.booking.tcn] and listed[0]["state"] == "open"
+    png = tmp_path / "case.png"
+    shown = await asyncio.to_thread(run, "show", sample.booking.tcn, "--png", str(png))
+    assert sample.truth.ident_subject_id in shown and "per finger" in shown
+    assert png.stat().st_size > 10_000  # a drawing of the fingers, not an empty canvas
+    await asyncio.to_thread(run, "confirm", sample.booking.tcn, "--note", "checked by eye")
+    (notice,) = await reviewing.wait_for_notifications(1)
+    assert notice.notification.tcn == sample.booking.tcn
+
+
+def test_the_pairs_shown_to_an_examiner_are_those_behind_the_score() -> None:
+    import numpy as np
+
+    from gpu_kernels import MccParams
+    from gpu_kernels.cylinders import encode_fingers
+    from gpu_kernels.similarity import matched_pairs, score_fingers
+    from synthetic.fingers import impression, master_finger
+
+    rng = np.random.default_rng(3)
+    master = master_finger(rng, 2)
+    probe = encode_fingers([impression(rng, master, quality=0.8)], MccParams())
+    gallery = encode_fingers([master], MccParams())
+    for params in (MccParams(), MccParams(consolidation="lss")):
+        explained = matched_pairs(probe, gallery, params)
+        assert explained.score == pytest.approx(float(score_fingers(probe, gallery, params)[0, 0]), abs=1e-6)
+        assert len(explained.pairs) >= 4
+        strengths = [s for _, _, s in explained.pairs]
+        assert strengths == sorted(strengths, reverse=True) and strengths[0] > 0
