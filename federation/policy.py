@@ -46,8 +46,18 @@ class SuppressionRule(BaseModel):
         return status
 
 
+class EvidenceRule(BaseModel):
+    """What an automated HIT needs besides its fused score. A candidate that reaches the hit
+    threshold on fewer fingers than this goes to an examiner instead: with few fingers a chance
+    match of one small, low-minutia finger can carry the fused score, and at a national
+    gallery's size such chance matches happen."""
+
+    min_fingers_compared: int = Field(default=4, ge=1, le=10)
+
+
 class PolicyConfig(BaseModel):
     version: str
+    evidence: EvidenceRule = EvidenceRule()
     default_level: int = Field(ge=1, le=3)
     levels: dict[int, list[CodeRange]]
     count_dispositions: list[str] = ["CONVICTED"]
@@ -124,11 +134,30 @@ class ThreatPolicy:
         reason = f"level {worst.level}: {source} {worst.code} ({worst.category})"
         return rec.ThreatLevel.Value(f"LEVEL_{worst.level}"), [reason]
 
+    def weigh_evidence(self, node: bk.NodeResult) -> str | None:
+        """Lowers a node's HIT to REVIEW (on ``node`` and its top candidate) when the hit rests on
+        fewer fingers than the evidence rule asks; returns the reason, None when the hit stands."""
+        if node.outcome != bk.ANSWERED or node.band != bio.HIT or not node.candidates:
+            return None
+        top = node.candidates[0]
+        compared = len(top.finger_scores)
+        needed = self.config.evidence.min_fingers_compared
+        if compared >= needed:
+            return None
+        node.band = top.band = bio.REVIEW
+        return (
+            f"{node.node.upper()} candidate {top.subject_id} reached the hit threshold on {compared} "
+            f"finger{'s' if compared != 1 else ''} compared, fewer than the {needed} an automated hit "
+            "needs: examiner review"
+        )
+
     def decide(
         self, charges: Iterable[rec.Charge], iafis: bk.NodeResult, ident: bk.NodeResult
     ) -> PolicyOutcome:
-        """Level, notification state and reasons for a booking's two node results."""
-        reasons: list[str] = []
+        """Level, notification state and reasons for a booking's two node results. A HIT that
+        fails the evidence rule is lowered to REVIEW on the results given (see
+        :meth:`weigh_evidence`), so the decision shows the band the policy acted on."""
+        reasons = [r for r in (self.weigh_evidence(iafis), self.weigh_evidence(ident)) if r is not None]
         complete = True
         for node in (iafis, ident):
             if node.outcome != bk.ANSWERED:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from federation.outbox import OutboxDeliverer
 from federation.store import CoordinatorStore
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
@@ -233,3 +234,25 @@ async def test_a_retry_keeps_the_answered_search_with_the_record_that_only_ice_m
     assert match.immigration_history.subject_id == sample.truth.ident_subject_id
     final = await stub.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)
     assert final.status == bk.COMPLETE and final.ident.candidates[0].WhichOneof("record") is None
+
+
+async def test_a_one_finger_booking_never_reaches_ice_by_itself_while_the_full_ten_print_does(
+    federation: Federation, population: Population
+) -> None:
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    stub = federation.booking_stub(sample.booking.ori)
+    one = with_tcn(sample.booking, sample.booking.tcn + "-ONE")
+    kept = [f for f in one.tenprint.fingers if f.WhichOneof("data") == "template"][:1]
+    del one.tenprint.fingers[:]
+    one.tenprint.fingers.extend(kept)
+
+    lone = await stub.SubmitBooking(one, timeout=30)
+    assert lone.status == bk.COMPLETE
+    assert lone.ident.band != bio.HIT and lone.notification != bk.QUEUED
+    if lone.ident.band == bio.REVIEW:  # an examiner decides; the reasons say why
+        assert lone.notification == bk.EXAMINER_REVIEW
+        assert any("fewer than" in r or "review band" in r for r in lone.reasons)
+
+    full = await stub.SubmitBooking(sample.booking, timeout=30)
+    assert full.ident.band == bio.HIT and full.notification == bk.QUEUED
+    assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]

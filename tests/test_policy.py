@@ -70,7 +70,11 @@ def test_dismissed_and_pending_arrests_do_not_raise_the_level(policy: ThreatPoli
 
 
 def node(
-    name: str, band: int, record: rec.CriminalHistory | rec.ImmigrationHistory | None = None
+    name: str,
+    band: int,
+    record: rec.CriminalHistory | rec.ImmigrationHistory | None = None,
+    *,
+    fingers: int = 10,
 ) -> bk.NodeResult:
     result = bk.NodeResult(node=name, outcome=bk.ANSWERED, band=bio.DecisionBand.ValueType(band))
     result.thresholds.hit = 0.3
@@ -78,6 +82,8 @@ def node(
         candidate = gal.Candidate(
             subject_id=f"{name}-1", rank=1, fused_score=0.5, band=bio.DecisionBand.ValueType(band)
         )
+        for position in range(1, fingers + 1):
+            candidate.finger_scores.add(position=bio.FingerPosition.ValueType(position), score=0.5)
         if isinstance(record, rec.CriminalHistory):
             candidate.criminal_history.CopyFrom(record)
         elif isinstance(record, rec.ImmigrationHistory):
@@ -160,3 +166,20 @@ def test_policy_is_versioned_config_not_code(tmp_path: Path) -> None:
     assert policy.grade("5404").level == 1
     assert policy.grade("2299").level == 2
     assert isinstance(policy.config, PolicyConfig)
+
+
+def test_a_hit_on_too_few_fingers_goes_to_an_examiner_not_to_ice(policy: ThreatPolicy) -> None:
+    needed = policy.config.evidence.min_fingers_compared
+    ident = node("ident", bio.HIT, ENCOUNTERED, fingers=1)
+    iafis = node("iafis", bio.HIT, history(("0999", rec.CONVICTED)), fingers=needed - 1)
+    outcome = policy.decide([rec.Charge(ncic_code="5404")], iafis, ident)
+    assert outcome.notification == bk.EXAMINER_REVIEW
+    assert ident.band == ident.candidates[0].band == bio.REVIEW  # the decision shows what was acted on
+    assert iafis.band == bio.REVIEW
+    assert outcome.level == rec.LEVEL_3  # the IAFIS conviction is not used on such a match
+    assert any("1 finger compared" in r and "examiner review" in r for r in outcome.reasons)
+
+    full = node("ident", bio.HIT, ENCOUNTERED, fingers=needed)
+    assert policy.decide([rec.Charge(ncic_code="5404")], node("iafis", bio.NO_HIT), full).notification == (
+        bk.QUEUED
+    )
