@@ -129,7 +129,8 @@ class Coordinator(bk_grpc.BookingServiceServicer):
                 # may be in the missing part), so the decision stays INCOMPLETE and is retried.
                 result.outcome = bk.PARTIAL
                 result.error = "; ".join(
-                    f"shard {m.partition.index} of {m.partition.count} ({m.address}) did not answer: {m.error}"
+                    f"shard {m.partition.index} of {m.partition.count} ({m.address}) "
+                    f"did not answer: {m.error}"
                     for m in probe.missing_shards
                 )
                 result.latency_ms = (time.perf_counter() - started) * 1000

@@ -183,12 +183,11 @@ class GalleryReplica:
                         self.gallery.add([fresh[i].subject_id for i in rows], cylinders.select(index))
                         self._applied.update((fresh[i].subject_id, fresh[i].version) for i in rows)
                         added += len(rows)
+            # Read outside the lock: this process's own writes (on the event loop) wait for the
+            # lock, never for the database.
+            removals = self.store.removals(self.partition, since)
             with self._lock:
-                gone = [
-                    r
-                    for r in self.store.removals(self.partition, since)
-                    if self._newer(r.subject_id, r.version)
-                ]
+                gone = [r for r in removals if self._newer(r.subject_id, r.version)]
                 removed = self.gallery.remove([r.subject_id for r in gone])
                 self._applied.update((r.subject_id, r.version) for r in gone)
                 self.version = max(self.version, target)
