@@ -33,6 +33,8 @@ class FederationBenchConfig:
     concurrency: int = 16
     persons: int = 300
     seed: int = 3
+    #: Partitions per node: above 1, each node runs as a router in front of this many shards.
+    shards: int = 1
 
 
 async def _lost_decisions(address: str, bookings: list[bk.Booking], agencies: dict[str, TlsFiles]) -> int:
@@ -66,7 +68,7 @@ async def run_federation_bench(config: FederationBenchConfig, workdir: Path | No
         oris = sorted({b.ori for b in bookings})
         pki = issue_dev_pki(root / "pki", oris=oris)
         agencies = {ori: pki[agency_name(ori)] for ori in oris}
-        async with federation(root, pki) as addresses:
+        async with federation(root, pki, shards=config.shards) as addresses:
             await asyncio.gather(
                 enroll(addresses["iafis"], population.iafis, tls=pki["admin"]),
                 enroll(addresses["ident"], population.ident, tls=pki["admin"]),
@@ -88,6 +90,7 @@ async def run_federation_bench(config: FederationBenchConfig, workdir: Path | No
     return {
         "bookings": len(bookings),
         "concurrency": config.concurrency,
+        "shards": config.shards,
         "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
         "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
         "bookings_per_second": len(latencies) / elapsed if elapsed > 0 else 0.0,

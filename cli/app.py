@@ -180,12 +180,32 @@ def demo(
     bookings: Annotated[int, typer.Option(help="bookings to submit")] = 60,
     seed: Annotated[int, typer.Option(help="random seed")] = 7,
     workdir: Annotated[Path | None, typer.Option(help="keep data, configs and logs here")] = None,
+    shards: Annotated[
+        int, typer.Option(min=1, help="partitions per node: >1 runs each node as a router and its shards")
+    ] = 1,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            help="a PostgreSQL server's URL (e.g. postgresql://127.0.0.1:5432/postgres): each service "
+            "gets a database of its own there (dropped afterwards unless --workdir); default: SQLite files"
+        ),
+    ] = None,
 ) -> None:
     """Starts all four services, enrolls both galleries, submits bookings, checks every decision."""
     from cli.demo import run_demo
 
     configure("warning", json=False)
-    summary = asyncio.run(run_demo(console, persons=persons, bookings=bookings, seed=seed, workdir=workdir))
+    summary = asyncio.run(
+        run_demo(
+            console,
+            persons=persons,
+            bookings=bookings,
+            seed=seed,
+            workdir=workdir,
+            shards=shards,
+            database=database,
+        )
+    )
     if json_out is not None:
         json_out.write_text(json.dumps(summary, indent=2) + "\n")
     if summary["wrong"] or summary["incomplete"]:
@@ -204,10 +224,11 @@ _register_bench()
 
 # synth, match and eval live in their own module (the accuracy harness).
 _accuracy.register(app, console)
-# audit and outbox: operators' commands on the coordinator's database.
+# audit and outbox: operators' commands on the coordinator's database; db: schema migrations.
 _operations.register(app, console)
 # review: examiners' commands against the coordinator's ReviewService.
 _register_review(app, console)
+_operations.register_db(app, console)
 
 
 if __name__ == "__main__":

@@ -88,19 +88,23 @@ def federation(
     bookings: Annotated[int, typer.Option(help="bookings to submit")] = 120,
     concurrency: Annotated[int, typer.Option(help="bookings in flight at once")] = 16,
     persons: Annotated[int, typer.Option(help="synthetic persons behind the two galleries")] = 300,
+    shards: Annotated[
+        int, typer.Option(min=1, help="partitions per node: >1 runs each node as a router and its shards")
+    ] = 1,
 ) -> None:
     """Bookings through the four services (processes, mTLS): latency, throughput, errors, losses."""
     import asyncio
 
     from bench.federation import FederationBenchConfig, run_federation_bench
 
-    config = FederationBenchConfig(bookings=bookings, concurrency=concurrency, persons=persons)
+    config = FederationBenchConfig(bookings=bookings, concurrency=concurrency, persons=persons, shards=shards)
     with console.status("starting the federation and submitting bookings"):
         result = asyncio.run(run_federation_bench(config))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     console.print(
-        f"{result['bookings']} bookings at concurrency {result['concurrency']}: "
+        f"{result['bookings']} bookings at concurrency {result['concurrency']}, "
+        f"{result['shards']} shard(s) per node: "
         f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
         f"{result['bookings_per_second']:.2f} bookings/s, {result['errors']} errors, {result['lost']} lost"
     )

@@ -4,6 +4,9 @@ Starts the ICE service, both gallery nodes and the coordinator as separate
 processes on 127.0.0.1, enrolls the synthetic galleries through ``Enroll``,
 submits the bookings concurrently through ``SubmitBooking``, waits for the ICE
 outbox to drain, and compares every decision with the generator's ground truth.
+With ``shards`` > 1 each node runs as a router in front of that many shard processes;
+with ``database`` (a PostgreSQL URL) every service keeps its store in a database of its own
+on that server instead of a SQLite file.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +30,7 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import Submission, enroll, submit_bookings, wait_for_notifications
+from fedprint.database import scratch_databases
 from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
 from fedprint.rpc import open_channel
 from launcher.processes import federation
@@ -127,15 +132,36 @@ async def _final(coordinator: str, submission: Submission, agencies: dict[str, T
     return Submission(submission.tcn, decision, submission.error, submission.latency_ms)
 
 
+#: The services that keep a store (a database each).
+STORES = ("coordinator", "iafis", "ident", "ice")
+
+
 async def run_demo(
-    console: Console, *, persons: int, bookings: int, seed: int, workdir: Path | None = None
+    console: Console,
+    *,
+    persons: int,
+    bookings: int,
+    seed: int,
+    workdir: Path | None = None,
+    shards: int = 1,
+    database: str | None = None,
 ) -> dict[str, Any]:
     """Runs the demo end to end; returns the summary that ``--json`` writes."""
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        keep = workdir is not None
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedprint-demo-")))
         workdir.mkdir(parents=True, exist_ok=True)
+        database_urls: dict[str, str] | None = None
+        if database is not None:
+            # A database per service on that server, named for this run; dropped at the end
+            # unless the run keeps its files (--workdir).
+            run = f"fedprint_demo_{os.getpid()}_{int(time.time())}"
+            names = {f"{run}_{store}": store for store in STORES}
+            created = stack.enter_context(scratch_databases(database, list(names), keep=keep))
+            database_urls = {names[name]: url for name, url in created.items()}
+            console.print(f"databases: {', '.join(created)}{' (kept)' if keep else ''}")
         with console.status("generating the synthetic population"):
             population = generate_population(
                 seed=seed, persons=persons, bookings=bookings, difficulty=DEMO_DIFFICULTY
@@ -150,14 +176,15 @@ async def run_demo(
             f"node thresholds: hit {thresholds.hit:.4f} (FPIR {thresholds.hit_fpir:g}), review "
             f"{thresholds.review:.4f} (FPIR {thresholds.review_fpir:g}); {thresholds.source}"
         )
-        console.print("starting ICE, IAFIS, IDENT and the coordinator (mTLS, development CA)")
+        layout = f"each node a router and {shards} shards" if shards > 1 else "each node one process"
+        console.print(f"starting ICE, IAFIS, IDENT and the coordinator (mTLS, development CA; {layout})")
         # Every role separated: the services' own identities, a gallery administrator who enrolls,
         # one booking-agency certificate per ORI that submits, ICE reading its queue.
         oris = sorted({b.booking.ori for b in population.bookings})
         pki = issue_dev_pki(workdir / "pki", oris=oris)
         agencies = {ori: pki[agency_name(ori)] for ori in oris}
         console.print(f"identities: {', '.join(pki)}")
-        async with federation(workdir, pki) as addresses:
+        async with federation(workdir, pki, shards=shards, database_urls=database_urls) as addresses:
             console.print(
                 "services: " + ", ".join(f"{role} {address}" for role, address in addresses.items())
             )
@@ -224,6 +251,8 @@ async def run_demo(
             "p50_ms": round(statistics.median(r.latency_ms for r in results), 1) if results else 0.0,
             "elapsed_s": round(time.perf_counter() - started, 1),
             "difficulty": DEMO_DIFFICULTY,
+            "shards": shards,
+            "database": "postgresql" if database is not None else "sqlite",
             "thresholds": thresholds.model_dump(mode="json", exclude={"fpir_curve"}),
         }
         colour = "green" if summary["wrong"] == 0 else "red"

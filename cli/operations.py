@@ -1,11 +1,14 @@
 """``fedprint audit`` and ``fedprint outbox``: what an operator of the coordinator runs on its
-database (the coordinator's own data directory, or its PostgreSQL URL)."""
+database (the coordinator's own data directory, or its PostgreSQL URL); ``fedprint db``: schema
+migrations of every service's database."""
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import getpass
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from federation.config import CoordinatorConfig
+from federation.store import MIGRATIONS as COORDINATOR
 from federation.store import CoordinatorStore
+from fedprint.database import connect
+from fedprint.migrations import Migrations, current, new_revision, upgrade
+from fedprint.settings import ServiceSettings
 
 DbOption = Annotated[
     str | None, typer.Option("--db", help="database URL; default: the coordinator's, from --config")
@@ -116,3 +123,129 @@ def register(app: typer.Typer, console: Console) -> None:
             console.print(f"[red]no dead letter for TCN {tcn}[/red]")
             raise typer.Exit(1)
         console.print(f"{tcn}: back in the outbox")
+
+
+class DbService(enum.StrEnum):
+    coordinator = "coordinator"
+    iafis = "iafis"
+    ident = "ident"
+    ice = "ice"
+
+
+class History(enum.StrEnum):
+    coordinator = "coordinator"
+    gallery = "gallery"
+    iafis = "iafis"
+    ident = "ident"
+    ice = "ice"
+
+
+def _histories() -> dict[str, Migrations]:
+    """Every store's schema history by name."""
+    from ice_service.server import MIGRATIONS as ICE
+    from nodes.gallery.store import MIGRATIONS as GALLERY
+    from nodes.iafis.records import CriminalHistoryStore
+    from nodes.ident.records import ImmigrationHistoryStore
+
+    return {
+        "coordinator": COORDINATOR,
+        "gallery": GALLERY,
+        "iafis": CriminalHistoryStore.migrations,
+        "ident": ImmigrationHistoryStore.migrations,
+        "ice": ICE,
+    }
+
+
+#: The histories in each service's database, in the order they are applied.
+_SERVICE_HISTORIES = {
+    "coordinator": ("coordinator",),
+    "iafis": ("gallery", "iafis"),
+    "ident": ("gallery", "ident"),
+    "ice": ("ice",),
+}
+
+
+def _service_url(service: str, db: str | None, config: Path | None) -> str:
+    if db:
+        return db
+    if config is None:
+        raise typer.BadParameter(f"give --db URL or --config of the {service} service")
+    settings: ServiceSettings
+    if service == "coordinator":
+        settings = CoordinatorConfig.load(config)
+    elif service == "ice":
+        from ice_service.config import IceConfig
+
+        settings = IceConfig.load(config)
+    else:
+        from nodes.gallery.config import NodeConfig
+
+        settings = NodeConfig.load(config, node=service)
+    return settings.resolved_database_url() or f"sqlite:///{settings.data_dir / (service + '.sqlite')}"
+
+
+def register_db(app: typer.Typer, console: Console) -> None:
+    """Adds the ``db`` command group: schema migrations of the stores (fedprint/migrations.py)."""
+    db_app = typer.Typer(no_args_is_help=True, help="Schema migrations of the services' databases.")
+    app.add_typer(db_app, name="db")
+
+    @db_app.command("upgrade")
+    def db_upgrade(
+        service: Annotated[DbService, typer.Argument(help="whose database")],
+        db: DbOption = None,
+        config: Annotated[
+            Path | None, typer.Option("--config", "-c", help="the service's YAML config")
+        ] = None,
+    ) -> None:
+        """Brings a service's database to the newest schema (what the service also does when it
+        starts), e.g. before rolling out a release."""
+        histories = _histories()
+        engine = connect(_service_url(service.value, db, config))
+        try:
+            stores = [histories[h] for h in _SERVICE_HISTORIES[service.value]]
+            upgrade(engine, stores)
+            for migrations in stores:
+                console.print(
+                    f"{migrations.name}: at {current(engine, migrations)} (newest {migrations.head()})"
+                )
+        finally:
+            engine.dispose()
+
+    @db_app.command("status")
+    def db_status(
+        service: Annotated[DbService, typer.Argument(help="whose database")],
+        db: DbOption = None,
+        config: Annotated[
+            Path | None, typer.Option("--config", "-c", help="the service's YAML config")
+        ] = None,
+    ) -> None:
+        """Each schema history's revision in a service's database and the newest there is; exits 1
+        when the database is behind."""
+        histories = _histories()
+        engine = connect(_service_url(service.value, db, config))
+        behind = False
+        try:
+            for name in _SERVICE_HISTORIES[service.value]:
+                migrations = histories[name]
+                at, head = current(engine, migrations), migrations.head()
+                behind |= at != head
+                console.print(f"{name}: at {at or 'nothing'}, newest {head}")
+        finally:
+            engine.dispose()
+        if behind:
+            raise typer.Exit(1)
+
+    @db_app.command("revision")
+    def db_revision(
+        history: Annotated[History, typer.Argument(help="the schema history: whose models changed")],
+        message: Annotated[str, typer.Option("--message", "-m", help="what the revision changes")],
+    ) -> None:
+        """Writes the next revision of a store's schema history from the difference between its
+        newest revision and its models (for developers; review the file before committing)."""
+        with tempfile.TemporaryDirectory() as scratch:
+            engine = connect(f"sqlite:///{Path(scratch) / 'scratch.sqlite'}")
+            try:
+                path = new_revision(engine, _histories()[history.value], message)
+            finally:
+                engine.dispose()
+        console.print(f"wrote {path}")

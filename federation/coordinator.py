@@ -27,7 +27,7 @@ from federation.config import CoordinatorConfig
 from federation.disclosure import agency_view
 from federation.intake import booking_content, changed_parts, check_booking_header, check_booking_tenprint
 from federation.metrics import CoordinatorStatsCollector
-from federation.outbox import OutboxDeliverer
+from federation.outbox import CLAIM_SLACK_S, OutboxDeliverer
 from federation.policy import ThreatPolicy
 from federation.review import ReviewServicer, opened_review
 from federation.sealing import BookingSeal, SealingError, load_or_create_key
@@ -46,6 +46,9 @@ from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channe
 from fedprint.validation import ORI, TCN, Violations
 
 log = structlog.get_logger(__name__)
+
+#: Due incomplete bookings one retry pass claims (each is searched under the node deadline).
+RETRY_CLAIM_BATCH = 4
 
 _OUTCOME_OF_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: bk.TIMED_OUT,
@@ -124,6 +127,17 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             result.error = f"{error.code().name}: {error.details()}"
         else:
             probe = response.results[0]
+            if probe.missing_shards:
+                # A sharded node searched part of its gallery: as good as no answer (the subject
+                # may be in the missing part), so the decision stays INCOMPLETE and is retried.
+                result.outcome = bk.PARTIAL
+                result.error = "; ".join(
+                    f"shard {m.partition.index} of {m.partition.count} ({m.address}) "
+                    f"did not answer: {m.error}"
+                    for m in probe.missing_shards
+                )
+                result.latency_ms = (time.perf_counter() - started) * 1000
+                return result
             result.outcome = bk.ANSWERED
             result.band = probe.decision
             # Never more than asked for, whatever a node sends.
@@ -321,7 +335,11 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         """Searches again, for each sealed incomplete booking that is due, the nodes that did not
         answer; returns how many bookings became final."""
         finished = 0
-        for pending in await asyncio.to_thread(self.store.due_bookings):
+        # Claimed, so that another coordinator replica does not search the same booking at once;
+        # the claim outlasts the pass (a deadline per booking) and ends with each new attempt.
+        lease_s = self.config.node_deadline_s * RETRY_CLAIM_BATCH + CLAIM_SLACK_S
+        claimed = await asyncio.to_thread(self.store.claim_due_bookings, lease_s, RETRY_CLAIM_BATCH)
+        for pending in claimed:
             lock = self._tcn_locks.get(pending.tcn)
             if lock is None:
                 lock = self._tcn_locks[pending.tcn] = asyncio.Lock()

@@ -1,7 +1,10 @@
 """Delivers queued ICE notifications: at least once, idempotent by TCN on the
 receiving side, retried with exponential backoff, surviving restarts (the queue
 is the coordinator's database, not memory). A notification that fails ``max_attempts``
-times becomes a dead letter that an operator retries (`fedprint outbox retry`).
+times becomes a dead letter that an operator retries (`fedprint outbox retry`). Replicas of the
+coordinator share the outbox: each claims the entries it sends
+(:meth:`~federation.store.CoordinatorStore.claim_due_notifications`), so no entry goes out from
+two replicas at once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from federation.store import CoordinatorStore
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 
 log = structlog.get_logger(__name__)
+
+#: Entries one pass claims: small, so a replica that dies holds few, and not for long.
+CLAIM_BATCH = 16
+#: Slack on top of the time a pass may take (a deadline per entry) before its claims run out.
+CLAIM_SLACK_S = 30.0
 
 
 class OutboxDeliverer:
@@ -58,7 +66,10 @@ class OutboxDeliverer:
     async def deliver_due(self) -> int:
         """One pass over the due entries; returns how many were delivered."""
         delivered = 0
-        for pending in await asyncio.to_thread(self._store.due_notifications):
+        # The claim outlasts the pass: every entry may use its whole deadline.
+        lease_s = self._deadline_s * CLAIM_BATCH + CLAIM_SLACK_S
+        claimed = await asyncio.to_thread(self._store.claim_due_notifications, lease_s, CLAIM_BATCH)
+        for pending in claimed:
             try:
                 ack = await self._ice.Notify(pending.notification, timeout=self._deadline_s)
             except grpc.aio.AioRpcError as error:

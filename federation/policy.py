@@ -160,7 +160,10 @@ class ThreatPolicy:
         reasons = [r for r in (self.weigh_evidence(iafis), self.weigh_evidence(ident)) if r is not None]
         complete = True
         for node in (iafis, ident):
-            if node.outcome != bk.ANSWERED:
+            if node.outcome == bk.PARTIAL:
+                complete = False
+                reasons.append(f"{node.node} answered only in part ({node.error}): decision incomplete")
+            elif node.outcome != bk.ANSWERED:
                 complete = False
                 reasons.append(
                     f"{node.node} did not answer ({bk.NodeOutcome.Name(node.outcome)}): decision incomplete"

@@ -1,16 +1,26 @@
 """The coordinator's durable state, in one database so that what belongs together commits
 together: the latest decision per TCN, the hash-chained append-only audit log, the
 notification outbox and its dead letters, and the sealed bookings of incomplete decisions.
+
+SQLite or PostgreSQL, by URL, through the same code; the schema is the Alembic revisions in
+``federation/migrations``, applied when the store opens its database. Several coordinator
+replicas may share one database: the outbox deliverer and the retrier of incomplete bookings
+*claim* the rows they work on (a claim token and an expiry on the row, taken with one conditional
+UPDATE; on PostgreSQL the candidates are picked with ``FOR UPDATE SKIP LOCKED`` so replicas do not
+queue behind each other), so no two replicas deliver or retry the same row at once, and a
+replica that dies mid-work leaves its claims to expire.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, event, func, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -18,6 +28,7 @@ from federation.audit import GENESIS, AuditEntry, ChainBreak, entry_hash, verify
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.migrations import Migrations, upgrade
 from fedprint.review.v1 import review_pb2 as rv
 
 
@@ -38,7 +49,8 @@ class DecisionRow(_Base):
 
 
 class AuditRow(_Base):
-    """Append-only (triggers on SQLite and PostgreSQL) and hash-chained (federation.audit)."""
+    """Append-only (triggers on SQLite and PostgreSQL, made by the baseline migration) and
+    hash-chained (federation.audit)."""
 
     __tablename__ = "audit_log"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -69,6 +81,9 @@ class OutboxRow(_Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_error: Mapped[str] = mapped_column(Text, default="")
+    #: The claim of the replica delivering it (see the module's docstring), until when it holds.
+    claimed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class DeadLetterRow(_Base):
@@ -94,6 +109,9 @@ class PendingBookingRow(_Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     retries: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    #: The claim of the replica retrying it (see the module's docstring), until when it holds.
+    claimed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ReviewRow(_Base):
@@ -121,27 +139,14 @@ class ReviewConflict(Exception):
     """A review cannot move as asked: another examiner holds it, or it is already decided."""
 
 
-@event.listens_for(AuditRow.__table__, "after_create")
-def _append_only(target: object, connection: Connection, **kw: object) -> None:
-    if connection.dialect.name == "sqlite":
-        for op in ("UPDATE", "DELETE"):
-            connection.exec_driver_sql(
-                f"CREATE TRIGGER audit_log_no_{op.lower()} BEFORE {op} ON audit_log "
-                "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
-            )
-    elif connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(
-            "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$"
-        )
-        connection.exec_driver_sql(
-            "CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log "
-            "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()"
-        )
-        connection.exec_driver_sql(
-            "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
-            "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()"
-        )
+#: The coordinator database's schema history (``federation/migrations``).
+MIGRATIONS = Migrations(
+    name="coordinator",
+    versions=Path(__file__).with_name("migrations"),
+    metadata=_Base.metadata,
+    baseline="0001",
+    baseline_table="decisions",
+)
 
 
 @dataclass(frozen=True)
@@ -190,12 +195,26 @@ def _set_notification_state(session: Session, tcn: str, state: bk.NotificationSt
         row.decision = decision.SerializeToString()
 
 
+def _claimable(row: Any, now: dt.datetime) -> Any:
+    """Rows of ``row``'s table that no replica holds a live claim on."""
+    return or_(row.claimed_until.is_(None), row.claimed_until < now)
+
+
+def _due_or_claim_expiry(row: Any) -> Any:
+    """When a row is next worth looking at: when it falls due, or when another replica's claim on
+    it runs out, whichever is later."""
+    return case(
+        (row.claimed_until > row.next_attempt_at, row.claimed_until),
+        else_=row.next_attempt_at,
+    )
+
+
 class CoordinatorStore:
     """Decisions, audit log, outbox and sealed incomplete bookings of the coordinator."""
 
     def __init__(self, url: str) -> None:
         self._engine = connect(url)
-        _Base.metadata.create_all(self._engine)
+        upgrade(self._engine, [MIGRATIONS])
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
             with self._sessions.begin() as session:
@@ -359,11 +378,12 @@ class CoordinatorStore:
                 else:
                     pending.sealed, pending.sealed_evidence = sealed
                     pending.retries, pending.next_attempt_at = retries, retry_at
+                    pending.claimed_by, pending.claimed_until = None, None
 
     # ------------------------------------------------------------------ incomplete bookings
 
     def due_bookings(self, limit: int = 16) -> list[PendingBooking]:
-        """Sealed incomplete bookings whose next retry is due, oldest due first."""
+        """Sealed incomplete bookings whose next retry is due, oldest due first (claimed or not)."""
         with self._sessions() as session:
             rows = session.scalars(
                 select(PendingBookingRow)
@@ -373,18 +393,56 @@ class CoordinatorStore:
             )
             return [PendingBooking(r.tcn, r.sealed, r.sealed_evidence, r.retries) for r in rows]
 
+    def claim_due_bookings(self, lease_s: float, limit: int = 4) -> list[PendingBooking]:
+        """Claims up to ``limit`` due bookings that no replica holds, for ``lease_s`` seconds, and
+        returns them, oldest due first. The claim ends when the booking's next attempt is stored
+        (:meth:`record_decision`, :meth:`reschedule_booking`) or when the lease runs out."""
+        rows = self._claim(PendingBookingRow, PendingBookingRow.next_attempt_at, lease_s, limit)
+        return [PendingBooking(r.tcn, r.sealed, r.sealed_evidence, r.retries) for r in rows]
+
     def reschedule_booking(self, tcn: str, retry_at: dt.datetime) -> None:
-        """Moves a sealed booking's next retry to ``retry_at`` (counting one more retry)."""
+        """Moves a sealed booking's next retry to ``retry_at`` (counting one more retry) and ends
+        any claim on it."""
         with self._sessions.begin() as session:
             row = session.get(PendingBookingRow, tcn)
             if row is not None:
                 row.retries += 1
                 row.next_attempt_at = retry_at
+                row.claimed_by, row.claimed_until = None, None
 
     def next_booking_due_at(self) -> dt.datetime | None:
+        """When the next sealed booking falls due (or another replica's claim on one runs out)."""
         with self._sessions() as session:
-            due = session.scalar(select(func.min(PendingBookingRow.next_attempt_at)))
+            due = session.scalar(select(func.min(_due_or_claim_expiry(PendingBookingRow))))
             return None if due is None else _aware(due)
+
+    def _claim(self, row: Any, due: Any, lease_s: float, limit: int, *criteria: Any) -> list[Any]:
+        """Claims up to ``limit`` rows of ``row``'s table that are due (``due`` has passed), meet
+        ``criteria`` and are free; returns them, earliest due first.
+
+        One UPDATE takes them: its WHERE clause re-checks that each row is still free, so two
+        replicas claiming at once never both get a row (SQLite runs one writer at a time; on
+        PostgreSQL the UPDATE re-reads a row another transaction changed before it writes). The
+        candidates are locked with SKIP LOCKED on PostgreSQL, so a second replica takes the next
+        rows instead of waiting for the first one's.
+        """
+        now, token = _now(), uuid.uuid4().hex
+        free = _claimable(row, now)
+        candidates = (
+            select(row.tcn)
+            .where(due <= now, free, *criteria)
+            .order_by(due)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._sessions.begin() as session:
+            session.execute(
+                update(row)
+                .where(row.tcn.in_(candidates), free)
+                .values(claimed_by=token, claimed_until=now + dt.timedelta(seconds=lease_s))
+                .execution_options(synchronize_session=False)
+            )
+            return list(session.scalars(select(row).where(row.claimed_by == token).order_by(due)))
 
     def sealed_booking(self, tcn: str) -> PendingBooking | None:
         """The sealed booking and evidence kept for ``tcn`` while its decision is incomplete."""
@@ -395,6 +453,7 @@ class CoordinatorStore:
     # ------------------------------------------------------------------ outbox
 
     def due_notifications(self, limit: int = 64) -> list[PendingNotification]:
+        """Undelivered notifications whose next attempt is due, oldest due first (claimed or not)."""
         with self._sessions() as session:
             rows = session.scalars(
                 select(OutboxRow)
@@ -407,17 +466,33 @@ class CoordinatorStore:
                 for r in rows
             ]
 
+    def claim_due_notifications(self, lease_s: float, limit: int = 16) -> list[PendingNotification]:
+        """Claims up to ``limit`` due notifications that no replica holds, for ``lease_s`` seconds,
+        and returns them, oldest due first. The claim ends with the attempt's outcome
+        (:meth:`mark_delivered`, :meth:`mark_failed`) or when the lease runs out."""
+        rows = self._claim(
+            OutboxRow, OutboxRow.next_attempt_at, lease_s, limit, OutboxRow.delivered_at.is_(None)
+        )
+        return [
+            PendingNotification(r.tcn, ice.Notification.FromString(r.notification), r.attempts) for r in rows
+        ]
+
     def next_due_at(self) -> dt.datetime | None:
+        """When the next notification falls due (or another replica's claim on one runs out)."""
         with self._sessions() as session:
             due = session.scalar(
-                select(func.min(OutboxRow.next_attempt_at)).where(OutboxRow.delivered_at.is_(None))
+                select(func.min(_due_or_claim_expiry(OutboxRow))).where(OutboxRow.delivered_at.is_(None))
             )
             return None if due is None else _aware(due)
 
     def mark_delivered(self, tcn: str, duplicate: bool) -> None:
         """Closes the outbox entry and moves the stored decision to DELIVERED."""
         with self._sessions.begin() as session:
-            session.execute(update(OutboxRow).where(OutboxRow.tcn == tcn).values(delivered_at=_now()))
+            session.execute(
+                update(OutboxRow)
+                .where(OutboxRow.tcn == tcn)
+                .values(delivered_at=_now(), claimed_by=None, claimed_until=None)
+            )
             _set_notification_state(session, tcn, bk.DELIVERED)
             detail = "acknowledged (already received)" if duplicate else "acknowledged"
             self._append_audit(session, tcn, "notification_delivered", detail, b"")
@@ -432,6 +507,7 @@ class CoordinatorStore:
             row.attempts += 1
             row.last_error = error
             row.next_attempt_at = retry_at
+            row.claimed_by, row.claimed_until = None, None
             if row.attempts < max_attempts:
                 return False
             session.add(

@@ -50,13 +50,17 @@ ACCESS: Mapping[str, frozenset[Role]] = {
     # administrators, the same role that runs the galleries; the counts name no one.
     _BOOKING + "GetStats": frozenset({Role.GALLERY_ADMIN}),
     # Gallery nodes search for the coordinator only; gallery administrators curate the gallery.
-    _GALLERY + "Identify": frozenset({Role.COORDINATOR}),
-    _GALLERY + "Enroll": frozenset({Role.GALLERY_ADMIN}),
-    _GALLERY + "Remove": frozenset({Role.GALLERY_ADMIN}),
-    _GALLERY + "GetStats": frozenset({Role.GALLERY_ADMIN}),
+    # Agencies never call nodes. A sharded node's router calls its shards with the node's own
+    # certificate (role gallery-node), passing on the coordinator's searches and the
+    # administrators' changes: the shard itself admits only its own node's certificate, and a
+    # router or unsharded node refuses the gallery-node role (nodes.gallery.server, .router).
+    _GALLERY + "Identify": frozenset({Role.COORDINATOR, Role.GALLERY_NODE}),
+    _GALLERY + "Enroll": frozenset({Role.GALLERY_ADMIN, Role.GALLERY_NODE}),
+    _GALLERY + "Remove": frozenset({Role.GALLERY_ADMIN, Role.GALLERY_NODE}),
+    _GALLERY + "GetStats": frozenset({Role.GALLERY_ADMIN, Role.GALLERY_NODE}),
     # A subject's prints and record leave a node only for the coordinator, which asks when an
-    # examiner claims a review of that subject.
-    _GALLERY + "GetSubject": frozenset({Role.COORDINATOR}),
+    # examiner claims a review of that subject (and a router, passing that on to the owning shard).
+    _GALLERY + "GetSubject": frozenset({Role.COORDINATOR, Role.GALLERY_NODE}),
     # Examiners work the reviews of borderline matches.
     _REVIEW + "ListReviews": frozenset({Role.EXAMINER}),
     _REVIEW + "ClaimReview": frozenset({Role.EXAMINER}),

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL, Engine, make_url
 
 
-def connect(url: str) -> Engine:
+def database_url(url: str | URL) -> URL:
+    """``url`` with PostgreSQL's driver made explicit: a plain ``postgresql://`` URL means the
+    psycopg (3) driver fedprint ships, not SQLAlchemy's default psycopg2, which it does not."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def connect(url: str | URL) -> Engine:
     """An engine for ``url``; SQLite gets WAL and enforced foreign keys."""
-    engine = create_engine(url)
+    engine = create_engine(database_url(url))
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -21,3 +33,30 @@ def connect(url: str) -> Engine:
             cursor.close()
 
     return engine
+
+
+@contextlib.contextmanager
+def scratch_databases(server: str, names: Sequence[str], *, keep: bool = False) -> Iterator[dict[str, str]]:
+    """Creates an empty PostgreSQL database per name on the server of ``server`` (a URL of any
+    database there, used to create the others), yields their URLs by name, and drops them at the
+    end unless ``keep``. For the demo and benchmarks: each service gets a database of its own."""
+    admin_url = database_url(server)
+    if admin_url.get_backend_name() != "postgresql":
+        raise ValueError(f"{admin_url.render_as_string()} is not a PostgreSQL URL")
+    bad = [n for n in names if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", n)]
+    if bad:
+        raise ValueError(f"not a plain database name: {', '.join(bad)}")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+    try:
+        with admin.connect() as connection:
+            for name in names:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+                created.append(name)
+        yield {n: admin_url.set(database=n).render_as_string(hide_password=False) for n in names}
+    finally:
+        if not keep:
+            with admin.connect() as connection:
+                for name in created:
+                    connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -14,7 +14,7 @@ issued later) and a certificate and key per identity:
 file               role            used by
 ================== =============== ===================================================
 ``coordinator``    coordinator     the coordinator's server, and its calls to nodes and ICE
-``iafis``/``ident`` gallery-node    the nodes' servers (they call nothing)
+``iafis``/``ident`` gallery-node    the nodes' servers; a sharded node's router calls its shards
 ``ice``            ice             the ICE service's server, and ICE reading its queue
 ``admin``          gallery-admin   enrolling and removing gallery subjects, gallery statistics
 ``examiner``       examiner        examiner review
@@ -54,7 +54,7 @@ class Role(enum.StrEnum):
     GALLERY_ADMIN = "gallery-admin"
     EXAMINER = "examiner"
     ICE = "ice"
-    #: A gallery node's server identity; it calls no service.
+    #: A gallery node's server identity; a sharded node's router calls its own shards with it.
     GALLERY_NODE = "gallery-node"
 
 

@@ -299,18 +299,22 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str, tls: TlsFiles | None, *, insecure: bool = False) -> grpc.aio.Channel:
+def open_channel(
+    address: str, tls: TlsFiles | None, *, insecure: bool = False, balanced: bool = False
+) -> grpc.aio.Channel:
     """A client channel: mutual TLS with ``tls`` (the server's certificate is verified against its
     CA), the servers' message-size limits, and a short reconnect backoff. Plaintext only when
-    ``tls`` is None and ``insecure`` is set."""
+    ``tls`` is None and ``insecure`` is set. ``balanced``: spread calls round robin over every
+    address the name resolves to (a headless Service's ready pods: the replicas of a shard)."""
     interceptors = tracing.client_interceptors()  # none unless the process traces
+    options = [*_CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")] if balanced else _CHANNEL_OPTIONS
     if tls is None:
         if not insecure:
             raise InsecureNotAllowed(f"a channel to {address}")
-        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),
         private_key=tls.key.read_bytes(),
         certificate_chain=tls.cert.read_bytes(),
     )
-    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.migrations import Migrations, upgrade
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, service
 from fedprint.validation import (
@@ -61,6 +63,11 @@ def check_notification(n: ice.Notification) -> Violations:
     return violations
 
 
+def _utc(t: dt.datetime) -> dt.datetime:
+    """A stored time in UTC: SQLite returns it naive (it was written in UTC), PostgreSQL aware."""
+    return t.astimezone(dt.UTC) if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
 class _Base(DeclarativeBase):
     pass
 
@@ -73,12 +80,22 @@ class NotificationRow(_Base):
     notification: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+#: The ICE store's schema history (``ice_service/migrations``).
+MIGRATIONS = Migrations(
+    name="ice",
+    versions=Path(__file__).with_name("migrations"),
+    metadata=_Base.metadata,
+    baseline="0001",
+    baseline_table="notifications",
+)
+
+
 class IceStore:
-    """Received notifications (SQLite by default)."""
+    """Received notifications (SQLite by default, PostgreSQL by URL)."""
 
     def __init__(self, url: str) -> None:
         self._engine = connect(url)
-        _Base.metadata.create_all(self._engine)
+        upgrade(self._engine, [MIGRATIONS])
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
 
     def add(self, notification: ice.Notification) -> tuple[bool, dt.datetime]:
@@ -99,7 +116,7 @@ class IceStore:
             with self._sessions() as session:
                 row = session.get(NotificationRow, notification.tcn)
                 assert row is not None
-                return True, row.received_at.replace(tzinfo=dt.UTC)
+                return True, _utc(row.received_at)
 
     def list(self, limit: int, level: int = 0) -> list[tuple[ice.Notification, dt.datetime]]:
         with self._sessions() as session:
@@ -107,10 +124,7 @@ class IceStore:
             if level:
                 query = query.where(NotificationRow.level == level)
             rows = session.scalars(query.limit(limit))
-            return [
-                (ice.Notification.FromString(r.notification), r.received_at.replace(tzinfo=dt.UTC))
-                for r in rows
-            ]
+            return [(ice.Notification.FromString(r.notification), _utc(r.received_at)) for r in rows]
 
     def close(self) -> None:
         self._engine.dispose()

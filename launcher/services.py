@@ -17,7 +17,7 @@ from fedprint.rpc import ServiceHost
 from ice_service.config import IceConfig
 
 if TYPE_CHECKING:
-    from nodes.gallery import GalleryNode, NodeConfig
+    from nodes.gallery import GalleryNode, GalleryRouterService, NodeConfig
 
 log = structlog.get_logger(__name__)
 
@@ -37,20 +37,30 @@ class Service(Protocol):
 GALLERY_NODES = ("iafis", "ident")
 
 
-def build_node(config: NodeConfig) -> GalleryNode:
-    """The gallery node ``config.node`` names, configured and not yet started (on the database
-    its settings name, else its SQLite file)."""
-    url = config.resolved_database_url()
-    # Imported here: the coordinator's and ICE's processes never load torch.
-    if config.node == "iafis":
+def _node_package(name: str) -> Any:
+    # Imported here: the coordinator's and ICE's processes never load a node's code.
+    if name == "iafis":
         from nodes import iafis
 
-        return iafis.build_node(config, url)
-    if config.node == "ident":
+        return iafis
+    if name == "ident":
         from nodes import ident
 
-        return ident.build_node(config, url)
-    raise ValueError(f"unknown gallery node {config.node!r}; known: {', '.join(GALLERY_NODES)}")
+        return ident
+    raise ValueError(f"unknown gallery node {name!r}; known: {', '.join(GALLERY_NODES)}")
+
+
+def build_node(config: NodeConfig) -> GalleryNode:
+    """The gallery node ``config.node`` names, whole or one shard of it (``role``), configured and
+    not yet started (on the database its settings name, else its SQLite file)."""
+    node: GalleryNode = _node_package(config.node).build_node(config, config.resolved_database_url())
+    return node
+
+
+def build_router(config: NodeConfig) -> GalleryRouterService:
+    """The router of the sharded gallery node ``config.node`` names, not yet started."""
+    router: GalleryRouterService = _node_package(config.node).build_router(config)
+    return router
 
 
 def build_service(role: str, config_path: Path | None, **overrides: Any) -> Service:
@@ -61,6 +71,8 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
         node_config = NodeConfig.load(config_path, node=role, **overrides)
         configure(node_config.log_level)
         tracing.configure(role, node_config.tracing)
+        if node_config.role == "router":
+            return build_router(node_config)
         return build_node(node_config)
     if role == "coordinator":
         from federation.coordinator import build_coordinator

@@ -141,3 +141,28 @@ def test_the_database_url_from_a_mounted_secret_file(tmp_path: Path) -> None:
     assert IceConfig.load(None, insecure=True).resolved_database_url() is None  # SQLite by default
     with pytest.raises(ValidationError, match="both set"):
         IceConfig(database_url="sqlite://", database_url_file=secret, insecure=True)
+
+
+def test_a_node_role_comes_with_its_own_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Router and shard settings (helm/README.md, the router/shard contract): a shard's partition
+    count in its file and its index from the environment, as each StatefulSet gives it."""
+    path = tmp_path / "shard.yaml"
+    path.write_text("node: iafis\ninsecure: true\nrole: shard\nshard: {count: 3}\n")
+    with pytest.raises(ValidationError, match="FEDPRINT_SHARD__INDEX"):
+        NodeConfig.load(path)
+    monkeypatch.setenv("FEDPRINT_SHARD__INDEX", "2")
+    shard = NodeConfig.load(path)
+    assert (shard.partition.index, shard.partition.count) == (2, 3)
+    assert shard.cache_name == "iafis-shard-2-of-3.cylinders"
+    monkeypatch.setenv("FEDPRINT_SHARD__INDEX", "3")
+    with pytest.raises(ValidationError, match=r"not below shard\.count"):
+        NodeConfig.load(path)
+    monkeypatch.delenv("FEDPRINT_SHARD__INDEX")
+
+    router = NodeConfig(node="iafis", insecure=True, role="router", shards=["a:1", "b:2"])
+    assert router.partition.whole and router.shards == ["a:1", "b:2"]
+    with pytest.raises(ValidationError, match="a router needs `shards`"):
+        NodeConfig(node="iafis", insecure=True, role="router")
+    with pytest.raises(ValidationError, match="set `role`"):
+        NodeConfig(node="iafis", insecure=True, shards=["a:1"])
+    assert NodeConfig(node="iafis", insecure=True).role == "standalone"

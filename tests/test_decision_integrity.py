@@ -1,6 +1,7 @@
 """Bookings that finish on their own, resubmissions that must repeat themselves, notifications
 that end in a dead-letter table rather than retrying forever, and an audit log whose every
-edit is found: over real gRPC servers, real SQLite, and a throwaway PostgreSQL."""
+edit is found: over real gRPC servers, real SQLite, and a throwaway PostgreSQL (the store tests
+run on both)."""
 
 from __future__ import annotations
 
@@ -94,9 +95,9 @@ def decision(tcn: str, state: bk.NotificationState.ValueType = bk.QUEUED) -> bk.
 
 
 async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_can_retry(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'coordinator.sqlite'}"
+    url = database_url
     store = CoordinatorStore(url)
     store.record_decision(decision("TCN-DEAD-1"), notification("TCN-DEAD-1"))
     # A real channel to a port where nothing listens: every attempt is UNAVAILABLE.
@@ -196,18 +197,18 @@ def test_the_audit_log_is_append_only_and_chained_on_postgresql(postgres_url: st
     assert checked == 7 and broken is not None and broken.seq == 2
 
 
-def test_concurrent_writers_never_fork_the_audit_chain(tmp_path: Path) -> None:
+def test_concurrent_writers_never_fork_the_audit_chain(database_url: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    store = CoordinatorStore(f"sqlite:///{tmp_path / 'coordinator.sqlite'}")
+    store = CoordinatorStore(database_url)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: store.record_decision(decision(f"TCN-C-{i}"), None), range(40)))
     assert store.verify_audit() == (40, None)
     store.close()
 
 
-def test_stats_age_counts_from_when_the_notification_was_queued(tmp_path: Path) -> None:
-    store = CoordinatorStore(f"sqlite:///{tmp_path / 'coordinator.sqlite'}")
+def test_stats_age_counts_from_when_the_notification_was_queued(database_url: str) -> None:
+    store = CoordinatorStore(database_url)
     store.record_decision(decision("TCN-AGE-1"), notification("TCN-AGE-1"))
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
     store.mark_failed("TCN-AGE-1", "UNAVAILABLE: down", later, max_attempts=10)

@@ -37,7 +37,7 @@ from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.ice.v1 import ice_pb2 as ice
-from fedprint.pki import TlsFiles, agency_name, identity_of, issue_dev_pki
+from fedprint.pki import Role, TlsFiles, agency_name, identity_of, issue_dev_pki
 from fedprint.review.v1 import review_pb2 as rv
 from ice_service import build_ice
 from ice_service.config import IceConfig
@@ -281,6 +281,8 @@ def _identities(target: Target, fed: FuzzFederation) -> list[str]:
     """Identities to call with: those whose role may call the method (weighted), then one that may not."""
     allowed = ACCESS[target.method]
     names = list(fed.pki)
+    # The gallery-node role is a router's, answered by shards only; these nodes are whole ones.
+    allowed = allowed - {Role.GALLERY_NODE}
     mine = [n for n in names if identity_of(fed.pki[n].cert.read_bytes()).role in allowed]
     if target.method.endswith("/SubmitBooking"):
         mine = [agency_name(fed.population.bookings[0].booking.ori)]  # the seeds' agency (_bookings)

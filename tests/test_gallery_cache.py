@@ -1,8 +1,10 @@
-"""A restarted node maps its encoded gallery from the cache when the cache matches the store,
-and re-encodes from the stored templates whenever it does not."""
+"""A restarted node maps its encoded gallery from the cache when the cache is of its store and its
+partition, catches up with what was written since, and re-encodes from the stored templates
+whenever the cache is not its own."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from fedprint.clients import enroll
@@ -34,7 +36,7 @@ async def started(config: NodeConfig) -> GalleryNode:
     return node
 
 
-async def test_a_restart_maps_the_cache_and_a_stale_cache_is_ignored(
+async def test_a_restart_maps_the_cache_and_catches_up_with_what_was_written_since(
     tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
 ) -> None:
     config = NodeConfig(node="iafis", data_dir=tmp_path, tls=pki["iafis"])
@@ -48,7 +50,7 @@ async def test_a_restart_maps_the_cache_and_a_stale_cache_is_ignored(
     assert (tmp_path / "iafis.cylinders" / "state.json").exists()
 
     node = await started(config)
-    assert node.loaded.from_cache and node.loaded.subjects == half
+    assert node.loaded.from_cache and (node.loaded.subjects, node.loaded.caught_up) == (half, 0)
     assert await top_candidates(node, population, pki) == before
     # Enrolments after start-up, then a crash: no stop, so the cache still holds the old gallery.
     await enroll(node.host.address, population.iafis[half:], tls=pki["admin"])
@@ -57,10 +59,45 @@ async def test_a_restart_maps_the_cache_and_a_stale_cache_is_ignored(
     await node.servicer.batcher.close()
     node.servicer.store.close()
 
+    # The old cache is mapped, and only the subjects enrolled since are encoded.
     node = await started(config)
     try:
-        assert not node.loaded.from_cache and node.loaded.subjects == len(population.iafis)
+        assert node.loaded.from_cache
+        assert (node.loaded.subjects, node.loaded.caught_up) == (
+            len(population.iafis),
+            len(population.iafis) - half,
+        )
         assert await top_candidates(node, population, pki) == after
+    finally:
+        await node.stop(0)
+
+
+async def test_a_cache_of_another_store_or_partition_is_ignored(
+    tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
+) -> None:
+    config = NodeConfig(node="iafis", data_dir=tmp_path / "a", tls=pki["iafis"])
+    node = await started(config)
+    await enroll(node.host.address, population.iafis[:6], tls=pki["admin"])
+    await node.stop(0)
+    # Another store (its own database) finds this cache in its data directory: not its own.
+    other = tmp_path / "b"
+    other.mkdir()
+    shutil.copytree(tmp_path / "a" / "iafis.cylinders", other / "iafis.cylinders")
+    node = await started(NodeConfig(node="iafis", data_dir=other, tls=pki["iafis"]))
+    try:
+        assert not node.loaded.from_cache and node.loaded.subjects == 0
+    finally:
+        await node.stop(0)
+    # A shard of the same store, with the whole gallery's cache renamed as its own.
+    shard = NodeConfig(
+        node="iafis", data_dir=tmp_path / "a", tls=pki["iafis"], role="shard", shard={"count": 2, "index": 1}
+    )
+    shutil.copytree(tmp_path / "a" / "iafis.cylinders", tmp_path / "a" / shard.cache_name)
+    node = await started(shard)
+    try:
+        assert not node.loaded.from_cache
+        owned = [e.subject_id for e in population.iafis[:6] if shard.partition.owns(e.subject_id)]
+        assert 0 < node.loaded.subjects == len(owned) < 6
     finally:
         await node.stop(0)
 

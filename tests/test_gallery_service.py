@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 
 from evaluation.calibration import Thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
@@ -25,10 +26,19 @@ from synthetic.population import Population, tenprint_to_proto
 
 @pytest_asyncio.fixture
 async def ident(
-    tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
+    tmp_path: Path, population: Population, pki: dict[str, TlsFiles], database_url: str
 ) -> AsyncIterator[GalleryNode]:
+    """The IDENT node on its store in SQLite, and again in PostgreSQL."""
     thresholds = Thresholds(hit=0.022, review=0.019, fpir_curve=[(1e-3, 0.022), (1e-4, 0.025)])
-    node = build_node(NodeConfig(node="ident", data_dir=tmp_path, thresholds=thresholds, tls=pki["ident"]))
+    node = build_node(
+        NodeConfig(
+            node="ident",
+            data_dir=tmp_path,
+            thresholds=thresholds,
+            tls=pki["ident"],
+            database_url=SecretStr(database_url),
+        )
+    )
     await node.host.start()
     await enroll(node.host.address, population.ident, tls=pki["admin"])
     try:

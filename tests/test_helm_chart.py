@@ -68,9 +68,6 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
         "coordinator": {"bookingKey": {"existingSecret": "fedprint-booking-key", "key": "key.hex"}},
     },
 }
-#: The settings of the router/shard contract (helm/README.md) that the sharding work adds to
-#: NodeConfig; until it does, the config test sets them aside, and only them.
-SHARDING_CONTRACT = {"role", "shard", "shards"}
 
 
 class _NoDuplicateKeys(yaml.SafeLoader):
@@ -341,19 +338,35 @@ def test_gpus_are_requested_by_shards_only(configuration: str) -> None:
 
 
 @parametrize_configurations
-def test_services_configs_load_with_the_services_own_settings(configuration: str) -> None:
-    """The chart and the settings classes cannot drift apart: each rendered config.yaml loads."""
+def test_services_configs_load_with_the_services_own_settings(
+    configuration: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart and the settings classes cannot drift apart: each rendered config.yaml loads as
+    the service loads it (``--config``, under the container's environment, which gives each shard
+    StatefulSet its partition)."""
     manifests = render(configuration)
     settings = {"coordinator": CoordinatorConfig, "ice": IceConfig, "router": NodeConfig, "shard": NodeConfig}
     for w in fedprint_workloads(manifests):
         config = config_of(manifests, w)
-        cls = settings[component(w)]
-        pending = SHARDING_CONTRACT - set(cls.model_fields)
-        loaded = cls(**{k: v for k, v in config.items() if k not in pending})
+        (c,) = pod_spec(w)["containers"]
+        path = tmp_path / f"{w.name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with monkeypatch.context() as env:
+            for variable in c.get("env", []):
+                if variable["name"].startswith("FEDPRINT_") and "value" in variable:
+                    env.setenv(variable["name"], variable["value"])
+            loaded = settings[component(w)].load(path)
         assert loaded.tls is not None
+        if isinstance(loaded, NodeConfig):
+            assert loaded.role == component(w)
+            if loaded.role == "shard":
+                assert loaded.shard is not None and loaded.shard.index == int(
+                    w.doc["metadata"]["labels"]["fedprint.io/shard"]
+                )
+            else:
+                assert loaded.shards and loaded.shard is None
         # Every file the config names is mounted: TLS files from the identity's Secret, the
         # database URL from its Secret.
-        (c,) = pod_spec(w)["containers"]
         mounted = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod_spec(w)["volumes"]}
         for path in (loaded.tls.ca, loaded.tls.cert, loaded.tls.key):

@@ -1,11 +1,14 @@
 """The node's cache of its encoded gallery, so that a restart maps cylinders instead of
 re-encoding every stored template (hours of CPU at national scale).
 
-The cache is a :mod:`gpu_kernels.cylinder_file` directory plus ``state.json`` (the store's state
-token, the template format version) and ``subjects.txt`` (gallery rows in order). It is used only
-when all three match the store and the code: a cache that does not is ignored and rewritten, so
-it can make start-up faster but never make the gallery wrong. Writes go to a sibling directory
-that is renamed into place, so a crash mid-write leaves the old cache or none.
+The cache is a :mod:`gpu_kernels.cylinder_file` directory plus ``state.json`` (the store's token,
+the store version the cache reflects, the partition, the template format version) and
+``subjects.txt`` (gallery rows in order). It is used only when it is of this store, this
+partition and this code, and not ahead of the store: the node then maps it and catches up with
+the changes written since its version (:mod:`nodes.gallery.replica`). A cache that does not match
+is ignored and rewritten, so it can make start-up faster but never make the gallery wrong. Writes
+go to a sibling directory that is renamed into place, so a crash mid-write leaves the old cache
+or none.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from gpu_kernels import MccParams, TenPrintCylinders
 from gpu_kernels.cylinder_file import CylinderFile, CylinderFileError, CylinderFileWriter
+from nodes.gallery.partition import Partition
 
 log = structlog.get_logger(__name__)
 
@@ -30,19 +34,35 @@ _CHUNK = 1024
 
 @dataclass(frozen=True)
 class CachedGallery:
-    """What a valid cache holds: subject ids and their cylinders, rows in the same order."""
+    """What a valid cache holds: subject ids and their cylinders, rows in the same order, as of
+    store version ``version``."""
 
     subject_ids: list[str]
     cylinders: TenPrintCylinders
+    version: int
 
 
 def read_cache(
-    directory: Path, *, token: str, format_version: int, params: MccParams, device: torch.device
+    directory: Path,
+    *,
+    token: str,
+    version: int,
+    partition: Partition,
+    format_version: int,
+    params: MccParams,
+    device: torch.device,
 ) -> CachedGallery | None:
-    """The cached gallery if it matches the store's ``token``, ``format_version`` and ``params``."""
+    """The cached gallery if it is of the store ``token``, of ``partition``, of ``format_version``
+    and ``params``, and not ahead of the store's ``version``."""
     try:
         state = json.loads((directory / _STATE).read_text())
-        if state.get("store_token") != token or state.get("template_format_version") != format_version:
+        if (
+            state.get("store_token") != token
+            or state.get("template_format_version") != format_version
+            or state.get("partition") != [partition.index, partition.count]
+            or not isinstance(state.get("store_version"), int)
+            or state["store_version"] > version
+        ):
             return None
         cylinders_file = CylinderFile(directory)
         ids = (directory / _SUBJECTS).read_text().splitlines()
@@ -55,20 +75,34 @@ def read_cache(
     if not ids:
         return None
     rows = torch.arange(len(ids))
-    return CachedGallery(ids, cylinders_file.select(rows, device, params))
+    return CachedGallery(ids, cylinders_file.select(rows, device, params), int(state["store_version"]))
 
 
 def write_cache(
-    directory: Path, *, token: str, format_version: int, subject_ids: list[str], cylinders: TenPrintCylinders
+    directory: Path,
+    *,
+    token: str,
+    version: int,
+    partition: Partition,
+    format_version: int,
+    subject_ids: list[str],
+    cylinders: TenPrintCylinders,
 ) -> None:
-    """Replaces the cache at ``directory`` with these subjects, atomically."""
+    """Replaces the cache at ``directory`` with these subjects (``partition`` of the store ``token``
+    as of its ``version``), atomically."""
     staging = directory.with_name(directory.name + ".writing")
     shutil.rmtree(staging, ignore_errors=True)
     with CylinderFileWriter(staging, cylinders.params) as writer:
         for lo in range(0, len(subject_ids), _CHUNK):
             writer.append(cylinders.select(slice(lo, lo + _CHUNK)))
     (staging / _SUBJECTS).write_text("".join(f"{s}\n" for s in subject_ids))
-    state = {"store_token": token, "template_format_version": format_version, "subjects": len(subject_ids)}
+    state = {
+        "store_token": token,
+        "store_version": version,
+        "partition": [partition.index, partition.count],
+        "template_format_version": format_version,
+        "subjects": len(subject_ids),
+    }
     (staging / _STATE).write_text(json.dumps(state) + "\n")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

@@ -1,12 +1,20 @@
 """Configuration of a gallery node. Every node runs the same server with this configuration;
-``node`` only names it (its data files, its logs, its statistics)."""
+``node`` only names it (its data files, its logs, its statistics).
+
+A node runs in one of three roles (``role``): ``standalone``, one process holding the whole
+gallery; or sharded, a ``router`` that holds no data and calls its ``shards`` (one address per
+partition, in partition order), in front of ``shard`` processes that each hold partition
+``shard.index`` of ``shard.count`` (helm/README.md, "The router/shard contract")."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal, Self
+
+from pydantic import BaseModel, Field, model_validator
 
 from evaluation.calibration import Thresholds, calibrated_thresholds
 from fedprint.settings import ServiceSettings
+from nodes.gallery.partition import WHOLE, Partition
 
 
 class BatchingConfig(BaseModel):
@@ -35,6 +43,17 @@ class ShortlistConfig(BaseModel):
     candidates: int = Field(default=1_000, ge=1, description="subjects per probe that full MCC scores")
 
 
+class ShardConfig(BaseModel):
+    """Which partition of the node's gallery a shard holds."""
+
+    count: int = Field(ge=1, description="how many partitions the node's gallery has")
+    index: int | None = Field(
+        default=None,
+        ge=0,
+        description="the partition this shard holds, 0..count-1 (per StatefulSet: FEDPRINT_SHARD__INDEX)",
+    )
+
+
 class NodeConfig(ServiceSettings):
     """A gallery node (IAFIS, IDENT, or any other record model on the shared server)."""
 
@@ -55,3 +74,61 @@ class NodeConfig(ServiceSettings):
     )
     max_probes_per_request: int = Field(default=64, ge=1)
     max_results_limit: int = Field(default=100, ge=1)
+    role: Literal["standalone", "router", "shard"] = Field(
+        default="standalone",
+        description="standalone: the whole gallery in one process; router: fans out to `shards`; "
+        "shard: holds partition `shard.index` of `shard.count`",
+    )
+    shards: list[str] = Field(
+        default_factory=list,
+        description="a router's shards: one host:port per partition, in partition order",
+    )
+    shard: ShardConfig | None = Field(default=None, description="a shard's partition")
+    shard_deadline_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="a router's deadline for its shards when its caller sets none",
+    )
+    sync_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="how often a node reads the enrolments and removals other processes wrote to its store",
+    )
+
+    @model_validator(mode="after")
+    def _role_settings(self) -> Self:
+        if self.role == "router":
+            if not self.shards:
+                raise ValueError("a router needs `shards`: one host:port per partition")
+            if self.shard is not None:
+                raise ValueError("a router holds no partition: drop `shard`")
+        elif self.role == "shard":
+            if self.shard is None or self.shard.index is None:
+                raise ValueError(
+                    "a shard needs `shard: {count, index}` "
+                    "(the index from FEDPRINT_SHARD__INDEX, per StatefulSet)"
+                )
+            if self.shard.index >= self.shard.count:
+                raise ValueError(
+                    f"shard.index {self.shard.index} is not below shard.count {self.shard.count}"
+                )
+            if self.shards:
+                raise ValueError("a shard calls no shards: drop `shards`")
+        elif self.shards or self.shard is not None:
+            raise ValueError("`shards` belongs to a router and `shard` to a shard: set `role`")
+        return self
+
+    @property
+    def partition(self) -> Partition:
+        """The part of the gallery this process holds: a shard's partition, or the whole gallery."""
+        if self.shard is None or self.shard.index is None:
+            return WHOLE
+        return Partition(self.shard.index, self.shard.count)
+
+    @property
+    def cache_name(self) -> str:
+        """The encoded-gallery cache directory's name in ``data_dir``: one per partition, since the
+        shards of a node may share a data directory (as they do on one machine)."""
+        if self.role == "shard":
+            return f"{self.node}-shard-{self.partition.index}-of-{self.partition.count}.cylinders"
+        return f"{self.node}.cylinders"

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import Integer, MetaData, String
+from sqlalchemy import Integer, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from fedprint.migrations import Migrations
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import FieldViolation
 
@@ -25,8 +26,9 @@ class RecordStore(Protocol[RecordT]):
 
     #: Name of the ``oneof record`` field carrying this record in EnrollRequest and Candidate.
     record_field: str
-    #: Tables of this record model, created beside the template tables.
-    metadata: MetaData
+    #: The schema history of this record model's tables, which live beside the template tables
+    #: (its own Alembic revisions and version table; the store applies them when it opens).
+    migrations: Migrations
 
     def validate(self, record: RecordT, subject_id: str, field: str) -> list[FieldViolation]:
         """Problems with ``record`` as an enrollment of ``subject_id`` (empty when fine)."""

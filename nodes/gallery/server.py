@@ -1,15 +1,19 @@
 """The gallery service both nodes run: ``fedprint.gallery.v1.GalleryService``.
 
 A node is this server plus its :class:`~nodes.gallery.records.RecordStore`
-(IAFIS: criminal histories, IDENT: immigration histories).
+(IAFIS: criminal histories, IDENT: immigration histories). The same server holds the whole
+gallery (role ``standalone``) or one partition of it (role ``shard``, behind a router:
+:mod:`nodes.gallery.router`). A shard answers its own node's router only (the caller presents the
+node's own certificate), and gallery administrators may read its statistics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic
 
@@ -17,32 +21,35 @@ import grpc
 import structlog
 import torch
 
-from evaluation.calibration import Thresholds
+from fedprint.access import current_caller, deny
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
-from fedprint.rpc import FieldViolation, InvalidRequest, ServiceHost, abort_invalid, service
+from fedprint.pki import Role, identity_of
+from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, service
 from fedprint.tenprint import decode_tenprint
-from fedprint.validation import PROBE_ID, SUBJECT_ID, Violations, check_count
+from fedprint.validation import SUBJECT_ID, Violations
 from gpu_kernels import TenPrintCylinders
-from minutiae.iso19794_2 import decode_template
 from minutiae.template import TenPrintTemplates
 from nodes.gallery.batcher import MicroBatcher
-from nodes.gallery.cache import read_cache, write_cache
 from nodes.gallery.config import NodeConfig
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, SearchResult, resolve_device
 from nodes.gallery.metrics import GalleryMetrics
+from nodes.gallery.partition import Partition
 from nodes.gallery.records import RecordStore, RecordT
+from nodes.gallery.replica import GalleryReplica, LoadedGallery
+from nodes.gallery.requests import (
+    MAX_ENROLL_PER_STREAM,
+    band_of,
+    check_enrollment,
+    check_identify,
+    check_remove,
+    thresholds_proto,
+    usable_templates,
+)
 from nodes.gallery.store import Enrollment, GalleryStore
 
 log = structlog.get_logger(__name__)
-
-#: Most subjects one Enroll stream may carry; it is one transaction held in memory.
-MAX_ENROLL_PER_STREAM = 50_000
-#: Most subject ids one Remove call, or one Identify's gallery subset, may name.
-MAX_SUBJECT_IDS = 10_000
-#: Subjects encoded per device call when loading the gallery at start-up.
-LOAD_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -51,93 +58,28 @@ class _SearchItem:
     k: int
 
 
-def band_of(score: float, thresholds: Thresholds) -> bio.DecisionBand.ValueType:
-    """HIT at or above the hit threshold, REVIEW at or above the review threshold, else NO_HIT."""
-    if score >= thresholds.hit:
-        return bio.HIT
-    if score >= thresholds.review:
-        return bio.REVIEW
-    return bio.NO_HIT
-
-
-def thresholds_proto(t: Thresholds) -> bio.Thresholds:
-    return bio.Thresholds(
-        hit=t.hit, review=t.review, hit_fpir=t.hit_fpir, review_fpir=t.review_fpir, source=t.source
-    )
-
-
-@dataclass(frozen=True)
-class LoadedGallery:
-    """How a node's gallery was loaded at start-up."""
-
-    subjects: int
-    #: The store's state token the in-memory gallery reflects.
-    token: str
-    #: Mapped from the encoded-gallery cache rather than encoded from the stored templates.
-    from_cache: bool
-
-
-def load_gallery(store: GalleryStore[Any], gallery: Gallery, cache: Path | None = None) -> LoadedGallery:
-    """Fills ``gallery`` from the store: from the encoded-gallery ``cache`` when it matches the
-    store, else by decoding and encoding every stored template (then the cache is rewritten)."""
-    token = store.token()
-    if cache is not None:
-        cached = read_cache(
-            cache,
-            token=token,
-            format_version=TEMPLATE_FORMAT_VERSION,
-            params=gallery.params,
-            device=gallery.device,
-        )
-        if cached is not None:
-            gallery.add(cached.subject_ids, cached.cylinders)
-            return LoadedGallery(len(cached.subject_ids), token, from_cache=True)
-    loaded = _encode_stored(store, gallery)
-    if cache is not None and loaded:
-        save_gallery(gallery, cache, token)
-    return LoadedGallery(loaded, token, from_cache=False)
-
-
-def save_gallery(gallery: Gallery, cache: Path, token: str) -> None:
-    """Writes the gallery's cylinders to the encoded-gallery cache under the store's ``token``."""
-    ids, cylinders = gallery.contents()
-    if cylinders is None:
-        return
-    write_cache(
-        cache, token=token, format_version=TEMPLATE_FORMAT_VERSION, subject_ids=list(ids), cylinders=cylinders
-    )
-
-
-def _encode_stored(store: GalleryStore[Any], gallery: Gallery) -> int:
-    ids: list[str] = []
-    tenprints: list[TenPrintTemplates] = []
-    loaded = 0
-
-    def flush() -> None:
-        nonlocal loaded
-        if ids:
-            gallery.add(ids, gallery.encode(tenprints))
-            loaded += len(ids)
-            ids.clear()
-            tenprints.clear()
-
-    for subject_id, fingers in store.templates():
-        ids.append(subject_id)
-        tenprints.append(TenPrintTemplates({p: decode_template(data) for p, (_, data) in fingers.items()}))
-        if len(ids) >= LOAD_CHUNK:
-            flush()
-    flush()
-    return loaded
-
-
 class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
-    """Identify, Enroll, Remove and GetStats over one node's store and in-memory gallery."""
+    """Identify, Enroll, Remove and GetStats over one node's store and in-memory gallery (the whole
+    gallery, or a shard's partition of it)."""
 
-    def __init__(self, config: NodeConfig, store: GalleryStore[RecordT], gallery: Gallery) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: GalleryStore[RecordT],
+        gallery: Gallery,
+        replica: GalleryReplica | None = None,
+    ) -> None:
         self.config = config
         self.node = config.node
         self.store = store
         self.gallery = gallery
+        self.replica = replica or GalleryReplica(store, gallery, config.partition)
+        #: A shard's partition; None for a node that holds its whole gallery.
+        self.partition: Partition | None = config.partition if config.role == "shard" else None
+        # Who a shard answers: its router, which presents the node's own certificate.
+        self._node_subject = (
+            identity_of(config.tls.cert.read_bytes()).subject if config.tls is not None else None
+        )
         self.batcher: MicroBatcher[_SearchItem, SearchResult] = MicroBatcher(
             self._search_batch,
             max_batch=config.batching.max_batch,
@@ -149,6 +91,28 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
     @property
     def records(self) -> RecordStore[RecordT]:
         return self.store.records
+
+    def _partition_proto(self) -> gal.GalleryPartition | None:
+        if self.partition is None:
+            return None
+        return gal.GalleryPartition(index=self.partition.index, count=self.partition.count)
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], *, admin_may: bool) -> None:
+        """The gallery-node role is a router's: only a shard serves it, and only its own node's.
+        A shard serves nobody else, except gallery administrators reading statistics
+        (``admin_may``): searching or changing one partition alone would look complete."""
+        identity = current_caller().identity
+        if identity is None:  # plaintext (insecure) server: no identities to check
+            return
+        if self.partition is None:
+            if identity.role is Role.GALLERY_NODE:
+                await deny(context, f"the {self.node} node is not a shard; gallery nodes call shards only")
+            return
+        if identity.role is Role.GALLERY_NODE and identity.subject == self._node_subject:
+            return
+        if admin_may and identity.role is Role.GALLERY_ADMIN:
+            return
+        await deny(context, f"a shard of the {self.node} node answers the node's own router only")
 
     # -- Identify ---------------------------------------------------------------------------
 
@@ -167,52 +131,16 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         probes: TenPrintCylinders = self.gallery.encode(tenprints)
         return self.gallery.search(probes, k, subset)
 
-    def _validate_identify(self, request: gal.IdentifyRequest) -> tuple[list[Any], Thresholds, int]:
-        violations = Violations()
-        if not request.probes:
-            violations.add("probes", "at least one probe is required")
-        probes_ok = check_count(
-            len(request.probes), self.config.max_probes_per_request, "probes", violations, "probes"
-        )
-        if request.max_results > self.config.max_results_limit:
-            violations.add("max_results", f"{request.max_results} exceeds {self.config.max_results_limit}")
-        if not 0.0 <= request.target_fpir < 1.0:  # also refuses NaN
-            violations.add("target_fpir", "must lie in (0, 1), or 0 for the default")
-        if check_count(len(request.subject_ids), MAX_SUBJECT_IDS, "subject_ids", violations, "subject ids"):
-            for i, subject_id in enumerate(request.subject_ids):
-                SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations)
-        thresholds = self.config.thresholds
-        if request.target_fpir > 0.0 and not violations:
-            derived = thresholds.for_fpir(request.target_fpir)
-            if derived is None:
-                violations.add(
-                    "target_fpir", f"no calibration reaches FPIR {request.target_fpir:g} on this node"
-                )
-            else:
-                thresholds = derived
-        decoded = []
-        seen: set[str] = set()
-        for i, probe in enumerate(request.probes if probes_ok else []):
-            if PROBE_ID.check(probe.probe_id, f"probes[{i}].probe_id", violations):
-                if probe.probe_id in seen:
-                    violations.add(f"probes[{i}].probe_id", "probe id repeated")
-                seen.add(probe.probe_id)
-            try:
-                decoded.append(decode_tenprint(probe.tenprint, f"probes[{i}].tenprint"))
-            except InvalidRequest as error:
-                violations.extend(error.violations)
-        if violations:
-            raise InvalidRequest(violations, "malformed identify request")
-        return decoded, thresholds, request.max_results or 10
-
     async def Identify(
         self, request: gal.IdentifyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.IdentifyResponse:
         started = time.perf_counter()
+        await self._admit(context, admin_may=False)
         try:
-            decoded, thresholds, k = self._validate_identify(request)
+            plan = check_identify(request, self.config)
         except InvalidRequest as error:
             await abort_invalid(context, error)
+        decoded, thresholds, k = plan.probes, plan.thresholds, plan.k
         if request.subject_ids:
             results = await asyncio.to_thread(
                 self._search_subset, [d.templates for d in decoded], k, list(request.subject_ids)
@@ -227,7 +155,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             {m.subject_id for r in results for m in r.matches if band_of(m.fused, thresholds) == bio.HIT}
         )
         records = await asyncio.to_thread(self.store.get_records, hit_ids) if hit_ids else {}
-        response = gal.IdentifyResponse(node=self.node)
+        response = gal.IdentifyResponse(node=self.node, partition=self._partition_proto())
         for probe, d, searched in zip(request.probes, decoded, results, strict=True):
             result = response.results.add(
                 probe_id=probe.probe_id,
@@ -257,6 +185,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         log.info(
             "identify",
             node=self.node,
+            partition=str(self.partition) if self.partition is not None else None,
             probes=[p.probe_id for p in request.probes],
             decisions=[bio.DecisionBand.Name(r.decision) for r in response.results],
             top_scores=[
@@ -275,6 +204,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
     async def Enroll(
         self, request_iterator: AsyncIterator[gal.EnrollRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.EnrollResponse:
+        await self._admit(context, admin_may=False)
         enrollments: list[Enrollment[RecordT]] = []
         tenprints: list[TenPrintTemplates] = []
         violations = Violations()
@@ -288,7 +218,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                     f"an Enroll stream carries at most {MAX_ENROLL_PER_STREAM} subjects; split it",
                 )
             where = f"requests[{i}]"
-            found = self._validate_enrollment(request, where, seen)
+            found = check_enrollment(request, where, seen, self.records, self.node, self.partition)
             if found:
                 violations.extend(found)
                 continue
@@ -300,12 +230,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             record: RecordT = getattr(request, self.records.record_field)
             if not record.subject_id:  # type: ignore[attr-defined]
                 record.subject_id = request.subject_id  # type: ignore[attr-defined]
-            usable = {
-                int(f.position): (int(f.template.format), f.template.data)
-                for f in request.tenprint.fingers
-                if f.WhichOneof("data") == "template" and int(f.position) in decoded.templates.fingers
-            }
-            enrollments.append(Enrollment(request.subject_id, usable, record))
+            enrollments.append(Enrollment(request.subject_id, usable_templates(request, decoded), record))
             tenprints.append(decoded.templates)
         if violations:
             await abort_invalid(
@@ -315,48 +240,29 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             return gal.EnrollResponse(enrolled=0, gallery_size=len(self.gallery))
         # Encode before storing: if encoding fails, nothing has been written.
         cylinders = await asyncio.to_thread(self.gallery.encode, tenprints)
-        await asyncio.to_thread(self.store.enroll, enrollments)
-        self.gallery.add([e.subject_id for e in enrollments], cylinders)
+        version = await asyncio.to_thread(self.store.enroll, enrollments)
+        self.replica.enrolled([e.subject_id for e in enrollments], cylinders, version)
         log.info("enrolled", node=self.node, subjects=len(enrollments), gallery_size=len(self.gallery))
         return gal.EnrollResponse(enrolled=len(enrollments), gallery_size=len(self.gallery))
-
-    def _validate_enrollment(
-        self, request: gal.EnrollRequest, where: str, seen: set[str]
-    ) -> list[FieldViolation]:
-        if not SUBJECT_ID.valid(request.subject_id):
-            bad = Violations()
-            SUBJECT_ID.check(request.subject_id, f"{where}.subject_id", bad)
-            return bad.reported()
-        if request.subject_id in seen:
-            return [
-                FieldViolation(f"{where}.subject_id", f"{request.subject_id} appears twice in the stream")
-            ]
-        seen.add(request.subject_id)
-        field = self.records.record_field
-        if request.WhichOneof("record") != field:
-            return [FieldViolation(f"{where}.{field}", f"the {self.node} node needs a {field} record")]
-        return self.records.validate(getattr(request, field), request.subject_id, f"{where}.{field}")
 
     async def Remove(
         self, request: gal.RemoveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.RemoveResponse:
-        violations = Violations()
-        if not request.subject_ids:
-            violations.add("subject_ids", "name at least one subject")
-        if check_count(len(request.subject_ids), MAX_SUBJECT_IDS, "subject_ids", violations, "subject ids"):
-            for i, subject_id in enumerate(request.subject_ids):
-                SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations)
-        if violations:
-            await abort_invalid(context, InvalidRequest(violations, "malformed remove request"))
+        await self._admit(context, admin_may=False)
+        try:
+            check_remove(request, self.partition)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
         ids = list(request.subject_ids)
-        removed = await asyncio.to_thread(self.store.remove, ids)
-        self.gallery.remove(ids)
+        removed, version = await asyncio.to_thread(self.store.remove, ids)
+        self.replica.removed(ids, version)
         log.info("removed", node=self.node, subjects=removed, gallery_size=len(self.gallery))
         return gal.RemoveResponse(removed=removed, gallery_size=len(self.gallery))
 
     async def GetSubject(
         self, request: gal.GetSubjectRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.Subject:
+        await self._admit(context, admin_may=False)
         violations = Violations()
         if not SUBJECT_ID.check(request.subject_id, "subject_id", violations):
             await abort_invalid(context, InvalidRequest(violations, "malformed request"))
@@ -378,6 +284,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
     async def GetStats(
         self, request: gal.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.GalleryStats:
+        await self._admit(context, admin_may=True)
         return gal.GalleryStats(
             node=self.node,
             gallery_size=len(self.gallery),
@@ -385,42 +292,63 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             template_format_version=TEMPLATE_FORMAT_VERSION,
             device=str(self.gallery.device),
             thresholds=thresholds_proto(self.config.thresholds),
+            partition=self._partition_proto(),
         )
 
 
 @dataclass
 class GalleryNode:
-    """A running node: its gRPC host and what to close on shutdown."""
+    """A running node (or shard): its gRPC host, the task that keeps its gallery in step with
+    the store, and what to close on shutdown."""
 
     host: ServiceHost
     servicer: GalleryServicer[Any]
     loaded: LoadedGallery
     #: The encoded-gallery cache directory, or None when the node keeps none.
     cache: Path | None = None
+    _sync: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> int:
-        """Starts serving; returns the bound port."""
-        return await self.host.start()
+        """Starts serving and catching up with other processes' writes; returns the bound port."""
+        port = await self.host.start()
+        self._sync = asyncio.get_running_loop().create_task(self._keep_in_step(), name="gallery-sync")
+        return port
+
+    async def _keep_in_step(self) -> None:
+        replica = self.servicer.replica
+        while True:
+            await asyncio.sleep(self.servicer.config.sync_interval_s)
+            try:
+                await asyncio.to_thread(replica.sync)
+            except Exception:  # a database hiccup must not end the task for good
+                log.exception("gallery sync failed", node=self.servicer.node)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stops serving after the calls in flight; refreshes the gallery cache if enrolments or
-        removals changed the gallery since start-up (a crash skips this: the next start-up sees
-        a stale token and re-encodes)."""
+        """Stops serving after the calls in flight; refreshes the gallery cache if the gallery
+        changed since it was written (a crash skips this: the next start-up maps the older cache
+        and catches up from the store)."""
         await self.host.stop(grace_s)
+        if self._sync is not None:
+            self._sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync
         await self.servicer.batcher.close()
-        store = self.servicer.store
-        if self.cache is not None:
-            token = store.token()
-            if token != self.loaded.token:
-                await asyncio.to_thread(save_gallery, self.servicer.gallery, self.cache, token)
-        store.close()
+        replica = self.servicer.replica
+        if replica.cache is not None:
+            with contextlib.suppress(Exception):  # the store may be gone; the cache stays as it was
+                await asyncio.to_thread(replica.sync)
+            await asyncio.to_thread(replica.save_cache)
+        self.servicer.store.close()
 
 
 def build_gallery_node(
     config: NodeConfig, records: RecordStore[Any], database_url: str | None = None
 ) -> GalleryNode:
-    """Opens the node's store with its record model, loads its gallery onto the device, and
-    prepares the server. Each node package supplies ``records``; this server knows none by name."""
+    """Opens the node's store with its record model, loads its gallery (or its shard's partition)
+    onto the device, and prepares the server. Each node package supplies ``records``; this server
+    knows none by name."""
+    if config.role == "router":
+        raise ValueError("a router holds no gallery: build it with nodes.gallery.router.build_gallery_router")
     config.data_dir.mkdir(parents=True, exist_ok=True)
     if config.torch_threads is not None:
         # Nodes sharing a machine must not each spin up one thread per core.
@@ -428,19 +356,23 @@ def build_gallery_node(
     url = database_url or f"sqlite:///{config.data_dir / (config.node + '.sqlite')}"
     store = GalleryStore(url, records)
     gallery = Gallery(resolve_device(config.device), shortlist=config.shortlist)
-    cache = config.data_dir / f"{config.node}.cylinders" if config.gallery_cache else None
+    cache = config.data_dir / config.cache_name if config.gallery_cache else None
+    replica = GalleryReplica(store, gallery, config.partition, cache)
     started = time.perf_counter()
-    loaded = load_gallery(store, gallery, cache)
+    loaded = replica.load()
     log.info(
         "gallery loaded",
         node=config.node,
+        role=config.role,
+        partition=str(config.partition),
         subjects=loaded.subjects,
         from_cache=loaded.from_cache,
+        caught_up=loaded.caught_up,
         s=round(time.perf_counter() - started, 2),
         device=str(gallery.device),
         bytes=gallery.nbytes,
     )
-    servicer: GalleryServicer[Any] = GalleryServicer(config, store, gallery)
+    servicer: GalleryServicer[Any] = GalleryServicer(config, store, gallery, replica)
     host = ServiceHost(
         config.listen,
         [

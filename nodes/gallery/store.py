@@ -2,6 +2,13 @@
 and the node's records, in one database (SQLite file by default, PostgreSQL at scale).
 
 Enrollment and removal are single transactions: a failed stream stores nothing.
+
+Several processes may serve one store: the shards of a sharded node (each reads its partition,
+:mod:`nodes.gallery.partition`) and the replicas of each shard. They keep their in-memory
+galleries in step through a change counter: every enrolment or removal takes the next *version*
+(the writers queue on the one state row, so versions commit in order), stamps it on the subjects
+it writes and on a *removal* row per subject it deletes, and a process catches up by reading what
+carries a version above the last one it has seen (:mod:`nodes.gallery.replica`).
 """
 
 from __future__ import annotations
@@ -10,12 +17,27 @@ import datetime as dt
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic
 
-from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, func, select
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fedprint.database import connect
+from fedprint.migrations import Migrations, upgrade
+from nodes.gallery.partition import WHOLE, Partition, subject_bucket
 from nodes.gallery.records import RecordStore, RecordT
 
 
@@ -27,6 +49,10 @@ class SubjectRow(_Base):
     __tablename__ = "gallery_subjects"
     subject_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     enrolled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    #: :func:`nodes.gallery.partition.subject_bucket` of the id: a shard reads its partition by it.
+    bucket: Mapped[int] = mapped_column(Integer, server_default="0")
+    #: The store version of the enrolment that wrote this subject.
+    version: Mapped[int] = mapped_column(BigInteger, server_default="0", index=True)
 
 
 class FingerRow(_Base):
@@ -41,13 +67,35 @@ class FingerRow(_Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class RemovalRow(_Base):
+    """A subject removed and not enrolled again since: the version of its removal, so that the
+    processes holding it in memory learn to drop it. Enrolling the subject again deletes the row."""
+
+    __tablename__ = "gallery_removals"
+    subject_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
 class StateRow(_Base):
-    """One row: a token that changes with every enrolment or removal, so a cache of the encoded
-    gallery can tell whether it still describes the stored one."""
+    """One row: the store's identity and its change counter."""
 
     __tablename__ = "gallery_state"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: Made once with the store: a cache of another store never passes for one of this one.
     token: Mapped[str] = mapped_column(String(32))
+    #: The last version written (0 before the first enrolment).
+    version: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+#: The gallery tables' schema history (``nodes/gallery/migrations``).
+MIGRATIONS = Migrations(
+    name="gallery",
+    versions=Path(__file__).with_name("migrations"),
+    metadata=_Base.metadata,
+    baseline="0001",
+    baseline_table="gallery_subjects",
+)
 
 
 @dataclass(frozen=True)
@@ -59,24 +107,67 @@ class Enrollment(Generic[RecordT]):
     record: RecordT
 
 
+@dataclass(frozen=True)
+class StoreState:
+    """Which store, and how far its changes go."""
+
+    token: str
+    version: int
+
+
+@dataclass(frozen=True)
+class StoredSubject:
+    """An enrolled subject as read back: its stored templates and the version that wrote them."""
+
+    subject_id: str
+    version: int
+    templates: dict[int, tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A subject removed at ``version`` (and not enrolled again since)."""
+
+    subject_id: str
+    version: int
+
+
 class GalleryStore(Generic[RecordT]):
     """Templates and records of one node."""
 
     def __init__(self, url: str, records: RecordStore[RecordT]) -> None:
         self.records = records
         self._engine = connect(url)
-        _Base.metadata.create_all(self._engine)
-        records.metadata.create_all(self._engine)
+        upgrade(self._engine, [MIGRATIONS, records.migrations])
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        try:
+            with self._sessions.begin() as session:
+                if session.get(StateRow, 1) is None:
+                    session.add(StateRow(id=1, token=uuid.uuid4().hex, version=0))
+        except IntegrityError:
+            pass  # another process created it first
 
-    def enroll(self, enrollments: Sequence[Enrollment[RecordT]]) -> None:
-        """Stores all of them in one transaction, replacing earlier enrollments of the same ids."""
+    def enroll(self, enrollments: Sequence[Enrollment[RecordT]]) -> int:
+        """Stores all of them in one transaction, replacing earlier enrollments of the same ids;
+        returns the version it wrote."""
         now = dt.datetime.now(dt.UTC)
         with self._sessions.begin() as session:
+            # The version first: the row lock (PostgreSQL) or write lock (SQLite) it takes holds
+            # every other writer back until this transaction commits, so versions commit in order.
+            version = self._next_version(session)
             ids = [e.subject_id for e in enrollments]
             self._delete(session, ids)
+            session.execute(delete(RemovalRow).where(RemovalRow.subject_id.in_(ids)))
             session.flush()
-            session.add_all(SubjectRow(subject_id=e.subject_id, enrolled_at=now) for e in enrollments)
+            session.add_all(
+                SubjectRow(
+                    subject_id=e.subject_id,
+                    enrolled_at=now,
+                    bucket=subject_bucket(e.subject_id),
+                    version=version,
+                )
+                for e in enrollments
+            )
             session.flush()  # subjects before the fingers that reference them
             for e in enrollments:
                 session.add_all(
@@ -84,34 +175,43 @@ class GalleryStore(Generic[RecordT]):
                     for p, (f, d) in e.templates.items()
                 )
                 self.records.put(session, e.record)
-            self._touch(session)
+            return version
 
-    def remove(self, subject_ids: Sequence[str]) -> int:
-        """Deletes these subjects; returns how many existed."""
+    def remove(self, subject_ids: Sequence[str]) -> tuple[int, int]:
+        """Deletes these subjects; returns how many existed and the version of the removal (the
+        current version when none existed: nothing changed)."""
         with self._sessions.begin() as session:
-            removed = self._delete(session, subject_ids)
-            if removed:
-                self._touch(session)
-            return removed
+            present = list(
+                session.scalars(
+                    select(SubjectRow.subject_id).where(SubjectRow.subject_id.in_(list(subject_ids)))
+                )
+            )
+            if not present:
+                return 0, self._version(session)
+            version = self._next_version(session)
+            removed = self._delete(session, present)
+            session.execute(delete(RemovalRow).where(RemovalRow.subject_id.in_(present)))
+            session.add_all(
+                RemovalRow(subject_id=s, bucket=subject_bucket(s), version=version) for s in present
+            )
+            return removed, version
 
     @staticmethod
-    def _touch(session: Session) -> None:
-        """Gives the stored gallery a new token, inside the transaction that changes it."""
-        state = session.get(StateRow, 1)
-        if state is None:
-            session.add(StateRow(id=1, token=uuid.uuid4().hex))
-        else:
-            state.token = uuid.uuid4().hex
+    def _next_version(session: Session) -> int:
+        # Written before it is read: concurrent writers queue on the row and never share a version.
+        session.execute(update(StateRow).where(StateRow.id == 1).values(version=StateRow.version + 1))
+        return int(session.scalar(select(StateRow.version).where(StateRow.id == 1)) or 0)
 
-    def token(self) -> str:
-        """The current state token of the stored gallery (see :class:`StateRow`)."""
-        with self._sessions.begin() as session:
-            state = session.get(StateRow, 1)
-            if state is None:
-                self._touch(session)
-                state = session.get(StateRow, 1)
-            assert state is not None
-            return state.token
+    @staticmethod
+    def _version(session: Session) -> int:
+        return int(session.scalar(select(StateRow.version).where(StateRow.id == 1)) or 0)
+
+    def state(self) -> StoreState:
+        """The store's token and its current version."""
+        with self._sessions() as session:
+            row = session.get(StateRow, 1)
+            assert row is not None
+            return StoreState(row.token, row.version)
 
     def _delete(self, session: Session, subject_ids: Sequence[str]) -> int:
         rows = list(session.scalars(select(SubjectRow).where(SubjectRow.subject_id.in_(list(subject_ids)))))
@@ -122,28 +222,47 @@ class GalleryStore(Generic[RecordT]):
         self.records.delete(session, subject_ids)
         return len(rows)
 
-    def count(self) -> int:
+    def count(self, partition: Partition = WHOLE) -> int:
+        """Enrolled subjects (of ``partition``)."""
         with self._sessions() as session:
-            return int(session.scalar(select(func.count()).select_from(SubjectRow)) or 0)
+            query = select(func.count()).select_from(SubjectRow)
+            if not partition.whole:
+                query = query.where(SubjectRow.bucket % partition.count == partition.index)
+            return int(session.scalar(query) or 0)
 
-    def templates(self) -> Iterator[tuple[str, dict[int, tuple[int, bytes]]]]:
-        """Every enrolled subject with its stored templates, in subject-id order."""
-        with self._sessions() as session:
-            current: str | None = None
-            fingers: dict[int, tuple[int, bytes]] = {}
-            rows = session.execute(
-                select(FingerRow.subject_id, FingerRow.position, FingerRow.format, FingerRow.data).order_by(
-                    FingerRow.subject_id, FingerRow.position
-                )
+    def templates(self, partition: Partition = WHOLE, since: int = 0) -> Iterator[StoredSubject]:
+        """The enrolled subjects of ``partition`` written after version ``since``, with their
+        stored templates, in subject-id order."""
+        query = (
+            select(
+                FingerRow.subject_id, SubjectRow.version, FingerRow.position, FingerRow.format, FingerRow.data
             )
-            for subject_id, position, fmt, data in rows:
-                if subject_id != current:
+            .join(SubjectRow, SubjectRow.subject_id == FingerRow.subject_id)
+            .order_by(FingerRow.subject_id, FingerRow.position)
+        )
+        if since:
+            query = query.where(SubjectRow.version > since)
+        if not partition.whole:
+            query = query.where(SubjectRow.bucket % partition.count == partition.index)
+        with self._sessions() as session:
+            current: tuple[str, int] | None = None
+            fingers: dict[int, tuple[int, bytes]] = {}
+            for subject_id, version, position, fmt, data in session.execute(query):
+                if current is None or subject_id != current[0]:
                     if current is not None:
-                        yield current, fingers
-                    current, fingers = subject_id, {}
+                        yield StoredSubject(current[0], current[1], fingers)
+                    current, fingers = (subject_id, version), {}
                 fingers[position] = (fmt, data)
             if current is not None:
-                yield current, fingers
+                yield StoredSubject(current[0], current[1], fingers)
+
+    def removals(self, partition: Partition = WHOLE, since: int = 0) -> list[Removal]:
+        """Subjects of ``partition`` removed after version ``since`` (and not enrolled again)."""
+        query = select(RemovalRow.subject_id, RemovalRow.version).where(RemovalRow.version > since)
+        if not partition.whole:
+            query = query.where(RemovalRow.bucket % partition.count == partition.index)
+        with self._sessions() as session:
+            return [Removal(s, v) for s, v in session.execute(query.order_by(RemovalRow.version))]
 
     def subject(self, subject_id: str) -> tuple[dict[int, tuple[int, bytes]], RecordT | None] | None:
         """One enrolled subject's stored templates (position -> (format, data)) and record, or
@@ -167,4 +286,4 @@ class GalleryStore(Generic[RecordT]):
         self._engine.dispose()
 
 
-__all__ = ["Enrollment", "GalleryStore"]
+__all__ = ["Enrollment", "GalleryStore", "Removal", "StoreState", "StoredSubject"]

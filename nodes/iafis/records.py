@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
+from fedprint.migrations import Migrations
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import FieldViolation
 from fedprint.validation import (
@@ -67,7 +69,13 @@ class CriminalHistoryStore:
     """:class:`nodes.gallery.records.RecordStore` for ``fedprint.records.v1.CriminalHistory``."""
 
     record_field = "criminal_history"
-    metadata = _Base.metadata
+    migrations = Migrations(
+        name="iafis",
+        versions=Path(__file__).with_name("migrations"),
+        metadata=_Base.metadata,
+        baseline="0001",
+        baseline_table="iafis_subjects",
+    )
 
     def validate(self, record: rec.CriminalHistory, subject_id: str, field: str) -> list[FieldViolation]:
         violations = Violations()

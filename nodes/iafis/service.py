@@ -1,11 +1,28 @@
-"""The IAFIS gallery service: the shared gallery server with the criminal-history record model."""
+"""The IAFIS gallery service: the shared gallery server with the criminal-history record model, as one
+process holding the whole gallery, as a shard holding one partition, or as the router in front of
+the shards."""
 
 from __future__ import annotations
 
-from nodes.gallery import GalleryNode, NodeConfig, build_gallery_node
+from typing import TYPE_CHECKING
+
+from nodes.gallery.config import NodeConfig
 from nodes.iafis.records import CriminalHistoryStore
+
+if TYPE_CHECKING:
+    from nodes.gallery.router import GalleryRouterService
+    from nodes.gallery.server import GalleryNode
 
 
 def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNode:
-    """The IAFIS node, configured and not yet started."""
+    """The IAFIS node (whole, or a shard), configured and not yet started."""
+    from nodes.gallery.server import build_gallery_node  # torch: only processes holding a gallery
+
     return build_gallery_node(config, CriminalHistoryStore(), database_url)
+
+
+def build_router(config: NodeConfig) -> GalleryRouterService:
+    """The IAFIS router in front of the shards its config names, not yet started."""
+    from nodes.gallery.router import build_gallery_router
+
+    return build_gallery_router(config, CriminalHistoryStore())

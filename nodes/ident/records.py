@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
+from fedprint.migrations import Migrations
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import FieldViolation
 from fedprint.validation import (
@@ -59,7 +61,13 @@ class ImmigrationHistoryStore:
     """:class:`nodes.gallery.records.RecordStore` for ``fedprint.records.v1.ImmigrationHistory``."""
 
     record_field = "immigration_history"
-    metadata = _Base.metadata
+    migrations = Migrations(
+        name="ident",
+        versions=Path(__file__).with_name("migrations"),
+        metadata=_Base.metadata,
+        baseline="0001",
+        baseline_table="ident_subjects",
+    )
 
     def validate(self, record: rec.ImmigrationHistory, subject_id: str, field: str) -> list[FieldViolation]:
         violations = Violations()

@@ -65,6 +65,11 @@ class _NodeOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeOutco
     """could not be reached"""
     FAILED: _NodeOutcome.ValueType  # 4
     """answered with an error"""
+    PARTIAL: _NodeOutcome.ValueType  # 5
+    """A sharded node answered for part of its gallery only: a shard did not answer (the
+    error names it). Treated as not answered: the decision is INCOMPLETE, the node is
+    searched again, and its partial candidates are not kept.
+    """
 
 class NodeOutcome(_NodeOutcome, metaclass=_NodeOutcomeEnumTypeWrapper):
     """How a node's search went."""
@@ -77,6 +82,11 @@ UNAVAILABLE: NodeOutcome.ValueType  # 3
 """could not be reached"""
 FAILED: NodeOutcome.ValueType  # 4
 """answered with an error"""
+PARTIAL: NodeOutcome.ValueType  # 5
+"""A sharded node answered for part of its gallery only: a shard did not answer (the
+error names it). Treated as not answered: the decision is INCOMPLETE, the node is
+searched again, and its partial candidates are not kept.
+"""
 Global___NodeOutcome: _TypeAlias = NodeOutcome  # noqa: Y015
 
 class _NotificationState:

@@ -3,6 +3,13 @@
 isort:skip_file
 The gallery service that both the IAFIS and the IDENT node serve: ten-print
 identification against enrolled subjects, enrollment, removal, statistics.
+
+A node runs either as one process holding its whole gallery, or sharded: a router in
+front of N shard processes, each holding one partition of the gallery (a subject
+belongs to partition hash(subject_id) mod N). The router serves this same service: it
+searches every partition at once and merges their candidates, sends an enrolment or
+removal to the partition that owns the subject, and sums the partitions' statistics.
+Shards serve this service too, to their router only (same node certificate).
 """
 
 from collections import abc as _abc
@@ -143,6 +150,7 @@ class ProbeResult(_message.Message):
     UNUSABLE_FINGERS_FIELD_NUMBER: _builtins.int
     SEARCHED_SUBJECTS_FIELD_NUMBER: _builtins.int
     FULLY_SCORED_SUBJECTS_FIELD_NUMBER: _builtins.int
+    MISSING_SHARDS_FIELD_NUMBER: _builtins.int
     probe_id: _builtins.str
     decision: _biometrics_pb2.DecisionBand.ValueType
     """Band of the best candidate; NO_HIT when there is none."""
@@ -160,6 +168,16 @@ class ProbeResult(_message.Message):
     def unusable_fingers(self) -> _containers.RepeatedCompositeFieldContainer[_biometrics_pb2.FingerIssue]:
         """Fingers of the probe that took no part in the search."""
 
+    @_builtins.property
+    def missing_shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___MissingShard]:
+        """Partitions of a sharded node's gallery this probe was NOT searched in (a shard that
+        did not answer within the deadline, could not be reached, or failed). When not empty
+        the answer is partial: the candidates come from the other partitions only, so the
+        decision band says nothing about the subjects of the missing ones, and a caller must
+        treat the node as not having answered (the coordinator makes the booking INCOMPLETE,
+        naming the shard, and searches the node again). Always empty from an unsharded node.
+        """
+
     def __init__(
         self,
         *,
@@ -170,14 +188,71 @@ class ProbeResult(_message.Message):
         unusable_fingers: _abc.Iterable[_biometrics_pb2.FingerIssue] | None = ...,
         searched_subjects: _builtins.int = ...,
         fully_scored_subjects: _builtins.int = ...,
+        missing_shards: _abc.Iterable[Global___MissingShard] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decision", b"decision", "fully_scored_subjects", b"fully_scored_subjects", "probe_id", b"probe_id", "searched_subjects", b"searched_subjects", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decision", b"decision", "fully_scored_subjects", b"fully_scored_subjects", "missing_shards", b"missing_shards", "probe_id", b"probe_id", "searched_subjects", b"searched_subjects", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProbeResult: _TypeAlias = ProbeResult  # noqa: Y015
+
+@_typing.final
+class GalleryPartition(_message.Message):
+    """One partition of a sharded gallery: partition `index` of `count` (0 <= index < count)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GalleryPartition: _TypeAlias = GalleryPartition  # noqa: Y015
+
+@_typing.final
+class MissingShard(_message.Message):
+    """A partition that took no part in a search, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """Where the router called the partition's shard (host:port)."""
+    error: _builtins.str
+    """Why it is missing: the gRPC status code name and message of the call, e.g.
+    "DEADLINE_EXCEEDED: Deadline Exceeded", or what was wrong with its answer.
+    """
+    @_builtins.property
+    def partition(self) -> Global___GalleryPartition: ...
+    def __init__(
+        self,
+        *,
+        partition: Global___GalleryPartition | None = ...,
+        address: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error", b"error", "partition", b"partition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MissingShard: _TypeAlias = MissingShard  # noqa: Y015
 
 @_typing.final
 class IdentifyResponse(_message.Message):
@@ -185,19 +260,28 @@ class IdentifyResponse(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Name of the answering node ("iafis" or "ident")."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeResult]: ...
+    @_builtins.property
+    def partition(self) -> Global___GalleryPartition:
+        """Set by a shard: the partition it searched (its router checks that it is the one it
+        asked, so that shards still on an old partition count during a change of the shard
+        count are reported missing rather than merged). Unset from a router or an unsharded node.
+        """
+
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         results: _abc.Iterable[Global___ProbeResult] | None = ...,
+        partition: Global___GalleryPartition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "partition", b"partition", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,6 +412,7 @@ class GalleryStats(_message.Message):
     TEMPLATE_FORMAT_VERSION_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     gallery_size: _builtins.int
     finger_count: _builtins.int
@@ -337,7 +422,17 @@ class GalleryStats(_message.Message):
     device: _builtins.str
     """Torch device that scores probes ("cpu", "cuda:0")."""
     @_builtins.property
-    def thresholds(self) -> _biometrics_pb2.Thresholds: ...
+    def thresholds(self) -> _biometrics_pb2.Thresholds:
+        """The thresholds of the whole gallery (a router reports its own, which every shard's
+        answer must match).
+        """
+
+    @_builtins.property
+    def partition(self) -> Global___GalleryPartition:
+        """Set by a shard: the partition it holds. Unset from a router or an unsharded node,
+        which report the whole gallery.
+        """
+
     def __init__(
         self,
         *,
@@ -347,10 +442,11 @@ class GalleryStats(_message.Message):
         template_format_version: _builtins.int = ...,
         device: _builtins.str = ...,
         thresholds: _biometrics_pb2.Thresholds | None = ...,
+        partition: Global___GalleryPartition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "finger_count", b"finger_count", "gallery_size", b"gallery_size", "node", b"node", "template_format_version", b"template_format_version", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "finger_count", b"finger_count", "gallery_size", b"gallery_size", "node", b"node", "partition", b"partition", "template_format_version", b"template_format_version", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,13 @@
 isort:skip_file
 The gallery service that both the IAFIS and the IDENT node serve: ten-print
 identification against enrolled subjects, enrollment, removal, statistics.
+
+A node runs either as one process holding its whole gallery, or sharded: a router in
+front of N shard processes, each holding one partition of the gallery (a subject
+belongs to partition hash(subject_id) mod N). The router serves this same service: it
+searches every partition at once and merges their candidates, sends an enrolment or
+removal to the partition that owns the subject, and sums the partitions' statistics.
+Shards serve this service too, to their router only (same node certificate).
 """
 
 from collections import abc as _abc

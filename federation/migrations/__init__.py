@@ -1,0 +1,1 @@
+"""The coordinator store's schema revisions (Alembic; see :mod:`fedprint.migrations`)."""

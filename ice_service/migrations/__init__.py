@@ -1,0 +1,1 @@
+"""The ICE store's schema revisions (Alembic; see :mod:`fedprint.migrations`)."""

@@ -1,0 +1,1 @@
+"""The gallery store's schema revisions (Alembic; see :mod:`fedprint.migrations`)."""

@@ -1,0 +1,137 @@
+"""What a gallery request must satisfy, checked the same way by a node, a shard and a router (which
+refuses bad input itself rather than sending it to every shard), and the decision bands.
+
+Nothing here touches the gallery, the store or torch: a router, which holds neither, uses it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from evaluation.calibration import Thresholds
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
+from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.rpc import FieldViolation, InvalidRequest
+from fedprint.tenprint import DecodedTenPrint, decode_tenprint
+from fedprint.validation import PROBE_ID, SUBJECT_ID, Violations, check_count
+from nodes.gallery.config import NodeConfig
+from nodes.gallery.partition import Partition
+from nodes.gallery.records import RecordStore
+
+#: Most subjects one Enroll stream may carry; it is one transaction held in memory.
+MAX_ENROLL_PER_STREAM = 50_000
+#: Most subject ids one Remove call, or one Identify's gallery subset, may name.
+MAX_SUBJECT_IDS = 10_000
+
+
+def band_of(score: float, thresholds: Thresholds) -> bio.DecisionBand.ValueType:
+    """HIT at or above the hit threshold, REVIEW at or above the review threshold, else NO_HIT."""
+    if score >= thresholds.hit:
+        return bio.HIT
+    if score >= thresholds.review:
+        return bio.REVIEW
+    return bio.NO_HIT
+
+
+def thresholds_proto(t: Thresholds) -> bio.Thresholds:
+    return bio.Thresholds(
+        hit=t.hit, review=t.review, hit_fpir=t.hit_fpir, review_fpir=t.review_fpir, source=t.source
+    )
+
+
+@dataclass(frozen=True)
+class IdentifyPlan:
+    """A valid Identify request: its probes decoded, the thresholds it is judged by, and k."""
+
+    probes: list[DecodedTenPrint]
+    thresholds: Thresholds
+    k: int
+
+
+def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> IdentifyPlan:
+    """The plan of a valid request; :class:`InvalidRequest` listing every problem otherwise."""
+    violations = Violations()
+    if not request.probes:
+        violations.add("probes", "at least one probe is required")
+    probes_ok = check_count(
+        len(request.probes), config.max_probes_per_request, "probes", violations, "probes"
+    )
+    if request.max_results > config.max_results_limit:
+        violations.add("max_results", f"{request.max_results} exceeds {config.max_results_limit}")
+    if not 0.0 <= request.target_fpir < 1.0:  # also refuses NaN
+        violations.add("target_fpir", "must lie in (0, 1), or 0 for the default")
+    if check_count(len(request.subject_ids), MAX_SUBJECT_IDS, "subject_ids", violations, "subject ids"):
+        for i, subject_id in enumerate(request.subject_ids):
+            SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations)
+    thresholds = config.thresholds
+    if request.target_fpir > 0.0 and not violations:
+        derived = thresholds.for_fpir(request.target_fpir)
+        if derived is None:
+            violations.add("target_fpir", f"no calibration reaches FPIR {request.target_fpir:g} on this node")
+        else:
+            thresholds = derived
+    decoded = []
+    seen: set[str] = set()
+    for i, probe in enumerate(request.probes if probes_ok else []):
+        if PROBE_ID.check(probe.probe_id, f"probes[{i}].probe_id", violations):
+            if probe.probe_id in seen:
+                violations.add(f"probes[{i}].probe_id", "probe id repeated")
+            seen.add(probe.probe_id)
+        try:
+            decoded.append(decode_tenprint(probe.tenprint, f"probes[{i}].tenprint"))
+        except InvalidRequest as error:
+            violations.extend(error.violations)
+    if violations:
+        raise InvalidRequest(violations, "malformed identify request")
+    return IdentifyPlan(decoded, thresholds, request.max_results or 10)
+
+
+def check_enrollment(
+    request: gal.EnrollRequest,
+    where: str,
+    seen: set[str],
+    records: RecordStore[Any],
+    node: str,
+    partition: Partition | None = None,
+) -> list[FieldViolation]:
+    """Problems with one message of an Enroll stream (``seen``: ids earlier in the stream).
+    ``partition``: a shard's, which must own the subject."""
+    if not SUBJECT_ID.valid(request.subject_id):
+        bad = Violations()
+        SUBJECT_ID.check(request.subject_id, f"{where}.subject_id", bad)
+        return bad.reported()
+    if request.subject_id in seen:
+        return [FieldViolation(f"{where}.subject_id", f"{request.subject_id} appears twice in the stream")]
+    seen.add(request.subject_id)
+    if partition is not None and not partition.owns(request.subject_id):
+        return [FieldViolation(f"{where}.subject_id", f"{request.subject_id} does not belong to {partition}")]
+    field = records.record_field
+    if request.WhichOneof("record") != field:
+        return [FieldViolation(f"{where}.{field}", f"the {node} node needs a {field} record")]
+    return records.validate(getattr(request, field), request.subject_id, f"{where}.{field}")
+
+
+def check_remove(request: gal.RemoveRequest, partition: Partition | None = None) -> None:
+    """Raises :class:`InvalidRequest` unless the request names 1 to 10,000 valid subject ids (of
+    ``partition``, for a shard)."""
+    violations = Violations()
+    if not request.subject_ids:
+        violations.add("subject_ids", "name at least one subject")
+    if check_count(len(request.subject_ids), MAX_SUBJECT_IDS, "subject_ids", violations, "subject ids"):
+        for i, subject_id in enumerate(request.subject_ids):
+            if SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations) and not (
+                partition is None or partition.owns(subject_id)
+            ):
+                violations.add(f"subject_ids[{i}]", f"{subject_id} does not belong to {partition}")
+    if violations:
+        raise InvalidRequest(violations, "malformed remove request")
+
+
+def usable_templates(request: gal.EnrollRequest, decoded: DecodedTenPrint) -> dict[int, tuple[int, bytes]]:
+    """The stored form of an enrolment's usable fingers: position -> (format, record bytes)."""
+    return {
+        int(f.position): (int(f.template.format), f.template.data)
+        for f in request.tenprint.fingers
+        if f.WhichOneof("data") == "template" and int(f.position) in decoded.templates.fingers
+    }

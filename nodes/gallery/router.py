@@ -1,0 +1,449 @@
+"""A sharded node's router: ``fedprint.gallery.v1.GalleryService`` in front of the node's shards.
+
+The router holds no data. Each shard holds one partition of the node's gallery
+(:mod:`nodes.gallery.partition`); ``shards`` lists their addresses in partition order, and each
+address may resolve to several replicas of its partition, over which calls are spread
+(round robin). For its caller the router is the node:
+
+- ``Identify``: the request is checked once here, then sent to every shard at once under the
+  caller's deadline (less a margin to merge and answer); the shards' candidates are merged into
+  one top-k, ranked and banded by the thresholds of the whole gallery (the router's own, which
+  every shard's answer must match). A shard that does not answer in time, cannot be reached,
+  fails, or answers for another partition than the one it was asked for (a shard still on the
+  old count while the count changes) is named in each probe's ``missing_shards``: the answer is
+  partial, and the coordinator treats the node as not having answered. When no shard answers
+  the call fails UNAVAILABLE, naming them.
+- ``Enroll``: the stream is checked whole here (nothing is sent if any message is bad), then
+  each subject goes to the shard that owns it. Each shard stores its part in one transaction;
+  if a shard fails, the others' parts stay stored and the call fails naming the shard. An
+  enrolment replaces, so sending the same stream again is safe.
+- ``Remove``: each id to the shard that owns it. ``GetStats``: the shards' sums.
+
+The router calls its shards with the node's own certificate (role gallery-node), which is what
+shards answer (:class:`nodes.gallery.server.GalleryServicer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from fedprint.access import current_caller, deny
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
+from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
+from fedprint.pki import Role
+from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel, service
+from fedprint.tenprint import decode_tenprint
+from fedprint.validation import Violations
+from nodes.gallery.config import NodeConfig
+from nodes.gallery.partition import Partition, by_owner, owner
+from nodes.gallery.records import RecordStore
+from nodes.gallery.requests import (
+    MAX_ENROLL_PER_STREAM,
+    IdentifyPlan,
+    band_of,
+    check_enrollment,
+    check_identify,
+    check_remove,
+    thresholds_proto,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Share of the caller's remaining time kept back from the shards, to merge and answer...
+MERGE_SHARE = 0.1
+#: ...but never more than this many seconds.
+MERGE_MARGIN_MAX_S = 0.5
+
+
+@dataclass(frozen=True)
+class ShardClient:
+    """One partition of the node and the channel to the shard (replicas) holding it."""
+
+    partition: Partition
+    address: str
+    stub: gal_grpc.GalleryServiceAsyncStub
+
+    def describe(self) -> str:
+        return f"shard {self.partition.index} of {self.partition.count} ({self.address})"
+
+
+class ShardFailure(Exception):
+    """A shard's call failed; the message names the shard."""
+
+    def __init__(self, shard: ShardClient, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{shard.describe()}: {code.name}: {details}")
+        self.shard = shard
+        self.code = code
+
+
+def _same_thresholds(a: bio.Thresholds, b: bio.Thresholds) -> bool:
+    return math.isclose(a.hit, b.hit, rel_tol=1e-9, abs_tol=1e-12) and math.isclose(
+        a.review, b.review, rel_tol=1e-9, abs_tol=1e-12
+    )
+
+
+class GalleryRouter(gal_grpc.GalleryServiceServicer):
+    """The node's GalleryService, answered by scattering to its shards and merging."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        records: RecordStore[Any],
+        shards: Sequence[ShardClient],
+    ) -> None:
+        self.config = config
+        self.node = config.node
+        self.records = records
+        self.shards = list(shards)
+        self._missing: Counter | None = None
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Adds the router's own metric to its host's registry."""
+        self._missing = Counter(
+            "fedprint_router_missing_shards_total",
+            "searches a shard took no part in (no answer, an error, or the wrong partition)",
+            ["node", "shard"],
+            registry=registry,
+        )
+
+    async def _refuse_gallery_nodes(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        identity = current_caller().identity
+        if identity is not None and identity.role is Role.GALLERY_NODE:
+            await deny(context, f"the {self.node} router is not a shard; gallery nodes call shards only")
+
+    @staticmethod
+    def _budget(context: grpc.aio.ServicerContext[Any, Any], default_s: float) -> float:
+        """The shards' deadline: the caller's remaining time less a margin to merge and answer."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return default_s
+        return max(0.05, remaining - min(MERGE_MARGIN_MAX_S, MERGE_SHARE * remaining))
+
+    # -- Identify -------------------------------------------------------------------------------
+
+    async def _search(
+        self, shard: ShardClient, request: gal.IdentifyRequest, plan: IdentifyPlan, timeout_s: float
+    ) -> gal.IdentifyResponse | gal.MissingShard:
+        """The shard's answer, or why it is missing."""
+        missing = gal.MissingShard(
+            partition=gal.GalleryPartition(index=shard.partition.index, count=shard.partition.count),
+            address=shard.address,
+        )
+        try:
+            response = await shard.stub.Identify(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            missing.error = f"{error.code().name}: {error.details()}"
+            return missing
+        answered = Partition(response.partition.index, response.partition.count)
+        expected_ids = [p.probe_id for p in request.probes]
+        if not response.HasField("partition") or answered != shard.partition:
+            missing.error = (
+                f"answered for partition {answered.index} of {answered.count}, not {shard.partition}"
+                if response.HasField("partition")
+                else "answered as a whole gallery, not as a shard"
+            )
+        elif [r.probe_id for r in response.results] != expected_ids:
+            missing.error = "answered for other probes than it was asked"
+        elif not all(
+            _same_thresholds(r.thresholds, thresholds_proto(plan.thresholds)) for r in response.results
+        ):
+            missing.error = (
+                f"judges by other thresholds (hit {response.results[0].thresholds.hit:g}) than the node "
+                f"(hit {plan.thresholds.hit:g}): router and shards need the same calibration"
+            )
+        else:
+            return response
+        return missing
+
+    async def Identify(
+        self, request: gal.IdentifyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.IdentifyResponse:
+        started = time.perf_counter()
+        await self._refuse_gallery_nodes(context)
+        try:
+            plan = check_identify(request, self.config)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        timeout_s = self._budget(context, self.config.shard_deadline_s)
+        answers = await asyncio.gather(*(self._search(s, request, plan, timeout_s) for s in self.shards))
+        responses = [a for a in answers if isinstance(a, gal.IdentifyResponse)]
+        missing = [a for a in answers if isinstance(a, gal.MissingShard)]
+        for m in missing:
+            if self._missing is not None:
+                self._missing.labels(self.node, str(m.partition.index)).inc()
+            log.warning(
+                "shard missing from a search",
+                node=self.node,
+                shard=m.partition.index,
+                address=m.address,
+                error=m.error,
+                probes=[p.probe_id for p in request.probes],
+            )
+        if not responses:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no shard of the {self.node} node answered: "
+                + "; ".join(f"shard {m.partition.index} ({m.address}): {m.error}" for m in missing),
+            )
+        merged = self._merge(request, plan, responses, missing)
+        log.info(
+            "identify",
+            node=self.node,
+            probes=[p.probe_id for p in request.probes],
+            decisions=[bio.DecisionBand.Name(r.decision) for r in merged.results],
+            shards=len(self.shards),
+            missing=[m.partition.index for m in missing],
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return merged
+
+    def _merge(
+        self,
+        request: gal.IdentifyRequest,
+        plan: IdentifyPlan,
+        responses: Sequence[gal.IdentifyResponse],
+        missing: Sequence[gal.MissingShard],
+    ) -> gal.IdentifyResponse:
+        """One answer from the shards' answers: per probe, the best ``k`` candidates of all of
+        them, ranked again and banded by the node's thresholds."""
+        merged = gal.IdentifyResponse(node=self.node)
+        thresholds = thresholds_proto(plan.thresholds)
+        for i, probe in enumerate(request.probes):
+            best: dict[str, gal.Candidate] = {}
+            for response in responses:
+                for candidate in response.results[i].candidates:
+                    kept = best.get(candidate.subject_id)
+                    if kept is None or candidate.fused_score > kept.fused_score:
+                        best[candidate.subject_id] = candidate
+            ranked = sorted(best.values(), key=lambda c: (-c.fused_score, c.subject_id))[: plan.k]
+            result = merged.results.add(
+                probe_id=probe.probe_id,
+                thresholds=thresholds,
+                unusable_fingers=[issue.to_proto() for issue in plan.probes[i].issues],
+                searched_subjects=sum(r.results[i].searched_subjects for r in responses),
+                fully_scored_subjects=sum(r.results[i].fully_scored_subjects for r in responses),
+                missing_shards=missing,
+            )
+            for rank, candidate in enumerate(ranked, start=1):
+                out = result.candidates.add()
+                out.CopyFrom(candidate)
+                out.rank = rank
+                out.band = band_of(candidate.fused_score, plan.thresholds)
+                if out.band != bio.HIT:
+                    out.ClearField("record")  # minimal disclosure, whatever a shard sent
+            result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT
+        return merged
+
+    # -- Enroll / Remove / GetStats -------------------------------------------------------------
+
+    async def Enroll(
+        self, request_iterator: AsyncIterator[gal.EnrollRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.EnrollResponse:
+        await self._refuse_gallery_nodes(context)
+        groups: dict[int, list[gal.EnrollRequest]] = {}
+        violations = Violations()
+        seen: set[str] = set()
+        i = -1
+        async for request in request_iterator:
+            i += 1
+            if i >= MAX_ENROLL_PER_STREAM:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"an Enroll stream carries at most {MAX_ENROLL_PER_STREAM} subjects; split it",
+                )
+            where = f"requests[{i}]"
+            found = check_enrollment(request, where, seen, self.records, self.node)
+            if not found:
+                try:
+                    decode_tenprint(request.tenprint, f"{where}.tenprint")
+                except InvalidRequest as error:
+                    found = error.violations
+            if found:
+                violations.extend(found)
+                continue
+            groups.setdefault(owner(request.subject_id, len(self.shards)), []).append(request)
+        if violations:
+            await abort_invalid(
+                context, InvalidRequest(violations, "enrollment rejected; nothing was stored")
+            )
+        timeout_s = context.time_remaining()
+        outcomes = await asyncio.gather(
+            *(
+                self._enroll(self.shards[index], requests, timeout_s)
+                for index, requests in sorted(groups.items())
+            ),
+            return_exceptions=True,
+        )
+        await self._fail_on(context, outcomes, "enrolment", "sending the same stream again is safe")
+        enrolled = sum(o.enrolled for o in outcomes if isinstance(o, gal.EnrollResponse))
+        size = await self._gallery_size(timeout_s)
+        log.info("enrolled", node=self.node, subjects=enrolled, shards=len(groups), gallery_size=size)
+        return gal.EnrollResponse(enrolled=enrolled, gallery_size=size)
+
+    async def _enroll(
+        self, shard: ShardClient, requests: list[gal.EnrollRequest], timeout_s: float | None
+    ) -> gal.EnrollResponse:
+        try:
+            return await shard.stub.Enroll(iter(requests), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise ShardFailure(shard, error.code(), error.details() or "") from error
+
+    async def _fail_on(
+        self, context: grpc.aio.ServicerContext[Any, Any], outcomes: Sequence[object], what: str, advice: str
+    ) -> None:
+        """Fails the call, naming every shard whose part failed (the other parts are done)."""
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if not failures:
+            return
+        for failure in failures:
+            if not isinstance(failure, ShardFailure):
+                raise failure
+        shard_failures = [f for f in failures if isinstance(f, ShardFailure)]
+        done = len(outcomes) - len(failures)
+        log.error(what + " failed on shards", node=self.node, errors=[str(f) for f in shard_failures])
+        code = shard_failures[0].code if len(shard_failures) == 1 else grpc.StatusCode.UNAVAILABLE
+        await context.abort(
+            code,
+            f"{what} failed on {'; '.join(str(f) for f in shard_failures)}. "
+            f"The part of {done} other shard(s) is done; {advice}.",
+        )
+
+    async def Remove(
+        self, request: gal.RemoveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.RemoveResponse:
+        await self._refuse_gallery_nodes(context)
+        try:
+            check_remove(request)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        timeout_s = context.time_remaining()
+        groups = by_owner(request.subject_ids, len(self.shards))
+        outcomes = await asyncio.gather(
+            *(self._remove(self.shards[index], ids, timeout_s) for index, ids in sorted(groups.items())),
+            return_exceptions=True,
+        )
+        await self._fail_on(context, outcomes, "removal", "removing the same subjects again is safe")
+        removed = sum(o.removed for o in outcomes if isinstance(o, gal.RemoveResponse))
+        size = await self._gallery_size(timeout_s)
+        log.info("removed", node=self.node, subjects=removed, gallery_size=size)
+        return gal.RemoveResponse(removed=removed, gallery_size=size)
+
+    async def _remove(
+        self, shard: ShardClient, ids: list[str], timeout_s: float | None
+    ) -> gal.RemoveResponse:
+        try:
+            return await shard.stub.Remove(gal.RemoveRequest(subject_ids=ids), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise ShardFailure(shard, error.code(), error.details() or "") from error
+
+    async def _stats(self, shard: ShardClient, timeout_s: float | None) -> gal.GalleryStats:
+        try:
+            return await shard.stub.GetStats(
+                gal.GetStatsRequest(), timeout=timeout_s or self.config.shard_deadline_s
+            )
+        except grpc.aio.AioRpcError as error:
+            raise ShardFailure(shard, error.code(), error.details() or "") from error
+
+    async def _gallery_size(self, timeout_s: float | None) -> int:
+        """The node's gallery size after a change, from the shards that answer (an enrolment or
+        removal already done is not failed for a statistic)."""
+        stats = await asyncio.gather(
+            *(self._stats(s, timeout_s) for s in self.shards), return_exceptions=True
+        )
+        for failure in (s for s in stats if isinstance(s, BaseException)):
+            log.warning("gallery size without a shard", node=self.node, error=str(failure))
+        return sum(s.gallery_size for s in stats if isinstance(s, gal.GalleryStats))
+
+    async def GetSubject(
+        self, request: gal.GetSubjectRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.Subject:
+        """Passed on to the shard that owns the subject."""
+        await self._refuse_gallery_nodes(context)
+        shard = self.shards[owner(request.subject_id, len(self.shards))]
+        try:
+            return await shard.stub.GetSubject(request, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), f"{shard.describe()}: {error.details()}")
+            raise  # unreachable: abort raises
+
+    async def GetStats(
+        self, request: gal.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.GalleryStats:
+        await self._refuse_gallery_nodes(context)
+        outcomes = await asyncio.gather(
+            *(self._stats(s, self._budget(context, self.config.shard_deadline_s)) for s in self.shards),
+            return_exceptions=True,
+        )
+        await self._fail_on(context, outcomes, "statistics", "ask again once the shard is back")
+        stats = [o for o in outcomes if isinstance(o, gal.GalleryStats)]
+        versions = sorted({s.template_format_version for s in stats})
+        if len(versions) > 1:
+            log.warning("shards on different template formats", node=self.node, versions=versions)
+        return gal.GalleryStats(
+            node=self.node,
+            gallery_size=sum(s.gallery_size for s in stats),
+            finger_count=sum(s.finger_count for s in stats),
+            template_format_version=versions[0],
+            device=",".join(sorted({s.device for s in stats})),
+            thresholds=thresholds_proto(self.config.thresholds),
+        )
+
+
+@dataclass
+class GalleryRouterService:
+    """A running router: its gRPC host and the channels to its shards."""
+
+    host: ServiceHost
+    router: GalleryRouter
+    channels: list[grpc.aio.Channel]
+
+    async def start(self) -> int:
+        return await self.host.start()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.host.stop(grace_s)
+        for channel in self.channels:
+            await channel.close(None)
+
+
+def build_gallery_router(config: NodeConfig, records: RecordStore[Any]) -> GalleryRouterService:
+    """The router of a sharded node (not yet started). ``records`` checks enrolments; the router
+    stores nothing."""
+    if config.role != "router":
+        raise ValueError(f"role {config.role!r} is not a router")
+    count = len(config.shards)
+    channels = [
+        open_channel(address, config.tls, insecure=config.insecure, balanced=True)
+        for address in config.shards
+    ]
+    shards = [
+        ShardClient(Partition(i, count), address, gal_grpc.GalleryServiceStub(channel))
+        for i, (address, channel) in enumerate(zip(config.shards, channels, strict=True))
+    ]
+    router = GalleryRouter(config, records, shards)
+    host = ServiceHost(
+        config.listen,
+        [
+            service(
+                gal.DESCRIPTOR.services_by_name["GalleryService"],
+                gal_grpc.add_GalleryServiceServicer_to_server,
+                router,
+            )
+        ],
+        config.tls,
+        insecure=config.insecure,
+        metrics_listen=config.metrics_listen,
+        health_listen=config.health_listen,
+    )
+    router.register_metrics(host.metrics.registry)
+    return GalleryRouterService(host, router, channels)

@@ -1,0 +1,1 @@
+"""The IAFIS record model's schema revisions (Alembic; see :mod:`fedprint.migrations`)."""

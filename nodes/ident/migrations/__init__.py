@@ -1,0 +1,1 @@
+"""The IDENT record model's schema revisions (Alembic; see :mod:`fedprint.migrations`)."""

@@ -1,0 +1,38 @@
+"""`fedprint demo` as operators run it past one machine: every node a router in front of shard
+processes, every store in PostgreSQL (a throwaway server), every decision checked against the
+generator's ground truth, and the demo's databases gone afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from typer.testing import CliRunner
+
+from cli.app import app
+
+
+def test_the_demo_decides_right_with_sharded_nodes_on_postgresql(
+    postgres_server: str, tmp_path: Path
+) -> None:
+    summary = tmp_path / "demo.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            *("--persons", "60", "--bookings", "8", "--seed", "7"),
+            *("--shards", "2", "--database", postgres_server, "--json", str(summary)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(summary.read_text())
+    assert (out["shards"], out["database"]) == (2, "postgresql")
+    # The 8 bookings and the demo's one-finger booking.
+    assert (out["bookings"], out["correct"], out["wrong"], out["incomplete"]) == (9, 9, 0, 0)
+    assert out["iafis_hits"] and out["ident_hits"]
+    engine = create_engine(postgres_server)
+    with engine.connect() as connection:
+        left = connection.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'fedprint_demo%'"))
+        assert left.all() == []
+    engine.dispose()

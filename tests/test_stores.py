@@ -1,0 +1,164 @@
+"""Every store on SQLite and on PostgreSQL through the same code: the schema comes from the Alembic
+revisions and is exactly the models' schema, a database from before migrations is adopted, stores
+opened at once upgrade once, and what the stores keep reads back the same on both."""
+
+from __future__ import annotations
+
+import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
+
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
+
+from federation.store import MIGRATIONS as COORDINATOR
+from federation.store import CoordinatorStore
+from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.ice.v1 import ice_pb2 as ice
+from fedprint.migrations import current, differences, upgrade
+from fedprint.records.v1 import records_pb2 as rec
+from ice_service.server import MIGRATIONS as ICE
+from ice_service.server import IceStore
+from nodes.gallery.partition import Partition, subject_bucket
+from nodes.gallery.store import MIGRATIONS as GALLERY
+from nodes.gallery.store import Enrollment, GalleryStore
+from nodes.iafis.records import CriminalHistoryStore
+from nodes.ident.records import ImmigrationHistoryStore
+
+IAFIS = CriminalHistoryStore.migrations
+IDENT = ImmigrationHistoryStore.migrations
+ALL = [COORDINATOR, GALLERY, IAFIS, IDENT, ICE]
+
+
+def test_the_migrations_build_exactly_the_models_schema(database_url: str) -> None:
+    # The five stores' tables do not collide, so one database holds them all here.
+    engine = create_engine(database_url)
+    upgrade(engine, ALL)
+    with engine.connect() as connection:
+        for migrations in ALL:
+            assert differences(connection, migrations) == [], migrations.name
+            assert current(engine, migrations) == migrations.head()
+    # Upgrading again finds nothing to do.
+    upgrade(engine, ALL)
+    engine.dispose()
+
+
+def test_a_database_from_before_migrations_is_adopted_and_upgraded(database_url: str) -> None:
+    """The schema ``create_all`` made before migrations existed is the baseline revision: such a
+    database (no version table) is stamped with it and upgraded, its rows kept."""
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        for migrations in (COORDINATOR, GALLERY, IAFIS):
+            command.upgrade(migrations.config(connection), migrations.baseline or "")
+            connection.execute(text(f"DROP TABLE {migrations.version_table}"))
+        connection.execute(
+            text("INSERT INTO gallery_subjects (subject_id, enrolled_at) VALUES ('UCN-OLD-1', :t)"),
+            {"t": dt.datetime(2026, 1, 2, tzinfo=dt.UTC)},
+        )
+        connection.execute(text("INSERT INTO gallery_fingers VALUES ('UCN-OLD-1', 1, 1, :d)"), {"d": b"x"})
+        connection.execute(text("INSERT INTO gallery_state (id, token) VALUES (1, 'old-token')"))
+        connection.execute(
+            text("INSERT INTO decisions VALUES ('TCN-OLD-1', 'XX0010000', 1, 1, :d, :t, '')"),
+            {"d": bk.BookingDecision(tcn="TCN-OLD-1").SerializeToString(), "t": dt.datetime.now(dt.UTC)},
+        )
+        connection.commit()
+    engine.dispose()
+
+    gallery = GalleryStore(database_url, CriminalHistoryStore())
+    coordinator = CoordinatorStore(database_url)
+    try:
+        (old,) = list(gallery.templates())
+        assert (old.subject_id, old.version, old.templates) == ("UCN-OLD-1", 0, {1: (1, b"x")})
+        assert gallery.state().token == "old-token"
+        owner = Partition(subject_bucket("UCN-OLD-1") % 2, 2)
+        assert [s.subject_id for s in gallery.templates(owner)] == ["UCN-OLD-1"]  # its bucket was computed
+        stored = coordinator.decision("TCN-OLD-1")
+        assert stored is not None and stored.tcn == "TCN-OLD-1"
+        coordinator.record_event("TCN-OLD-1", "adopted", "the audit log works on the adopted schema")
+        assert coordinator.verify_audit() == (1, None)
+    finally:
+        gallery.close()
+        coordinator.close()
+    engine = create_engine(database_url)
+    for migrations in (COORDINATOR, GALLERY, IAFIS):
+        assert current(engine, migrations) == migrations.head()
+    engine.dispose()
+
+
+def test_stores_opened_at_once_upgrade_the_database_once(database_url: str) -> None:
+    """Replicas starting together (the shards of a node, coordinator replicas) share one upgrade."""
+
+    def open_gallery(_: int) -> int:
+        store = GalleryStore(database_url, ImmigrationHistoryStore())
+        try:
+            return store.state().version
+        finally:
+            store.close()
+
+    def open_coordinator(_: int) -> tuple[int, object]:
+        store = CoordinatorStore(database_url)
+        try:
+            return store.verify_audit()
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(6) as pool:
+        galleries = list(pool.map(open_gallery, range(3)))
+        coordinators = list(pool.map(open_coordinator, range(3)))
+    assert galleries == [0, 0, 0] and coordinators == [(0, None)] * 3
+    engine = create_engine(database_url)
+    tables = set(inspect(engine).get_table_names())
+    assert {"alembic_version_gallery", "alembic_version_ident", "alembic_version_coordinator"} <= tables
+    engine.dispose()
+
+
+def history(subject_id: str) -> rec.CriminalHistory:
+    history = rec.CriminalHistory(subject_id=subject_id)
+    history.descriptors.sex, history.descriptors.year_of_birth = "F", 1990
+    arrest = history.arrests.add(ori="XX0010000", disposition=rec.CONVICTED)
+    arrest.arrested_at.FromDatetime(dt.datetime(2020, 5, 1, 12, 30, tzinfo=dt.UTC))
+    arrest.charges.add(ncic_code="1201", literal="ROBBERY", counts=2)
+    return history
+
+
+def test_the_gallery_store_counts_changes_and_serves_each_partition(database_url: str) -> None:
+    store = GalleryStore(database_url, CriminalHistoryStore())
+    try:
+        ids = [f"UCN-{i:04d}" for i in range(12)]
+        first = store.enroll([Enrollment(s, {1: (1, s.encode()), 2: (1, b"b")}, history(s)) for s in ids[:8]])
+        second = store.enroll([Enrollment(s, {3: (1, b"c")}, history(s)) for s in [*ids[8:], ids[0]]])
+        assert (first, second) == (1, 2) and store.state().version == 2
+        # Changes since a version: the second enrolment, including the re-enrolled subject.
+        assert [(s.subject_id, s.version) for s in store.templates(since=1)] == [
+            (s, 2) for s in sorted([*ids[8:], ids[0]])
+        ]
+        assert next(store.templates()).templates == {3: (1, b"c")}  # re-enrolment replaced it
+        removed, third = store.remove([ids[1], ids[2], "UCN-NOBODY"])
+        assert (removed, third) == (2, 3)
+        assert [(r.subject_id, r.version) for r in store.removals(since=2)] == [(ids[1], 3), (ids[2], 3)]
+        assert store.remove(["UCN-NOBODY"]) == (0, 3)  # nothing changed, no new version
+        store.enroll([Enrollment(ids[1], {1: (1, b"a")}, history(ids[1]))])  # back again
+        assert [r.subject_id for r in store.removals(since=2)] == [ids[2]]
+        # Partitions split the subjects between them, and their changes too.
+        halves = [Partition(i, 2) for i in range(2)]
+        held = [sorted(s.subject_id for s in store.templates(p)) for p in halves]
+        assert sorted(held[0] + held[1]) == sorted(set(ids) - {ids[2]})
+        assert all(p.owns(s) for p, h in zip(halves, held, strict=True) for s in h)
+        assert sum(store.count(p) for p in halves) == store.count() == 11
+        assert [r.subject_id for r in store.removals(halves[subject_bucket(ids[2]) % 2])] == [ids[2]]
+        assert store.get_records([ids[3]])[ids[3]] == history(ids[3])
+    finally:
+        store.close()
+
+
+def test_the_ice_store_keeps_one_notification_per_tcn_in_utc(database_url: str) -> None:
+    store = IceStore(database_url)
+    try:
+        duplicate, first = store.add(ice.Notification(tcn="TCN-1", ori="XX0010000", level=rec.LEVEL_2))
+        assert not duplicate and first.tzinfo is not None
+        store.add(ice.Notification(tcn="TCN-2", ori="XX0010000", level=rec.LEVEL_1))
+        duplicate, again = store.add(ice.Notification(tcn="TCN-1", ori="XX0010000", level=rec.LEVEL_2))
+        assert duplicate and again == first and again.utcoffset() == dt.timedelta(0)
+        assert [n.tcn for n, _ in store.list(10)] == ["TCN-2", "TCN-1"]  # level 1 first
+        assert [n.tcn for n, _ in store.list(10, level=rec.LEVEL_2)] == ["TCN-1"]
+    finally:
+        store.close()
