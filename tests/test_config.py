@@ -155,7 +155,7 @@ def test_a_node_role_comes_with_its_own_settings(tmp_path: Path, monkeypatch: py
     assert (shard.partition.index, shard.partition.count) == (2, 3)
     assert shard.cache_name == "iafis-shard-2-of-3.cylinders"
     monkeypatch.setenv("FEDPRINT_SHARD__INDEX", "3")
-    with pytest.raises(ValidationError, match="not below shard.count"):
+    with pytest.raises(ValidationError, match=r"not below shard\.count"):
         NodeConfig.load(path)
     monkeypatch.delenv("FEDPRINT_SHARD__INDEX")
 
