@@ -382,17 +382,6 @@ class CoordinatorStore:
 
     # ------------------------------------------------------------------ incomplete bookings
 
-    def due_bookings(self, limit: int = 16) -> list[PendingBooking]:
-        """Sealed incomplete bookings whose next retry is due, oldest due first (claimed or not)."""
-        with self._sessions() as session:
-            rows = session.scalars(
-                select(PendingBookingRow)
-                .where(PendingBookingRow.next_attempt_at <= _now())
-                .order_by(PendingBookingRow.next_attempt_at)
-                .limit(limit)
-            )
-            return [PendingBooking(r.tcn, r.sealed, r.sealed_evidence, r.retries) for r in rows]
-
     def claim_due_bookings(self, lease_s: float, limit: int = 4) -> list[PendingBooking]:
         """Claims up to ``limit`` due bookings that no replica holds, for ``lease_s`` seconds, and
         returns them, oldest due first. The claim ends when the booking's next attempt is stored
