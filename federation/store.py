@@ -551,29 +551,18 @@ class CoordinatorStore:
             pending = session.scalars(
                 select(OutboxRow).where(OutboxRow.delivered_at.is_(None)).order_by(OutboxRow.created_at)
             ).all()
-            entries = [
+            return [
                 OutboxEntry(
                     r.tcn,
                     ice.Notification.FromString(r.notification).level,
                     r.attempts,
                     _aware(r.created_at),
                     r.last_error,
-                    True,
+                    dead_letter,
                 )
-                for r in dead
+                for rows, dead_letter in ((dead, True), (pending, False))
+                for r in rows
             ]
-            entries += [
-                OutboxEntry(
-                    r.tcn,
-                    ice.Notification.FromString(r.notification).level,
-                    r.attempts,
-                    _aware(r.created_at),
-                    r.last_error,
-                    False,
-                )
-                for r in pending
-            ]
-            return entries
 
     # ------------------------------------------------------------------ examiner reviews
 
