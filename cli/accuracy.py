@@ -48,6 +48,12 @@ def register(app: typer.Typer, console: Console) -> None:
                 help="plain probes (accuracy figures) or rolled (booking-like, for calibration)",
             ),
         ] = True,
+        plain_share: Annotated[
+            float | None,
+            typer.Option(
+                min=0.0, max=1.0, help="share of probes that are plain, the rest rolled (overrides)"
+            ),
+        ] = None,
         workers: Annotated[
             int | None,
             typer.Option(min=1, help="processes for the evaluation set (default: CPU count); same files"),
@@ -87,6 +93,7 @@ def register(app: typer.Typer, console: Console) -> None:
                     difficulty=difficulty,
                     unenrolled_share=unenrolled,
                     plain_probes=plain_probes,
+                    plain_share=plain_share,
                     workers=workers,
                     on_progress=lambda done, total: progress.update(task, completed=done),
                 )
@@ -121,7 +128,9 @@ def register(app: typer.Typer, console: Console) -> None:
 
     @app.command("eval")
     def eval_command(
-        data: Annotated[Path, typer.Argument(help="data set directory with manifest.csv")],
+        data: Annotated[
+            list[Path], typer.Argument(help="data set directories with manifest.csv (several are merged)")
+        ],
         json_out: Annotated[
             Path | None, typer.Option("--json", help="write the report here; the DET plot goes beside it")
         ] = None,
@@ -142,37 +151,95 @@ def register(app: typer.Typer, console: Console) -> None:
             int | None,
             typer.Option(help="search 1:N as a large node does: faiss shortlist of this many, then full MCC"),
         ] = None,
+        fusion: Annotated[
+            str,
+            typer.Option(
+                help="primary ten-print fusion: evidence (LLR sum) or mean; the other is reported too"
+            ),
+        ] = "evidence",
+        fusion_model: Annotated[
+            Path | None, typer.Option(help="evidence model JSON to use instead of the shipped one")
+        ] = None,
+        fit_fusion: Annotated[
+            Path | None,
+            typer.Option(
+                help="fit the evidence model on this data set's 1:1 pairs, write it here, search with it"
+            ),
+        ] = None,
+        gallery_sizes: Annotated[
+            str | None,
+            typer.Option(
+                help="comma-separated smaller gallery sizes to search again (seeded subsets), checking "
+                "the calibration's predicted FPIR against the measured one at each size"
+            ),
+        ] = None,
+        check_thresholds: Annotated[
+            Path | None,
+            typer.Option(help="calibration YAML checked by --gallery-sizes (default: the shipped one)"),
+        ] = None,
     ) -> None:
         """1:1 and 1:N accuracy of the MCC matcher on a data set; optionally calibrates thresholds."""
         import torch
 
-        from evaluation.calibrate import CalibrationError, write_thresholds
+        from evaluation.calibrate import CalibrationError, fit_tail, write_thresholds
         from evaluation.calibrate import calibrate as derive
-        from evaluation.run import EvalOptions, det_plot, evaluate, summary
-        from minutiae.dataset import DatasetError, read_dataset
+        from evaluation.calibration import calibrated_thresholds
+        from evaluation.evidence_fit import impostor_sums_by_fingers
+        from evaluation.run import FUSION_NAMES, EvalOptions, det_plot, evaluate, summary
+        from gpu_kernels import EvidenceModel
+        from gpu_kernels.evidence import DEFAULT_MIN_COHORT
+        from minutiae.dataset import DatasetError, merge_datasets, read_dataset
 
+        if fusion not in FUSION_NAMES:
+            raise typer.BadParameter(f"--fusion must be one of {', '.join(FUSION_NAMES)}")
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            dataset = read_dataset(data)
-        except DatasetError as e:
+            dataset = merge_datasets([read_dataset(d) for d in data])
+            model = None if fusion_model is None else EvidenceModel.load(fusion_model)
+            sizes = tuple(int(v) for v in gallery_sizes.split(",")) if gallery_sizes else ()
+            checked = None
+            if sizes:
+                checked = (
+                    calibrated_thresholds(check_thresholds) if check_thresholds else calibrated_thresholds()
+                )
+        except (DatasetError, OSError, ValueError, KeyError) as e:
             raise typer.BadParameter(str(e)) from e
         options = EvalOptions(
-            impostor_pairs=impostor_pairs, searches=searches, seed=seed, device=device, shortlist=shortlist
+            impostor_pairs=impostor_pairs,
+            searches=searches,
+            seed=seed,
+            device=device,
+            shortlist=shortlist,
+            fusions=(fusion, *(name for name in FUSION_NAMES if name != fusion)),
+            model=model,
+            fit_fusion=fit_fusion is not None,
+            gallery_sizes=sizes,
+            calibration=checked,
+            # A tail fit takes its impostor pairs from blocks where each probe finger meets a
+            # search-sized cohort.
+            min_block=(model.min_cohort if model else DEFAULT_MIN_COHORT) + 1 if calibrate is not None else 1,
         )
         started = time.perf_counter()
         with stage_progress(console) as on_progress:
             result = evaluate(dataset, options, progress=on_progress)
-        report: dict[str, Any] = {"dataset": str(data), **summary(result)}
+        named = ", ".join(str(d) for d in data)
+        report: dict[str, Any] = {"dataset": named, **summary(result)}
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        if fit_fusion is not None:
+            result.model.save(fit_fusion)
+            report["fitted_model"] = str(fit_fusion)
         if calibrate is not None:
+            sums = impostor_sums_by_fingers(result.pairs, result.model)
             try:
                 thresholds = derive(
                     result.outcomes,
                     hit_fpir=hit_fpir,
                     review_fpir=review_fpir,
-                    source=f"fedprint eval --calibrate on {data} ({result.outcomes.nonmated} "
-                    f"non-mated searches, gallery {result.gallery_size})",
+                    source=f"fedprint eval --calibrate on {named} ({sums[-1].size} impostor "
+                    f"ten-print pairs, tail model)",
+                    tails=[fit_tail(x) for x in sums],
+                    gallery_size=result.gallery_size,
                 )
             except CalibrationError as e:
                 raise typer.BadParameter(str(e)) from e
@@ -209,7 +276,28 @@ def _table(report: dict[str, Any]) -> Table:
     table.add_row("1:N search", report["search_tiers"])
     if report.get("shortlist_mate_recall") is not None:
         table.add_row("mates kept by the shortlist", _fmt(report["shortlist_mate_recall"]))
-    table.add_row("rank-1 identification rate", _fmt(report.get("rank1")))
-    for rate, value in report["fnir_at_fpir"].items():
-        table.add_row(f"FNIR at FPIR {rate}", _fmt(value))
+    for name, figures in report["fusions"].items():
+        marker = " (primary)" if name == report["fusion"] else ""
+        table.add_row(f"rank-1 identification rate, {name} fusion{marker}", _fmt(figures.get("rank1")))
+        for rate, value in figures["fnir_at_fpir"].items():
+            detail = figures["fnir_at_fpir_detail"].get(rate)
+            note = ""
+            if detail is not None:
+                low, high = detail["fnir_ci"]
+                note = f" [{low:.2%}, {high:.2%}], {detail['nonmated_at_or_above']} non-mated at/above"
+                note += " (thin: fewer than 10)" if detail["thin"] else ""
+            table.add_row(f"FNIR at FPIR {rate}, {name} fusion", _fmt(value) + note)
+    for row in report.get("calibration_check", []):
+        low, high = row["measured_fpir_ci"]
+        table.add_row(
+            f"gallery {row['gallery_size']}: FPIR predicted {row['predicted_fpir']:g}",
+            f"measured {row['measured_fpir']:.4%} [{low:.3%}, {high:.3%}] of {row['nonmated_searches']}",
+        )
+    tail = report["single_finger_tail"]
+    for kind in ("raw", "normalised"):
+        few, many = tail[kind]["few_minutiae"], tail[kind]["many_minutiae"]
+        table.add_row(
+            f"impostor finger p{tail['quantile'] * 100:g} {kind}, <=12 / >=30 minutiae",
+            "n/a" if few is None or many is None else f"{few:.4f} / {many:.4f}",
+        )
     return table

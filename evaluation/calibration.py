@@ -2,10 +2,19 @@
 
 `fedprint eval --calibrate` writes them (:mod:`evaluation.calibrate`); gallery nodes read
 them, by default the calibration shipped beside this module.
+
+FPIR grows with the gallery: a search of N subjects is a false hit when any of N impostor
+comparisons reaches the threshold, so with ``r(t)`` the share of single impostor subject pairs at
+or above ``t``, ``FPIR(t, N) = 1 - (1 - r(t))^N``. A calibration therefore carries a
+:class:`TailModel` of ``r`` (its body from measured quantiles, its far tail a fitted generalised
+Pareto distribution, since FPIR 1e-3 at a million subjects needs ``r`` near 1e-9, far beyond any
+sample), and a node derives its thresholds for its current gallery size with
+:meth:`Thresholds.for_gallery`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Self
 
@@ -13,17 +22,101 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 
+class TailModel(BaseModel):
+    """``r(t)``: the share of impostor subject pairs whose fused score is at or above ``t``.
+
+    Between the ``body`` points (score, rate), measured quantiles with rates from 0.5 down to
+    ``exceedance``, ``log r`` is interpolated linearly; above ``threshold`` (the last body score)
+    ``r(t) = exceedance · (1 + shape · (t - threshold) / scale)^(-1/shape)``, a generalised Pareto
+    tail (``shape`` 0: exponential; negative: a bounded tail).
+    """
+
+    body: list[tuple[float, float]] = Field(min_length=2, description="(score, rate) points, rates falling")
+    exceedance: float = Field(gt=0.0, lt=1.0, description="r at the tail's start")
+    threshold: float = Field(allow_inf_nan=False, description="score where the fitted tail starts")
+    scale: float = Field(gt=0.0, allow_inf_nan=False)
+    shape: float = Field(ge=-1.0, le=1.0)
+    pairs: int = Field(gt=0, description="impostor subject pairs the model was fitted on")
+    tail_pairs: int = Field(gt=0, description="of which in the fitted tail")
+
+    @model_validator(mode="after")
+    def _monotone(self) -> Self:
+        scores = [s for s, _ in self.body]
+        rates = [r for _, r in self.body]
+        if (
+            scores != sorted(scores)
+            or rates != sorted(rates, reverse=True)
+            or not all(0 < r < 1 for r in rates)
+        ):
+            raise ValueError("body points must rise in score and fall in rate within (0, 1)")
+        if abs(scores[-1] - self.threshold) > 1e-9 or abs(rates[-1] - self.exceedance) > 1e-12:
+            raise ValueError("the body must end where the tail starts")
+        return self
+
+    def rate(self, score: float) -> float:
+        """``r(score)``."""
+        if score >= self.threshold:
+            excess = (score - self.threshold) / self.scale
+            if abs(self.shape) < 1e-9:
+                return self.exceedance * math.exp(-excess)
+            base = 1.0 + self.shape * excess
+            return 0.0 if base <= 0.0 else self.exceedance * base ** (-1.0 / self.shape)
+        for (s0, r0), (s1, r1) in zip(self.body, self.body[1:], strict=False):
+            if s0 <= score <= s1:
+                return math.exp(math.log(r0) + (math.log(r1) - math.log(r0)) * (score - s0) / (s1 - s0))
+        return self.body[0][1]  # below the body: at least the body's first rate (0.5)
+
+    def score_at(self, rate: float) -> float:
+        """The score ``t`` with ``r(t) = rate`` (the lowest such, for rates above the body's first)."""
+        if rate <= self.exceedance:
+            ratio = rate / self.exceedance
+            if abs(self.shape) < 1e-9:
+                return self.threshold - self.scale * math.log(ratio)
+            return self.threshold + self.scale * (math.pow(ratio, -self.shape) - 1.0) / self.shape
+        for (s0, r0), (s1, r1) in zip(self.body, self.body[1:], strict=False):
+            if r1 <= rate <= r0:
+                return s0 + (s1 - s0) * (math.log(rate) - math.log(r0)) / (math.log(r1) - math.log(r0))
+        return self.body[0][0]
+
+    def threshold_for(self, fpir: float, gallery_size: int) -> float:
+        """The score at which a search of ``gallery_size`` impostors has FPIR ``fpir``."""
+        per_pair = -math.expm1(math.log1p(-fpir) / max(1, gallery_size))
+        return self.score_at(per_pair)
+
+    def fpir(self, score: float, gallery_size: int) -> float:
+        """FPIR of threshold ``score`` in a search of ``gallery_size`` subjects."""
+        return -math.expm1(max(1, gallery_size) * math.log1p(-min(self.rate(score), 1.0 - 1e-16)))
+
+
 class Thresholds(BaseModel):
     """Fused-score thresholds of a gallery node and what they were calibrated for."""
 
-    hit: float = Field(ge=0.0, le=1.0, description="fused score at or above which a candidate is a hit")
-    review: float = Field(ge=0.0, le=1.0, description="fused score at or above which an examiner reviews")
+    # Fused scores are log-likelihood ratios (evidence fusion) or means in [0, 1] (the older
+    # fusion): any finite value can be a threshold.
+    hit: float = Field(allow_inf_nan=False, description="fused score at or above which a candidate is a hit")
+    review: float = Field(
+        allow_inf_nan=False, description="fused score at or above which an examiner reviews"
+    )
     hit_fpir: float = Field(default=1e-3, gt=0.0, lt=1.0)
     review_fpir: float = Field(default=1e-2, gt=0.0, lt=1.0)
     source: str = "configuration"
     fpir_curve: list[tuple[float, float]] = Field(
         default_factory=list,
         description="calibration points (fpir, threshold) from `fedprint eval --calibrate`, for target_fpir",
+    )
+    tails: list[TailModel] = Field(
+        default_factory=list,
+        max_length=10,
+        description="impostor pair score tails for 1, 2, ... fingers compared: thresholds follow the "
+        "gallery size and the fingers compared when set",
+    )
+    gallery_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="gallery size hit and review were derived for (None: fixed thresholds)",
+    )
+    fingers: int | None = Field(
+        default=None, ge=1, le=10, description="fingers compared that hit and review were derived for"
     )
 
     @model_validator(mode="after")
@@ -32,12 +125,52 @@ class Thresholds(BaseModel):
             raise ValueError(f"review threshold {self.review} is above hit threshold {self.hit}")
         return self
 
+    @model_validator(mode="after")
+    def _a_tail_per_finger_count(self) -> Self:
+        if self.tails and len(self.tails) != 10:
+            raise ValueError(f"need a tail for each of 1-10 fingers compared, got {len(self.tails)}")
+        return self
+
+    def tail(self, fingers: int = 10) -> TailModel | None:
+        """The tail for searches comparing ``fingers`` fingers (clipped to 1-10), if calibrated."""
+        return self.tails[min(10, max(1, fingers)) - 1] if self.tails else None
+
+    def for_gallery(self, size: int, fingers: int = 10) -> Self:
+        """The thresholds that hold ``hit_fpir`` and ``review_fpir`` in a search of ``size``
+        subjects comparing ``fingers`` fingers with each; unchanged without tails (fixed
+        thresholds from a configuration).
+
+        Why per finger count: a fused score is a sum of per-finger log-likelihood ratios, so an
+        impostor compared on one finger sits far nearer any threshold than one compared on ten
+        (whose ten negative terms add up); one threshold for both would let a lone finger hit.
+        """
+        tail = self.tail(fingers)
+        if tail is None:
+            return self
+        hit = tail.threshold_for(self.hit_fpir, size)
+        review = min(tail.threshold_for(self.review_fpir, size), hit)
+        return self.model_copy(
+            update={"hit": hit, "review": review, "gallery_size": size, "fingers": fingers}
+        )
+
     def for_fpir(self, target: float) -> Self | None:
         """The thresholds with the hit threshold moved to reach ``target`` FPIR, or None without a curve.
 
-        Picks the lowest calibrated threshold whose FPIR is at or below the target; the
-        review threshold stays where it is unless it would lie above the hit threshold.
+        With a tail model the hit threshold is the tail's for ``target`` at the thresholds'
+        gallery size. Otherwise it picks the lowest calibrated threshold whose FPIR is at or below
+        the target. The review threshold stays unless it would lie above the hit threshold.
         """
+        tail = self.tail(self.fingers or 10)
+        if tail is not None:
+            hit = tail.threshold_for(target, self.gallery_size or 1)
+            return self.model_copy(
+                update={
+                    "hit": hit,
+                    "hit_fpir": target,
+                    "review": min(self.review, hit),
+                    "source": f"{self.source}+fpir",
+                }
+            )
         eligible = [threshold for fpir, threshold in self.fpir_curve if fpir <= target]
         if not eligible:
             return None

@@ -185,17 +185,27 @@ def fpir_curve(outcomes: SearchOutcomes, targets: tuple[float, ...]) -> list[tup
 
 
 def histogram(
-    scores: npt.ArrayLike, bins: int = 50, upper: float = 1.0
+    scores: npt.ArrayLike, bins: int = 50, upper: float = 1.0, lower: float = 0.0
 ) -> dict[str, list[float] | list[int]]:
-    """Counts of ``scores`` in ``bins`` equal bins over [0, upper]; scores above ``upper`` are
-    counted in the last bin (scores here are MCC or fused scores, in [0, 1])."""
-    clipped = np.clip(np.asarray(scores, np.float64), 0.0, upper)
-    counts, edges = np.histogram(clipped, bins=bins, range=(0, upper))
+    """Counts of the finite ``scores`` in ``bins`` equal bins over [lower, upper]; scores outside
+    are counted in the outer bins (MCC scores lie in [0, 1]; fused LLRs on either side of 0)."""
+    values = np.asarray(scores, np.float64)
+    clipped = np.clip(values[np.isfinite(values)], lower, upper)
+    counts, edges = np.histogram(clipped, bins=bins, range=(lower, upper))
     return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
 
 
-def histogram_range(*groups: npt.ArrayLike) -> float:
-    """An upper edge that shows where scores of all ``groups`` lie: the 99th percentile of the
-    highest group, so that a long genuine tail does not squeeze the impostor peak into one bin."""
-    tops = [float(np.quantile(np.asarray(g, np.float64), 0.99)) for g in groups if np.asarray(g).size]
-    return min(1.0, max([1e-6, *tops]) * 1.1)
+def histogram_range(*groups: npt.ArrayLike) -> tuple[float, float]:
+    """``(lower, upper)`` edges that show where the finite scores of all ``groups`` lie: from the
+    1st percentile of the lowest group (0 for non-negative scores) to the 99th of the highest, so
+    that a long tail does not squeeze the other group's peak into one bin."""
+    finite = [a[np.isfinite(a)] for a in (np.asarray(g, np.float64) for g in groups)]
+    finite = [a for a in finite if a.size]
+    if not finite:
+        return 0.0, 1.0
+    low = min(0.0, *(float(np.quantile(a, 0.01)) for a in finite))
+    high = max(float(np.quantile(a, 0.99)) for a in finite)
+    if low >= 0.0:
+        return 0.0, min(1.0, max(1e-6, high) * 1.1) if high <= 1.0 else high * 1.1
+    span = max(high - low, 1e-6)
+    return low - 0.05 * span, high + 0.05 * span

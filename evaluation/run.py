@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,22 @@ import numpy as np
 import torch
 
 from evaluation import metrics
+from evaluation.calibration import Thresholds
+from evaluation.evidence_fit import PairScores, fit_evidence_model, normalised_pair_scores
 from gpu_kernels import (
+    EvidenceModel,
+    Fusion,
+    FusionParams,
     MccParams,
     TenPrintCylinders,
+    TenPrintScores,
     encode_fingers,
     encode_tenprints,
     score_fingers,
     score_tenprints,
+    shipped_model,
 )
+from gpu_kernels.evidence import DEFAULT_MIN_COHORT
 from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
 from minutiae.dataset import Capture, Dataset
 from minutiae.template import FingerTemplate
@@ -49,6 +57,23 @@ FPIR_TARGETS = (1e-2, 1e-3)
 CURVE_FPIRS = (1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4)
 
 Progress = Callable[[str, int, int], None]
+
+#: The fusions ``fedprint eval --fusion`` knows: the evidence model (LLR sum, the nodes' default)
+#: and the shrunk mean it replaced.
+FUSION_NAMES = ("evidence", "mean")
+#: A threshold resting on fewer non-mated scores than this is flagged in the report.
+THIN_THRESHOLD = 10
+#: Probe fingers with at most / at least this many minutiae, for the tail comparison of the report.
+FEW_MINUTIAE, MANY_MINUTIAE = 12, 30
+
+
+def fusion_named(name: str, model: EvidenceModel | None = None) -> Fusion:
+    """The fusion called ``name`` (see :data:`FUSION_NAMES`); ``model`` replaces the shipped one."""
+    if name == "evidence":
+        return model or shipped_model()
+    if name == "mean":
+        return FusionParams()
+    raise ValueError(f"unknown fusion {name!r}; known: {', '.join(FUSION_NAMES)}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,20 @@ class EvalOptions:
     probe_batch: int = 8
     #: Subjects the shortlist passes to full MCC per search; None searches exhaustively.
     shortlist: int | None = None
+    #: Fusions whose 1:N outcomes are reported, on the same scores; the first is the primary one.
+    fusions: tuple[str, ...] = ("evidence",)
+    #: Evidence model to use instead of the shipped one (a freshly fitted one, say).
+    model: EvidenceModel | None = None
+    #: Fewest subjects per impostor block of the 1:1 experiment (a fit wants each probe finger to
+    #: meet a cohort as large as a search's).
+    min_block: int = 1
+    #: Fit the evidence model on this data set's 1:1 pairs and search with it (``--fit-fusion``).
+    fit_fusion: bool = False
+    #: Smaller galleries (seeded subsets of the gallery) searched again, to check that the
+    #: calibration's FPIR holds at each size (``--gallery-sizes``).
+    gallery_sizes: tuple[int, ...] = ()
+    #: The calibration checked at each gallery size (None: no check).
+    calibration: Thresholds | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +111,12 @@ class EvalResult:
     impostor: metrics.FloatArray
     block_size: int
     outcomes: metrics.SearchOutcomes
+    #: The 1:1 comparisons with their minutia counts (what ``--fit-fusion`` fits on).
+    pairs: PairScores
+    #: 1:N outcomes per fusion name, on the same searches; ``outcomes`` is the primary one's.
+    by_fusion: dict[str, metrics.SearchOutcomes]
+    #: The evidence model the searches were fused with.
+    model: EvidenceModel
     gallery_size: int
     searches: int
     probe_captures: int
@@ -80,6 +125,10 @@ class EvalResult:
     #: whose mate it kept.
     shortlist: int | None = None
     shortlist_mate_recall: float | None = None
+    #: Primary-fusion outcomes per gallery size, the full gallery included (``--gallery-sizes``).
+    by_gallery_size: dict[int, metrics.SearchOutcomes] | None = None
+    #: The calibration those are checked against.
+    calibration: Thresholds | None = None
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -88,12 +137,12 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 def verification_scores(
     dataset: Dataset, params: MccParams, options: EvalOptions, progress: Progress = _noop
-) -> tuple[metrics.FloatArray, metrics.FloatArray, int]:
-    """``(genuine, impostor, block_size)`` single-finger scores, sampled as the module doc says."""
+) -> tuple[PairScores, int]:
+    """The 1:1 comparisons (sampled as the module doc says) and the block size."""
     rng = np.random.default_rng([options.seed, 1])
     subjects = sorted({c.subject_id for c in dataset.probes} & {c.subject_id for c in dataset.gallery})
     if not subjects:
-        return np.zeros(0), np.zeros(0), 1
+        return PairScores.concat([]), 1
     index = {s: i for i, s in enumerate(subjects)}
     # Expected genuine pairs per subject, to size blocks for the impostor count asked for.
     per_subject = max(
@@ -101,9 +150,12 @@ def verification_scores(
         sum(len(c.tenprint.fingers) for c in dataset.probes if c.subject_id in index) / len(subjects),
     )
     genuine_total = per_subject * len(subjects)
-    block = int(min(len(subjects), max(1, 1 + math.ceil(options.impostor_pairs / genuine_total))))
-    genuine: list[metrics.FloatArray] = []
-    impostor: list[metrics.FloatArray] = []
+    wanted = max(options.min_block, 1 + math.ceil(options.impostor_pairs / genuine_total))
+    block = int(min(len(subjects), max(1, wanted)))
+    parts: list[PairScores] = []
+    # One shuffle for all positions: a block's subjects meet on every finger, so each block also
+    # yields B·(B-1) ten-print impostor pairs (what the gallery-size calibration models).
+    order = rng.permutation(len(subjects))
     for position in range(1, 11):
         progress("1:1 single finger", position - 1, 10)
         probe_fingers = _fingers(dataset.probes, position, index)
@@ -112,8 +164,9 @@ def verification_scores(
             continue
         left = encode_fingers(probe_fingers[0], params, options.device)
         right = encode_fingers(gallery_fingers[0], params, options.device)
+        left_valid, right_valid = left.valid.sum(-1).cpu().numpy(), right.valid.sum(-1).cpu().numpy()
+        left_minutiae = left.counts.cpu().numpy()
         left_subject, right_subject = np.array(probe_fingers[1]), np.array(gallery_fingers[1])
-        order = rng.permutation(len(subjects))
         for lo in range(0, len(subjects), block):
             members = order[lo : lo + block]
             li = np.flatnonzero(np.isin(left_subject, members))
@@ -123,12 +176,49 @@ def verification_scores(
             scores = score_fingers(
                 left.select(torch.from_numpy(li)), right.select(torch.from_numpy(ri)), params
             ).cpu()
-            same = left_subject[li][:, None] == right_subject[ri][None, :]
-            s = scores.numpy().astype(np.float64)
-            genuine.append(s[same])
-            impostor.append(s[~same])
+            shape = (len(li), len(ri))
+            parts.append(
+                PairScores(
+                    score=scores.numpy().astype(np.float64).ravel(),
+                    probe_count=_per_pair(left_valid[li][:, None], shape),
+                    gallery_count=_per_pair(right_valid[ri][None, :], shape),
+                    probe_minutiae=_per_pair(left_minutiae[li][:, None], shape),
+                    position=np.full(len(li) * len(ri), position, dtype=np.int64),
+                    genuine=(left_subject[li][:, None] == right_subject[ri][None, :]).ravel(),
+                    # One cohort per probe finger: its index among this position's probe fingers.
+                    row=np.repeat(li, len(ri)).astype(np.int64),
+                    probe_subject=_per_pair(left_subject[li][:, None], shape),
+                    gallery_subject=_per_pair(right_subject[ri][None, :], shape),
+                )
+            )
     progress("1:1 single finger", 10, 10)
-    return _concat(genuine), _concat(impostor), block
+    return _distinct_rows(parts), block
+
+
+def _per_pair(values: np.ndarray[Any, Any], shape: tuple[int, int]) -> np.ndarray[Any, Any]:
+    return np.broadcast_to(values, shape).ravel().astype(np.int64)
+
+
+def _distinct_rows(parts: list[PairScores]) -> PairScores:
+    """Concatenates per-block parts so that each (position, probe finger) is one cohort row."""
+    merged = PairScores.concat([])
+    if parts:
+        merged = PairScores.concat(parts)
+        key = merged.position * (int(max(p.row.max(initial=0) for p in parts)) + 1) + np.concatenate(
+            [p.row for p in parts]
+        )
+        merged = PairScores(
+            merged.score,
+            merged.probe_count,
+            merged.gallery_count,
+            merged.probe_minutiae,
+            merged.position,
+            merged.genuine,
+            np.unique(key, return_inverse=True)[1].astype(np.int64),
+            merged.probe_subject,
+            merged.gallery_subject,
+        )
+    return merged
 
 
 def _fingers(
@@ -150,11 +240,15 @@ def _concat(parts: list[metrics.FloatArray]) -> metrics.FloatArray:
 
 class _Searcher:
     """Scores probe batches against the gallery, exhaustively or through the shortlist; returns
-    ``(fused [P, K], gallery rows [P, K])`` with K the gallery size or the shortlist length."""
+    the :class:`TenPrintScores` ``[P, K]`` and the gallery rows ``[P, K]`` behind their columns,
+    K the gallery size or the shortlist length."""
 
-    def __init__(self, gallery: TenPrintCylinders, params: MccParams, shortlist: int | None) -> None:
+    def __init__(
+        self, gallery: TenPrintCylinders, params: MccParams, shortlist: int | None, fusion: Fusion
+    ) -> None:
         self.gallery = gallery
         self.params = params
+        self.fusion = fusion
         self.shortlist = shortlist if shortlist is not None and shortlist < len(gallery) else None
         self.index = (
             None
@@ -162,57 +256,78 @@ class _Searcher:
             else ShortlistIndex.build(subject_descriptors(gallery), gallery.present)
         )
 
-    def __call__(self, probes: TenPrintCylinders) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    def __call__(self, probes: TenPrintCylinders) -> tuple[TenPrintScores, np.ndarray[Any, Any]]:
         if self.index is None or self.shortlist is None:
-            fused = score_tenprints(probes, self.gallery, self.params).fused
-            rows = np.broadcast_to(np.arange(len(self.gallery)), tuple(fused.shape))
-            return fused.cpu().numpy().astype(np.float64), rows
+            scores = score_tenprints(probes, self.gallery, self.params, fusion=self.fusion)
+            rows = np.broadcast_to(np.arange(len(self.gallery)), tuple(scores.fused.shape))
+            return scores, rows
         short = self.index.candidates(probes, self.shortlist)
-        fused = score_shortlisted(probes, self.gallery, short, self.params).fused
-        return fused.cpu().numpy().astype(np.float64), short.numpy()
+        scores = score_shortlisted(probes, self.gallery, short, self.params, fusion=self.fusion)
+        return scores, short.numpy()
+
+
+@dataclass
+class _Outcomes:
+    """Running lists of one fusion's 1:N outcomes."""
+
+    mate: list[float]
+    best_nonmate: list[float]
+    nonmated: list[float]
+
+    def add(
+        self, fused: np.ndarray[Any, Any], is_mate: np.ndarray[Any, Any], has_mate: np.ndarray[Any, Any]
+    ) -> None:
+        # A mate the shortlist did not pass on was not found: -inf, below any threshold.
+        mate_score = np.where(is_mate, fused, -np.inf).max(axis=1, initial=-np.inf)
+        nonmate_score = np.where(is_mate, -np.inf, fused).max(axis=1, initial=-np.inf)
+        self.mate.extend(mate_score[has_mate].tolist())
+        self.best_nonmate.extend(nonmate_score[has_mate].tolist())
+        # Leave-mate-out: the best non-mate is also the top of a non-mated search (if any non-mate).
+        self.nonmated.extend(nonmate_score[np.isfinite(nonmate_score)].tolist())
+
+    def done(self) -> metrics.SearchOutcomes:
+        return metrics.SearchOutcomes(
+            np.array(self.mate), np.array(self.best_nonmate), np.array(self.nonmated)
+        )
 
 
 def identification(
     dataset: Dataset, params: MccParams, options: EvalOptions, progress: Progress = _noop
-) -> tuple[metrics.SearchOutcomes, int, float | None]:
-    """1:N outcomes of the probe searches (all, or a seeded sample of ``options.searches``), the
-    number of searches, and (with a shortlist) the share of mated searches whose mate it kept."""
+) -> tuple[dict[str, metrics.SearchOutcomes], int, float | None]:
+    """1:N outcomes per fusion of ``options.fusions`` (all probes, or a seeded sample of
+    ``options.searches``), the number of searches, and (with a shortlist) the share of mated
+    searches whose mate it kept. Every fusion sees the very same per-finger scores."""
     probes = list(dataset.probes)
+    stage = f"1:N ten-print, gallery {len(dataset.gallery)}"
     if options.searches is not None and options.searches < len(probes):
         rng = np.random.default_rng([options.seed, 2])
         probes = [probes[i] for i in sorted(rng.choice(len(probes), options.searches, replace=False))]
+    fusions = {name: fusion_named(name, options.model) for name in options.fusions}
     if not probes or not dataset.gallery:
         empty = np.zeros(0)
-        return metrics.SearchOutcomes(empty, empty, empty), len(dataset.gallery), None
+        return {n: metrics.SearchOutcomes(empty, empty, empty) for n in fusions}, len(dataset.gallery), None
     progress("1:N encoding the gallery", 0, 1)
     gallery = encode_tenprints([c.tenprint for c in dataset.gallery], params, options.device)
-    search = _Searcher(gallery, params, options.shortlist)
+    primary = options.fusions[0]
+    search = _Searcher(gallery, params, options.shortlist, fusions[primary])
     gallery_ids = np.array([c.subject_id for c in dataset.gallery])
-    mate: list[float] = []
-    best_nonmate: list[float] = []
-    nonmated: list[float] = []
+    running = {name: _Outcomes([], [], []) for name in fusions}
     kept = enrolled = 0
     for lo in range(0, len(probes), options.probe_batch):
-        progress("1:N ten-print", lo, len(probes))
+        progress(stage, lo, len(probes))
         batch = probes[lo : lo + options.probe_batch]
-        fused, rows = search(encode_tenprints([c.tenprint for c in batch], params, options.device))
+        scores, rows = search(encode_tenprints([c.tenprint for c in batch], params, options.device))
         batch_ids = np.array([c.subject_id for c in batch])
         is_mate = batch_ids[:, None] == gallery_ids[rows]
-        # A mate the shortlist did not pass on was not found: score 0, below any threshold.
-        mate_score = np.where(is_mate, fused, -np.inf).max(axis=1, initial=-np.inf)
-        nonmate_score = np.where(is_mate, -np.inf, fused).max(axis=1, initial=-np.inf)
         has_mate = np.isin(batch_ids, gallery_ids)
-        found = is_mate.any(axis=1)
         enrolled += int(has_mate.sum())
-        kept += int((has_mate & found).sum())
-        mate.extend(np.where(found, mate_score, 0.0)[has_mate].tolist())
-        best_nonmate.extend(np.maximum(nonmate_score, 0.0)[has_mate].tolist())
-        # Leave-mate-out: the best non-mate is also the top of a non-mated search (if any non-mate).
-        nonmated.extend(nonmate_score[np.isfinite(nonmate_score)].tolist())
-    progress("1:N ten-print", len(probes), len(probes))
-    outcomes = metrics.SearchOutcomes(np.array(mate), np.array(best_nonmate), np.array(nonmated))
+        kept += int((has_mate & is_mate.any(axis=1)).sum())
+        for name, fusion in fusions.items():
+            fused = (scores if name == primary else scores.refused(fusion)).fused
+            running[name].add(fused.cpu().numpy().astype(np.float64), is_mate, has_mate)
+    progress(stage, len(probes), len(probes))
     recall = None if search.shortlist is None or not enrolled else kept / enrolled
-    return outcomes, len(probes), recall
+    return {name: r.done() for name, r in running.items()}, len(probes), recall
 
 
 def evaluate(
@@ -220,19 +335,45 @@ def evaluate(
 ) -> EvalResult:
     """Runs both experiments on ``dataset``."""
     params = params or MccParams()
-    genuine, impostor, block = verification_scores(dataset, params, options, progress)
-    outcomes, searches, recall = identification(dataset, params, options, progress)
+    if options.fit_fusion:
+        # Every probe finger of the fit meets at least a search-sized cohort of impostors.
+        cohort = options.model.min_cohort if options.model else DEFAULT_MIN_COHORT
+        options = replace(options, min_block=max(options.min_block, cohort + 1))
+    pairs, block = verification_scores(dataset, params, options, progress)
+    if options.fit_fusion:
+        progress("fitting the evidence model", 0, 1)
+        options = replace(
+            options,
+            model=fit_evidence_model(pairs, source=f"fedprint eval --fit-fusion on {len(pairs)} pairs"),
+        )
+    by_fusion, searches, recall = identification(dataset, params, options, progress)
+    by_size: dict[int, metrics.SearchOutcomes] | None = None
+    if options.gallery_sizes:
+        primary = options.fusions[0]
+        by_size = {len(dataset.gallery): by_fusion[primary]}
+        single = replace(options, fusions=(primary,))
+        for size in sorted(set(options.gallery_sizes)):
+            if size < len(dataset.gallery):
+                rng = np.random.default_rng([options.seed, 3, size])
+                keep = sorted(rng.choice(len(dataset.gallery), size, replace=False).tolist())
+                subset = replace(dataset, gallery=tuple(dataset.gallery[i] for i in keep))
+                by_size[size] = identification(subset, params, single, progress)[0][primary]
     return EvalResult(
-        genuine=genuine,
-        impostor=impostor,
+        genuine=pairs.score[pairs.genuine],
+        impostor=pairs.score[~pairs.genuine],
         block_size=block,
-        outcomes=outcomes,
+        outcomes=by_fusion[options.fusions[0]],
+        pairs=pairs,
+        by_fusion=by_fusion,
+        model=options.model or shipped_model(),
         gallery_size=len(dataset.gallery),
         searches=searches,
         probe_captures=len(dataset.probes),
         templates=dataset.templates,
         shortlist=options.shortlist if recall is not None else None,
         shortlist_mate_recall=recall,
+        by_gallery_size=by_size,
+        calibration=options.calibration,
     )
 
 
@@ -295,7 +436,34 @@ def summary(result: EvalResult) -> dict[str, Any]:
     else:
         out["eer"] = None
         out["fnmr_at_fmr"] = {_key(t): None for t in FMR_TARGETS}
+    out.update(identification_summary(result.outcomes))
+    out["fusion"] = _fusion_name(result)
+    out["fusions"] = {name: identification_summary(oc) for name, oc in result.by_fusion.items()}
+    out["single_finger_tail"] = finger_tail(result.pairs, result.model)
+    if result.by_gallery_size is not None and result.calibration is not None:
+        out["calibration_check"] = calibration_check(result.by_gallery_size, result.calibration)
+    # Each pair of distributions shares its bins, sized to where its scores lie, so the two can
+    # be drawn on one axis.
     oc = result.outcomes
+    low, high = metrics.histogram_range(result.genuine, result.impostor)
+    search_low, search_high = metrics.histogram_range(oc.mate_scores, oc.nonmated_top_scores)
+    out["histograms"] = {
+        "genuine": metrics.histogram(result.genuine, upper=high, lower=low),
+        "impostor": metrics.histogram(result.impostor, upper=high, lower=low),
+        "mated": metrics.histogram(oc.mate_scores, upper=search_high, lower=search_low),
+        "nonmated_top": metrics.histogram(oc.nonmated_top_scores, upper=search_high, lower=search_low),
+    }
+    return out
+
+
+def _fusion_name(result: EvalResult) -> str:
+    return next(name for name, oc in result.by_fusion.items() if oc is result.outcomes)
+
+
+def identification_summary(oc: metrics.SearchOutcomes) -> dict[str, Any]:
+    """FNIR at each FPIR target with its interval, the threshold, and how many non-mated
+    searches score at or above that threshold (the evidence the threshold rests on; fewer than
+    :data:`THIN_THRESHOLD` is flagged), plus rank-1."""
     fnir: dict[str, float | None] = {}
     fnir_detail: dict[str, Any] = {}
     for target in FPIR_TARGETS:
@@ -303,30 +471,75 @@ def summary(result: EvalResult) -> dict[str, Any]:
         fnir[_key(target)] = None if point is None else point.false_reject
         if point is not None:
             misses = round(point.false_reject * oc.mated)
+            above = int(np.sum(oc.nonmated_top_scores >= point.threshold))
+            # The next non-mated score below the threshold: the threshold lies between the two.
+            below = oc.nonmated_top_scores[oc.nonmated_top_scores < point.threshold]
             fnir_detail[_key(target)] = {
                 "threshold": point.threshold,
                 "fpir": point.false_accept,
                 "fnir_ci": _interval(metrics.wilson_interval(misses, oc.mated)),
+                "nonmated_at_or_above": above,
+                "nonmated_next_below": float(below.max()) if below.size else None,
+                "thin": above < THIN_THRESHOLD,
             }
-    out["fnir_at_fpir"] = fnir
-    out["fnir_at_fpir_detail"] = fnir_detail
+    out: dict[str, Any] = {"fnir_at_fpir": fnir, "fnir_at_fpir_detail": fnir_detail}
     if oc.mated:
         rank1 = metrics.rank_one_rate(oc)
         out["rank1"] = rank1.value
         out["rank1_ci"] = _interval(rank1)
     else:
         out["rank1"] = None
-    # Each pair of distributions shares its bins, sized to where its scores lie (LSS-R scores
-    # sit far below 1), so the two can be drawn on one axis.
-    pair = metrics.histogram_range(result.genuine, result.impostor)
-    search = metrics.histogram_range(oc.mate_scores, oc.nonmated_top_scores)
-    out["histograms"] = {
-        "genuine": metrics.histogram(result.genuine, upper=pair),
-        "impostor": metrics.histogram(result.impostor, upper=pair),
-        "mated": metrics.histogram(oc.mate_scores, upper=search),
-        "nonmated_top": metrics.histogram(oc.nonmated_top_scores, upper=search),
-    }
     return out
+
+
+def calibration_check(
+    by_size: dict[int, metrics.SearchOutcomes], calibration: Thresholds
+) -> list[dict[str, Any]]:
+    """Predicted against measured FPIR: at each gallery size, the thresholds the calibration
+    gives for its hit and review FPIRs, and the share of non-mated searches at or above them
+    (with a 95 % Wilson interval), and the FNIR there."""
+    rows = []
+    for size, oc in sorted(by_size.items()):
+        at_size = calibration.for_gallery(size)
+        for target, threshold in ((at_size.hit_fpir, at_size.hit), (at_size.review_fpir, at_size.review)):
+            if not oc.nonmated:
+                continue
+            above = int(np.sum(oc.nonmated_top_scores >= threshold))
+            measured = metrics.wilson_interval(above, oc.nonmated)
+            rows.append(
+                {
+                    "gallery_size": size,
+                    "predicted_fpir": target,
+                    "threshold": round(threshold, 6),
+                    "nonmated_searches": oc.nonmated,
+                    "nonmated_at_or_above": above,
+                    "measured_fpir": measured.value,
+                    "measured_fpir_ci": _interval(measured),
+                    "mated_searches": oc.mated,
+                    "fnir": metrics.fnir_at_threshold(oc, threshold) if oc.mated else None,
+                }
+            )
+    return rows
+
+
+def finger_tail(pairs: PairScores, model: EvidenceModel, quantile: float = 0.999) -> dict[str, Any]:
+    """The ``quantile`` of single-finger impostor scores for probe fingers with few
+    (<= :data:`FEW_MINUTIAE`) and many (>= :data:`MANY_MINUTIAE`) minutiae, raw and as the evidence
+    model's normalised z: a score that means the same whatever the counts has equal tails."""
+    impostor = ~pairs.genuine
+    few = impostor & (pairs.probe_minutiae <= FEW_MINUTIAE)
+    many = impostor & (pairs.probe_minutiae >= MANY_MINUTIAE)
+    z = normalised_pair_scores(pairs, model) if len(pairs) else np.zeros(0)
+
+    def tail(values: metrics.FloatArray) -> float | None:
+        return float(np.quantile(values, quantile)) if values.size else None
+
+    return {
+        "quantile": quantile,
+        "impostor_pairs": {"few_minutiae": int(few.sum()), "many_minutiae": int(many.sum())},
+        "raw": {"few_minutiae": tail(pairs.score[few]), "many_minutiae": tail(pairs.score[many])},
+        "normalised": {"few_minutiae": tail(z[few]), "many_minutiae": tail(z[many])},
+    }
 
 
 def det_plot(result: EvalResult, path: Path) -> None:

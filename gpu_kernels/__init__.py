@@ -14,8 +14,10 @@ cylinder-pair similarity for inspection, ``lss_scores`` / ``lss_r_scores`` conso
 """
 
 from gpu_kernels.cylinders import CylinderSet, encode_fingers
+from gpu_kernels.evidence import EvidenceModel, shipped_model
 from gpu_kernels.fusion import (
     FINGER_POSITIONS,
+    Fusion,
     TenPrintCylinders,
     TenPrintScores,
     encode_tenprints,
@@ -28,6 +30,8 @@ from gpu_kernels.similarity import local_similarities, lss_pair_count, lss_r_sco
 __all__ = [
     "FINGER_POSITIONS",
     "CylinderSet",
+    "EvidenceModel",
+    "Fusion",
     "FusionParams",
     "MccParams",
     "TenPrintCylinders",
@@ -41,4 +45,5 @@ __all__ = [
     "lss_scores",
     "score_fingers",
     "score_tenprints",
+    "shipped_model",
 ]

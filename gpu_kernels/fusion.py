@@ -1,4 +1,9 @@
-"""Ten-print cylinders and the fusion of per-finger MCC scores into one score per subject pair."""
+"""Ten-print cylinders and the fusion of per-finger MCC scores into one score per subject pair.
+
+Two fusions: the evidence fusion of :mod:`gpu_kernels.evidence` (the default: a sum of per-finger
+log-likelihood ratios), and the shrunk mean of :func:`fuse_scores`, kept so both can be compared
+on the same scores (``fedprint eval --fusion``).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,16 @@ import torch
 from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet, encode_fingers
+from gpu_kernels.evidence import EvidenceModel, fuse_evidence, shipped_model
 from gpu_kernels.params import FusionParams, MccParams
 from gpu_kernels.similarity import score_fingers
 from minutiae.template import TenPrintTemplates
 
 FINGER_POSITIONS = tuple(range(1, 11))
 """ANSI/NIST FGP codes 1-10; position ``f`` lives at index ``f - 1`` of every ``[..., 10]`` axis."""
+
+Fusion = FusionParams | EvidenceModel
+"""How per-finger scores become one: the evidence model (LLR sum) or the shrunk mean."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,10 @@ class TenPrintCylinders:
         """Bytes held by all tensors."""
         return sum(f.nbytes for f in self.fingers) + self.present.numel() * self.present.element_size()
 
+    def valid_counts(self) -> Tensor:
+        """``int64 [S, 10]`` valid cylinders per subject and position (what the fusion weighs)."""
+        return torch.stack([f.valid.sum(-1) for f in self.fingers], dim=1)
+
     def to(self, device: torch.device | str) -> TenPrintCylinders:
         """The same subjects on ``device``."""
         return TenPrintCylinders(tuple(f.to(device) for f in self.fingers), self.present.to(device))
@@ -84,16 +97,58 @@ def encode_tenprints(
 
 @dataclass(frozen=True)
 class TenPrintScores:
-    """Scores of P probe subjects against G gallery subjects.
+    """Scores of P probe subjects against G candidate subjects each.
 
-    - ``per_finger``: ``float32 [P, G, 10]`` LSS per finger position, 0 where not both present.
+    - ``per_finger``: ``float32 [P, G, 10]`` MCC score per finger position, 0 where not both present.
     - ``both_present``: ``bool [P, G, 10]``, the position is present on both sides.
-    - ``fused``: ``float32 [P, G]`` in [0, 1], see :func:`fuse_scores`.
+    - ``fused``: ``float32 [P, G]``, see :func:`fuse`.
+    - ``probe_counts``: ``int64 [P, 10]`` valid cylinders of each probe finger.
+    - ``candidate_counts``: ``int64 [P, G, 10]`` valid cylinders of each candidate finger (may be
+      an expanded view).
     """
 
     per_finger: Tensor
     both_present: Tensor
     fused: Tensor
+    probe_counts: Tensor
+    candidate_counts: Tensor
+
+    def refused(self, fusion: Fusion | None) -> TenPrintScores:
+        """The same per-finger scores fused by ``fusion`` (None: the shipped evidence model)."""
+        fused = fuse(self.per_finger, self.both_present, self.probe_counts, self.candidate_counts, fusion)
+        return TenPrintScores(
+            self.per_finger, self.both_present, fused, self.probe_counts, self.candidate_counts
+        )
+
+
+def tenprint_scores(
+    per_finger: Tensor,
+    both_present: Tensor,
+    probe_counts: Tensor,
+    candidate_counts: Tensor,
+    fusion: Fusion | None = None,
+) -> TenPrintScores:
+    """:class:`TenPrintScores` of raw ``per_finger: [P, G, 10]`` scores (zeroed where not
+    ``both_present``), fused by ``fusion``; ``candidate_counts`` may be ``[G, 10]``."""
+    if candidate_counts.dim() == 2:
+        candidate_counts = candidate_counts.unsqueeze(0).expand(per_finger.shape)
+    per_finger = torch.where(both_present, per_finger, 0.0)
+    fused = fuse(per_finger, both_present, probe_counts, candidate_counts, fusion)
+    return TenPrintScores(per_finger, both_present, fused, probe_counts, candidate_counts)
+
+
+def fuse(
+    per_finger: Tensor,
+    both_present: Tensor,
+    probe_counts: Tensor,
+    candidate_counts: Tensor,
+    fusion: Fusion | None = None,
+) -> Tensor:
+    """``[P, G]`` fused scores by ``fusion``: the evidence model (default: the shipped one) or
+    the shrunk mean of :class:`FusionParams`."""
+    if isinstance(fusion, FusionParams):
+        return fuse_scores(per_finger, both_present, fusion)
+    return fuse_evidence(per_finger, both_present, probe_counts, candidate_counts, fusion or shipped_model())
 
 
 def fuse_scores(per_finger: Tensor, both_present: Tensor, fusion: FusionParams | None = None) -> Tensor:
@@ -120,7 +175,7 @@ def score_tenprints(
     gallery: TenPrintCylinders,
     params: MccParams,
     *,
-    fusion: FusionParams | None = None,
+    fusion: Fusion | None = None,
     chunk_bytes: int | None = None,
 ) -> TenPrintScores:
     """Scores every probe subject against every gallery subject, finger by finger, and fuses.
@@ -128,7 +183,7 @@ def score_tenprints(
     ``probes: [P, 10, ·]``, ``gallery: [G, 10, ·]`` -> :class:`TenPrintScores` with
     ``[P, G, 10]`` per-finger scores and ``[P, G]`` fused scores. Only same-position fingers
     are compared (the loop over 10 positions is the only Python loop). ``fusion`` defaults to
-    ``FusionParams()``.
+    the shipped evidence model.
     """
     both = probes.present[:, None, :] & gallery.present[None, :, :]  # [P, G, 10]
     per_finger = torch.stack(
@@ -138,5 +193,4 @@ def score_tenprints(
         ],
         dim=-1,
     )
-    per_finger = torch.where(both, per_finger, 0.0)
-    return TenPrintScores(per_finger, both, fuse_scores(per_finger, both, fusion))
+    return tenprint_scores(per_finger, both, probes.valid_counts(), gallery.valid_counts(), fusion)

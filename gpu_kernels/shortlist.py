@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet
-from gpu_kernels.fusion import TenPrintCylinders, TenPrintScores, score_tenprints
-from gpu_kernels.params import MccParams
+from gpu_kernels.fusion import Fusion, TenPrintCylinders, TenPrintScores, score_tenprints, tenprint_scores
+from gpu_kernels.params import FusionParams, MccParams
 
 #: Spatial pooling of the 16x16 cells into (16/POOL)^2 blocks.
 POOL = 4
@@ -126,7 +126,12 @@ class ShortlistIndex:
 
 
 def score_shortlisted(
-    probes: TenPrintCylinders, gallery: TenPrintCylinders, rows: Tensor, params: MccParams
+    probes: TenPrintCylinders,
+    gallery: TenPrintCylinders,
+    rows: Tensor,
+    params: MccParams,
+    *,
+    fusion: Fusion | None = None,
 ) -> TenPrintScores:
     """Full MCC of each probe against its own shortlist: ``probes: [P, 10, ·]``, gallery rows
     ``rows: int64 [P, K]`` (of ``gallery``, which may live in host memory: only the K
@@ -135,11 +140,14 @@ def score_shortlisted(
     One batched call per probe (a loop over probes, never over pairs): probes in one batch
     rarely share candidates, so scoring the union would multiply the work by P.
     """
-    per_finger, both, fused = [], [], []
+    per_finger, both, counts = [], [], []
     for i in range(len(probes)):
         candidates = gallery.select(rows[i].to(gallery.device)).to(probes.device)
-        s = score_tenprints(probes.select(slice(i, i + 1)), candidates, params)
+        # Fused once below, over all candidates: the per-probe call only scores fingers.
+        s = score_tenprints(probes.select(slice(i, i + 1)), candidates, params, fusion=FusionParams())
         per_finger.append(s.per_finger[0])
         both.append(s.both_present[0])
-        fused.append(s.fused[0])
-    return TenPrintScores(torch.stack(per_finger), torch.stack(both), torch.stack(fused))
+        counts.append(s.candidate_counts[0])
+    return tenprint_scores(
+        torch.stack(per_finger), torch.stack(both), probes.valid_counts(), torch.stack(counts), fusion
+    )

@@ -18,7 +18,7 @@ ten-print card, or fewer fingers. ``.xyt`` files carry no image size; optional `
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -186,4 +186,22 @@ def read_dataset(directory: Path) -> Dataset:
         root=directory,
         gallery=tuple(c for c in made if c.role == "gallery"),
         probes=tuple(c for c in made if c.role == "probe"),
+    )
+
+
+def merge_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """One data set of several: subject ids become ``"<i>:<id>"`` (``i`` the set's position),
+    so subjects of different sets, which may share ids, stay apart. One set is returned as is."""
+    if len(datasets) == 1:
+        return datasets[0]
+    if not datasets:
+        raise DatasetError("no data set to merge")
+
+    def renamed(i: int, captures: tuple[Capture, ...]) -> tuple[Capture, ...]:
+        return tuple(replace(c, subject_id=f"{i}:{c.subject_id}") for c in captures)
+
+    return Dataset(
+        root=datasets[0].root,
+        gallery=tuple(c for i, d in enumerate(datasets) for c in renamed(i, d.gallery)),
+        probes=tuple(c for i, d in enumerate(datasets) for c in renamed(i, d.probes)),
     )

@@ -32,7 +32,7 @@ from synthetic.fingers import DIFFICULTIES, impression
 from synthetic.population import person_masters, rng_stream
 
 # Stream keys of the evaluation set, apart from the population's (0-5).
-_EVAL_GALLERY, _EVAL_PROBE = 16, 17
+_EVAL_GALLERY, _EVAL_PROBE, _EVAL_PLAIN = 16, 17, 18
 CHUNK = 250
 
 
@@ -44,7 +44,7 @@ class _Chunk:
     stop: int
     difficulty: str
     enrolled: int
-    plain_probes: bool
+    plain_share: float
 
 
 def _person_id(person: int) -> str:
@@ -75,7 +75,10 @@ def _write_chunk(chunk: _Chunk) -> str:
             made.add(folder)
         where = f"{chunk.directory}/{folder}"
         subject = _person_id(person)
-        sides = [("probe", "p", _EVAL_PROBE, chunk.plain_probes)]
+        # Each person's probe is plain with probability plain_share, by a stream of its own so
+        # the choice does not shift any other random draw.
+        plain_probe = bool(rng_stream(chunk.seed, _EVAL_PLAIN, person).random() < chunk.plain_share)
+        sides = [("probe", "p", _EVAL_PROBE, plain_probe)]
         if person < chunk.enrolled:
             sides.insert(0, ("gallery", "g", _EVAL_GALLERY, False))
         for role, tag, purpose, plain in sides:
@@ -97,6 +100,7 @@ def write_evaluation_set(
     difficulty: str = "realistic",
     unenrolled_share: float = 0.0,
     plain_probes: bool = True,
+    plain_share: float | None = None,
     workers: int | None = None,
     chunk: int = CHUNK,
     on_progress: Callable[[int, int], None] | None = None,
@@ -107,7 +111,8 @@ def write_evaluation_set(
     files do not depend on either. ``on_progress(done, subjects)`` is called as chunks
     complete, in person order. ``plain_probes=False`` makes rolled probes, as booking
     stations take them: thresholds for the nodes must be calibrated on that, since
-    rolled-vs-rolled impostors score higher.
+    rolled-vs-rolled impostors score higher. ``plain_share`` (overrides ``plain_probes``) makes
+    that share of the persons' probes plain and the rest rolled, chosen per person by seed.
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
@@ -115,11 +120,14 @@ def write_evaluation_set(
         raise ValueError(f"unenrolled_share {unenrolled_share} outside [0, 1)")
     if chunk < 1:
         raise ValueError(f"chunk {chunk} must be at least 1")
+    share = (1.0 if plain_probes else 0.0) if plain_share is None else plain_share
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"plain_share {share} outside [0, 1]")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     enrolled = subjects - round(unenrolled_share * subjects)
     chunks = [
-        _Chunk(directory, seed, lo, min(subjects, lo + chunk), difficulty, enrolled, plain_probes)
+        _Chunk(directory, seed, lo, min(subjects, lo + chunk), difficulty, enrolled, share)
         for lo in range(0, subjects, chunk)
     ]
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))

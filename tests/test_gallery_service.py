@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 from pydantic import SecretStr
 
-from evaluation.calibration import Thresholds
+from evaluation.calibration import Thresholds, calibrated_thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal
@@ -176,3 +176,24 @@ async def test_removed_subjects_are_no_longer_found(
     result = (await identify(ident, pki, gal.IdentifyRequest(probes=[probe_of(population, i)]))).results[0]
     assert population.ident[i].subject_id not in {c.subject_id for c in result.candidates}
     assert result.decision == bio.NO_HIT
+
+
+async def test_the_hit_threshold_a_node_reports_rises_when_its_gallery_grows_tenfold(
+    tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
+) -> None:
+    # The shipped calibration: a tail model, so the node derives its thresholds for its size.
+    node = build_node(NodeConfig(node="iafis", data_dir=tmp_path, tls=pki["iafis"]))
+    await node.host.start()
+    try:
+        async with open_channel(node.host.address, pki["admin"]) as channel:
+            stub = gal_grpc.GalleryServiceStub(channel)
+            await enroll(node.host.address, population.iafis[:3], tls=pki["admin"])
+            small = (await stub.GetStats(gal.GetStatsRequest(), timeout=5)).thresholds
+            await enroll(node.host.address, population.iafis[3:30], tls=pki["admin"])
+            large = (await stub.GetStats(gal.GetStatsRequest(), timeout=5)).thresholds
+    finally:
+        await node.stop(0)
+    assert (small.gallery_size, large.gallery_size) == (3, 30)
+    assert large.hit > small.hit and large.review > small.review
+    # The rates stay what the calibration promises: the thresholds moved to keep them.
+    assert large.hit_fpir == small.hit_fpir == calibrated_thresholds().hit_fpir

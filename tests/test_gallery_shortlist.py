@@ -53,11 +53,13 @@ def test_a_large_gallery_scores_only_the_shortlist_and_finds_the_same_mates(
     assert all(r.searched == len(population.iafis) and r.fully_scored == 5 for r in short)
     assert [r.matches[0].subject_id for r in full] == expected
     assert [r.matches[0].subject_id for r in short] == expected
-    # The shortlisted mate gets exactly the score full MCC gives it: the tiers differ only in
-    # which subjects are scored, never in how.
+    # The shortlisted mate gets exactly the finger scores full MCC gives it: the tiers differ
+    # only in which subjects are scored, never in how. The fused score may differ by the
+    # search-time normalisation, which only ever lowers a score and needs a cohort of 20
+    # candidates (5 here are too few; the exhaustive search of the whole gallery has one).
     for f, s in zip(full, short, strict=True):
-        assert s.matches[0].fused == pytest.approx(f.matches[0].fused, abs=1e-6)
-        assert s.matches[0].finger_scores.keys() == f.matches[0].finger_scores.keys()
+        assert s.matches[0].finger_scores == pytest.approx(f.matches[0].finger_scores, abs=1e-6)
+        assert s.matches[0].fused >= f.matches[0].fused - 1e-5
         assert s.matches[0].candidate_minutiae == f.matches[0].candidate_minutiae
 
 

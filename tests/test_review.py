@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
-from evaluation.calibration import Thresholds, calibrated_thresholds
+from evaluation.calibration import Thresholds
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
@@ -36,9 +36,9 @@ async def in_review(federation: Federation, sample: SyntheticBooking) -> bk.Book
 async def reviewing(federation: Federation) -> Federation:
     """The federation with an IDENT node whose hit threshold no one reaches: every IDENT mate
     lands in the review band (non-mates stay below it)."""
-    calibrated = calibrated_thresholds()
     await federation.ident.stop(0)
-    thresholds = Thresholds(hit=0.99, review=calibrated.review, source="test: review band for every mate")
+    # Fused scores are log-likelihood ratios: ten-print mates sum far above 0, non-mates far below.
+    thresholds = Thresholds(hit=1e6, review=0.0, source="test: review band for every mate")
     await federation.restart_node("ident", thresholds=thresholds)
     return federation
 

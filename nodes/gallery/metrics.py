@@ -36,7 +36,8 @@ class GalleryMetrics:
 
     def __init__(self, registry: CollectorRegistry, servicer: GalleryServicer[Any]) -> None:
         node = servicer.node
-        thresholds = servicer.config.thresholds
+        # Bucket edges at the thresholds of the gallery as it starts (they move as it grows).
+        thresholds = servicer.config.thresholds.for_gallery(len(servicer.gallery))
         Gauge(
             "fedprint_gallery_subjects",
             "subjects in this node's (shard's) gallery",

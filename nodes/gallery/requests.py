@@ -36,17 +36,33 @@ def band_of(score: float, thresholds: Thresholds) -> bio.DecisionBand.ValueType:
 
 def thresholds_proto(t: Thresholds) -> bio.Thresholds:
     return bio.Thresholds(
-        hit=t.hit, review=t.review, hit_fpir=t.hit_fpir, review_fpir=t.review_fpir, source=t.source
+        hit=t.hit,
+        review=t.review,
+        hit_fpir=t.hit_fpir,
+        review_fpir=t.review_fpir,
+        source=t.source,
+        gallery_size=t.gallery_size or 0,
     )
 
 
 @dataclass(frozen=True)
 class IdentifyPlan:
-    """A valid Identify request: its probes decoded, the thresholds it is judged by, and k."""
+    """A valid Identify request: its probes decoded, the calibration it is judged by, the
+    target FPIR it asked for (None: the calibration's), and k."""
 
     probes: list[DecodedTenPrint]
-    thresholds: Thresholds
+    calibration: Thresholds
+    target_fpir: float | None
     k: int
+
+    def thresholds(self, gallery_size: int, fingers: int = 10) -> Thresholds:
+        """The thresholds for a search of ``gallery_size`` subjects comparing ``fingers`` fingers
+        with a candidate: the calibration's FPIRs (or the requested one) hold there when the
+        calibration has tails."""
+        thresholds = self.calibration.for_gallery(gallery_size, fingers)
+        if self.target_fpir is not None:
+            thresholds = thresholds.for_fpir(self.target_fpir) or thresholds
+        return thresholds
 
 
 def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> IdentifyPlan:
@@ -64,13 +80,9 @@ def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> Identify
     if check_count(len(request.subject_ids), MAX_SUBJECT_IDS, "subject_ids", violations, "subject ids"):
         for i, subject_id in enumerate(request.subject_ids):
             SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations)
-    thresholds = config.thresholds
-    if request.target_fpir > 0.0 and not violations:
-        derived = thresholds.for_fpir(request.target_fpir)
-        if derived is None:
-            violations.add("target_fpir", f"no calibration reaches FPIR {request.target_fpir:g} on this node")
-        else:
-            thresholds = derived
+    target = request.target_fpir if request.target_fpir > 0.0 else None
+    if target is not None and not violations and config.thresholds.for_fpir(target) is None:
+        violations.add("target_fpir", f"no calibration reaches FPIR {target:g} on this node")
     decoded = []
     seen: set[str] = set()
     for i, probe in enumerate(request.probes if probes_ok else []):
@@ -84,7 +96,7 @@ def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> Identify
             violations.extend(error.violations)
     if violations:
         raise InvalidRequest(violations, "malformed identify request")
-    return IdentifyPlan(decoded, thresholds, request.max_results or 10)
+    return IdentifyPlan(decoded, config.thresholds, target, request.max_results or 10)
 
 
 def check_enrollment(

@@ -86,7 +86,11 @@ class ShardFailure(Exception):
         self.code = code
 
 
-def _same_thresholds(a: bio.Thresholds, b: bio.Thresholds) -> bool:
+def _same_calibration(a: bio.Thresholds, b: bio.Thresholds) -> bool:
+    """Whether a shard judges by the router's calibration. Thresholds that follow the gallery
+    size differ between a shard and the whole node by design; their calibration must not."""
+    if a.gallery_size or b.gallery_size:
+        return a.source == b.source and a.hit_fpir == b.hit_fpir and a.review_fpir == b.review_fpir
     return math.isclose(a.hit, b.hit, rel_tol=1e-9, abs_tol=1e-12) and math.isclose(
         a.review, b.review, rel_tol=1e-9, abs_tol=1e-12
     )
@@ -155,11 +159,13 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
         elif [r.probe_id for r in response.results] != expected_ids:
             missing.error = "answered for other probes than it was asked"
         elif not all(
-            _same_thresholds(r.thresholds, thresholds_proto(plan.thresholds)) for r in response.results
+            _same_calibration(r.thresholds, thresholds_proto(plan.thresholds(r.searched_subjects)))
+            for r in response.results
         ):
+            theirs = response.results[0].thresholds
             missing.error = (
-                f"judges by other thresholds (hit {response.results[0].thresholds.hit:g}) than the node "
-                f"(hit {plan.thresholds.hit:g}): router and shards need the same calibration"
+                f"judges by another calibration ({theirs.source!r}, hit {theirs.hit:g}) than the node "
+                f"({plan.calibration.source!r}): router and shards need the same calibration"
             )
         else:
             return response
@@ -217,8 +223,13 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
         """One answer from the shards' answers: per probe, the best ``k`` candidates of all of
         them, ranked again and banded by the node's thresholds."""
         merged = gal.IdentifyResponse(node=self.node)
-        thresholds = thresholds_proto(plan.thresholds)
+        # Thresholds for the whole gallery the answering shards hold (a shard's own are for its
+        # share, lower): FPIR grows with the number of subjects searched.
+        searched = sum(r.results[0].searched_subjects for r in responses if r.results)
         for i, probe in enumerate(request.probes):
+            thresholds = thresholds_proto(
+                plan.thresholds(searched, max(1, len(plan.probes[i].templates.fingers)))
+            )
             best: dict[str, gal.Candidate] = {}
             for response in responses:
                 for candidate in response.results[i].candidates:
@@ -238,7 +249,9 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
                 out = result.candidates.add()
                 out.CopyFrom(candidate)
                 out.rank = rank
-                out.band = band_of(candidate.fused_score, plan.thresholds)
+                out.band = band_of(
+                    candidate.fused_score, plan.thresholds(searched, len(candidate.finger_scores))
+                )
                 if out.band != bio.HIT:
                     out.ClearField("record")  # minimal disclosure, whatever a shard sent
             result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT
@@ -395,7 +408,9 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
             finger_count=sum(s.finger_count for s in stats),
             template_format_version=versions[0],
             device=",".join(sorted({s.device for s in stats})),
-            thresholds=thresholds_proto(self.config.thresholds),
+            thresholds=thresholds_proto(
+                self.config.thresholds.for_gallery(sum(s.gallery_size for s in stats))
+            ),
         )
 
 

@@ -140,7 +140,9 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             plan = check_identify(request, self.config)
         except InvalidRequest as error:
             await abort_invalid(context, error)
-        decoded, thresholds, k = plan.probes, plan.thresholds, plan.k
+        decoded, k = plan.probes, plan.k
+        # The whole gallery's size also for a subset search: never a lower threshold for a few.
+        size = len(self.gallery)
         if request.subject_ids:
             results = await asyncio.to_thread(
                 self._search_subset, [d.templates for d in decoded], k, list(request.subject_ids)
@@ -151,25 +153,34 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             )
         # Minimal disclosure: a record goes out only with a HIT candidate. Review-band and no-hit
         # candidates carry their subject id and scores, nothing about the person.
+        # Each candidate is judged by the thresholds of the fingers it was compared on: a
+        # candidate compared on few fingers needs more evidence per finger (see Thresholds.for_gallery).
+        bands = [
+            [band_of(m.fused, plan.thresholds(size, len(m.finger_scores))) for m in r.matches]
+            for r in results
+        ]
         hit_ids = sorted(
-            {m.subject_id for r in results for m in r.matches if band_of(m.fused, thresholds) == bio.HIT}
+            {
+                m.subject_id
+                for r, b in zip(results, bands, strict=True)
+                for m, band in zip(r.matches, b, strict=True)
+                if band == bio.HIT
+            }
         )
         records = await asyncio.to_thread(self.store.get_records, hit_ids) if hit_ids else {}
         response = gal.IdentifyResponse(node=self.node, partition=self._partition_proto())
-        for probe, d, searched in zip(request.probes, decoded, results, strict=True):
+        for probe, d, searched, probe_bands in zip(request.probes, decoded, results, bands, strict=True):
             result = response.results.add(
                 probe_id=probe.probe_id,
-                thresholds=thresholds_proto(thresholds),
+                # The thresholds of a candidate compared on every finger the probe has.
+                thresholds=thresholds_proto(plan.thresholds(size, max(1, len(d.templates.fingers)))),
                 unusable_fingers=[issue.to_proto() for issue in d.issues],
                 searched_subjects=searched.searched,
                 fully_scored_subjects=searched.fully_scored,
             )
-            for rank, match in enumerate(searched.matches, start=1):
+            for rank, (match, band) in enumerate(zip(searched.matches, probe_bands, strict=True), start=1):
                 candidate = result.candidates.add(
-                    subject_id=match.subject_id,
-                    rank=rank,
-                    fused_score=match.fused,
-                    band=band_of(match.fused, thresholds),
+                    subject_id=match.subject_id, rank=rank, fused_score=match.fused, band=band
                 )
                 for position, score in sorted(match.finger_scores.items()):
                     candidate.finger_scores.add(
@@ -291,7 +302,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             finger_count=self.gallery.finger_count,
             template_format_version=TEMPLATE_FORMAT_VERSION,
             device=str(self.gallery.device),
-            thresholds=thresholds_proto(self.config.thresholds),
+            thresholds=thresholds_proto(self.config.thresholds.for_gallery(len(self.gallery))),
             partition=self._partition_proto(),
         )
 

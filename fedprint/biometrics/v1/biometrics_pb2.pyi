@@ -276,6 +276,7 @@ class Thresholds(_message.Message):
     HIT_FPIR_FIELD_NUMBER: _builtins.int
     REVIEW_FPIR_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    GALLERY_SIZE_FIELD_NUMBER: _builtins.int
     hit: _builtins.float
     """Fused scores at or above this are hits."""
     review: _builtins.float
@@ -288,6 +289,11 @@ class Thresholds(_message.Message):
     """False positive identification rate at the review threshold."""
     source: _builtins.str
     """Where the thresholds come from (calibration run or configuration file)."""
+    gallery_size: _builtins.int
+    """Gallery size the thresholds were derived for, so that hit_fpir and review_fpir are the
+    rates in force for this search; 0 when the thresholds are fixed (they then hold only near
+    the gallery size they were calibrated at).
+    """
     def __init__(
         self,
         *,
@@ -296,10 +302,11 @@ class Thresholds(_message.Message):
         hit_fpir: _builtins.float = ...,
         review_fpir: _builtins.float = ...,
         source: _builtins.str = ...,
+        gallery_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hit", b"hit", "hit_fpir", b"hit_fpir", "review", b"review", "review_fpir", b"review_fpir", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gallery_size", b"gallery_size", "hit", b"hit", "hit_fpir", b"hit_fpir", "review", b"review", "review_fpir", b"review_fpir", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
