@@ -84,11 +84,12 @@ def finger_descriptors(cyl: CylinderSet, *, pool: int = POOL, chunk_bytes: int =
     for lo in range(0, n, step):
         part = cyl.select(slice(lo, lo + step))
         k = len(part)
-        values = part.unpacked_values().reshape(k, m, blocks, pool, blocks, pool, p.nd).sum(dim=(3, 5))
-        cells = part.unpacked_cell_valid().reshape(k, m, blocks, pool, blocks, pool).sum(dim=(3, 5))
         weight = part.valid.to(torch.float32)
-        ones = torch.einsum("kmxyd,km->kxyd", values, weight)  # [k, B, B, Nd]
-        valid = torch.einsum("kmxy,km->kxy", cells, weight)  # [k, B, B]
+        # Sum over the valid cylinders first (one batched matrix-vector product), pool after.
+        ones = torch.einsum("kmc,km->kc", part.unpacked_values(), weight)
+        cells = torch.einsum("kmc,km->kc", part.unpacked_cell_valid(), weight)
+        ones = ones.reshape(k, blocks, pool, blocks, pool, p.nd).sum(dim=(2, 4))  # [k, B, B, Nd]
+        valid = cells.reshape(k, blocks, pool, blocks, pool).sum(dim=(2, 4))  # [k, B, B]
         out[lo : lo + k] = (ones / valid[..., None].clamp(min=1.0)).reshape(k, -1)
     return out
 
