@@ -32,7 +32,7 @@ import torch
 
 from gpu_kernels import MccParams, encode_tenprints, score_tenprints
 from gpu_kernels.cylinder_file import CylinderFile, CylinderFileWriter
-from gpu_kernels.shortlist import ShortlistIndex, subject_descriptors
+from gpu_kernels.shortlist import DESCRIPTOR_VERSION, ShortlistIndex, subject_descriptors
 from minutiae.dataset import CaptureRef, capture_refs, load_capture
 
 Progress = Callable[[str, int, int], None]
@@ -70,6 +70,7 @@ def _gallery(data: Path, refs: list[CaptureRef], config: ShortlistBenchConfig, p
         and ids_path.read_text().split("\n")[:-1] == ids
         and CylinderFile(target).params.same_cylinders(config.params)
     ):
+        _refresh_descriptors(target, config)
         return target
     if target.exists():
         for stale in target.iterdir():
@@ -84,9 +85,29 @@ def _gallery(data: Path, refs: list[CaptureRef], config: ShortlistBenchConfig, p
             descriptors.append(subject_descriptors(cylinders).cpu().numpy())
     progress("encoding the gallery", len(refs), len(refs))
     np.save(target / "descriptors.npy", np.concatenate(descriptors))
+    (target / "descriptor_version.txt").write_text(f"{DESCRIPTOR_VERSION}\n")
     # Written last: its presence says the encoding finished.
     ids_path.write_text("".join(f"{s}\n" for s in ids))
     return target
+
+
+def _refresh_descriptors(target: Path, config: ShortlistBenchConfig) -> None:
+    """Recomputes the shortlist descriptors of a kept encoding from its cylinder file when they
+    were made by another descriptor version (the cylinders themselves are still good)."""
+    version = target / "descriptor_version.txt"
+    if version.exists() and version.read_text().strip() == str(DESCRIPTOR_VERSION):
+        return
+    full = CylinderFile(target)
+    parts = [
+        subject_descriptors(
+            full.select(np.arange(lo, min(lo + config.encode_chunk, len(full))), config.device, config.params)
+        )
+        .cpu()
+        .numpy()
+        for lo in range(0, len(full), config.encode_chunk)
+    ]
+    np.save(target / "descriptors.npy", np.concatenate(parts))
+    version.write_text(f"{DESCRIPTOR_VERSION}\n")
 
 
 def run_shortlist_bench(

@@ -2,7 +2,7 @@
 cylinders on the node's torch device, behind one ``search(probes, k)`` call.
 
 Two tiers (see :mod:`gpu_kernels.shortlist`): small galleries are scored exhaustively with full
-MCC; from ``ShortlistConfig.min_gallery`` subjects on, a faiss index over a 960-byte code per
+MCC; from ``ShortlistConfig.min_gallery`` subjects on, a faiss index over a 1,920-byte code per
 subject votes ``candidates`` subjects per probe and full MCC scores only those.
 
 Changes (enroll, remove) build a new immutable snapshot and swap it in, so a search
