@@ -8,6 +8,7 @@ Every call speaks mutual TLS with the identity given; plaintext only with ``inse
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,12 +64,35 @@ async def enroll(
 
 @dataclass(frozen=True)
 class Submission:
-    """The outcome of one SubmitBooking call: a decision, or the gRPC error."""
+    """The outcome of one booking's submission: a decision, or the last gRPC error; the latency
+    covers every attempt."""
 
     tcn: str
     decision: bk.BookingDecision | None
     error: str
     latency_ms: float
+    #: SubmitBooking calls made (more than one when a transient failure was retried).
+    attempts: int = 1
+
+
+#: Failures after which the same booking may simply be sent again: the coordinator was down or
+#: restarting, or did not answer in time. Resending is safe because the TCN is the idempotency
+#: key: the coordinator answers a resubmission with identical content from its stored decision
+#: (or finishes an incomplete one), and refuses different content under the same TCN.
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a client resends a booking after a transient failure (:data:`TRANSIENT_CODES`):
+    exponential backoff with full jitter, up to ``attempts`` calls in all."""
+
+    attempts: int = 8
+    initial_s: float = 0.25
+    max_s: float = 5.0
+
+    def backoff_s(self, failures: int) -> float:
+        return random.uniform(0.5, 1.0) * min(self.max_s, self.initial_s * 2.0 ** (failures - 1))
 
 
 async def submit_bookings(
@@ -80,9 +104,12 @@ async def submit_bookings(
     on_done: Callable[[Submission], None] | None = None,
     agencies: Mapping[str, TlsFiles] | None,
     insecure: bool = False,
+    retry: Retry | None = None,
 ) -> list[Submission]:
     """Submits every booking, ``concurrency`` at a time, each with the certificate of its ORI's
-    agency (``agencies``: ORI -> identity); results follow the input order."""
+    agency (``agencies``: ORI -> identity); results follow the input order. With ``retry``, a
+    booking whose call fails transiently is sent again (same TCN, same content) after a backoff,
+    outside the concurrency limit, so that a coordinator restart loses no booking."""
     limit = asyncio.Semaphore(concurrency)
     oris = sorted({b.ori for b in bookings})
     if agencies is not None and (missing := [o for o in oris if o not in agencies]):
@@ -95,18 +122,30 @@ async def submit_bookings(
         stubs = {ori: bk_grpc.BookingServiceStub(channel) for ori, channel in channels.items()}
 
         async def one(booking: bk.Booking) -> Submission:
-            async with limit:
-                started = time.perf_counter()
-                try:
-                    decision = await stubs[booking.ori].SubmitBooking(booking, timeout=deadline_s)
-                    result = Submission(booking.tcn, decision, "", (time.perf_counter() - started) * 1000)
-                except grpc.aio.AioRpcError as error:
+            started = time.perf_counter()
+            attempts = 0
+            while True:
+                attempts += 1
+                async with limit:
+                    try:
+                        decision = await stubs[booking.ori].SubmitBooking(booking, timeout=deadline_s)
+                    except grpc.aio.AioRpcError as error:
+                        decision, failure = None, error
+                if decision is not None:
+                    result = Submission(
+                        booking.tcn, decision, "", (time.perf_counter() - started) * 1000, attempts
+                    )
+                    break
+                if retry is None or attempts >= retry.attempts or failure.code() not in TRANSIENT_CODES:
                     result = Submission(
                         booking.tcn,
                         None,
-                        f"{error.code().name}: {error.details()}",
+                        f"{failure.code().name}: {failure.details()}",
                         (time.perf_counter() - started) * 1000,
+                        attempts,
                     )
+                    break
+                await asyncio.sleep(retry.backoff_s(attempts))
             if on_done is not None:
                 on_done(result)
             return result
