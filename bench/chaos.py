@@ -211,12 +211,11 @@ async def account(
         async with open_channel(coordinator, agencies[ori]) as channel:
             stub = bk_grpc.BookingServiceStub(channel)
             for tcn in tcns:
-                try:
-                    decisions[tcn] = await stub.GetDecision(bk.GetDecisionRequest(tcn=tcn), timeout=10)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.NOT_FOUND:
-                        raise
+                decision = await _decision(stub, tcn)
+                if decision is None:
                     lost += 1
+                else:
+                    decisions[tcn] = decision
     hits = {
         tcn
         for tcn, d in decisions.items()
@@ -242,6 +241,20 @@ async def account(
         notified_unexpected=sum(n for t, n in notices.items() if t not in hits),
         notifications=sum(notices.values()),
     )
+
+
+async def _decision(stub: bk_grpc.BookingServiceAsyncStub, tcn: str) -> bk.BookingDecision | None:
+    """The stored decision of ``tcn`` (None: there is none), read at the pace the agency's rate
+    limit allows."""
+    while True:
+        try:
+            return await stub.GetDecision(bk.GetDecisionRequest(tcn=tcn), timeout=10)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def _list_level(

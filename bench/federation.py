@@ -176,6 +176,7 @@ async def _chaos_run(
         "errors": sum(errors.values()),
         "error_codes": dict(errors),
         "resubmissions": sum(r.attempts - 1 for r in results),
+        "resubmission_codes": dict(collections.Counter(code for r in results for code in r.retried)),
         **asdict(counts),
         "incomplete_when_answered": sum(
             1 for r in results if r.decision is not None and r.decision.status != bk.COMPLETE

@@ -65,21 +65,29 @@ async def enroll(
 @dataclass(frozen=True)
 class Submission:
     """The outcome of one booking's submission: a decision, or the last gRPC error; the latency
-    covers every attempt."""
+    runs from the first call to the answer, across every attempt."""
 
     tcn: str
     decision: bk.BookingDecision | None
     error: str
     latency_ms: float
-    #: SubmitBooking calls made (more than one when a transient failure was retried).
-    attempts: int = 1
+    #: The status codes of the failed calls that were retried (empty: answered at the first).
+    retried: tuple[str, ...] = ()
+
+    @property
+    def attempts(self) -> int:
+        """SubmitBooking calls made."""
+        return len(self.retried) + 1
 
 
 #: Failures after which the same booking may simply be sent again: the coordinator was down or
-#: restarting, or did not answer in time. Resending is safe because the TCN is the idempotency
-#: key: the coordinator answers a resubmission with identical content from its stored decision
-#: (or finishes an incomplete one), and refuses different content under the same TCN.
-TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: restarting, did not answer in time, or refused the call under the agency's rate limit (before
+#: reading the booking). Resending is safe because the TCN is the idempotency key: the
+#: coordinator answers a resubmission with identical content from its stored decision (or
+#: finishes an incomplete one), and refuses different content under the same TCN.
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 
 
 @dataclass(frozen=True)
@@ -122,30 +130,25 @@ async def submit_bookings(
         stubs = {ori: bk_grpc.BookingServiceStub(channel) for ori, channel in channels.items()}
 
         async def one(booking: bk.Booking) -> Submission:
-            started = time.perf_counter()
-            attempts = 0
+            started: float | None = None  # when the first call went out (not the wait for a slot)
+            failures: list[str] = []
             while True:
-                attempts += 1
                 async with limit:
+                    started = started or time.perf_counter()
                     try:
                         decision = await stubs[booking.ori].SubmitBooking(booking, timeout=deadline_s)
                     except grpc.aio.AioRpcError as error:
                         decision, failure = None, error
+                latency_ms = (time.perf_counter() - started) * 1000
                 if decision is not None:
-                    result = Submission(
-                        booking.tcn, decision, "", (time.perf_counter() - started) * 1000, attempts
-                    )
+                    result = Submission(booking.tcn, decision, "", latency_ms, tuple(failures))
                     break
-                if retry is None or attempts >= retry.attempts or failure.code() not in TRANSIENT_CODES:
-                    result = Submission(
-                        booking.tcn,
-                        None,
-                        f"{failure.code().name}: {failure.details()}",
-                        (time.perf_counter() - started) * 1000,
-                        attempts,
-                    )
+                failures.append(failure.code().name)
+                if retry is None or len(failures) >= retry.attempts or failure.code() not in TRANSIENT_CODES:
+                    error_text = f"{failure.code().name}: {failure.details()}"
+                    result = Submission(booking.tcn, None, error_text, latency_ms, tuple(failures[:-1]))
                     break
-                await asyncio.sleep(retry.backoff_s(attempts))
+                await asyncio.sleep(retry.backoff_s(len(failures)))
             if on_done is not None:
                 on_done(result)
             return result
