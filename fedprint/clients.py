@@ -117,7 +117,7 @@ async def submit_bookings(
     """Submits every booking, ``concurrency`` at a time, each with the certificate of its ORI's
     agency (``agencies``: ORI -> identity); results follow the input order. With ``retry``, a
     booking whose call fails transiently is sent again (same TCN, same content) after a backoff,
-    outside the concurrency limit, so that a coordinator restart loses no booking."""
+    within its slot of the concurrency limit, so that a coordinator restart loses no booking."""
     limit = asyncio.Semaphore(concurrency)
     oris = sorted({b.ori for b in bookings})
     if agencies is not None and (missing := [o for o in oris if o not in agencies]):
@@ -130,25 +130,31 @@ async def submit_bookings(
         stubs = {ori: bk_grpc.BookingServiceStub(channel) for ori, channel in channels.items()}
 
         async def one(booking: bk.Booking) -> Submission:
-            started: float | None = None  # when the first call went out (not the wait for a slot)
             failures: list[str] = []
-            while True:
-                async with limit:
-                    started = started or time.perf_counter()
+            # A booking keeps its slot through its retries: while the coordinator is down, the
+            # bookings in flight wait it out, and the ones queued behind them are not all spent
+            # on failing calls (each then retried at the back of the queue).
+            async with limit:
+                started = time.perf_counter()
+                while True:
                     try:
                         decision = await stubs[booking.ori].SubmitBooking(booking, timeout=deadline_s)
                     except grpc.aio.AioRpcError as error:
                         decision, failure = None, error
-                latency_ms = (time.perf_counter() - started) * 1000
-                if decision is not None:
-                    result = Submission(booking.tcn, decision, "", latency_ms, tuple(failures))
-                    break
-                failures.append(failure.code().name)
-                if retry is None or len(failures) >= retry.attempts or failure.code() not in TRANSIENT_CODES:
-                    error_text = f"{failure.code().name}: {failure.details()}"
-                    result = Submission(booking.tcn, None, error_text, latency_ms, tuple(failures[:-1]))
-                    break
-                await asyncio.sleep(retry.backoff_s(len(failures)))
+                    latency_ms = (time.perf_counter() - started) * 1000
+                    if decision is not None:
+                        result = Submission(booking.tcn, decision, "", latency_ms, tuple(failures))
+                        break
+                    failures.append(failure.code().name)
+                    if (
+                        retry is None
+                        or len(failures) >= retry.attempts
+                        or failure.code() not in TRANSIENT_CODES
+                    ):
+                        error_text = f"{failure.code().name}: {failure.details()}"
+                        result = Submission(booking.tcn, None, error_text, latency_ms, tuple(failures[:-1]))
+                        break
+                    await asyncio.sleep(retry.backoff_s(len(failures)))
             if on_done is not None:
                 on_done(result)
             return result
