@@ -1,24 +1,31 @@
 """``fedprint bench federation``: bookings through the whole federation, as processes on
 this machine over mTLS, at a fixed concurrency. Latency percentiles, throughput,
 errors, and what was lost (a booking without a stored decision, or a queued
-notification that never reached ICE)."""
+notification that never reached ICE).
+
+With chaos (:mod:`bench.chaos`), the services are SIGKILLed and restarted while the bookings go
+in; the submitters resend on transient failures, the federation is then given time to settle, and
+the result says what was lost, what is not final, and how often each IDENT hit reached ICE."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
+from bench.chaos import ChaosConfig, ChaosMonkey, account, chaos_schedule, settle
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
-from fedprint.clients import enroll, submit_bookings, wait_for_notifications
+from fedprint.clients import Retry, Submission, enroll, submit_bookings, wait_for_notifications
 from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
 from fedprint.rpc import open_channel
 from launcher.processes import federation
@@ -35,6 +42,8 @@ class FederationBenchConfig:
     seed: int = 3
     #: Partitions per node: above 1, each node runs as a router in front of this many shards.
     shards: int = 1
+    #: Kill and restart the services during the run (None: no chaos).
+    chaos: ChaosConfig | None = None
 
 
 async def _lost_decisions(address: str, bookings: list[bk.Booking], agencies: dict[str, TlsFiles]) -> int:
@@ -73,6 +82,11 @@ async def run_federation_bench(config: FederationBenchConfig, workdir: Path | No
                 enroll(addresses["iafis"], population.iafis, tls=pki["admin"]),
                 enroll(addresses["ident"], population.ident, tls=pki["admin"]),
             )
+            if config.chaos is not None:
+                monkey = ChaosMonkey(addresses.services, chaos_schedule(config.chaos), len(bookings))
+                return await _chaos_run(config, config.chaos, monkey, addresses, bookings, agencies, pki) | {
+                    "gallery_sizes": {"iafis": len(population.iafis), "ident": len(population.ident)}
+                }
             started = time.perf_counter()
             results = await submit_bookings(
                 addresses["coordinator"], bookings, concurrency=config.concurrency, agencies=agencies
@@ -100,4 +114,79 @@ async def run_federation_bench(config: FederationBenchConfig, workdir: Path | No
         "notifications": len(received),
         "gallery_sizes": {"iafis": len(population.iafis), "ident": len(population.ident)},
         "elapsed_s": elapsed,
+    }
+
+
+#: How the chaos bench's submitters resend: long enough to outlast a coordinator restart.
+CHAOS_RETRY = Retry(attempts=12, initial_s=0.25, max_s=5.0)
+
+
+def _latency_fields(results: list[Submission], elapsed: float) -> dict[str, Any]:
+    latencies = np.array([r.latency_ms for r in results if r.decision is not None])
+    return {
+        "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
+        "p90_ms": float(np.percentile(latencies, 90)) if latencies.size else None,
+        "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
+        "max_ms": float(latencies.max()) if latencies.size else None,
+        "bookings_per_second": len(latencies) / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+async def _chaos_run(
+    config: FederationBenchConfig,
+    chaos: ChaosConfig,
+    monkey: ChaosMonkey,
+    addresses: Mapping[str, str],
+    bookings: list[bk.Booking],
+    agencies: dict[str, TlsFiles],
+    pki: dict[str, TlsFiles],
+) -> dict[str, Any]:
+    """Submits under the chaos schedule, lets the federation settle, and accounts for every
+    booking and every IDENT hit."""
+    started = time.perf_counter()
+    chaos_task = asyncio.create_task(monkey.run())
+    try:
+        results = await submit_bookings(
+            addresses["coordinator"],
+            bookings,
+            concurrency=config.concurrency,
+            agencies=agencies,
+            retry=CHAOS_RETRY,
+            on_done=lambda _: monkey.answered(),
+        )
+        elapsed = time.perf_counter() - started
+        monkey.submissions_done()
+        await chaos_task
+    finally:
+        if not chaos_task.done():
+            chaos_task.cancel()
+    settled, settle_s = await settle(addresses["coordinator"], pki["admin"], chaos.settle_timeout_s)
+    tcns_by_ori: dict[str, list[str]] = {}
+    for booking in bookings:
+        tcns_by_ori.setdefault(booking.ori, []).append(booking.tcn)
+    counts = await account(addresses["coordinator"], addresses["ice"], tcns_by_ori, agencies, pki["ice"])
+    errors: collections.Counter[str] = collections.Counter(
+        r.error.split(":", 1)[0] for r in results if r.decision is None
+    )
+    return {
+        "bookings": len(bookings),
+        "concurrency": config.concurrency,
+        "shards": config.shards,
+        **_latency_fields(results, elapsed),
+        "errors": sum(errors.values()),
+        "error_codes": dict(errors),
+        "resubmissions": sum(r.attempts - 1 for r in results),
+        "resubmission_codes": dict(collections.Counter(code for r in results for code in r.retried)),
+        **asdict(counts),
+        "incomplete_when_answered": sum(
+            1 for r in results if r.decision is not None and r.decision.status != bk.COMPLETE
+        ),
+        "elapsed_s": elapsed,
+        "chaos": {
+            "seed": chaos.seed,
+            "kills": monkey.kills(),
+            "events": monkey.report(),
+            "settled": settled,
+            "settle_s": round(settle_s, 3),
+        },
     }

@@ -91,13 +91,32 @@ def federation(
     shards: Annotated[
         int, typer.Option(min=1, help="partitions per node: >1 runs each node as a router and its shards")
     ] = 1,
+    chaos: Annotated[
+        bool,
+        typer.Option(
+            "--chaos",
+            help="SIGKILL and restart a gallery node, ICE and the coordinator during the run, then "
+            "count lost bookings, bookings not final and IDENT hits not notified exactly once",
+        ),
+    ] = False,
+    chaos_seed: Annotated[int, typer.Option(help="seed of the chaos schedule (with --chaos)")] = 0,
+    settle_timeout: Annotated[
+        float, typer.Option(help="seconds the federation may take to settle after a --chaos run")
+    ] = 300.0,
 ) -> None:
     """Bookings through the four services (processes, mTLS): latency, throughput, errors, losses."""
     import asyncio
 
+    from bench.chaos import ChaosConfig
     from bench.federation import FederationBenchConfig, run_federation_bench
 
-    config = FederationBenchConfig(bookings=bookings, concurrency=concurrency, persons=persons, shards=shards)
+    config = FederationBenchConfig(
+        bookings=bookings,
+        concurrency=concurrency,
+        persons=persons,
+        shards=shards,
+        chaos=ChaosConfig(seed=chaos_seed, settle_timeout_s=settle_timeout) if chaos else None,
+    )
     with console.status("starting the federation and submitting bookings"):
         result = asyncio.run(run_federation_bench(config))
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +127,15 @@ def federation(
         f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
         f"{result['bookings_per_second']:.2f} bookings/s, {result['errors']} errors, {result['lost']} lost"
     )
+    if chaos:
+        kills = ", ".join(f"{name} x{n}" for name, n in sorted(result["chaos"]["kills"].items()))
+        console.print(
+            f"chaos (seed {chaos_seed}): killed {kills}; settled in {result['chaos']['settle_s']:.1f} s: "
+            f"lost: {result['lost']}, not final: {result['not_final']}, IDENT hits "
+            f"{result['ident_hits']}: notified once {result['ident_hits_notified_once']}, never "
+            f"{result['notified_zero']}, more than once {result['notified_more_than_once']}"
+        )
+    console.print(f"wrote {json_out}")
 
 
 @bench_app.command()

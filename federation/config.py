@@ -38,6 +38,15 @@ class CoordinatorConfig(ServiceSettings):
         default=2.0, gt=0, description="first wait before an incomplete booking is searched again"
     )
     retry_max_s: float = Field(default=60.0, gt=0, description="longest wait between such retries")
+    replica_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "a name unique among the replicas and stable across restarts (e.g. the pod name): "
+            "restarted after a crash, the replica frees its dead life's outbox and retry claims at "
+            "once; unset, they expire with their leases"
+        ),
+    )
     booking_key_file: Path | None = Field(
         default=None,
         description="hex AES-256 key sealing incomplete bookings at rest; data_dir/booking.key if unset",

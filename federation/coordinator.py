@@ -415,6 +415,10 @@ class CoordinatorService:
 
     async def start(self) -> int:
         port = await self.host.start()
+        # Before this life claims anything: whatever this replica's name holds is its dead life's.
+        freed = await asyncio.to_thread(self.coordinator.store.release_own_claims)
+        if freed:
+            log.warning("claims of a previous run released", rows=freed)
         self.coordinator.outbox.start()
         self.coordinator.retrier.start()
         return port
@@ -431,7 +435,9 @@ class CoordinatorService:
 def build_coordinator(config: CoordinatorConfig, database_url: str | None = None) -> CoordinatorService:
     """Wires store, policy, node clients and outbox into a coordinator server (not yet started)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = CoordinatorStore(database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}")
+    store = CoordinatorStore(
+        database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}", replica_id=config.replica_id
+    )
     policy = ThreatPolicy.load(config.policy_path)
     channels = [
         open_channel(a, config.tls, insecure=config.insecure)

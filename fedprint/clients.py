@@ -8,6 +8,7 @@ Every call speaks mutual TLS with the identity given; plaintext only with ``inse
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,12 +64,43 @@ async def enroll(
 
 @dataclass(frozen=True)
 class Submission:
-    """The outcome of one SubmitBooking call: a decision, or the gRPC error."""
+    """The outcome of one booking's submission: a decision, or the last gRPC error; the latency
+    runs from the first call to the answer, across every attempt."""
 
     tcn: str
     decision: bk.BookingDecision | None
     error: str
     latency_ms: float
+    #: The status codes of the failed calls that were retried (empty: answered at the first).
+    retried: tuple[str, ...] = ()
+
+    @property
+    def attempts(self) -> int:
+        """SubmitBooking calls made."""
+        return len(self.retried) + 1
+
+
+#: Failures after which the same booking may simply be sent again: the coordinator was down or
+#: restarting, did not answer in time, or refused the call under the agency's rate limit (before
+#: reading the booking). Resending is safe because the TCN is the idempotency key: the
+#: coordinator answers a resubmission with identical content from its stored decision (or
+#: finishes an incomplete one), and refuses different content under the same TCN.
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a client resends a booking after a transient failure (:data:`TRANSIENT_CODES`):
+    exponential backoff with full jitter, up to ``attempts`` calls in all."""
+
+    attempts: int = 8
+    initial_s: float = 0.25
+    max_s: float = 5.0
+
+    def backoff_s(self, failures: int) -> float:
+        return random.uniform(0.5, 1.0) * min(self.max_s, self.initial_s * 2.0 ** (failures - 1))
 
 
 async def submit_bookings(
@@ -80,9 +112,12 @@ async def submit_bookings(
     on_done: Callable[[Submission], None] | None = None,
     agencies: Mapping[str, TlsFiles] | None,
     insecure: bool = False,
+    retry: Retry | None = None,
 ) -> list[Submission]:
     """Submits every booking, ``concurrency`` at a time, each with the certificate of its ORI's
-    agency (``agencies``: ORI -> identity); results follow the input order."""
+    agency (``agencies``: ORI -> identity); results follow the input order. With ``retry``, a
+    booking whose call fails transiently is sent again (same TCN, same content) after a backoff,
+    within its slot of the concurrency limit, so that a coordinator restart loses no booking."""
     limit = asyncio.Semaphore(concurrency)
     oris = sorted({b.ori for b in bookings})
     if agencies is not None and (missing := [o for o in oris if o not in agencies]):
@@ -95,18 +130,31 @@ async def submit_bookings(
         stubs = {ori: bk_grpc.BookingServiceStub(channel) for ori, channel in channels.items()}
 
         async def one(booking: bk.Booking) -> Submission:
+            failures: list[str] = []
+            # A booking keeps its slot through its retries: while the coordinator is down, the
+            # bookings in flight wait it out, and the ones queued behind them are not all spent
+            # on failing calls (each then retried at the back of the queue).
             async with limit:
                 started = time.perf_counter()
-                try:
-                    decision = await stubs[booking.ori].SubmitBooking(booking, timeout=deadline_s)
-                    result = Submission(booking.tcn, decision, "", (time.perf_counter() - started) * 1000)
-                except grpc.aio.AioRpcError as error:
-                    result = Submission(
-                        booking.tcn,
-                        None,
-                        f"{error.code().name}: {error.details()}",
-                        (time.perf_counter() - started) * 1000,
-                    )
+                while True:
+                    try:
+                        decision = await stubs[booking.ori].SubmitBooking(booking, timeout=deadline_s)
+                    except grpc.aio.AioRpcError as error:
+                        decision, failure = None, error
+                    latency_ms = (time.perf_counter() - started) * 1000
+                    if decision is not None:
+                        result = Submission(booking.tcn, decision, "", latency_ms, tuple(failures))
+                        break
+                    failures.append(failure.code().name)
+                    if (
+                        retry is None
+                        or len(failures) >= retry.attempts
+                        or failure.code() not in TRANSIENT_CODES
+                    ):
+                        error_text = f"{failure.code().name}: {failure.details()}"
+                        result = Submission(booking.tcn, None, error_text, latency_ms, tuple(failures[:-1]))
+                        break
+                    await asyncio.sleep(retry.backoff_s(len(failures)))
             if on_done is not None:
                 on_done(result)
             return result

@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,67 @@ STARTUP_TIMEOUT_S = 90.0
 
 @dataclass
 class ServiceProcess:
+    """A running ``fedprint serve`` process, and what it takes to start it again as the same
+    service: the config file it was started with (kept), its environment and its ready file."""
+
+    #: The service's name (its role, or e.g. ``iafis-shard-0``).
     role: str
     process: asyncio.subprocess.Process
     address: str
     log: Path
+    #: What ``fedprint serve`` runs (coordinator, iafis, ident, ice).
+    serve: str
+    config_path: Path
+    ready: Path
+    env: Mapping[str, str]
+    #: Times this service was killed (:meth:`kill`) and started again (:meth:`restart`).
+    kills: int = 0
+    restarts: int = 0
+
+    async def kill(self) -> None:
+        """SIGKILL, the way a crash or an OOM kill ends a process: no graceful stop, no flush,
+        no goodbye to its clients; waits until it is gone."""
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.kills += 1
+
+    async def restart(self) -> None:
+        """Starts the service again after it died (:meth:`kill`), with the same config, hence
+        the same data directory and database files, and on the same address (its clients keep
+        their channels and reconnect)."""
+        if self.process.returncode is None:
+            raise RuntimeError(f"{self.role} is still running; kill or stop it first")
+        self.process = await _spawn(
+            self.serve, self.config_path, self.ready, self.log, self.env, listen=self.address
+        )
+        await _wait_ready(self.role, self.process, self.ready, self.log)
+        self.restarts += 1
+
+
+async def _spawn(
+    role: str, config_path: Path, ready: Path, log: Path, env: Mapping[str, str], *, listen: str | None = None
+) -> asyncio.subprocess.Process:
+    """Starts ``fedprint serve ROLE``; its log is appended to, so that a restarted service's log
+    follows its earlier life."""
+    _address(ready, clear=True)
+    with log.open("ab") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli",
+            "serve",
+            role,
+            "--config",
+            str(config_path),
+            "--ready-file",
+            str(ready),
+            *(["--listen", listen] if listen else []),
+            stdout=log_file,
+            stderr=log_file,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, **env},
+        )
 
 
 async def start_service(
@@ -45,30 +102,29 @@ async def start_service(
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     ready = workdir / f"{name}.ready"
-    ready.unlink(missing_ok=True)
     log = workdir / f"{name}.log"
-    with log.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cli",
-            "serve",
-            role,
-            "--config",
-            str(config_path),
-            "--ready-file",
-            str(ready),
-            stdout=log_file,
-            stderr=log_file,
-            stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-        )
+    log.unlink(missing_ok=True)
+    process = await _spawn(role, config_path, ready, log, env or {})
+    address = await _wait_ready(name, process, ready, log)
+    return ServiceProcess(name, process, address, log, role, config_path, ready, dict(env or {}))
+
+
+async def _wait_ready(name: str, process: asyncio.subprocess.Process, ready: Path, log: Path) -> str:
+    """Waits until the service writes its bound address into ``ready``; returns it."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not ready.exists() or not ready.read_text().strip():
+    while not (address := _address(ready)):
         if process.returncode is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not start; see {log}")
         await asyncio.sleep(0.1)
-    return ServiceProcess(name, process, ready.read_text().strip(), log)
+    return address
+
+
+def _address(ready: Path, *, clear: bool = False) -> str:
+    """The address a service wrote into its ready file ("" while there is none); ``clear``
+    removes the file of an earlier start first."""
+    if clear:
+        ready.unlink(missing_ok=True)
+    return ready.read_text().strip() if ready.exists() else ""
 
 
 async def stop_service(service: ServiceProcess, timeout_s: float = 15.0) -> int:
@@ -83,6 +139,23 @@ async def stop_service(service: ServiceProcess, timeout_s: float = 15.0) -> int:
     return service.process.returncode or 0
 
 
+class Federation(Mapping[str, str]):
+    """The running federation: a mapping of service name to address (what most callers need),
+    and the processes behind them (:attr:`services`) for callers that kill and restart them."""
+
+    def __init__(self, services: Sequence[ServiceProcess]) -> None:
+        self.services: dict[str, ServiceProcess] = {s.role: s for s in services}
+
+    def __getitem__(self, name: str) -> str:
+        return self.services[name].address
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.services)
+
+    def __len__(self) -> int:
+        return len(self.services)
+
+
 @contextlib.asynccontextmanager
 async def federation(
     workdir: Path,
@@ -90,9 +163,11 @@ async def federation(
     *,
     shards: int = 1,
     database_urls: Mapping[str, str] | None = None,
-) -> AsyncIterator[dict[str, str]]:
+) -> AsyncIterator[Federation]:
     """The four services as processes speaking mTLS, each with its own certificate from ``pki``
-    (:func:`fedprint.pki.issue_dev_pki`); yields their addresses by name and stops them all on exit.
+    (:func:`fedprint.pki.issue_dev_pki`); yields them (their addresses by name, and the processes:
+    :class:`Federation`) and stops them all on exit. A service killed and restarted meanwhile
+    (:meth:`ServiceProcess.kill`, :meth:`ServiceProcess.restart`) is stopped as it is then.
 
     With ``shards`` > 1 each node runs as a router (its address is the node's) in front of that
     many shard processes (``iafis-shard-0``, ...), which share the node's database and data
@@ -163,9 +238,11 @@ async def federation(
             "ice_address": addresses["ice"],
             "node_deadline_s": 60.0,
             "tls": tls("coordinator"),
+            # A stable name: restarted after a crash, it takes back the claims its last life held.
+            "replica_id": "coordinator",
         }
         started.append(await start_service("coordinator", coordinator, workdir, env=env("coordinator")))
-        yield {s.role: s.address for s in started}
+        yield Federation(started)
     finally:
         # The coordinator first, so nothing new reaches the nodes while they stop; routers before
         # their shards.

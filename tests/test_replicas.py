@@ -106,6 +106,27 @@ def test_a_dead_replicas_claims_run_out(replicas: list[CoordinatorStore]) -> Non
     assert [b.tcn for b in first.claim_due_bookings(lease_s=60)] == ["TCN-D-2"]
 
 
+def test_a_named_replica_restarted_after_a_crash_takes_back_its_claims_at_once(database_url: str) -> None:
+    # Replica "a" dies holding claims with long leases; replica "b" holds one too.
+    a, b = CoordinatorStore(database_url, replica_id="a"), CoordinatorStore(database_url, replica_id="b")
+    queued(a, ["TCN-R-1", "TCN-R-2"])
+    incomplete(a, ["TCN-R-3"])
+    assert [n.tcn for n in a.claim_due_notifications(lease_s=600, limit=1)] == ["TCN-R-1"]
+    assert [p.tcn for p in a.claim_due_bookings(lease_s=600)] == ["TCN-R-3"]
+    assert [n.tcn for n in b.claim_due_notifications(lease_s=600)] == ["TCN-R-2"]
+    a.close()
+    # Its next life, under the same name, frees what the dead one held, and only that.
+    again = CoordinatorStore(database_url, replica_id="a")
+    assert again.release_own_claims() == 2
+    assert [n.tcn for n in again.claim_due_notifications(lease_s=60)] == ["TCN-R-1"]
+    assert [p.tcn for p in again.claim_due_bookings(lease_s=60)] == ["TCN-R-3"]
+    # An unnamed replica frees nothing: its claims expire with their leases.
+    unnamed = CoordinatorStore(database_url)
+    assert unnamed.release_own_claims() == 0
+    for store in (again, b, unnamed):
+        store.close()
+
+
 async def test_two_coordinator_replicas_deliver_each_notification_once(
     replicas: list[CoordinatorStore], tmp_path: Path, pki: dict[str, TlsFiles]
 ) -> None:
