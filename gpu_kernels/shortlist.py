@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet
-from gpu_kernels.fusion import TenPrintCylinders, TenPrintScores, score_tenprints
+from gpu_kernels.fusion import TenPrintCylinders, TenPrintScores, fuse_scores
 from gpu_kernels.params import MccParams
+from gpu_kernels.similarity import score_fingers_paired
 
 #: Spatial pooling of the 16x16 cells into (16/POOL)^2 blocks.
 POOL = 4
@@ -129,17 +130,21 @@ def score_shortlisted(
     probes: TenPrintCylinders, gallery: TenPrintCylinders, rows: Tensor, params: MccParams
 ) -> TenPrintScores:
     """Full MCC of each probe against its own shortlist: ``probes: [P, 10, ·]``, gallery rows
-    ``rows: int64 [P, K]`` (of ``gallery``, which may live in host memory: only the K
-    shortlisted subjects are copied to the probes' device) -> scores ``[P, K]``.
+    ``rows: int64 [P, K]`` (of ``gallery``, which may live in host memory: only the P·K
+    shortlisted subjects' fingers are copied to the probes' device, a chunk at a time) -> scores
+    ``[P, K]``, column j of probe p being gallery row ``rows[p, j]``.
 
-    One batched call per probe (a loop over probes, never over pairs): probes in one batch
-    rarely share candidates, so scoring the union would multiply the work by P.
+    One batched pass per finger position for the whole micro-batch
+    (:func:`gpu_kernels.similarity.score_fingers_paired`): P·K pairs, not the P·(union of the
+    shortlists) that one :func:`~gpu_kernels.fusion.score_tenprints` call would score (probes in
+    one batch rarely share candidates), and no loop over probes. The ten positions fuse as in
+    :func:`~gpu_kernels.fusion.score_tenprints`, through :func:`gpu_kernels.fusion.fuse_scores`.
     """
-    per_finger, both, fused = [], [], []
-    for i in range(len(probes)):
-        candidates = gallery.select(rows[i].to(gallery.device)).to(probes.device)
-        s = score_tenprints(probes.select(slice(i, i + 1)), candidates, params)
-        per_finger.append(s.per_finger[0])
-        both.append(s.both_present[0])
-        fused.append(s.fused[0])
-    return TenPrintScores(torch.stack(per_finger), torch.stack(both), torch.stack(fused))
+    rows = rows.to(gallery.device)
+    per_finger = torch.stack(
+        [score_fingers_paired(probes.fingers[f], gallery.fingers[f], rows, params) for f in range(10)],
+        dim=-1,
+    )  # [P, K, 10]
+    both = probes.present[:, None, :] & gallery.present[rows].to(probes.device)  # [P, K, 10]
+    per_finger = torch.where(both, per_finger, 0.0)
+    return TenPrintScores(per_finger, both, fuse_scores(per_finger, both))
