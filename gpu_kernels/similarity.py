@@ -460,7 +460,8 @@ def score_fingers_paired(
         return out
     rows = rows.to(gallery.device)
     plan = _ChunkPlan.of(probe, gallery.valid[rows].sum(-1), params, chunk_bytes)
-    a = _Operands.of(plan.probe, batched=True)
+    # One probe needs no batched product: it keeps the device's fastest 2-D arithmetic (int8).
+    a = _Operands.of(plan.probe, batched=p > 1)
     for lo, hi in plan.bounds:
         cols = plan.order[:, lo:hi]  # [P, k]: column j of probe p is its candidate cols[p, j]
         part = gallery.select(torch.gather(rows, 1, cols).reshape(-1)).to(probe.device).compacted()
@@ -473,7 +474,7 @@ def _score_chunk(
 ) -> Tensor:
     """Scores ``[P, g]`` of ``probe`` (its operands ``a``) against a chunk of gallery fingers:
     all pairs with g fingers, or paired with P·g fingers, probe-major (see :func:`_local`)."""
-    lam = _local(a, _Operands.of(part, batched=paired), params, paired=paired)
+    lam = _local(a, _Operands.of(part, batched=paired and len(probe) > 1), params, paired=paired)
     rows = _pair_rows(len(probe), lam.shape[1], paired, lam.device)
     if params.consolidation == "lss_r":
         return _lss_r(lam, probe, part, rows, params)

@@ -59,6 +59,9 @@ def test_paired_scores_are_the_all_pairs_scores_of_those_pairs(params: MccParams
     # candidate scores twice the same, the absent finger 0.
     assert (paired[:3, 0] > paired[:3, 2:].max(dim=1).values).all() and paired[0, 0] > paired[0, 1]
     assert paired[1, 0] == paired[1, 1] and paired[0, 2] == 0 and paired[3, 0] == 0
+    # A lone probe (no batched product: the 2-D arithmetic) gets its row of the same scores.
+    alone = score_fingers_paired(p_cyl.select(slice(1, 2)), g_cyl, ROWS[1:2], params)
+    torch.testing.assert_close(alone, want[1:2], atol=TOL, rtol=0)
     # One candidate per chunk: the same scores, chunk by chunk.
     one_by_one = score_fingers_paired(p_cyl, g_cyl, ROWS, params, chunk_bytes=1)
     torch.testing.assert_close(one_by_one, want, atol=TOL, rtol=0)
