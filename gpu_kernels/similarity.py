@@ -29,6 +29,13 @@ Top-k selections rank ties by the lower flat index (for LSS-R efficiencies: the 
 λ^0), so the pairs chosen are well defined, and equal to the reference's, whatever the device's
 sort does with ties.
 
+Paired scoring (:func:`score_fingers_paired`, each probe against its own shortlist) runs the same
+code: its products are batched over the probes (one ``[Mp, C] @ [C, g·Mg]`` per probe, in one
+call), and the consolidation reads which gallery finger is behind each column from a ``[P, g]``
+map instead of the shared ``[1, g]`` one. No batched int8 product exists in torch, so on a CPU
+where :mod:`gpu_kernels.products` picks int8 for all-pairs scoring, paired products run in
+float32 (measured there: ~5x the int8 products' time).
+
 Where the paper's validity and matchability checks are applied:
 
 - cylinder validity, in the encoder (:mod:`gpu_kernels.cylinders`): at least ``min_vc`` of the
