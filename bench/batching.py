@@ -23,7 +23,7 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import TlsFiles, issue_dev_pki
 from fedprint.rpc import open_channel
-from nodes.gallery.config import BatchingConfig, NodeConfig
+from nodes.gallery.config import BatchingConfig, NodeConfig, ShortlistConfig
 from nodes.iafis import build_node
 from synthetic.population import generate_population
 
@@ -44,6 +44,9 @@ class BatchingBenchConfig:
     )
     seed: int = 5
     torch_threads: int | None = None
+    #: The node's search tiers; a ``min_gallery`` below the gallery size sends every probe
+    #: through the shortlist (faiss, then full MCC of ``candidates`` subjects per probe).
+    shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
 
 
 async def _load(
@@ -90,6 +93,7 @@ async def run_batching_bench(
                 data_dir=Path(root),
                 batching=setting,
                 torch_threads=config.torch_threads,
+                shortlist=config.shortlist,
                 tls=pki["iafis"],
             )
             progress(f"node with max_batch={setting.max_batch}, max_wait_ms={setting.max_wait_ms}")
@@ -124,8 +128,10 @@ async def run_batching_bench(
     baseline = rows[0]["probes_per_second"]
     for row in rows:
         row["throughput_vs_unbatched"] = row["probes_per_second"] / baseline
+    shortlisted = config.shortlist.enabled and len(population.iafis) >= config.shortlist.min_gallery
     return {
         "gallery_size": len(population.iafis),
+        "shortlist_candidates": config.shortlist.candidates if shortlisted else None,
         "requests": config.requests,
         "concurrency": config.concurrency,
         "settings": rows,

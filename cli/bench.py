@@ -149,13 +149,19 @@ def batching(
     ] = "1,4,16",
     max_wait_ms: Annotated[float, typer.Option(help="wait limit of the batched settings")] = 5.0,
     torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads of the node")] = None,
+    shortlist_min: Annotated[
+        int | None, typer.Option(help="gallery size from which the node shortlists (default: the node's)")
+    ] = None,
+    candidates: Annotated[
+        int | None, typer.Option(help="shortlisted subjects per probe (default: the node's)")
+    ] = None,
 ) -> None:
     """One gallery node under concurrent Identify calls, with and without micro-batching."""
     import asyncio
 
     from bench.batching import BatchingBenchConfig, run_batching_bench
     from fedprint.logging import configure
-    from nodes.gallery.config import BatchingConfig
+    from nodes.gallery.config import BatchingConfig, ShortlistConfig
 
     # The node runs in this process; its per-call log lines would bury the table.
     configure("warning")
@@ -169,12 +175,19 @@ def batching(
         concurrency=concurrency,
         settings=settings,
         torch_threads=torch_threads,
+        shortlist=ShortlistConfig(
+            min_gallery=shortlist_min or ShortlistConfig().min_gallery,
+            candidates=candidates or ShortlistConfig().candidates,
+        ),
     )
     with console.status("benchmarking") as status:
         result = asyncio.run(run_batching_bench(config, progress=lambda text: status.update(text)))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
-    table = Table(title=f"{result['gallery_size']} subjects, {requests} calls at concurrency {concurrency}")
+    tier = f", {result['shortlist_candidates']} shortlisted" if result["shortlist_candidates"] else ""
+    table = Table(
+        title=f"{result['gallery_size']} subjects{tier}, {requests} calls at concurrency {concurrency}"
+    )
     for column in ("max_batch", "wait ms", "probes/s", "x unbatched", "p50 ms", "p99 ms", "mean batch"):
         table.add_column(column)
     for row in result["settings"]:

@@ -35,6 +35,7 @@ __all__ = [
     "ServiceHost",
     "abort_invalid",
     "bad_request_status",
+    "exhausted_status",
     "field_violations",
     "open_channel",
     "service",
@@ -91,6 +92,21 @@ def bad_request_status(error: InvalidRequest) -> grpc.Status:
     )
     return rpc_status.to_status(
         status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[detail])
+    )
+
+
+def exhausted_status(message: str, *, subject: str, description: str, retry_after_s: float) -> grpc.Status:
+    """A RESOURCE_EXHAUSTED status carrying ``google.rpc.QuotaFailure`` (which limit: ``subject``,
+    ``description``) and ``google.rpc.RetryInfo`` (when trying again may succeed; read it with
+    :func:`fedprint.access.retry_delay`)."""
+    quota, retry = any_pb2.Any(), any_pb2.Any()
+    violation = error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+    quota.Pack(error_details_pb2.QuotaFailure(violations=[violation]))
+    delay = error_details_pb2.RetryInfo()
+    delay.retry_delay.FromNanoseconds(int(retry_after_s * 1e9))
+    retry.Pack(delay)
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[quota, retry])
     )
 
 

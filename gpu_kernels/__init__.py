@@ -8,8 +8,10 @@ Device-agnostic PyTorch: everything runs on the device the caller puts the cylin
     scores = score_tenprints(probe, gallery, params)          # .fused: [1, G], .per_finger: [1, G, 10]
 
 Single fingers: ``encode_fingers`` -> ``CylinderSet``; ``score_fingers`` -> ``[P, G]`` scores,
-consolidated by LSS or LSS-R (``MccParams.consolidation``); ``local_similarities`` exposes every
-cylinder-pair similarity for inspection, ``lss_scores`` / ``lss_r_scores`` consolidate them.
+consolidated by LSS or LSS-R (``MccParams.consolidation``), and ``score_fingers_paired`` ->
+``[P, K]`` for each probe against its own K gallery fingers (a shortlist); ``local_similarities``
+exposes every cylinder-pair similarity for inspection, ``lss_scores`` / ``lss_r_scores``
+consolidate them.
 :mod:`gpu_kernels.reference` is the slow literal version the tests compare against.
 """
 
@@ -25,7 +27,14 @@ from gpu_kernels.fusion import (
     score_tenprints,
 )
 from gpu_kernels.params import FusionParams, MccParams
-from gpu_kernels.similarity import local_similarities, lss_pair_count, lss_r_scores, lss_scores, score_fingers
+from gpu_kernels.similarity import (
+    local_similarities,
+    lss_pair_count,
+    lss_r_scores,
+    lss_scores,
+    score_fingers,
+    score_fingers_paired,
+)
 
 __all__ = [
     "FINGER_POSITIONS",
@@ -44,6 +53,7 @@ __all__ = [
     "lss_r_scores",
     "lss_scores",
     "score_fingers",
+    "score_fingers_paired",
     "score_tenprints",
     "shipped_model",
 ]

@@ -9,6 +9,10 @@ candidate: its products come back rounded to bfloat16, which cannot hold counts 
 
 So the choice is measured once per device, on a product of the size scoring runs
 (:func:`bit_operand_dtype`), and can be pinned with ``FEDPRINT_BIT_PRODUCTS=float32|int8``.
+
+Batched products (a stack of B independent ``[m, k] @ [k, n]``, as paired scoring runs them) are
+float32: torch has no batched int8 product (``torch.bmm`` on int8 returns int8, which overflows),
+and a Python loop of ``torch._int_mm`` over the batch is what batching is there to avoid.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ OVERRIDE = "FEDPRINT_BIT_PRODUCTS"
 _CHOICES = {"float32": torch.float32, "int8": torch.int8}
 
 
-def bit_operand_dtype(device: torch.device) -> torch.dtype:
+def bit_operand_dtype(device: torch.device, *, batched: bool = False) -> torch.dtype:
     """The dtype to unpack 0/1 operands into on ``device``: ``torch.int8`` when int8 products
-    are faster there, else ``torch.float32``. Measured once per device and remembered."""
+    are faster there, else ``torch.float32``. Measured once per device and remembered.
+    ``batched``: operands of batched products (B > 1 in :func:`bit_product`), always float32."""
+    if batched:
+        return torch.float32
     pinned = os.environ.get(OVERRIDE, "").strip().lower()
     if pinned:
         if pinned not in _CHOICES:
@@ -63,7 +70,15 @@ def _timed(a: Tensor, b: Tensor, device: torch.device) -> float:
 
 def bit_product(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b.T`` as float32 for operands ``a: [m, k]``, ``b: [n, k]`` of one dtype: float32
-    (any values), or int8 holding small non-negative integers (exact, accumulated in int32)."""
+    (any values), or int8 holding small non-negative integers (exact, accumulated in int32).
+
+    Batched: ``a: [B, m, k]``, ``b: [B, n, k]`` -> ``[B, m, n]``, one product per batch entry.
+    A batch of one is the 2-D product (int8 where chosen); larger batches compute in float32.
+    """
+    if a.dim() == 3:
+        if a.shape[0] == 1:
+            return bit_product(a[0], b[0])[None]
+        return torch.bmm(a.to(torch.float32), b.to(torch.float32).mT)
     if a.dtype == torch.int8:
         try:
             return torch._int_mm(a, b.T).to(torch.float32)

@@ -29,6 +29,13 @@ Top-k selections rank ties by the lower flat index (for LSS-R efficiencies: the 
 λ^0), so the pairs chosen are well defined, and equal to the reference's, whatever the device's
 sort does with ties.
 
+Paired scoring (:func:`score_fingers_paired`, each probe against its own shortlist) runs the same
+code: its products are batched over the probes (one ``[Mp, C] @ [C, g·Mg]`` per probe, in one
+call), and the consolidation reads which gallery finger is behind each column from a ``[P, g]``
+map instead of the shared ``[1, g]`` one. No batched int8 product exists in torch, so on a CPU
+where :mod:`gpu_kernels.products` picks int8 for all-pairs scoring, paired products run in
+float32 (measured there: ~5x the int8 products' time).
+
 Where the paper's validity and matchability checks are applied:
 
 - cylinder validity, in the encoder (:mod:`gpu_kernels.cylinders`): at least ``min_vc`` of the
@@ -76,11 +83,12 @@ class _Operands:
     theta: Tensor
 
     @staticmethod
-    def of(cyl: CylinderSet) -> _Operands:
+    def of(cyl: CylinderSet, *, batched: bool = False) -> _Operands:
         """Bit-based cylinders unpack into the device's fastest exact product arithmetic
-        (:func:`gpu_kernels.products.bit_operand_dtype`); float ones stay float32."""
+        (:func:`gpu_kernels.products.bit_operand_dtype`; ``batched``: for batched products);
+        float ones stay float32."""
         p = cyl.params
-        dtype = bit_operand_dtype(cyl.device) if p.binary else torch.float32
+        dtype = bit_operand_dtype(cyl.device, batched=batched) if p.binary else torch.float32
         values = cyl.unpacked_values(dtype)
         n, m, _ = values.shape
         squares = values if p.binary else values * values
@@ -90,17 +98,22 @@ class _Operands:
         return _Operands(values, energy, mask, cyl.valid, cyl.theta)
 
 
-def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -> None:
+def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams, *, same_device: bool = True) -> None:
     # Only the cylinder-shaping fields must agree: a gallery encoded once can be scored under any
     # matchability or consolidation settings.
     if not (probe.params.same_cylinders(params) and gallery.params.same_cylinders(params)):
         raise ValueError("probe and gallery cylinders must be encoded with the params used to score")
-    if probe.device != gallery.device:
+    if same_device and probe.device != gallery.device:
         raise ValueError(f"probe on {probe.device} but gallery on {gallery.device}")
 
 
-def _local(a: _Operands, b: _Operands, params: MccParams) -> Tensor:
-    """Local similarities ``[P, G, Mp, Mg]`` of every cylinder pair; 0 where not matchable.
+def _local(a: _Operands, b: _Operands, params: MccParams, *, paired: bool = False) -> Tensor:
+    """Local similarities ``[P, g, Mp, Mg]`` of every cylinder pair; 0 where not matchable.
+
+    All pairs: ``b`` holds g fingers, each compared with every probe finger of ``a``. Paired
+    (``paired``): ``b`` holds P·g fingers, probe-major, and probe finger p is compared with its
+    own g, rows ``p·g .. p·g + g - 1``; the products are then batched over the probes, one
+    ``[Mp, C] @ [C, g·Mg]`` each, and everything after them is the same code on the same layout.
 
     Products: a·b over the C cells, and over the S spatial cells only (validity is per spatial
     cell, the same in each of its Nd sections): ``[Σ_k a²; ma] @ mb`` gives ||a|b||² and the
@@ -109,15 +122,20 @@ def _local(a: _Operands, b: _Operands, params: MccParams) -> Tensor:
     the summation order. The elementwise work then runs in place on the products' buffers.
     """
     p, mp, c = a.values.shape
-    g, mg, _ = b.values.shape
+    n_b, mg, _ = b.values.shape
     s = params.spatial_cells
-    rows = p * mp
-    dot = bit_product(a.values.reshape(rows, c), b.values.reshape(g * mg, c))
-    over_spatial = bit_product(
-        torch.cat([a.energy, a.mask], 0).reshape(2 * rows, s), b.mask.reshape(g * mg, s)
-    )
-    norm_a2, common = over_spatial[:rows], over_spatial[rows:]
-    norm_b2 = bit_product(a.mask.reshape(rows, s), b.energy.reshape(g * mg, s))
+    # A batch of products: one (all pairs: every probe against the same g fingers) or P.
+    batch = p if paired else 1
+    g = n_b // batch if batch else 0
+    rows = p * mp // max(batch, 1)
+
+    def stacked(t: Tensor, width: int) -> Tensor:
+        return t.reshape(batch, -1, width)
+
+    dot = bit_product(stacked(a.values, c), stacked(b.values, c))  # [batch, rows, cols]
+    over_spatial = bit_product(torch.cat([stacked(a.energy, s), stacked(a.mask, s)], 1), stacked(b.mask, s))
+    norm_a2, common = over_spatial[:, :rows], over_spatial[:, rows:]
+    norm_b2 = bit_product(stacked(a.mask, s), stacked(b.energy, s))
 
     # ||a|b - b|a|| = sqrt(||a|b||² + ||b|a||² - 2 a·b); rounding can push the float variant's
     # difference slightly below zero, hence the clamp.
@@ -128,10 +146,11 @@ def _local(a: _Operands, b: _Operands, params: MccParams) -> Tensor:
     matchable = (common >= params.min_me * n_disk).logical_and_(denom > 0)
     lam.div_(denom.clamp_(min=1e-12)).neg_().add_(1.0)
     lam, matchable = lam.reshape(p, mp, g, mg), matchable.reshape(p, mp, g, mg)
-    d_theta = wrap_angle(a.theta[:, :, None, None] - b.theta[None, None])
+    # b's fingers as [batch, 1, g, Mg]: broadcast over all probes, or probe p's own.
+    d_theta = wrap_angle(a.theta[:, :, None, None] - b.theta.reshape(batch, 1, g, mg))
     matchable.logical_and_(d_theta.abs_() <= params.delta_theta)
     if params.min_me * n_disk <= 0:  # the common-cell test no longer excludes invalid cylinders
-        matchable.logical_and_(a.valid[:, :, None, None] & b.valid[None, None])
+        matchable.logical_and_(a.valid[:, :, None, None] & b.valid.reshape(batch, 1, g, mg))
     return lam.mul_(matchable).permute(0, 2, 1, 3)
 
 
@@ -148,21 +167,28 @@ def lss_pair_count(n_a: Tensor, n_b: Tensor, params: MccParams) -> Tensor:
 
 def lss_scores(lam: Tensor, n_a: Tensor, n_b: Tensor, params: MccParams) -> Tensor:
     """LSS global scores ``[P, G]`` from local similarities ``lam: [P, G, Mp, Mg]`` and the
-    valid-cylinder counts ``n_a: [P]``, ``n_b: [G]``.
+    valid-cylinder counts ``n_a: [P]``, ``n_b: [G]`` (the same G fingers for every probe) or
+    ``[P, G]`` (each probe's own, as paired scoring has them).
 
     The mean of the n_P largest local similarities, divided by n_P even when fewer pairs exist
     (so a tiny template cannot score high on one lucky pair); 0 where a side has no valid cylinder.
     """
     p, g = lam.shape[:2]
+    n_b = _per_probe(n_b)
     flat = lam.reshape(p, g, lam.shape[2] * lam.shape[3])
     k = params.max_np
     if flat.shape[-1] < k:
         flat = torch.nn.functional.pad(flat, (0, k - flat.shape[-1]))
     top = torch.topk(flat, k, dim=-1, sorted=True).values  # [P, G, k]
-    n_p = lss_pair_count(n_a[:, None], n_b[None, :], params)  # [P, G]
+    n_p = lss_pair_count(n_a[:, None], n_b, params)  # [P, G]
     ranks = torch.arange(k, device=lam.device)
     score = torch.where(ranks < n_p[..., None], top, 0.0).sum(-1) / n_p.to(top.dtype)
-    return torch.where((n_a[:, None] > 0) & (n_b[None, :] > 0), score, 0.0)
+    return torch.where((n_a[:, None] > 0) & (n_b > 0), score, 0.0)
+
+
+def _per_probe(n_b: Tensor) -> Tensor:
+    """Gallery-side values ``[G]`` (shared by all probes) as ``[1, G]``; ``[P, G]`` as they are."""
+    return n_b if n_b.dim() == 2 else n_b[None, :]
 
 
 def _ranked_topk(key: Tensor, k: int, eligible: Tensor | None = None) -> Tensor:
@@ -206,6 +232,7 @@ def lss_r_scores(lam: Tensor, probe: CylinderSet, gallery: CylinderSet, params: 
     """LSS-R global scores ``[P, G]`` from local similarities ``lam: [P, G, Mp, Mg]`` of
     ``probe`` (P fingers) against ``gallery`` (G fingers, e.g. one chunk); see the module doc.
     ``lam`` is 0 at invalid cylinders, as :func:`local_similarities` gives it.
+    (:func:`score_fingers_paired` consolidates through the same code, see :func:`_lss_r`.)
 
     Per finger pair: the n_R = min(n_A, n_B) pairs of largest λ (matchable ones only, λ > 0) are
     relaxed by their geometric consistency (:func:`gpu_kernels.relaxation.relax`); the score is
@@ -218,17 +245,37 @@ def lss_r_scores(lam: Tensor, probe: CylinderSet, gallery: CylinderSet, params: 
     similar n_R whose ``[P, g, K, K]`` temporaries stay in cache (see :func:`_cpu_blocks`): K is
     the block's largest n_R, and λ is cut after the block's last valid cylinder.
     """
+    return _lss_r(lam, probe, gallery, _pair_rows(len(probe), lam.shape[1], False, lam.device), params)
+
+
+def _pair_rows(p: int, g: int, paired: bool, device: torch.device) -> Tensor:
+    """Which gallery finger is behind column j of probe p's similarities, ``int64 [B, g]``: all
+    pairs, ``[1, g]`` (j for every probe); paired, ``[P, g]`` (p·g + j, probe-major)."""
+    return torch.arange(p * g if paired else g, device=device).reshape(-1, g)
+
+
+def _lss_r(lam: Tensor, probe: CylinderSet, gallery: CylinderSet, rows: Tensor, params: MccParams) -> Tensor:
+    """:func:`lss_r_scores` where column j of probe p compares with gallery finger ``rows[p, j]``
+    (``rows: int64 [B, g]``, B = 1 for every probe alike, or P; see :func:`_pair_rows`)."""
     p, g, mp, mg = lam.shape
-    n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)
+    n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)[rows]  # [P], [B, g]
     geometry = _PairGeometry.of(probe, gallery)
     if not _relaxes_in_blocks(lam.device):
-        fingers = torch.arange(g, device=lam.device)
-        return _lss_r_block(lam, max(1, min(mp, mg)), probe, gallery, fingers, n_a, n_b, geometry, params)
+        return _lss_r_block(lam, max(1, min(mp, mg)), probe, gallery, rows, n_a, n_b, geometry, params)
     out = torch.empty((p, g), dtype=lam.dtype, device=lam.device)
-    for fingers, k, width in _cpu_blocks(n_a, gallery.valid, mp):
-        part = lam[:, fingers, :, :width]
-        out[:, fingers] = _lss_r_block(part, k, probe, gallery, fingers, n_a, n_b[fingers], geometry, params)
+    for cols, k, width in _cpu_blocks(n_a, n_b, _last_valid(gallery.valid)[rows], mp, mg):
+        part = lam[:, cols, :, :width]
+        block_rows, block_n_b = rows[:, cols], n_b[:, cols]
+        out[:, cols] = _lss_r_block(part, k, probe, gallery, block_rows, n_a, block_n_b, geometry, params)
     return out
+
+
+def _last_valid(valid: Tensor) -> Tensor:
+    """``int64 [N]``: 1 + the index of each finger's last valid cylinder (0 for none)."""
+    n, m = valid.shape
+    if not m:
+        return torch.zeros(n, dtype=torch.int64, device=valid.device)
+    return (valid * torch.arange(1, m + 1, device=valid.device)).amax(-1)
 
 
 def _relaxes_in_blocks(device: torch.device) -> bool:
@@ -245,15 +292,17 @@ def _relaxed_bytes(p: int, mp: int, width: int, k: int) -> int:
     return p * (24 * mp * width + 32 * k * k)
 
 
-def _cpu_blocks(n_a: Tensor, valid_b: Tensor, mp: int) -> list[tuple[Tensor, int, int]]:
-    """The gallery fingers in blocks for :func:`lss_r_scores` on the CPU: (fingers ``int64
-    [g]``, K, width). Fingers go in the order of their largest n_R over the probes; a block holds
-    up to :data:`_CPU_RELAX_BLOCK_BYTES` of temporaries (:func:`_relaxed_bytes`), or one finger; K
-    is its largest n_R (at least 1), width the Mg that keeps its valid cylinders (at least 1)."""
-    g, mg = valid_b.shape
+def _cpu_blocks(n_a: Tensor, n_b: Tensor, last_b: Tensor, mp: int, mg: int) -> list[tuple[Tensor, int, int]]:
+    """The similarity columns in blocks for :func:`_lss_r` on the CPU: (columns ``int64 [g]``,
+    K, width), from the valid counts ``n_a: [P]`` and, per column, ``n_b`` and ``last_b`` (see
+    :func:`_last_valid`) of the gallery fingers behind it, ``[B, g]``. Columns go in the order of
+    their largest n_R over the probes; a block holds up to :data:`_CPU_RELAX_BLOCK_BYTES` of
+    temporaries (:func:`_relaxed_bytes`), or one column; K is its largest n_R (at least 1), width
+    the Mg that keeps its valid cylinders (at least 1, at most ``mg``)."""
+    g = n_b.shape[1]
     p = n_a.shape[0]
-    bound = torch.minimum(valid_b.sum(-1), n_a.max() if p else torch.zeros((), dtype=torch.int64))
-    last = (valid_b * torch.arange(1, mg + 1)).amax(-1) if mg else torch.zeros(g, dtype=torch.int64)
+    bound = torch.minimum(n_b, n_a[:, None]).amax(0) if p else torch.zeros(g, dtype=torch.int64)
+    last = last_b.amax(0)
     order = torch.argsort(bound, stable=True)
     bounds, lasts = bound[order].tolist(), last[order].tolist()
     blocks = []
@@ -281,9 +330,9 @@ def _lss_r_block(
     geometry: _PairGeometry,
     params: MccParams,
 ) -> Tensor:
-    """:func:`lss_r_scores` of the gallery fingers ``fingers: int64 [g]``, whose local
-    similarities are ``lam: [P, g, Mp, w]`` (w <= Mg) and valid counts ``n_b: [g]``, with pair sets
-    of K = ``k`` >= their every n_R."""
+    """:func:`_lss_r` of the similarity columns whose gallery fingers are ``fingers: int64 [B,
+    g]`` (see :func:`_pair_rows`), local similarities ``lam: [P, g, Mp, w]`` (w <= Mg) and valid
+    counts ``n_b: [B, g]``, with pair sets of K = ``k`` >= their every n_R."""
     return _lss_r_consolidate(lam, k, probe, gallery, fingers, n_a, n_b, geometry, params).score
 
 
@@ -310,12 +359,10 @@ def _lss_r_consolidate(
     geometry: _PairGeometry,
     params: MccParams,
 ) -> _Consolidated:
-    """:func:`lss_r_scores` of the gallery fingers ``fingers: int64 [g]``, whose local
-    similarities are ``lam: [P, g, Mp, w]`` (w <= Mg) and valid counts ``n_b: [g]``, with pair sets
-    of K = ``k`` >= their every n_R."""
+    """:func:`_lss_r_block`, with the pairs that carried each score."""
     p, g, mp, w = lam.shape
     mg = gallery.max_minutiae
-    n_r = torch.minimum(n_a[:, None], n_b[None, :])  # [P, g]
+    n_r = torch.minimum(n_a[:, None], n_b)  # [P, g]
     flat = lam.reshape(p, g, mp * w)
     top = _ranked_topk(_float_key(flat), k)  # [P, g, K]
     lam0 = torch.gather(flat, -1, top)
@@ -329,7 +376,7 @@ def _lss_r_consolidate(
     index_type = torch.int64 if large else torch.int32
     rows_i, cols_i = rows.to(index_type), cols.to(index_type)
     base_a = torch.arange(p, device=lam.device, dtype=index_type)[:, None, None] * (mp * mp) + rows_i * mp
-    base_b = fingers.to(index_type)[None, :, None] * (mg * mg) + cols_i * mg
+    base_b = fingers.to(index_type)[..., None] * (mg * mg) + cols_i * mg
     at = (base_a[..., None, :] + rows_i[..., :, None]).reshape(-1)  # [P·g·K·K]
     side_a = [table.index_select(0, at).reshape(p, g, k, k) for table in geometry.probe]
     del at
@@ -337,8 +384,8 @@ def _lss_r_consolidate(
     side_b = [table.index_select(0, bt).reshape(p, g, k, k) for table in geometry.gallery]
     del bt
     theta_a = torch.gather(probe.theta, 1, rows.reshape(p, g * k)).reshape(p, g, k)
-    theta_b = torch.gather(gallery.theta[fingers], 1, cols.transpose(0, 1).reshape(g, p * k))
-    rotation = wrap_angle(theta_a - theta_b.reshape(g, p, k).transpose(0, 1))
+    theta_b = gallery.theta.reshape(-1)[fingers[..., None] * mg + cols]  # [P, g, K]
+    rotation = wrap_angle(theta_a - theta_b)
     rho_t = compatibility(side_a[0], side_b[0], side_a[1], side_b[1], rotation, params, transposed=True)
     del side_a, side_b
     relaxed = relax(lam0, rho_t.mT, in_set, n_r, params)
@@ -347,10 +394,10 @@ def _lss_r_consolidate(
     n_sel = min(params.max_np, k)
     best = _ranked_topk(efficiency_key(efficiency), n_sel, in_set)  # [P, g, n_sel]
     chosen = torch.gather(relaxed, -1, best)
-    n_p = lss_pair_count(n_a[:, None], n_b[None, :], params)  # [P, g]
+    n_p = lss_pair_count(n_a[:, None], n_b, params)  # [P, g]
     keep = torch.arange(n_sel, device=lam.device) < n_p[..., None]
     score = torch.where(keep, chosen, 0.0).sum(-1) / n_p.to(chosen.dtype)
-    score = torch.where((n_a[:, None] > 0) & (n_b[None, :] > 0), score, 0.0)
+    score = torch.where((n_a[:, None] > 0) & (n_b > 0), score, 0.0)
     return _Consolidated(score, torch.gather(top, -1, best), keep & torch.gather(in_set, -1, best), chosen)
 
 
@@ -384,26 +431,71 @@ def score_fingers(
     out = torch.zeros((len(probe), len(gallery)), dtype=torch.float32, device=probe.device)
     if len(probe) == 0 or len(gallery) == 0:
         return out
-    plan = _ChunkPlan.of(probe, gallery, params, chunk_bytes)
+    plan = _ChunkPlan.of(probe, gallery.valid.sum(-1)[None], params, chunk_bytes)
     a = _Operands.of(plan.probe)
-    n_a = plan.probe.valid.sum(-1)
     for lo, hi in plan.bounds:
-        fingers = plan.order[lo:hi]
-        part = gallery.select(fingers).compacted()
-        lam = _local(a, _Operands.of(part), params)
-        if params.consolidation == "lss_r":
-            out[:, fingers] = lss_r_scores(lam, plan.probe, part, params)
-        else:
-            out[:, fingers] = lss_scores(lam, n_a, part.valid.sum(-1), params)
+        fingers = plan.order[0, lo:hi]
+        out[:, fingers] = _score_chunk(a, plan.probe, gallery.select(fingers).compacted(), params)
     return out
+
+
+def score_fingers_paired(
+    probe: CylinderSet,
+    gallery: CylinderSet,
+    rows: Tensor,
+    params: MccParams,
+    *,
+    chunk_bytes: int | None = None,
+) -> Tensor:
+    """Each probe finger against its own gallery fingers: ``probe: [P, Mp, ·]``, ``gallery:
+    [G, Mg, ·]`` and ``rows: int64 [P, K]`` -> ``[P, K]``, entry ``[p, j]`` the score of probe
+    finger p against gallery finger ``rows[p, j]``.
+
+    The scores :func:`score_fingers` gives those pairs (the same local similarities and
+    consolidation, up to float summation order), at the cost of P·K pairs rather than P·G, in
+    one batched pass: no loop over probes or pairs. The probes' candidates go in chunks of
+    similar valid counts, sized by ``chunk_bytes`` as in :func:`score_fingers`; a chunk holds
+    the same number of candidates of every probe, and only its fingers are gathered and moved to
+    the probes' device, so ``gallery`` may stay in host memory. ``rows`` may repeat fingers.
+    """
+    _check(probe, gallery, params, same_device=False)
+    p = len(probe)
+    if rows.dim() != 2 or rows.shape[0] != p:
+        raise ValueError(f"rows must be [P, K] for P = {p} probe fingers, got {list(rows.shape)}")
+    out = torch.zeros(tuple(rows.shape), dtype=torch.float32, device=probe.device)
+    if rows.numel() == 0:
+        return out
+    rows = rows.to(gallery.device)
+    plan = _ChunkPlan.of(probe, gallery.valid[rows].sum(-1), params, chunk_bytes)
+    # One probe needs no batched product: it keeps the device's fastest 2-D arithmetic (int8).
+    a = _Operands.of(plan.probe, batched=p > 1)
+    for lo, hi in plan.bounds:
+        cols = plan.order[:, lo:hi]  # [P, k]: column j of probe p is its candidate cols[p, j]
+        part = gallery.select(torch.gather(rows, 1, cols).reshape(-1)).to(probe.device).compacted()
+        out.scatter_(1, cols.to(probe.device), _score_chunk(a, plan.probe, part, params, paired=True))
+    return out
+
+
+def _score_chunk(
+    a: _Operands, probe: CylinderSet, part: CylinderSet, params: MccParams, *, paired: bool = False
+) -> Tensor:
+    """Scores ``[P, g]`` of ``probe`` (its operands ``a``) against a chunk of gallery fingers:
+    all pairs with g fingers, or paired with P·g fingers, probe-major (see :func:`_local`)."""
+    lam = _local(a, _Operands.of(part, batched=paired and len(probe) > 1), params, paired=paired)
+    rows = _pair_rows(len(probe), lam.shape[1], paired, lam.device)
+    if params.consolidation == "lss_r":
+        return _lss_r(lam, probe, part, rows, params)
+    return lss_scores(lam, probe.valid.sum(-1), part.valid.sum(-1)[rows], params)
 
 
 @dataclass(frozen=True)
 class _ChunkPlan:
-    """How :func:`score_fingers` goes through a gallery: the probes compacted to their valid
-    cylinders; gallery fingers in ``order`` of valid count, whose ``widths`` (valid counts, at
-    least 1) are non-decreasing; and ``bounds``, the ``[lo, hi)`` chunks of that order, each
-    compacted to its largest width ``widths[hi - 1]``."""
+    """How :func:`score_fingers` and :func:`score_fingers_paired` go through a gallery: the
+    probes compacted to their valid cylinders; ``order: int64 [B, G]``, each row's gallery
+    fingers by valid count (B = 1: the fingers every probe meets; B = P: each probe's own
+    candidates, as indices into its row), so that column j holds B fingers; ``widths``, the
+    largest valid count of each column (at least 1), non-decreasing; and ``bounds``, the
+    ``[lo, hi)`` chunks of columns, each compacted to its largest width ``widths[hi - 1]``."""
 
     probe: CylinderSet
     order: Tensor
@@ -411,9 +503,8 @@ class _ChunkPlan:
     bounds: list[tuple[int, int]]
 
     @staticmethod
-    def of(
-        probe: CylinderSet, gallery: CylinderSet, params: MccParams, chunk_bytes: int | None
-    ) -> _ChunkPlan:
+    def of(probe: CylinderSet, n_valid: Tensor, params: MccParams, chunk_bytes: int | None) -> _ChunkPlan:
+        """The plan for gallery fingers of valid counts ``n_valid: [B, G]``."""
         if chunk_bytes is None:
             chunk_bytes = default_chunk_bytes(probe.device)
         # Cost follows the valid cylinders, not the largest padded M: an invalid cylinder matches
@@ -421,25 +512,25 @@ class _ChunkPlan:
         # fingers of similar valid counts share a chunk.
         probe = probe.compacted()
         p, mp = len(probe), probe.max_minutiae
+        fingers = n_valid.shape[0]  # gallery fingers per column
         relaxing = params.consolidation == "lss_r"
         in_blocks = _relaxes_in_blocks(probe.device)
 
-        def per_finger(width: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        def per_column(width: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
             # A gallery finger's unpacked operands (float values, int32 index scratch, mask,
             # energy) and about ten [P, Mp, w] float tensors of products and masks.
             cells = params.cells * 4 + params.cells // 2 + params.spatial_cells * 8
-            cost = width * cells + 40 * p * mp * width
+            cost = fingers * width * cells + 40 * p * mp * width
             if relaxing:
-                cost += 32 * width * width  # its minutia geometry: three [w, w] tables and scratch
+                cost += fingers * 32 * width * width  # minutia geometry: three [w, w] tables, scratch
                 if not in_blocks:  # the chunk's relaxation at once (on the CPU: block by block)
                     cost += p * (24 * mp * width + 32 * np.minimum(mp, width) ** 2)
             return cost
 
         fixed = max(_relaxed_bytes(p, mp, mp, mp), _CPU_RELAX_BLOCK_BYTES) if relaxing and in_blocks else 0
-        n_valid = gallery.valid.sum(-1)
-        order = torch.argsort(n_valid, stable=True)
-        widths = np.maximum(n_valid[order].cpu().numpy(), 1)
-        return _ChunkPlan(probe, order, widths, _chunks(per_finger(widths), max(1, chunk_bytes - fixed)))
+        order = torch.argsort(n_valid, dim=1, stable=True)
+        widths = np.maximum(torch.gather(n_valid, 1, order).amax(0).cpu().numpy(), 1)
+        return _ChunkPlan(probe, order, widths, _chunks(per_column(widths), max(1, chunk_bytes - fixed)))
 
 
 def default_chunk_bytes(device: torch.device) -> int:
@@ -479,7 +570,7 @@ def score_flops(
     """
     if len(probe) == 0 or len(gallery) == 0:
         return 0
-    plan = _ChunkPlan.of(probe, gallery, params, chunk_bytes)
+    plan = _ChunkPlan.of(probe, gallery.valid.sum(-1)[None], params, chunk_bytes)
     columns = sum((hi - lo) * int(plan.widths[hi - 1]) for lo, hi in plan.bounds)
     rows = len(plan.probe) * plan.probe.max_minutiae
     return 2 * rows * columns * (params.cells + 3 * params.spatial_cells)
@@ -505,9 +596,9 @@ def matched_pairs(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -
     n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)
     if params.consolidation == "lss_r":
         k = max(1, min(probe.max_minutiae, mg))
-        fingers = torch.zeros(1, dtype=torch.int64, device=lam.device)
+        fingers = torch.zeros((1, 1), dtype=torch.int64, device=lam.device)
         geometry = _PairGeometry.of(probe, gallery)
-        out = _lss_r_consolidate(lam, k, probe, gallery, fingers, n_a, n_b, geometry, params)
+        out = _lss_r_consolidate(lam, k, probe, gallery, fingers, n_a, n_b[None], geometry, params)
         score, flat, kept, values = out.score[0, 0], out.pairs[0, 0], out.kept[0, 0], out.relaxed[0, 0]
     else:
         score = lss_scores(lam, n_a, n_b, params)[0, 0]

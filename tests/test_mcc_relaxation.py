@@ -351,7 +351,8 @@ def test_cpu_blocks_and_the_whole_chunk_at_once_agree(monkeypatch: pytest.Monkey
     blocked = score_fingers(p_cyl, g_cyl, LSS_R)
     monkeypatch.setattr(similarity, "_CPU_RELAX_BLOCK_BYTES", 1)  # one finger per block
     one_by_one = score_fingers(p_cyl, g_cyl, LSS_R)
-    blocks = similarity._cpu_blocks(p_cyl.valid.sum(-1), g_cyl.valid, p_cyl.max_minutiae)
+    n_b, last_b = g_cyl.valid.sum(-1)[None], similarity._last_valid(g_cyl.valid)[None]
+    blocks = similarity._cpu_blocks(p_cyl.valid.sum(-1), n_b, last_b, p_cyl.max_minutiae, g_cyl.max_minutiae)
     assert len(blocks) == len(gallery) and len({k for _, k, _ in blocks}) > 3
     monkeypatch.setattr(similarity, "_relaxes_in_blocks", lambda device: False)
     whole = score_fingers(p_cyl, g_cyl, LSS_R)

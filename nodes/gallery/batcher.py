@@ -4,12 +4,18 @@ Requests queue up; a single worker takes whatever is waiting, waits at most
 ``max_wait_s`` for more (up to ``max_batch`` items), and runs the batch function
 once, off the event loop. Under load batches fill up (throughput); when idle a
 lone request waits at most ``max_wait_s`` (latency).
+
+The queue is bounded (``max_queue``): past it a submission is refused at once with
+:class:`QueueFull`, which the server answers RESOURCE_EXHAUSTED, rather than queued behind work
+that could not finish within any caller's deadline. A batch whose call raises is run again item
+by item, so an item that cannot be processed fails only its own caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +33,26 @@ class BatchStats:
     items: int = 0
     largest: int = 0
     busy_s: float = 0.0
+    #: Items refused because the queue was full.
+    refused: int = 0
+    #: Batches whose call raised and that were run again item by item.
+    split: int = 0
 
     @property
     def mean_batch(self) -> float:
         return self.items / self.batches if self.batches else 0.0
+
+
+class QueueFull(Exception):
+    """The batcher's queue has no room for a submission: ``wanted`` items, ``queued`` of
+    ``limit`` places taken; ``retry_after_s`` estimates when the queue will have drained."""
+
+    def __init__(self, wanted: int, queued: int, limit: int, retry_after_s: float) -> None:
+        super().__init__(f"{queued} of {limit} queue places taken; {wanted} more do not fit")
+        self.wanted = wanted
+        self.queued = queued
+        self.limit = limit
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -40,20 +62,29 @@ class _Pending(Generic[In, Out]):
 
 
 class MicroBatcher(Generic[In, Out]):
-    """Gathers items submitted concurrently into calls of ``run_batch`` (list in, list out, same order)."""
+    """Gathers items submitted concurrently into calls of ``run_batch`` (list in, list out, same order);
+    at most ``max_queue`` items wait for a batch."""
 
     def __init__(
-        self, run_batch: Callable[[Sequence[In]], Sequence[Out]], *, max_batch: int, max_wait_s: float
+        self,
+        run_batch: Callable[[Sequence[In]], Sequence[Out]],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int = 128,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
         self.stats = BatchStats()
         #: Called after each batch with its size and device seconds (metrics hook).
         self.on_batch: Callable[[int, float], None] | None = None
-        self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue(maxsize=max_queue)
         self._worker: asyncio.Task[None] | None = None
 
     @property
@@ -76,11 +107,29 @@ class MicroBatcher(Generic[In, Out]):
             self._queue.get_nowait().future.cancel()
 
     async def submit(self, item: In) -> Out:
-        """Queues ``item`` and waits for its result (or the batch's exception)."""
+        """Queues ``item`` and waits for its result (or its exception); :class:`QueueFull` at once
+        when the queue is full."""
+        return (await self.submit_all([item]))[0]
+
+    async def submit_all(self, items: Sequence[In]) -> list[Out]:
+        """Queues all ``items`` or, when the queue lacks room for all of them, none
+        (:class:`QueueFull`), and waits for their results in order; the first item that fails
+        raises its exception (the others' results are then dropped)."""
         self.start()
-        pending: _Pending[In, Out] = _Pending(item)
-        await self._queue.put(pending)
-        return await pending.future
+        queued = self._queue.qsize()
+        if queued + len(items) > self.max_queue:
+            self.stats.refused += len(items)
+            raise QueueFull(len(items), queued, self.max_queue, self._drain_estimate(queued))
+        pending: list[_Pending[In, Out]] = [_Pending(item) for item in items]
+        for p in pending:
+            self._queue.put_nowait(p)  # room checked above, and nothing else runs in between
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    def _drain_estimate(self, queued: int) -> float:
+        """Seconds the queued items will take, at the mean device time per batch so far (or the
+        wait limit before the first batch)."""
+        per_batch = self.stats.busy_s / self.stats.batches if self.stats.batches else self.max_wait_s
+        return max(self.max_wait_s, math.ceil(queued / self.max_batch) * per_batch)
 
     async def _work(self) -> None:
         while True:
@@ -98,22 +147,42 @@ class MicroBatcher(Generic[In, Out]):
             batch = [p for p in batch if not p.future.done()]
             if not batch:
                 continue
-            started = time.perf_counter()
-            try:
-                results = await asyncio.to_thread(self._run_batch, [p.item for p in batch])
-            except Exception as error:  # the whole batch failed: every caller sees why
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(error)
+            error = await self._run(batch)
+            if error is None:
                 continue
-            finally:
-                elapsed = time.perf_counter() - started
-                self.stats.busy_s += elapsed
-                if self.on_batch is not None:
-                    self.on_batch(len(batch), elapsed)
-            self.stats.batches += 1
-            self.stats.items += len(batch)
-            self.stats.largest = max(self.stats.largest, len(batch))
-            for p, result in zip(batch, results, strict=True):
+            if len(batch) == 1:
+                _fail(batch[0], error)
+                continue
+            # Which item made the call fail is unknown: each runs alone, so only its own caller
+            # sees the failure, and the others get their results.
+            self.stats.split += 1
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(result)
+                    failed = await self._run([p])
+                    if failed is not None:
+                        _fail(p, failed)
+
+    async def _run(self, batch: list[_Pending[In, Out]]) -> Exception | None:
+        """One call of ``run_batch``; sets the results, or returns the call's exception."""
+        started = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self._run_batch, [p.item for p in batch])
+        except Exception as error:
+            return error
+        finally:
+            elapsed = time.perf_counter() - started
+            self.stats.busy_s += elapsed
+            if self.on_batch is not None:
+                self.on_batch(len(batch), elapsed)
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.largest = max(self.stats.largest, len(batch))
+        for p, result in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)
+        return None
+
+
+def _fail(pending: _Pending[In, Out], error: Exception) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)

@@ -22,6 +22,14 @@ class BatchingConfig(BaseModel):
 
     max_batch: int = Field(default=16, ge=1, description="most probes scored in one device call")
     max_wait_ms: float = Field(default=5.0, ge=0.0, description="longest a probe waits for companions")
+    # Eight full batches: past that, a probe would wait behind minutes of work on a large gallery,
+    # beyond any caller's deadline; refusing it at once lets the caller retry elsewhere or later.
+    max_queue: int = Field(
+        default=128,
+        ge=1,
+        description="most probes waiting for a batch; an Identify call that does not fit "
+        "gets RESOURCE_EXHAUSTED",
+    )
 
 
 class ShortlistConfig(BaseModel):
@@ -94,6 +102,15 @@ class NodeConfig(ServiceSettings):
         gt=0,
         description="how often a node reads the enrolments and removals other processes wrote to its store",
     )
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Self:
+        if self.batching.max_queue < self.max_probes_per_request:
+            raise ValueError(
+                f"batching.max_queue ({self.batching.max_queue}) is below max_probes_per_request "
+                f"({self.max_probes_per_request}): a request of that many probes could never be queued"
+            )
+        return self
 
     @model_validator(mode="after")
     def _role_settings(self) -> Self:

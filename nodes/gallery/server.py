@@ -26,12 +26,12 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import Role, identity_of
-from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, service
+from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, exhausted_status, service
 from fedprint.tenprint import decode_tenprint
 from fedprint.validation import SUBJECT_ID, Violations
 from gpu_kernels import TenPrintCylinders
 from minutiae.template import TenPrintTemplates
-from nodes.gallery.batcher import MicroBatcher
+from nodes.gallery.batcher import MicroBatcher, QueueFull
 from nodes.gallery.config import NodeConfig
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, SearchResult, resolve_device
 from nodes.gallery.metrics import GalleryMetrics
@@ -84,6 +84,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             self._search_batch,
             max_batch=config.batching.max_batch,
             max_wait_s=config.batching.max_wait_ms / 1000,
+            max_queue=config.batching.max_queue,
         )
         #: Set once the node's host exists (:func:`build_gallery_node`).
         self.metrics: GalleryMetrics | None = None
@@ -148,9 +149,19 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                 self._search_subset, [d.templates for d in decoded], k, list(request.subject_ids)
             )
         else:
-            results = list(
-                await asyncio.gather(*(self.batcher.submit(_SearchItem(d.templates, k)) for d in decoded))
-            )
+            try:
+                results = await self.batcher.submit_all([_SearchItem(d.templates, k) for d in decoded])
+            except QueueFull as full:
+                log.warning("identify refused: batch queue full", node=self.node, queued=full.queued)
+                await context.abort_with_status(  # type: ignore[attr-defined]
+                    exhausted_status(
+                        f"the {self.node} node's search queue is full ({full.queued} of {full.limit} "
+                        f"probes waiting; this call has {full.wanted}); retry after the delay given",
+                        subject=f"node:{self.node}",
+                        description="batching.max_queue probes waiting to be searched",
+                        retry_after_s=full.retry_after_s,
+                    )
+                )
         # Minimal disclosure: a record goes out only with a HIT candidate. Review-band and no-hit
         # candidates carry their subject id and scores, nothing about the person.
         # Each candidate is judged by the thresholds of the fingers it was compared on: a
