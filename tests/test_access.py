@@ -274,9 +274,11 @@ async def test_the_agency_never_gets_an_immigration_record_ice_does(
 async def test_a_node_sends_records_with_hit_candidates_only(
     tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
 ) -> None:
-    # Thresholds no score reaches: every candidate, the mate included, is in the review band.
+    # A hit threshold no score reaches and a review threshold every score does (fused scores are
+    # log-likelihood ratios, negative for most non-mates): every candidate, the mate included, is
+    # in the review band.
     config = NodeConfig(
-        node="ident", data_dir=tmp_path, tls=pki["ident"], thresholds=Thresholds(hit=0.999, review=0.0)
+        node="ident", data_dir=tmp_path, tls=pki["ident"], thresholds=Thresholds(hit=1e6, review=-1e6)
     )
     node = build_node(config)
     await node.start()
