@@ -163,18 +163,11 @@ class Thresholds(BaseModel):
         tail = self.tail(self.fingers or 10)
         if tail is not None:
             hit = tail.threshold_for(target, self.gallery_size or 1)
-            return self.model_copy(
-                update={
-                    "hit": hit,
-                    "hit_fpir": target,
-                    "review": min(self.review, hit),
-                    "source": f"{self.source}+fpir",
-                }
-            )
-        eligible = [threshold for fpir, threshold in self.fpir_curve if fpir <= target]
-        if not eligible:
-            return None
-        hit = min(eligible)
+        else:
+            eligible = [threshold for fpir, threshold in self.fpir_curve if fpir <= target]
+            if not eligible:
+                return None
+            hit = min(eligible)
         return self.model_copy(
             update={
                 "hit": hit,
