@@ -4,11 +4,15 @@ always reads one consistent snapshot."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from cli.app import app
 from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
@@ -61,6 +65,11 @@ async def test_get_stats_reports_the_bytes_of_the_live_gallery_per_subject(
             )
             searched = await admin.GetStats(gal.GetStatsRequest(), timeout=5)
         gallery = node.servicer.gallery
+        # The same figures from the command line, as the administrator (in a thread: the command
+        # runs its own event loop).
+        out = tmp_path / "stats.json"
+        command = ["stats", "--address", node.host.address, "--tls-dir", str(pki["admin"].cert.parent)]
+        shown = await asyncio.to_thread(CliRunner().invoke, app, [*command, "--json", str(out)])
     finally:
         await node.stop(0)
 
@@ -84,6 +93,9 @@ async def test_get_stats_reports_the_bytes_of_the_live_gallery_per_subject(
     (index,) = [m for m in searched.memory if m.part == "shortlist_index"]
     assert index.location == "cpu" and index.bytes >= 1920 * searched.gallery_size
     assert searched.host_bytes == large.host_bytes + index.bytes
+    assert shown.exit_code == 0, shown.output
+    assert "shortlist_index" in shown.output and "host bytes per subject" in shown.output
+    assert int(json.loads(out.read_text())["hostBytes"]) == searched.host_bytes
 
 
 def test_enrolling_one_batch_at_a_time_equals_enrolling_all_at_once(population: Population) -> None:
