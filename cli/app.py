@@ -93,6 +93,37 @@ def enroll(
 
 
 @app.command()
+def stats(
+    address: Annotated[str, typer.Option(help="the node's (or its router's) host:port")],
+    tls_dir: TlsDirOption = Path("pki"),
+    insecure: InsecureOption = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write GetStats as JSON here")] = None,
+) -> None:
+    """A gallery node's statistics, as the gallery administrator: its size and the device and
+    host memory its gallery holds, in all, per subject and by part (``GetStats``)."""
+    from google.protobuf import json_format
+    from rich.table import Table
+
+    from fedprint.clients import gallery_stats
+
+    answer = asyncio.run(gallery_stats(address, tls=_identity(tls_dir, "admin", insecure), insecure=insecure))
+    if json_out is not None:
+        json_out.write_text(json.dumps(json_format.MessageToDict(answer), indent=2) + "\n")
+    console.print(
+        f"{answer.node}: {answer.gallery_size} subjects, {answer.finger_count} fingers, "
+        f"device {answer.device}; {answer.device_bytes_per_subject:,.0f} device + "
+        f"{answer.host_bytes_per_subject:,.0f} host bytes per subject"
+    )
+    table = Table("part", "location", "bytes", "per subject", "reserved bytes")
+    for part in answer.memory:
+        per_subject = part.bytes / answer.gallery_size if answer.gallery_size else 0.0
+        table.add_row(
+            part.part, part.location, f"{part.bytes:,}", f"{per_subject:,.0f}", f"{part.reserved_bytes:,}"
+        )
+    console.print(table)
+
+
+@app.command()
 def submit(
     data: Annotated[Path, typer.Argument(help="population directory written by `fedprint synth`")],
     address: Annotated[str, typer.Option(help="the coordinator's host:port")],

@@ -1,6 +1,6 @@
 """Client calls the CLI, the demo, the benchmarks and the tests share: enrolling a
 gallery (as a gallery administrator), submitting bookings concurrently (each as its agency),
-reading the ICE queue (as ICE).
+reading the ICE queue (as ICE), reading a node's gallery statistics.
 
 Every call speaks mutual TLS with the identity given; plaintext only with ``insecure=True``.
 """
@@ -60,6 +60,12 @@ async def enroll(
             if on_progress is not None:
                 on_progress(len(chunk))
     return size
+
+
+async def gallery_stats(address: str, *, tls: TlsFiles | None, insecure: bool = False) -> gal.GalleryStats:
+    """A gallery node's (or router's) ``GetStats``, read as the gallery administrator ``tls``."""
+    async with open_channel(address, tls, insecure=insecure) as channel:
+        return await gal_grpc.GalleryServiceStub(channel).GetStats(gal.GetStatsRequest(), timeout=30)
 
 
 @dataclass(frozen=True)

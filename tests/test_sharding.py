@@ -220,6 +220,13 @@ async def test_enrolments_go_to_their_owners_and_a_bad_stream_stores_nothing_any
         stats = await admin.GetStats(gal.GetStatsRequest(), timeout=10)
         assert stats.gallery_size == len(population.iafis) and not stats.HasField("partition")
         assert stats.finger_count == sum(s.servicer.gallery.finger_count for s in fed.iafis.shards)
+        # Memory: the shards' bytes summed, and per subject over the node's subjects.
+        held = [s.servicer.gallery.memory() for s in fed.iafis.shards]
+        assert stats.host_bytes == sum(m.host_bytes for m in held) > 0
+        assert stats.host_bytes_per_subject == pytest.approx(stats.host_bytes / stats.gallery_size)
+        assert sum(m.bytes for m in stats.memory if m.part == "cylinders") == sum(
+            p.bytes for m in held for p in m.parts if p.part == "cylinders"
+        )
 
         good = population.iafis[0].enroll_request()
         good.subject_id = good.criminal_history.subject_id = "UCN-NEW-0001"

@@ -5,8 +5,10 @@ Two tiers (see :mod:`gpu_kernels.shortlist`): small galleries are scored exhaust
 MCC; from ``ShortlistConfig.min_gallery`` subjects on, a faiss index over a 1,920-byte code per
 subject votes ``candidates`` subjects per probe and full MCC scores only those.
 
-Changes (enroll, remove) build a new immutable snapshot and swap it in, so a search
-running in the batcher's thread always sees one consistent gallery. The shortlist index of a
+Rows live in buffers that grow by doubling (:class:`_Buffers`): an enrolment writes only its own
+rows (amortised O(1) per subject) and swaps in a new snapshot, a view of the first rows, so a
+search running in the batcher's thread always sees one consistent gallery. Removals and
+re-enrolments rebuild the buffers without the subjects they drop. The shortlist index of a
 snapshot is built by the first search that needs it, not on every enrolment, because enrolment
 streams arrive in many small pieces while searches want the whole gallery.
 """
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gpu_kernels import MccParams, TenPrintCylinders, encode_tenprints, score_tenprints
+from gpu_kernels.cylinders import CylinderSet
 from gpu_kernels.fusion import TenPrintScores
 from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
 from minutiae.template import TenPrintTemplates
@@ -54,15 +57,209 @@ class SearchResult:
     fully_scored: int
 
 
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes one part of a gallery holds in one place, measured on its live tensors."""
+
+    #: ``cylinders`` (the full MCC tier), ``shortlist_descriptors`` (the host copy the shortlist
+    #: index is built from) or ``shortlist_index`` (faiss codes and the whitening tables).
+    part: str
+    #: Where the tensors live: a torch device, ``cpu`` being host memory.
+    location: str
+    #: Bytes of the enrolled subjects' rows (and of fixed-size tables).
+    bytes: int
+    #: Bytes allocated, including buffer rows not yet used by enrolments.
+    reserved_bytes: int
+
+    @property
+    def on_host(self) -> bool:
+        return self.location == "cpu"
+
+
+@dataclass(frozen=True)
+class GalleryMemory:
+    """What a gallery of ``subjects`` holds, by part and place."""
+
+    subjects: int
+    parts: tuple[MemoryUse, ...]
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes in accelerator memory (0 on a CPU node)."""
+        return sum(p.bytes for p in self.parts if not p.on_host)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(p.bytes for p in self.parts if p.on_host)
+
+    @property
+    def device_reserved_bytes(self) -> int:
+        return sum(p.reserved_bytes for p in self.parts if not p.on_host)
+
+    @property
+    def host_reserved_bytes(self) -> int:
+        return sum(p.reserved_bytes for p in self.parts if p.on_host)
+
+
 @dataclass
 class _Snapshot:
-    subject_ids: tuple[str, ...]
+    """The gallery as one search sees it: rows ``[0, size)`` of the gallery's buffers.
+
+    ``ids`` and ``rows`` may be shared with later snapshots of the same buffers, which only ever
+    append: a row at or past ``size`` (or an id mapped to one) is not in this snapshot.
+    """
+
+    ids: list[str]
     rows: dict[str, int]
+    size: int
     cylinders: TenPrintCylinders | None
     #: Shortlist descriptors ``float32 [S, 10, D]`` on the host, when the tier is enabled.
     descriptors: Tensor | None = None
     #: Built lazily by :meth:`Gallery._index`; a snapshot never changes, so neither does it.
     index: ShortlistIndex | None = field(default=None, compare=False)
+
+    def row_of(self, subject_id: str) -> int | None:
+        row = self.rows.get(subject_id)
+        return row if row is not None and row < self.size else None
+
+
+class _Buffers:
+    """Gallery rows in tensors that grow by doubling, so that an enrolment writes only its own
+    rows: amortised O(1) per subject instead of a copy of the whole gallery.
+
+    Rows ``[0, size)`` are enrolled subjects; the rest are zeros (what padding holds) waiting for
+    the next enrolments. A row below ``size`` is never written again while these buffers are the
+    gallery's: a removal or a re-enrolment builds new buffers (O(gallery), rare), so every
+    snapshot, a view of the first rows, stays as it was while a search reads it. Each finger
+    position keeps its own M (padded cylinders per finger), grown exactly to the largest finger
+    enrolled; that reallocates only when a finger brings more minutiae than any before, which
+    the template format bounds (255), so it too is O(1) amortised.
+    """
+
+    def __init__(self, params: MccParams, device: torch.device, shortlist: bool) -> None:
+        self.params = params
+        self.device = device
+        self.shortlist = shortlist
+        self.ids: list[str] = []
+        self.rows: dict[str, int] = {}
+        self.size = 0
+        self.capacity = 0
+        self.fingers: list[CylinderSet] = []
+        self.present: Tensor | None = None
+        self.descriptors: Tensor | None = None
+
+    def snapshot(self) -> _Snapshot:
+        if self.size == 0 or self.present is None:
+            return _Snapshot([], {}, 0, None)
+        view = slice(0, self.size)
+        cylinders = TenPrintCylinders(tuple(f.select(view) for f in self.fingers), self.present[view])
+        descriptors = None if self.descriptors is None else self.descriptors[view]
+        return _Snapshot(self.ids, self.rows, self.size, cylinders, descriptors)
+
+    def append(
+        self, subject_ids: Sequence[str], cylinders: TenPrintCylinders, descriptors: Tensor | None
+    ) -> None:
+        """Writes these subjects (none of them present) into the rows past ``size``."""
+        n, k = self.size, len(subject_ids)
+        cylinders = cylinders.to(self.device)
+        if self.present is None and self._adopt(cylinders, descriptors):
+            self.ids.extend(subject_ids)
+            self.rows.update((s, i) for i, s in enumerate(subject_ids))
+            self.size = self.capacity = k
+            return
+        if self.present is None or n + k > self.capacity:
+            self._grow(max(n + k, 2 * self.capacity, 16), cylinders, descriptors)
+        for f, part in enumerate(cylinders.fingers):
+            if part.max_minutiae > self.fingers[f].max_minutiae:
+                self.fingers[f] = _resized(self.fingers[f], self.capacity, part.max_minutiae, n)
+            _write(self.fingers[f], part, n)
+        assert self.present is not None
+        self.present[n : n + k] = cylinders.present
+        if self.descriptors is not None and descriptors is not None:
+            self.descriptors[n : n + k] = descriptors
+        self.ids.extend(subject_ids)
+        self.rows.update((s, n + i) for i, s in enumerate(subject_ids))
+        self.size = n + k
+
+    def _adopt(self, cylinders: TenPrintCylinders, descriptors: Tensor | None) -> bool:
+        """Takes the first enrolment's tensors as the buffers, full (the next append grows them),
+        when each owns its memory: loading a large gallery then costs no second copy of it."""
+        tensors = [cylinders.present, *(t for f in cylinders.fingers for t in _tensors(f))]
+        if descriptors is not None:
+            tensors.append(descriptors)
+        if not all(_owns_storage(t) for t in tensors):
+            return False
+        self.fingers = list(cylinders.fingers)
+        self.present = cylinders.present
+        self.descriptors = descriptors if self.shortlist else None
+        return True
+
+    def _grow(self, capacity: int, incoming: TenPrintCylinders, descriptors: Tensor | None) -> None:
+        if self.present is None:
+            self.fingers = [_resized(f, capacity, f.max_minutiae, 0) for f in incoming.fingers]
+            self.present = torch.zeros((capacity, 10), dtype=torch.bool, device=self.device)
+            if self.shortlist and descriptors is not None:
+                self.descriptors = torch.zeros((capacity, *descriptors.shape[1:]), dtype=descriptors.dtype)
+        else:
+            n = self.size
+            self.fingers = [_resized(f, capacity, f.max_minutiae, n) for f in self.fingers]
+            present = torch.zeros((capacity, 10), dtype=torch.bool, device=self.device)
+            present[:n] = self.present[:n]
+            self.present = present
+            if self.descriptors is not None:
+                grown = torch.zeros((capacity, *self.descriptors.shape[1:]), dtype=self.descriptors.dtype)
+                grown[:n] = self.descriptors[:n]
+                self.descriptors = grown
+        self.capacity = capacity
+
+
+def _tensors(cyl: CylinderSet) -> tuple[Tensor, ...]:
+    return (cyl.values, cyl.cell_valid, cyl.valid, cyl.theta, cyl.xy, cyl.counts)
+
+
+def _use(part: str, tensors: Sequence[Tensor]) -> MemoryUse:
+    """Bytes of ``tensors``, views of a snapshot's rows, and of the buffers they view."""
+    reserved = sum(t.untyped_storage().nbytes() for t in tensors)
+    used = sum(t.numel() * t.element_size() for t in tensors)
+    return MemoryUse(part, str(tensors[0].device), used, reserved)
+
+
+def _owns_storage(t: Tensor) -> bool:
+    return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _resized(cyl: CylinderSet, capacity: int, m: int, keep: int) -> CylinderSet:
+    """A zero buffer of ``capacity`` rows and M = ``m`` holding the first ``keep`` rows of ``cyl``."""
+
+    def empty(t: Tensor) -> Tensor:
+        shape = (capacity, m, *t.shape[2:]) if t.dim() >= 2 else (capacity,)
+        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        if keep:
+            if t.dim() >= 2:
+                out[:keep, : t.shape[1]] = t[:keep]
+            else:
+                out[:keep] = t[:keep]
+        return out
+
+    return CylinderSet(
+        values=empty(cyl.values),
+        cell_valid=empty(cyl.cell_valid),
+        valid=empty(cyl.valid),
+        theta=empty(cyl.theta),
+        xy=empty(cyl.xy),
+        counts=empty(cyl.counts),
+        params=cyl.params,
+    )
+
+
+def _write(buffer: CylinderSet, part: CylinderSet, row: int) -> None:
+    """Copies ``part`` into ``buffer`` from ``row`` on (its M may be smaller: the rest stays zero)."""
+    k, m = len(part), part.max_minutiae
+    for dst, src in zip(_tensors(buffer), _tensors(part), strict=True):
+        if src.dim() >= 2:
+            dst[row : row + k, :m] = src
+        else:
+            dst[row : row + k] = src
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,12 +281,16 @@ class Gallery:
         self.device = device
         self.params = params or MccParams()
         self.shortlist = shortlist or ShortlistConfig()
-        self._snapshot = _Snapshot((), {}, None)
+        self._buffers = self._new_buffers()
+        self._snapshot = self._buffers.snapshot()
         self._write_lock = threading.Lock()
         self._index_lock = threading.Lock()
 
+    def _new_buffers(self) -> _Buffers:
+        return _Buffers(self.params, self.device, self.shortlist.enabled)
+
     def __len__(self) -> int:
-        return len(self._snapshot.subject_ids)
+        return self._snapshot.size
 
     @property
     def finger_count(self) -> int:
@@ -98,16 +299,32 @@ class Gallery:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the full tier (cylinders) and the shortlist descriptors."""
+        """Bytes of the enrolled subjects' rows: full tier (cylinders) and shortlist descriptors."""
+        return sum(m.bytes for m in self.memory().parts if m.part != "shortlist_index")
+
+    def memory(self) -> GalleryMemory:
+        """What the gallery holds, measured on the tensors of its current snapshot (views of the
+        buffers, which give the bytes allocated), by part and where each lives."""
         snap = self._snapshot
-        full = 0 if snap.cylinders is None else int(snap.cylinders.nbytes)
-        desc = 0 if snap.descriptors is None else snap.descriptors.numel() * snap.descriptors.element_size()
-        return full + desc
+        parts: list[MemoryUse] = []
+        if snap.cylinders is not None:
+            cyl = snap.cylinders
+            parts.append(_use("cylinders", [cyl.present, *(t for f in cyl.fingers for t in _tensors(f))]))
+        if snap.descriptors is not None:
+            parts.append(_use("shortlist_descriptors", [snap.descriptors]))
+        if snap.index is not None:
+            # faiss codes (host memory: the CPU build; see gpu_kernels.shortlist) and the whitening.
+            index = snap.index
+            held = index.size * index.bytes_per_subject + sum(
+                t.numel() * t.element_size() for t in (index.centre, index.projection)
+            )
+            parts.append(MemoryUse("shortlist_index", "cpu", held, held))
+        return GalleryMemory(snap.size, tuple(parts))
 
     def contents(self) -> tuple[tuple[str, ...], TenPrintCylinders | None]:
         """Subject ids and their cylinders (rows in the same order), as of one snapshot."""
         snap = self._snapshot
-        return snap.subject_ids, snap.cylinders
+        return tuple(snap.ids[: snap.size]), snap.cylinders
 
     def encode(self, tenprints: Sequence[TenPrintTemplates]) -> TenPrintCylinders:
         """Cylinders for these ten-prints, on this gallery's device."""
@@ -119,40 +336,43 @@ class Gallery:
         return subject_descriptors(cylinders).cpu()
 
     def add(self, subject_ids: Sequence[str], cylinders: TenPrintCylinders) -> None:
-        """Adds (or replaces) subjects; ``cylinders`` rows follow ``subject_ids``."""
+        """Adds (or replaces) subjects; ``cylinders`` rows follow ``subject_ids``.
+
+        New subjects are appended in amortised O(1) each; replacing enrolled ones rebuilds the
+        gallery without them first (O(gallery)), as a removal does.
+        """
         if len(subject_ids) != len(cylinders):
             raise ValueError(f"{len(subject_ids)} subject ids for {len(cylinders)} ten-prints")
         if len(set(subject_ids)) != len(subject_ids):
             raise ValueError("subject ids repeat within one addition")
         descriptors = self._descriptors(cylinders)
         with self._write_lock:
-            kept = self._without(set(subject_ids))
-            ids = kept.subject_ids + tuple(subject_ids)
-            merged = (
-                cylinders if kept.cylinders is None else TenPrintCylinders.cat([kept.cylinders, cylinders])
-            )
-            if descriptors is not None and kept.descriptors is not None:
-                descriptors = torch.cat([kept.descriptors, descriptors])
-            self._snapshot = _Snapshot(ids, {s: i for i, s in enumerate(ids)}, merged, descriptors)
+            self._drop(set(subject_ids))
+            self._buffers.append(list(subject_ids), cylinders, descriptors)
+            self._snapshot = self._buffers.snapshot()
 
     def remove(self, subject_ids: Sequence[str]) -> int:
         """Removes subjects; returns how many were present."""
         with self._write_lock:
-            before = len(self._snapshot.subject_ids)
-            self._snapshot = self._without(set(subject_ids))
-            return before - len(self._snapshot.subject_ids)
+            before = self._snapshot.size
+            self._drop(set(subject_ids))
+            self._snapshot = self._buffers.snapshot()
+            return before - self._snapshot.size
 
-    def _without(self, drop: set[str]) -> _Snapshot:
+    def _drop(self, drop: set[str]) -> None:
+        """New buffers without ``drop`` (caller holds the write lock); the old ones stay with the
+        snapshots that searches may still read."""
         snap = self._snapshot
-        if snap.cylinders is None or not drop.intersection(snap.rows):
-            return snap
-        keep = [i for i, s in enumerate(snap.subject_ids) if s not in drop]
-        ids = tuple(snap.subject_ids[i] for i in keep)
-        if not keep:
-            return _Snapshot((), {}, None)
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        descriptors = None if snap.descriptors is None else snap.descriptors[index.cpu()]
-        return _Snapshot(ids, {s: i for i, s in enumerate(ids)}, snap.cylinders.select(index), descriptors)
+        gone = {s for s in drop if snap.row_of(s) is not None}
+        if snap.cylinders is None or not gone:
+            return
+        keep = [i for i in range(snap.size) if snap.ids[i] not in gone]
+        buffers = self._new_buffers()
+        if keep:
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            descriptors = None if snap.descriptors is None else snap.descriptors[index.cpu()]
+            buffers.append([snap.ids[i] for i in keep], snap.cylinders.select(index), descriptors)
+        self._buffers = buffers
 
     def uses_shortlist(self, subjects: int | None = None) -> bool:
         """Whether a search of ``subjects`` (default: the whole gallery) goes through the shortlist."""
@@ -175,32 +395,33 @@ class Gallery:
         a subset is always scored exhaustively, since it is small by nature.
         """
         snap = self._snapshot
-        cylinders, ids = snap.cylinders, snap.subject_ids
+        cylinders, ids = snap.cylinders, snap.ids
+        size = snap.size
         if cylinders is not None and subset is not None:
-            rows = sorted({snap.rows[s] for s in subset if s in snap.rows})
-            ids = tuple(snap.subject_ids[r] for r in rows)
+            rows = sorted({r for r in map(snap.row_of, subset) if r is not None})
+            ids, size = [snap.ids[r] for r in rows], len(rows)
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             cylinders = cylinders.select(index) if rows else None
-        if cylinders is None or not ids:
+        if cylinders is None or not size:
             return [SearchResult([], 0, 0) for _ in range(len(probes))]
         probes = probes.to(self.device)
-        if subset is None and snap.descriptors is not None and self.uses_shortlist(len(ids)):
+        if subset is None and snap.descriptors is not None and self.uses_shortlist(size):
             rows_t = self._index(snap).candidates(probes, self.shortlist.candidates)
             scores = score_shortlisted(probes, cylinders, rows_t, self.params)
             candidate_rows = rows_t.to(self.device)  # [P, K] gallery rows behind the score columns
         else:
             scores = score_tenprints(probes, cylinders, self.params)
-            candidate_rows = torch.arange(len(ids), device=self.device).expand(len(probes), -1)
+            candidate_rows = torch.arange(size, device=self.device).expand(len(probes), -1)
         fully_scored = int(scores.fused.shape[1])
         matches = self._top(scores, candidate_rows, cylinders, ids, k)
-        return [SearchResult(m, len(ids), fully_scored) for m in matches]
+        return [SearchResult(m, size, fully_scored) for m in matches]
 
     @staticmethod
     def _top(
         scores: TenPrintScores,
         candidate_rows: Tensor,
         cylinders: TenPrintCylinders,
-        ids: tuple[str, ...],
+        ids: Sequence[str],
         k: int,
     ) -> list[list[Match]]:
         """The ``k`` best columns of ``scores`` per probe as :class:`Match` lists.

@@ -34,7 +34,7 @@ from minutiae.template import TenPrintTemplates
 from nodes.gallery.cache import read_cache, write_cache
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery
 from nodes.gallery.partition import Partition
-from nodes.gallery.store import GalleryStore, StoredSubject
+from nodes.gallery.store import Enrollment, GalleryStore, StoredSubject
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +83,8 @@ class GalleryReplica:
         # Subject -> version of the last change applied to it, for changes above the watermark.
         self._applied: dict[str, int] = {}
         self._lock = threading.Lock()
+        # This process's writes: the store and then the gallery, one write at a time.
+        self._write_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._cache_version: int | None = None
 
@@ -137,6 +139,23 @@ class GalleryReplica:
         return True
 
     # -- this process's own writes ------------------------------------------------------------
+
+    def enroll(self, enrollments: Sequence[Enrollment[Any]], cylinders: TenPrintCylinders) -> int:
+        """Stores ``enrollments`` (``cylinders`` rows follow them) and applies them to the gallery
+        under one lock, so this process's writes reach its gallery in the order of their store
+        versions; returns the version. Blocks on the database: call it off the event loop."""
+        with self._write_lock:
+            version = self.store.enroll(enrollments)
+            self.enrolled([e.subject_id for e in enrollments], cylinders, version)
+            return version
+
+    def remove(self, subject_ids: Sequence[str]) -> int:
+        """Removes these subjects from the store and the gallery under the same lock as
+        :meth:`enroll`; returns how many the store held. Blocks: call it off the event loop."""
+        with self._write_lock:
+            removed, version = self.store.remove(subject_ids)
+            self.removed(subject_ids, version)
+            return removed
 
     def enrolled(self, subject_ids: Sequence[str], cylinders: TenPrintCylinders, version: int) -> None:
         """Applies this process's enrolment, stored as ``version``."""

@@ -147,3 +147,18 @@ def usable_templates(request: gal.EnrollRequest, decoded: DecodedTenPrint) -> di
         for f in request.tenprint.fingers
         if f.WhichOneof("data") == "template" and int(f.position) in decoded.templates.fingers
     }
+
+
+def with_memory_totals(stats: gal.GalleryStats) -> gal.GalleryStats:
+    """Fills the device/host totals and per-subject figures of ``stats`` from its ``memory``
+    parts and ``gallery_size`` (a node's own parts, or a router's sums over its shards)."""
+    on_host = [m for m in stats.memory if m.location == "cpu"]
+    on_device = [m for m in stats.memory if m.location != "cpu"]
+    stats.host_bytes = sum(m.bytes for m in on_host)
+    stats.device_bytes = sum(m.bytes for m in on_device)
+    stats.host_reserved_bytes = sum(m.reserved_bytes for m in on_host)
+    stats.device_reserved_bytes = sum(m.reserved_bytes for m in on_device)
+    subjects = stats.gallery_size
+    stats.host_bytes_per_subject = stats.host_bytes / subjects if subjects else 0.0
+    stats.device_bytes_per_subject = stats.device_bytes / subjects if subjects else 0.0
+    return stats

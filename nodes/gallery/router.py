@@ -55,6 +55,7 @@ from nodes.gallery.requests import (
     check_identify,
     check_remove,
     thresholds_proto,
+    with_memory_totals,
 )
 
 log = structlog.get_logger(__name__)
@@ -402,7 +403,7 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
         versions = sorted({s.template_format_version for s in stats})
         if len(versions) > 1:
             log.warning("shards on different template formats", node=self.node, versions=versions)
-        return gal.GalleryStats(
+        merged = gal.GalleryStats(
             node=self.node,
             gallery_size=sum(s.gallery_size for s in stats),
             finger_count=sum(s.finger_count for s in stats),
@@ -411,7 +412,22 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
             thresholds=thresholds_proto(
                 self.config.thresholds.for_gallery(sum(s.gallery_size for s in stats))
             ),
+            memory=merged_memory(stats),
         )
+        # Per subject: the node's bytes over the node's subjects, not a mean of shard ratios.
+        return with_memory_totals(merged)
+
+
+def merged_memory(stats: Sequence[gal.GalleryStats]) -> list[gal.GalleryMemory]:
+    """The shards' memory parts summed by part and location (shards on one kind of device,
+    e.g. ``cuda:0`` each on its own host, add up to one line)."""
+    sums: dict[tuple[str, str], gal.GalleryMemory] = {}
+    for shard in stats:
+        for m in shard.memory:
+            total = sums.setdefault((m.part, m.location), gal.GalleryMemory(part=m.part, location=m.location))
+            total.bytes += m.bytes
+            total.reserved_bytes += m.reserved_bytes
+    return [sums[key] for key in sorted(sums)]
 
 
 @dataclass

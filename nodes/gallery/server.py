@@ -46,6 +46,7 @@ from nodes.gallery.requests import (
     check_remove,
     thresholds_proto,
     usable_templates,
+    with_memory_totals,
 )
 from nodes.gallery.store import Enrollment, GalleryStore
 
@@ -262,8 +263,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             return gal.EnrollResponse(enrolled=0, gallery_size=len(self.gallery))
         # Encode before storing: if encoding fails, nothing has been written.
         cylinders = await asyncio.to_thread(self.gallery.encode, tenprints)
-        version = await asyncio.to_thread(self.store.enroll, enrollments)
-        self.replica.enrolled([e.subject_id for e in enrollments], cylinders, version)
+        await asyncio.to_thread(self.replica.enroll, enrollments, cylinders)
         log.info("enrolled", node=self.node, subjects=len(enrollments), gallery_size=len(self.gallery))
         return gal.EnrollResponse(enrolled=len(enrollments), gallery_size=len(self.gallery))
 
@@ -276,8 +276,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         except InvalidRequest as error:
             await abort_invalid(context, error)
         ids = list(request.subject_ids)
-        removed, version = await asyncio.to_thread(self.store.remove, ids)
-        self.replica.removed(ids, version)
+        removed = await asyncio.to_thread(self.replica.remove, ids)
         log.info("removed", node=self.node, subjects=removed, gallery_size=len(self.gallery))
         return gal.RemoveResponse(removed=removed, gallery_size=len(self.gallery))
 
@@ -307,15 +306,23 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         self, request: gal.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.GalleryStats:
         await self._admit(context, admin_may=True)
-        return gal.GalleryStats(
+        memory = self.gallery.memory()
+        stats = gal.GalleryStats(
             node=self.node,
-            gallery_size=len(self.gallery),
+            gallery_size=memory.subjects,
             finger_count=self.gallery.finger_count,
             template_format_version=TEMPLATE_FORMAT_VERSION,
             device=str(self.gallery.device),
-            thresholds=thresholds_proto(self.config.thresholds.for_gallery(len(self.gallery))),
+            thresholds=thresholds_proto(self.config.thresholds.for_gallery(memory.subjects)),
             partition=self._partition_proto(),
+            memory=[
+                gal.GalleryMemory(
+                    part=m.part, location=m.location, bytes=m.bytes, reserved_bytes=m.reserved_bytes
+                )
+                for m in memory.parts
+            ],
         )
+        return with_memory_totals(stats)
 
 
 @dataclass

@@ -413,6 +413,13 @@ class GalleryStats(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
+    DEVICE_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_BYTES_FIELD_NUMBER: _builtins.int
+    DEVICE_BYTES_PER_SUBJECT_FIELD_NUMBER: _builtins.int
+    HOST_BYTES_PER_SUBJECT_FIELD_NUMBER: _builtins.int
+    DEVICE_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     gallery_size: _builtins.int
     finger_count: _builtins.int
@@ -421,6 +428,21 @@ class GalleryStats(_message.Message):
     """Version of the node's internal template format (cylinders and packing)."""
     device: _builtins.str
     """Torch device that scores probes ("cpu", "cuda:0")."""
+    device_bytes: _builtins.int
+    """Memory the gallery holds, measured on the live tensors at the time of the call (a router:
+    the sums over its shards). Device bytes are in accelerator memory (0 on a CPU node), host
+    bytes in the process's own memory; both count the enrolled subjects' rows and fixed-size
+    tables (sums of the `bytes` of `memory`).
+    """
+    host_bytes: _builtins.int
+    device_bytes_per_subject: _builtins.float
+    """device_bytes and host_bytes divided by gallery_size (0 for an empty gallery)."""
+    host_bytes_per_subject: _builtins.float
+    device_reserved_bytes: _builtins.int
+    """Allocated in all, including the rows enrolment buffers keep free for the next enrolments
+    (they grow by doubling, so at most about twice the bytes in use).
+    """
+    host_reserved_bytes: _builtins.int
     @_builtins.property
     def thresholds(self) -> _biometrics_pb2.Thresholds:
         """The thresholds of the whole gallery (a router reports its own, which every shard's
@@ -433,6 +455,10 @@ class GalleryStats(_message.Message):
         which report the whole gallery.
         """
 
+    @_builtins.property
+    def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___GalleryMemory]:
+        """The same figures by part of the gallery and by where each part lives."""
+
     def __init__(
         self,
         *,
@@ -443,14 +469,58 @@ class GalleryStats(_message.Message):
         device: _builtins.str = ...,
         thresholds: _biometrics_pb2.Thresholds | None = ...,
         partition: Global___GalleryPartition | None = ...,
+        device_bytes: _builtins.int = ...,
+        host_bytes: _builtins.int = ...,
+        device_bytes_per_subject: _builtins.float = ...,
+        host_bytes_per_subject: _builtins.float = ...,
+        device_reserved_bytes: _builtins.int = ...,
+        host_reserved_bytes: _builtins.int = ...,
+        memory: _abc.Iterable[Global___GalleryMemory] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "finger_count", b"finger_count", "gallery_size", b"gallery_size", "node", b"node", "partition", b"partition", "template_format_version", b"template_format_version", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "device_bytes", b"device_bytes", "device_bytes_per_subject", b"device_bytes_per_subject", "device_reserved_bytes", b"device_reserved_bytes", "finger_count", b"finger_count", "gallery_size", b"gallery_size", "host_bytes", b"host_bytes", "host_bytes_per_subject", b"host_bytes_per_subject", "host_reserved_bytes", b"host_reserved_bytes", "memory", b"memory", "node", b"node", "partition", b"partition", "template_format_version", b"template_format_version", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GalleryStats: _TypeAlias = GalleryStats  # noqa: Y015
+
+@_typing.final
+class GalleryMemory(_message.Message):
+    """What one part of a gallery holds in one place."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    part: _builtins.str
+    """"cylinders" (the full MCC tier), "shortlist_descriptors" (the host copy the shortlist index
+    is built from) or "shortlist_index" (its faiss codes and whitening tables; held once a
+    search of a gallery large enough for the shortlist has built it).
+    """
+    location: _builtins.str
+    """Where it lives: a torch device ("cpu" is host memory, "cuda:0" a GPU's)."""
+    bytes: _builtins.int
+    """Bytes of the enrolled subjects' rows (and fixed-size tables)."""
+    reserved_bytes: _builtins.int
+    """Bytes allocated, including rows not yet used."""
+    def __init__(
+        self,
+        *,
+        part: _builtins.str = ...,
+        location: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+        reserved_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "location", b"location", "part", b"part", "reserved_bytes", b"reserved_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GalleryMemory: _TypeAlias = GalleryMemory  # noqa: Y015
 
 @_typing.final
 class GetSubjectRequest(_message.Message):
