@@ -40,7 +40,7 @@ class CoordinatorConfig(ServiceSettings):
     retry_max_s: float = Field(default=60.0, gt=0, description="longest wait between such retries")
     replica_id: str | None = Field(
         default=None,
-        max_length=64,
+        max_length=253,  # a Kubernetes pod name; claims carry only a hash of it
         description=(
             "a name unique among the replicas and stable across restarts (e.g. the pod name): "
             "restarted after a crash, the replica frees its dead life's outbox and retry claims at "

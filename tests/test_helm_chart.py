@@ -591,3 +591,12 @@ def test_a_template_rendering_invalid_kubernetes_is_caught(tmp_path: Path) -> No
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     with pytest.raises(kubernetes_validate.ValidationError, match="many"):
         kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_each_coordinator_replica_is_named_by_its_pod(configuration: str) -> None:
+    manifests = render(configuration)
+    [coordinator] = [w for w in workloads(manifests) if component(w) == "coordinator"]
+    [container] = pod_spec(coordinator)["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FEDPRINT_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
