@@ -61,11 +61,10 @@ class PairScores:
 
     @staticmethod
     def concat(parts: list[PairScores]) -> PairScores:
-        """All entries of ``parts``, rows kept distinct."""
+        """All entries of ``parts``, in order (rows as the parts number them)."""
         if not parts:
             e = np.zeros(0, dtype=np.int64)
             return PairScores(np.zeros(0), e, e, e, e, np.zeros(0, bool), e, e, e)
-        offsets = np.cumsum([0] + [int(p.row.max(initial=-1)) + 1 for p in parts[:-1]])
         return PairScores(
             np.concatenate([p.score for p in parts]),
             np.concatenate([p.probe_count for p in parts]),
@@ -73,7 +72,7 @@ class PairScores:
             np.concatenate([p.probe_minutiae for p in parts]),
             np.concatenate([p.position for p in parts]),
             np.concatenate([p.genuine for p in parts]),
-            np.concatenate([p.row + o for p, o in zip(parts, offsets, strict=True)]),
+            np.concatenate([p.row for p in parts]),
             np.concatenate([p.probe_subject for p in parts]),
             np.concatenate([p.gallery_subject for p in parts]),
         )
@@ -125,8 +124,9 @@ def _count_tables(
     return location, scale, upper
 
 
-def _cohort_z(pairs: PairScores, model: EvidenceModel) -> FloatArray:
-    """Count-normalised, cohort-shifted z of every pair (cohort = the pair's row)."""
+def normalised_pair_scores(pairs: PairScores, model: EvidenceModel) -> FloatArray:
+    """Each pair's count-normalised, cohort-shifted z under ``model`` (the LLR curves' input;
+    the cohort is the pair's row)."""
     z = normalised_scores(
         torch.from_numpy(pairs.score.astype(np.float32)),
         torch.from_numpy(pairs.probe_count),
@@ -197,7 +197,7 @@ def fit_evidence_model(
         llr=tuple((0.0, 1.0) for _ in range(10)),
         min_cohort=min_cohort,
     )
-    z = _cohort_z(pairs, provisional)
+    z = normalised_pair_scores(pairs, provisional)
     edges = np.unique(
         np.round(
             np.concatenate(
@@ -233,21 +233,6 @@ def fit_evidence_model(
         min_cohort=min_cohort,
         source=source,
     )
-
-
-def normalised_pair_scores(pairs: PairScores, model: EvidenceModel) -> FloatArray:
-    """Each pair's count-normalised, cohort-shifted z under ``model`` (the LLR curves' input)."""
-    return _cohort_z(pairs, model)
-
-
-def tenprint_pair_scores(pairs: PairScores, model: EvidenceModel) -> tuple[FloatArray, FloatArray]:
-    """Ten-print fused scores of every (probe subject, gallery subject) pair the 1:1 blocks
-    compared on all their common fingers: ``(genuine, impostor)``. Each finger's evidence is
-    taken exactly as a search takes it (count-normalised, shifted by its own cohort, LLR).
-    """
-    llr, genuine = _pair_llrs(pairs, model)
-    fused = np.nansum(llr, axis=1)
-    return fused[genuine], fused[~genuine]
 
 
 def impostor_sums_by_fingers(

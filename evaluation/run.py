@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +108,13 @@ class EvalOptions:
 class EvalResult:
     """Raw scores of both experiments; :func:`summary` turns them into the JSON report."""
 
-    genuine: metrics.FloatArray
-    impostor: metrics.FloatArray
     block_size: int
-    outcomes: metrics.SearchOutcomes
     #: The 1:1 comparisons with their minutia counts (what ``--fit-fusion`` fits on).
     pairs: PairScores
-    #: 1:N outcomes per fusion name, on the same searches; ``outcomes`` is the primary one's.
+    #: 1:N outcomes per fusion name, on the same searches.
     by_fusion: dict[str, metrics.SearchOutcomes]
+    #: The primary fusion's name (:attr:`outcomes` are its).
+    fusion: str
     #: The evidence model the searches were fused with.
     model: EvidenceModel
     gallery_size: int
@@ -129,6 +129,21 @@ class EvalResult:
     by_gallery_size: dict[int, metrics.SearchOutcomes] | None = None
     #: The calibration those are checked against.
     calibration: Thresholds | None = None
+
+    @cached_property
+    def genuine(self) -> metrics.FloatArray:
+        """Single-finger genuine scores of the 1:1 experiment."""
+        return self.pairs.score[self.pairs.genuine]
+
+    @cached_property
+    def impostor(self) -> metrics.FloatArray:
+        """Single-finger impostor scores of the 1:1 experiment."""
+        return self.pairs.score[~self.pairs.genuine]
+
+    @property
+    def outcomes(self) -> metrics.SearchOutcomes:
+        """The primary fusion's 1:N outcomes."""
+        return self.by_fusion[self.fusion]
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -185,40 +200,18 @@ def verification_scores(
                     probe_minutiae=_per_pair(left_minutiae[li][:, None], shape),
                     position=np.full(len(li) * len(ri), position, dtype=np.int64),
                     genuine=(left_subject[li][:, None] == right_subject[ri][None, :]).ravel(),
-                    # One cohort per probe finger: its index among this position's probe fingers.
-                    row=np.repeat(li, len(ri)).astype(np.int64),
+                    # One cohort per probe finger: its position and its index among them.
+                    row=np.repeat(position * len(dataset.probes) + li, len(ri)).astype(np.int64),
                     probe_subject=_per_pair(left_subject[li][:, None], shape),
                     gallery_subject=_per_pair(right_subject[ri][None, :], shape),
                 )
             )
     progress("1:1 single finger", 10, 10)
-    return _distinct_rows(parts), block
+    return PairScores.concat(parts), block
 
 
 def _per_pair(values: np.ndarray[Any, Any], shape: tuple[int, int]) -> np.ndarray[Any, Any]:
     return np.broadcast_to(values, shape).ravel().astype(np.int64)
-
-
-def _distinct_rows(parts: list[PairScores]) -> PairScores:
-    """Concatenates per-block parts so that each (position, probe finger) is one cohort row."""
-    merged = PairScores.concat([])
-    if parts:
-        merged = PairScores.concat(parts)
-        key = merged.position * (int(max(p.row.max(initial=0) for p in parts)) + 1) + np.concatenate(
-            [p.row for p in parts]
-        )
-        merged = PairScores(
-            merged.score,
-            merged.probe_count,
-            merged.gallery_count,
-            merged.probe_minutiae,
-            merged.position,
-            merged.genuine,
-            np.unique(key, return_inverse=True)[1].astype(np.int64),
-            merged.probe_subject,
-            merged.gallery_subject,
-        )
-    return merged
 
 
 def _fingers(
@@ -359,12 +352,10 @@ def evaluate(
                 subset = replace(dataset, gallery=tuple(dataset.gallery[i] for i in keep))
                 by_size[size] = identification(subset, params, single, progress)[0][primary]
     return EvalResult(
-        genuine=pairs.score[pairs.genuine],
-        impostor=pairs.score[~pairs.genuine],
         block_size=block,
-        outcomes=by_fusion[options.fusions[0]],
         pairs=pairs,
         by_fusion=by_fusion,
+        fusion=options.fusions[0],
         model=options.model or shipped_model(),
         gallery_size=len(dataset.gallery),
         searches=searches,
@@ -437,7 +428,7 @@ def summary(result: EvalResult) -> dict[str, Any]:
         out["eer"] = None
         out["fnmr_at_fmr"] = {_key(t): None for t in FMR_TARGETS}
     out.update(identification_summary(result.outcomes))
-    out["fusion"] = _fusion_name(result)
+    out["fusion"] = result.fusion
     out["fusions"] = {name: identification_summary(oc) for name, oc in result.by_fusion.items()}
     out["single_finger_tail"] = finger_tail(result.pairs, result.model)
     if result.by_gallery_size is not None and result.calibration is not None:
@@ -454,10 +445,6 @@ def summary(result: EvalResult) -> dict[str, Any]:
         "nonmated_top": metrics.histogram(oc.nonmated_top_scores, upper=search_high, lower=search_low),
     }
     return out
-
-
-def _fusion_name(result: EvalResult) -> str:
-    return next(name for name, oc in result.by_fusion.items() if oc is result.outcomes)
 
 
 def identification_summary(oc: metrics.SearchOutcomes) -> dict[str, Any]:
