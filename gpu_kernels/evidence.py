@@ -170,7 +170,8 @@ def normalised_scores(
     broadcast against them (``probe_counts: [P, 1, 10]``, ``candidate_counts: [P, G, 10]``)."""
     t = model.tensors(per_finger.device)
     bins = t["location"].shape[0]
-    pb = torch.bucketize(probe_counts.contiguous(), t["edges"], right=True)
+    pb = torch.bucketize(probe_counts, t["edges"], right=True)
+    # contiguous(): free for the counts a search passes, a copy for an expanded view.
     cb = torch.bucketize(candidate_counts.contiguous(), t["edges"], right=True)
     cell = (pb * bins + cb).expand(per_finger.shape)
     location = t["location"].reshape(-1)[cell]

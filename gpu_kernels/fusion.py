@@ -130,10 +130,11 @@ def tenprint_scores(
 ) -> TenPrintScores:
     """:class:`TenPrintScores` of raw ``per_finger: [P, G, 10]`` scores (zeroed where not
     ``both_present``), fused by ``fusion``; ``candidate_counts`` may be ``[G, 10]``."""
+    per_finger = torch.where(both_present, per_finger, 0.0)
+    # Fused from the counts as given: a gallery's [G, 10] is looked up once, not once per probe.
+    fused = fuse(per_finger, both_present, probe_counts, candidate_counts, fusion)
     if candidate_counts.dim() == 2:
         candidate_counts = candidate_counts.unsqueeze(0).expand(per_finger.shape)
-    per_finger = torch.where(both_present, per_finger, 0.0)
-    fused = fuse(per_finger, both_present, probe_counts, candidate_counts, fusion)
     return TenPrintScores(per_finger, both_present, fused, probe_counts, candidate_counts)
 
 
