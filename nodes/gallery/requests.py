@@ -6,7 +6,7 @@ Nothing here touches the gallery, the store or torch: a router, which holds neit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from evaluation.calibration import Thresholds
@@ -54,15 +54,20 @@ class IdentifyPlan:
     calibration: Thresholds
     target_fpir: float | None
     k: int
+    # Every candidate of every probe asks; there are at most ten finger counts per gallery size.
+    _derived: dict[tuple[int, int], Thresholds] = field(default_factory=dict, compare=False, repr=False)
 
     def thresholds(self, gallery_size: int, fingers: int = 10) -> Thresholds:
         """The thresholds for a search of ``gallery_size`` subjects comparing ``fingers`` fingers
         with a candidate: the calibration's FPIRs (or the requested one) hold there when the
         calibration has tails."""
-        thresholds = self.calibration.for_gallery(gallery_size, fingers)
-        if self.target_fpir is not None:
-            thresholds = thresholds.for_fpir(self.target_fpir) or thresholds
-        return thresholds
+        key = (gallery_size, fingers)
+        if key not in self._derived:
+            thresholds = self.calibration.for_gallery(gallery_size, fingers)
+            if self.target_fpir is not None:
+                thresholds = thresholds.for_fpir(self.target_fpir) or thresholds
+            self._derived[key] = thresholds
+        return self._derived[key]
 
 
 def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> IdentifyPlan:
