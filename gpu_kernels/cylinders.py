@@ -110,10 +110,14 @@ class CylinderSet:
         return self.valid.device
 
     @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor of the set, in field order."""
+        return (self.values, self.cell_valid, self.valid, self.theta, self.xy, self.counts)
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the tensors (what a gallery shard costs in device memory)."""
-        tensors = (self.values, self.cell_valid, self.valid, self.theta, self.xy, self.counts)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def to(self, device: torch.device | str) -> CylinderSet:
         """The same cylinders on ``device``."""

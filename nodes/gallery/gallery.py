@@ -184,7 +184,7 @@ class _Buffers:
     def _adopt(self, cylinders: TenPrintCylinders, descriptors: Tensor | None) -> bool:
         """Takes the first enrolment's tensors as the buffers, full (the next append grows them),
         when each owns its memory: loading a large gallery then costs no second copy of it."""
-        tensors = [cylinders.present, *(t for f in cylinders.fingers for t in _tensors(f))]
+        tensors = [cylinders.present, *(t for f in cylinders.fingers for t in f.tensors)]
         if descriptors is not None:
             tensors.append(descriptors)
         if not all(_owns_storage(t) for t in tensors):
@@ -211,10 +211,6 @@ class _Buffers:
                 grown[:n] = self.descriptors[:n]
                 self.descriptors = grown
         self.capacity = capacity
-
-
-def _tensors(cyl: CylinderSet) -> tuple[Tensor, ...]:
-    return (cyl.values, cyl.cell_valid, cyl.valid, cyl.theta, cyl.xy, cyl.counts)
 
 
 def _use(part: str, tensors: Sequence[Tensor]) -> MemoryUse:
@@ -255,7 +251,7 @@ def _resized(cyl: CylinderSet, capacity: int, m: int, keep: int) -> CylinderSet:
 def _write(buffer: CylinderSet, part: CylinderSet, row: int) -> None:
     """Copies ``part`` into ``buffer`` from ``row`` on (its M may be smaller: the rest stays zero)."""
     k, m = len(part), part.max_minutiae
-    for dst, src in zip(_tensors(buffer), _tensors(part), strict=True):
+    for dst, src in zip(buffer.tensors, part.tensors, strict=True):
         if src.dim() >= 2:
             dst[row : row + k, :m] = src
         else:
@@ -309,7 +305,7 @@ class Gallery:
         parts: list[MemoryUse] = []
         if snap.cylinders is not None:
             cyl = snap.cylinders
-            parts.append(_use("cylinders", [cyl.present, *(t for f in cyl.fingers for t in _tensors(f))]))
+            parts.append(_use("cylinders", [cyl.present, *(t for f in cyl.fingers for t in f.tensors)]))
         if snap.descriptors is not None:
             parts.append(_use("shortlist_descriptors", [snap.descriptors]))
         if snap.index is not None:
