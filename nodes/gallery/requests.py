@@ -69,6 +69,17 @@ class IdentifyPlan:
             self._derived[key] = thresholds
         return self._derived[key]
 
+    def probe_thresholds(self, probe: int, gallery_size: int) -> Thresholds:
+        """The thresholds a result of probe ``probe`` states: those of a candidate compared on
+        every finger the probe has."""
+        return self.thresholds(gallery_size, max(1, len(self.probes[probe].templates.fingers)))
+
+    def band(self, score: float, fingers_compared: int, gallery_size: int) -> bio.DecisionBand.ValueType:
+        """The band of a candidate: by the thresholds of the fingers it was compared on, since a
+        candidate compared on few fingers needs more evidence per finger (see
+        :meth:`evaluation.calibration.Thresholds.for_gallery`)."""
+        return band_of(score, self.thresholds(gallery_size, fingers_compared))
+
 
 def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> IdentifyPlan:
     """The plan of a valid request; :class:`InvalidRequest` listing every problem otherwise."""

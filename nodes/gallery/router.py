@@ -50,7 +50,6 @@ from nodes.gallery.records import RecordStore
 from nodes.gallery.requests import (
     MAX_ENROLL_PER_STREAM,
     IdentifyPlan,
-    band_of,
     check_enrollment,
     check_identify,
     check_remove,
@@ -228,9 +227,6 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
         # share, lower): FPIR grows with the number of subjects searched.
         searched = sum(r.results[0].searched_subjects for r in responses if r.results)
         for i, probe in enumerate(request.probes):
-            thresholds = thresholds_proto(
-                plan.thresholds(searched, max(1, len(plan.probes[i].templates.fingers)))
-            )
             best: dict[str, gal.Candidate] = {}
             for response in responses:
                 for candidate in response.results[i].candidates:
@@ -240,7 +236,7 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
             ranked = sorted(best.values(), key=lambda c: (-c.fused_score, c.subject_id))[: plan.k]
             result = merged.results.add(
                 probe_id=probe.probe_id,
-                thresholds=thresholds,
+                thresholds=thresholds_proto(plan.probe_thresholds(i, searched)),
                 unusable_fingers=[issue.to_proto() for issue in plan.probes[i].issues],
                 searched_subjects=sum(r.results[i].searched_subjects for r in responses),
                 fully_scored_subjects=sum(r.results[i].fully_scored_subjects for r in responses),
@@ -250,9 +246,7 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
                 out = result.candidates.add()
                 out.CopyFrom(candidate)
                 out.rank = rank
-                out.band = band_of(
-                    candidate.fused_score, plan.thresholds(searched, len(candidate.finger_scores))
-                )
+                out.band = plan.band(candidate.fused_score, len(candidate.finger_scores), searched)
                 if out.band != bio.HIT:
                     out.ClearField("record")  # minimal disclosure, whatever a shard sent
             result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT

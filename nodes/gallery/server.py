@@ -40,7 +40,6 @@ from nodes.gallery.records import RecordStore, RecordT
 from nodes.gallery.replica import GalleryReplica, LoadedGallery
 from nodes.gallery.requests import (
     MAX_ENROLL_PER_STREAM,
-    band_of,
     check_enrollment,
     check_identify,
     check_remove,
@@ -165,12 +164,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                 )
         # Minimal disclosure: a record goes out only with a HIT candidate. Review-band and no-hit
         # candidates carry their subject id and scores, nothing about the person.
-        # Each candidate is judged by the thresholds of the fingers it was compared on: a
-        # candidate compared on few fingers needs more evidence per finger (see Thresholds.for_gallery).
-        bands = [
-            [band_of(m.fused, plan.thresholds(size, len(m.finger_scores))) for m in r.matches]
-            for r in results
-        ]
+        bands = [[plan.band(m.fused, len(m.finger_scores), size) for m in r.matches] for r in results]
         hit_ids = sorted(
             {
                 m.subject_id
@@ -181,11 +175,12 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         )
         records = await asyncio.to_thread(self.store.get_records, hit_ids) if hit_ids else {}
         response = gal.IdentifyResponse(node=self.node, partition=self._partition_proto())
-        for probe, d, searched, probe_bands in zip(request.probes, decoded, results, bands, strict=True):
+        for i, (probe, d, searched, probe_bands) in enumerate(
+            zip(request.probes, decoded, results, bands, strict=True)
+        ):
             result = response.results.add(
                 probe_id=probe.probe_id,
-                # The thresholds of a candidate compared on every finger the probe has.
-                thresholds=thresholds_proto(plan.thresholds(size, max(1, len(d.templates.fingers)))),
+                thresholds=thresholds_proto(plan.probe_thresholds(i, size)),
                 unusable_fingers=[issue.to_proto() for issue in d.issues],
                 searched_subjects=searched.searched,
                 fully_scored_subjects=searched.fully_scored,
