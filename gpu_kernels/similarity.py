@@ -88,7 +88,9 @@ class _Operands:
         (:func:`gpu_kernels.products.bit_operand_dtype`; ``batched``: for batched products);
         float ones stay float32."""
         p = cyl.params
-        dtype = bit_operand_dtype(cyl.device, batched=batched) if p.binary else torch.float32
+        dtype = torch.float32
+        if p.binary:
+            dtype = bit_operand_dtype(cyl.device, batched=batched, max_count=p.cells)
         values = cyl.unpacked_values(dtype)
         n, m, _ = values.shape
         squares = values if p.binary else values * values
@@ -118,7 +120,7 @@ def _local(a: _Operands, b: _Operands, params: MccParams, *, paired: bool = Fals
     Products: a·b over the C cells, and over the S spatial cells only (validity is per spatial
     cell, the same in each of its Nd sections): ``[Σ_k a²; ma] @ mb`` gives ||a|b||² and the
     common valid cells, ``ma @ Σ_k b²`` gives ||b|a||². Bit-based values make every product an
-    exact count, in float32 or int8 arithmetic alike (:mod:`gpu_kernels.products`), whatever
+    exact count, in float32, float16 or int8 arithmetic alike (:mod:`gpu_kernels.products`), whatever
     the summation order. The elementwise work then runs in place on the products' buffers.
     """
     p, mp, c = a.values.shape
@@ -539,9 +541,25 @@ def default_chunk_bytes(device: torch.device) -> int:
     On the CPU, small enough that the elementwise passes after the products run mostly out of
     cache: scoring 8 realistic probes against 160 gallery fingers took half the CPU time at
     32 MiB of what it took at 256 MiB (16 and 64 MiB were within 10 % of 32; 8 MiB leaves no
-    room beside LSS-R's blocks). Elsewhere, large chunks keep the device busy.
+    room beside LSS-R's blocks). On CUDA, from the memory free when the search starts
+    (:func:`chunk_bytes_for_free`); elsewhere 256 MiB.
     """
-    return 32 * _MIB if device.type == "cpu" else 256 * _MIB
+    if device.type == "cpu":
+        return 32 * _MIB
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return chunk_bytes_for_free(free)
+    return 256 * _MIB
+
+
+def chunk_bytes_for_free(free: int) -> int:
+    """A GPU chunk budget from ``free`` device bytes: a quarter of them, between 256 MiB and
+    4 GiB. A quarter, because the plan counts the chunk's main temporaries but not the caching
+    allocator's fragmentation, and concurrent batches, the faiss index and enrolment share the
+    device; 4 GiB is already thousands of gallery fingers per chunk, past which a larger chunk
+    only delays the first result; 256 MiB even on a nearly full device, which then fails loudly
+    (out of memory) rather than crawling through tiny chunks."""
+    return int(min(4096 * _MIB, max(256 * _MIB, free // 4)))
 
 
 def _chunks(cost: npt.NDArray[np.int64], budget: int) -> list[tuple[int, int]]:

@@ -15,15 +15,32 @@ from synthetic.fingers import impression, master_finger
 pytestmark = pytest.mark.kernels
 
 
-def test_int8_and_float32_products_of_bits_are_the_same_counts() -> None:
+def test_int8_float16_and_float32_products_of_bits_are_the_same_counts() -> None:
     generator = torch.Generator().manual_seed(1)
     for m, k, n in [(1, 256, 7), (5, 1536, 13), (40, 1536, 300)]:
         a = torch.rand(m, k, generator=generator) < 0.5
         b = torch.rand(n, k, generator=generator) < 0.5
-        as_float = bit_product(a.float(), b.float())
-        as_int8 = bit_product(a.to(torch.int8), b.to(torch.int8))
-        assert as_int8.dtype == torch.float32 and torch.equal(as_int8, as_float)
-        assert torch.equal(as_float, (a.long() @ b.long().T).float())
+        exact = (a.long() @ b.long().T).float()
+        for dtype in (torch.float32, torch.float16, torch.int8):
+            product = bit_product(a.to(dtype), b.to(dtype))
+            assert product.dtype == torch.float32 and torch.equal(product, exact), dtype
+
+
+def test_float16_counts_stay_exact_up_to_the_largest_cylinder_count() -> None:
+    # All ones: every product is k, the largest count a C-cell cylinder can give, and batched
+    # float16 products count as exactly as 2-D ones.
+    ones = torch.ones(3, 4, 1536, dtype=torch.float16)
+    assert torch.equal(bit_product(ones, ones), torch.full((3, 4, 4), 1536.0))
+    assert torch.equal(bit_product(ones[0], ones[0]), torch.full((4, 4), 1536.0))
+
+
+def test_float16_is_never_chosen_where_counts_could_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(OVERRIDE, "float16")
+    assert bit_operand_dtype(torch.device("cpu"), max_count=1536) == torch.float16
+    assert bit_operand_dtype(torch.device("cpu"), max_count=4096) == torch.float32
+    # Batched products have no int8 form: pinning int8 batches in float32.
+    monkeypatch.setenv(OVERRIDE, "int8")
+    assert bit_operand_dtype(torch.device("cpu"), batched=True) == torch.float32
 
 
 def test_the_choice_of_arithmetic_changes_no_score(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,16 +51,17 @@ def test_the_choice_of_arithmetic_changes_no_score(monkeypatch: pytest.MonkeyPat
     probes = encode_fingers([impression(rng, m, quality=0.7) for m in masters], MccParams())
     gallery = encode_fingers([*masters, *(impression(rng, m, quality=0.5) for m in masters)], MccParams())
     scores = {}
-    for choice in ("float32", "int8"):
+    for choice in ("float32", "float16", "int8"):
         monkeypatch.setenv(OVERRIDE, choice)
         assert bit_operand_dtype(torch.device("cpu")) == getattr(torch, choice)
         scores[choice] = score_fingers(probes, gallery, MccParams())
     assert torch.equal(scores["float32"], scores["int8"])
+    assert torch.equal(scores["float32"], scores["float16"])
     # The scores are real ones: each probe finds its own master first.
     assert torch.equal(scores["int8"][:, :3].argmax(1), torch.arange(3))
 
 
 def test_a_misspelt_override_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(OVERRIDE, "bfloat16")
-    with pytest.raises(ValueError, match="float32, int8"):
+    with pytest.raises(ValueError, match="float32, float16, int8"):
         bit_operand_dtype(torch.device("cpu"))

@@ -301,6 +301,15 @@ def test_chunking_does_not_change_scores() -> None:
     assert torch.equal(score_fingers(probes, gallery, BINARY, chunk_bytes=1), whole)  # one finger a chunk
 
 
+def test_gpu_chunks_follow_the_free_device_memory() -> None:
+    from gpu_kernels.similarity import chunk_bytes_for_free
+
+    mib, gib = 1 << 20, 1 << 30
+    assert chunk_bytes_for_free(8 * gib) == 2 * gib  # a quarter of what is free
+    assert chunk_bytes_for_free(100 * gib) == 4 * gib  # a large device: capped
+    assert chunk_bytes_for_free(100 * mib) == 256 * mib  # a nearly full one: a floor, not a crawl
+
+
 # --------------------------------------------------------------------------- the cylinder set
 
 

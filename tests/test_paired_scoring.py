@@ -67,6 +67,20 @@ def test_paired_scores_are_the_all_pairs_scores_of_those_pairs(params: MccParams
     torch.testing.assert_close(one_by_one, want, atol=TOL, rtol=0)
 
 
+def test_batched_float16_products_give_the_float32_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_kernels.products import OVERRIDE
+
+    params = MccParams()
+    probes, gallery = fingers(seed=25)
+    p_cyl, g_cyl = encode_fingers(probes, params), encode_fingers(gallery, params)
+    scores = {}
+    for choice in ("float32", "float16"):
+        monkeypatch.setenv(OVERRIDE, choice)
+        scores[choice] = score_fingers_paired(p_cyl, g_cyl, ROWS, params)
+    # Exact counts either way, and the same code after the products: equal to the bit.
+    assert torch.equal(scores["float16"], scores["float32"])
+
+
 def test_a_micro_batch_is_one_pass_not_a_loop_over_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     params = MccParams()
     probes, gallery = fingers(seed=22)

@@ -15,6 +15,7 @@ from gpu_kernels.fusion import TenPrintCylinders
 from gpu_kernels.shortlist import (
     CODE_DIMS,
     ShortlistIndex,
+    faiss_gpu_available,
     finger_descriptors,
     subject_codes,
     subject_descriptors,
@@ -110,3 +111,18 @@ def test_codes_are_unit_per_present_finger_and_fit_two_kilobytes(
     assert (
         ShortlistIndex.build(subject_descriptors(gallery), gallery.present, dims=96).bytes_per_subject == 960
     )
+
+
+def test_an_index_built_for_cuda_stays_on_the_host_without_faiss_gpu(
+    hard_set: tuple[TenPrintCylinders, TenPrintCylinders],
+) -> None:
+    gallery, probes = hard_set
+    host = ShortlistIndex.build(subject_descriptors(gallery), gallery.present)
+    wanted_on_gpu = ShortlistIndex.build(subject_descriptors(gallery), gallery.present, device="cuda")
+    if faiss_gpu_available():
+        assert wanted_on_gpu.searched_on.startswith("cuda")
+    else:
+        assert wanted_on_gpu.searched_on == "cpu"
+    # Wherever faiss searches, the same codes vote the same candidates.
+    voted = [index.candidates(probes, 5).sort().values for index in (host, wanted_on_gpu)]
+    assert torch.equal(*voted)

@@ -379,7 +379,9 @@ class Gallery:
         with self._index_lock:
             if snap.index is None:
                 assert snap.descriptors is not None and snap.cylinders is not None
-                snap.index = ShortlistIndex.build(snap.descriptors, snap.cylinders.present)
+                snap.index = ShortlistIndex.build(
+                    snap.descriptors, snap.cylinders.present, device=snap.cylinders.device
+                )
             return snap.index
 
     def search(
