@@ -194,6 +194,9 @@ def register(app: typer.Typer, console: Console) -> None:
             raise typer.BadParameter(f"--fusion must be one of {', '.join(FUSION_NAMES)}")
         if threads is not None:
             torch.set_num_threads(threads)
+        if json_out is not None:
+            # Now, not after a run of many minutes: a report that cannot be written fails first.
+            json_out.parent.mkdir(parents=True, exist_ok=True)
         try:
             dataset = merge_datasets([read_dataset(d) for d in data])
             model = None if fusion_model is None else EvidenceModel.load(fusion_model)
