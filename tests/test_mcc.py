@@ -286,8 +286,11 @@ def test_batched_scores_equal_each_pair_alone() -> None:
     rng = np.random.default_rng(10)
     probes = [random_template(rng, int(n)) for n in (8, 19, 25)]
     gallery = [random_template(rng, int(n)) for n in (25, 11, 16, 9, 21)] + [rotated(probes[0], 0.2)]
-    # Bit counts are exact whatever the matmul's blocking; float sums are not (hence 1e-4).
-    for params, tol in ((BINARY, 1e-6), (FLOAT, 1e-4)):
+    # Bit counts are exact whatever the matmul's blocking; float sums are not. The float variant
+    # takes ||a - b|| as sqrt(||a||² + ||b||² - 2a·b): for the nearly identical cylinders of the
+    # rotated self-match that difference cancels, and the square root turns float32's relative
+    # rounding of ~1e-7 into ~1e-4 of the score (1.06e-4 on one AMX CPU), hence 3e-4.
+    for params, tol in ((BINARY, 1e-6), (FLOAT, 3e-4)):
         batched = score_fingers(encode_fingers(probes, params), encode_fingers(gallery, params), params)
         alone = torch.tensor([[score(a, b, params) for b in gallery] for a in probes])
         torch.testing.assert_close(batched, alone, atol=tol, rtol=0)
