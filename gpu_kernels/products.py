@@ -12,7 +12,8 @@ sum on the way to it. Three arithmetics count exactly:
 bfloat16 is not a candidate: it holds integers only up to 256.
 
 Which is fastest depends on the machine, not on the device type. One AVX-512 CPU with AMX here
-ran int8 at ~480 GOP/s, float16 at ~100 and float32 at ~60 GFLOP/s (256 x 1536 x 1024); an
+ran int8 at ~480 GOP/s, float16 at ~68 and float32 at ~40 GFLOP/s (one thread, 256 x 1536 x
+1024); an
 AVX2-only CPU reached ~1 GOP/s in int8 against ~87 GFLOP/s in float32. So the choice is
 measured once per device, on a product of the size scoring runs (:func:`bit_operand_dtype`), and
 can be pinned with ``FEDPRINT_BIT_PRODUCTS=float32|float16|int8``.
@@ -32,7 +33,7 @@ import time
 import torch
 from torch import Tensor
 
-#: Environment variable that pins the arithmetic of bit products (``float32`` or ``int8``).
+#: Environment variable that pins the arithmetic of bit products (``float32``, ``float16``, ``int8``).
 OVERRIDE = "FEDPRINT_BIT_PRODUCTS"
 _CHOICES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 #: Largest count float16 products are used for: every integer up to 2^11 is a float16.
@@ -43,8 +44,9 @@ def bit_operand_dtype(device: torch.device, *, batched: bool = False, max_count:
     """The dtype to unpack 0/1 operands into on ``device``: the fastest exact arithmetic there
     (``torch.int8``, ``torch.float16`` or ``torch.float32``), measured once per device and
     remembered. ``batched``: for batched products (B > 1 in :func:`bit_product`), float32 or
-    float16. ``max_count``: the largest count a product may reach (the cylinder's cells);
-    float16 is chosen only where it holds that count exactly."""
+    float16. ``max_count``: the largest count a product may reach (the cylinder's C cells; the
+    default is C of the default cylinders); float16 is chosen only where it holds that count
+    exactly."""
     pinned = os.environ.get(OVERRIDE, "").strip().lower()
     if pinned:
         if pinned not in _CHOICES:
