@@ -13,10 +13,9 @@ bfloat16 is not a candidate: it holds integers only up to 256.
 
 Which is fastest depends on the machine, not on the device type. One AVX-512 CPU with AMX here
 ran int8 at ~480 GOP/s, float16 at ~68 and float32 at ~40 GFLOP/s (one thread, 256 x 1536 x
-1024); an
-AVX2-only CPU reached ~1 GOP/s in int8 against ~87 GFLOP/s in float32. So the choice is
-measured once per device, on a product of the size scoring runs (:func:`bit_operand_dtype`), and
-can be pinned with ``FEDPRINT_BIT_PRODUCTS=float32|float16|int8``.
+1024); an AVX2-only CPU reached ~1 GOP/s in int8 against ~87 GFLOP/s in float32. So the choice
+is measured once per device, on a product of the size scoring runs (:func:`bit_operand_dtype`),
+and can be pinned with ``FEDPRINT_BIT_PRODUCTS=float32|float16|int8``.
 
 Batched products (a stack of B independent ``[m, k] @ [k, n]``, as paired scoring runs them) are
 float32 or float16, measured the same way: torch has no batched int8 product (``torch.bmm`` on
