@@ -203,13 +203,9 @@ class _Buffers:
         else:
             n = self.size
             self.fingers = [_resized(f, capacity, f.max_minutiae, n) for f in self.fingers]
-            present = torch.zeros((capacity, 10), dtype=torch.bool, device=self.device)
-            present[:n] = self.present[:n]
-            self.present = present
+            self.present = _grown(self.present, capacity, n)
             if self.descriptors is not None:
-                grown = torch.zeros((capacity, *self.descriptors.shape[1:]), dtype=self.descriptors.dtype)
-                grown[:n] = self.descriptors[:n]
-                self.descriptors = grown
+                self.descriptors = _grown(self.descriptors, capacity, n)
         self.capacity = capacity
 
 
@@ -224,17 +220,21 @@ def _owns_storage(t: Tensor) -> bool:
     return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
+def _grown(t: Tensor, capacity: int, keep: int) -> Tensor:
+    """A zero buffer of ``capacity`` rows, like ``t`` otherwise, holding its first ``keep`` rows."""
+    out = torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[:keep] = t[:keep]
+    return out
+
+
 def _resized(cyl: CylinderSet, capacity: int, m: int, keep: int) -> CylinderSet:
     """A zero buffer of ``capacity`` rows and M = ``m`` holding the first ``keep`` rows of ``cyl``."""
 
     def empty(t: Tensor) -> Tensor:
-        shape = (capacity, m, *t.shape[2:]) if t.dim() >= 2 else (capacity,)
-        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-        if keep:
-            if t.dim() >= 2:
-                out[:keep, : t.shape[1]] = t[:keep]
-            else:
-                out[:keep] = t[:keep]
+        if t.dim() < 2:  # per finger (counts): rows only
+            return _grown(t, capacity, keep)
+        out = torch.zeros((capacity, m, *t.shape[2:]), dtype=t.dtype, device=t.device)
+        out[:keep, : t.shape[1]] = t[:keep]
         return out
 
     return CylinderSet(
