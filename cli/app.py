@@ -6,6 +6,7 @@ import asyncio
 import enum
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -62,22 +63,36 @@ def serve(
 
 @app.command()
 def enroll(
-    data: Annotated[Path, typer.Argument(help="population directory written by `fedprint synth`")],
+    data: Annotated[
+        Path,
+        typer.Argument(help="population directory written by `fedprint synth`, or a data set (manifest.csv)"),
+    ],
     node: Annotated[Role, typer.Option(help="iafis or ident")],
     address: Annotated[str, typer.Option(help="the node's host:port")],
     tls_dir: TlsDirOption = Path("pki"),
     insecure: InsecureOption = False,
 ) -> None:
     """Enrolls a population's IAFIS or IDENT gallery into a running node, as the gallery
-    administrator (``admin`` in the PKI directory)."""
+    administrator (``admin`` in the PKI directory). A data set in the standard layout enrols the
+    first gallery capture of each of its subjects instead, with an empty record (data sets carry
+    templates only), read from disk a stream at a time."""
+    from fedprint.clients import Enrollable
     from fedprint.clients import enroll as enroll_entries
-    from synthetic.population import read_population
 
     if node not in (Role.iafis, Role.ident):
         raise typer.BadParameter("enroll into iafis or ident")
     tls = _identity(tls_dir, "admin", insecure)
-    population = read_population(data)
-    entries = population.iafis if node == Role.iafis else population.ident
+    entries: Sequence[Enrollable]
+    if (data / "manifest.csv").exists():
+        from fedprint.datasets import gallery_enrolments
+
+        field = "criminal_history" if node == Role.iafis else "immigration_history"
+        entries = gallery_enrolments(data, field)
+    else:
+        from synthetic.population import read_population
+
+        population = read_population(data)
+        entries = population.iafis if node == Role.iafis else population.ident
     with Progress(console=console) as progress:
         task = progress.add_task(f"enrolling into {node.value}", total=len(entries))
         size = asyncio.run(

@@ -155,6 +155,14 @@ def batching(
     candidates: Annotated[
         int | None, typer.Option(help="shortlisted subjects per probe (default: the node's)")
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="data set (manifest.csv) whose gallery captures are enrolled and probes sent"),
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="keep the node's store and cache here between runs (with --data)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the population, or of the probes drawn from --data")] = 5,
 ) -> None:
     """One gallery node under concurrent Identify calls, with and without micro-batching."""
     import asyncio
@@ -171,6 +179,9 @@ def batching(
     )
     config = BatchingBenchConfig(
         persons=persons,
+        data=data,
+        workdir=workdir,
+        seed=seed,
         requests=requests,
         concurrency=concurrency,
         settings=settings,
@@ -188,7 +199,17 @@ def batching(
     table = Table(
         title=f"{result['gallery_size']} subjects{tier}, {requests} calls at concurrency {concurrency}"
     )
-    for column in ("max_batch", "wait ms", "probes/s", "x unbatched", "p50 ms", "p99 ms", "mean batch"):
+    one_call = f"one call of {result['one_call_probes']} ms"
+    for column in (
+        "max_batch",
+        "wait ms",
+        "probes/s",
+        "x unbatched",
+        "p50 ms",
+        "p99 ms",
+        "mean batch",
+        one_call,
+    ):
         table.add_column(column)
     for row in result["settings"]:
         table.add_row(
@@ -199,6 +220,7 @@ def batching(
             f"{row['p50_ms']:.0f}",
             f"{row['p99_ms']:.0f}",
             f"{row['mean_batch']:.1f}",
+            f"{row['one_call_ms']:.0f}" + ("" if row["one_call_within_deadline"] else " (late)"),
         )
     console.print(table)
     console.print(f"wrote {json_out}")

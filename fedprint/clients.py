@@ -32,6 +32,9 @@ ENROLL_CHUNK = 250
 class Enrollable(Protocol):
     """Anything that knows its own ``Enroll`` message (e.g. a synthetic gallery entry)."""
 
+    @property
+    def subject_id(self) -> str: ...
+
     def enroll_request(self) -> gal.EnrollRequest: ...
 
 

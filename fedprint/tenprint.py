@@ -8,12 +8,13 @@ unusable finger is a :class:`FingerIssue` (the search goes on without it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.rpc import InvalidRequest
 from fedprint.validation import Violations
-from minutiae.iso19794_2 import decode_template
+from minutiae.iso19794_2 import decode_template, encode_template
 from minutiae.template import FingerTemplate, TemplateError, TenPrintTemplates
 
 # Fewer minutiae than this cannot give a meaningful MCC score (too few cylinders
@@ -132,3 +133,25 @@ def _decode_template(
         )
         return None
     return template
+
+
+def tenprint_to_proto(t: TenPrintTemplates, *, absent: Mapping[int, int] | None = None) -> bio.TenPrint:
+    """A ten-print message with one single-view ISO/IEC 19794-2 record per finger, by position.
+
+    ``absent`` maps positions with no template to a :class:`FingerAbsence` value (for
+    example ``UNABLE_TO_PRINT``); such fingers are listed with their reason.
+    """
+    absent = dict(absent or {})
+    overlap = set(absent) & set(t.fingers)
+    if overlap:
+        raise TemplateError(f"positions {sorted(overlap)} are both present and absent")
+    message = bio.TenPrint()
+    for position in sorted(set(t.fingers) | set(absent)):
+        finger = message.fingers.add()
+        finger.position = bio.FingerPosition.ValueType(position)
+        if position in absent:
+            finger.absence = bio.FingerAbsence.ValueType(absent[position])
+        else:
+            finger.template.format = bio.ISO_19794_2_2005
+            finger.template.data = encode_template(t.fingers[position])
+    return message

@@ -32,13 +32,12 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from gpu_kernels.cylinders import CylinderSet
+from gpu_kernels.cylinder_rows import FIELDS, CylinderRows, PositionRows, field_shapes, position_arrays
 from gpu_kernels.fusion import TenPrintCylinders
 from gpu_kernels.params import MccParams
 
 #: Bumped whenever the layout above changes; a reader refuses other versions.
 FORMAT_VERSION = 1
-_FIELDS = ("values", "cells", "valid", "theta", "xy")
 
 
 class CylinderFileError(ValueError):
@@ -68,7 +67,7 @@ class CylinderFileWriter:
         self.rows = [0] * 10
         self._files: dict[str, BinaryIO] = {"present": (directory / "present.bin").open("wb")}
         for f in range(1, 11):
-            for field in (*_FIELDS, "counts"):
+            for field in (*FIELDS, "counts"):
                 self._files[_name(f, field)] = (directory / _name(f, field)).open("wb")
 
     def append(self, cylinders: TenPrintCylinders) -> None:
@@ -77,18 +76,9 @@ class CylinderFileWriter:
             raise CylinderFileError("cylinders were encoded with other parameters than the file's")
         self._files["present"].write(cylinders.present.cpu().numpy().astype(np.bool_).tobytes())
         for f, cyl in enumerate(cylinders.fingers, start=1):
-            counts = cyl.counts.cpu().numpy().astype(np.int64)
-            # Rows [0, count) of a finger are its minutiae; the rest is padding and is dropped.
-            keep = np.arange(cyl.max_minutiae)[None, :] < counts[:, None]
-            arrays = {
-                "values": cyl.values.cpu().numpy(),
-                "cells": cyl.cell_valid.cpu().numpy(),
-                "valid": cyl.valid.cpu().numpy().astype(np.bool_),
-                "theta": cyl.theta.cpu().numpy().astype(np.float32),
-                "xy": cyl.xy.cpu().numpy().astype(np.float32),
-            }
+            counts, arrays = position_arrays(cyl)
             for field, array in arrays.items():
-                self._files[_name(f, field)].write(np.ascontiguousarray(array[keep]).tobytes())
+                self._files[_name(f, field)].write(array.tobytes())
             self._files[_name(f, "counts")].write(counts.tobytes())
             self.rows[f - 1] += int(counts.sum())
         self.subjects += len(cylinders)
@@ -119,13 +109,6 @@ class CylinderFileWriter:
                 handle.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Position:
-    counts: npt.NDArray[np.int64]
-    offsets: npt.NDArray[np.int64]
-    arrays: dict[str, np.memmap[Any, Any]]
-
-
 class CylinderFile:
     """A memory-mapped cylinder file; :meth:`select` gathers subjects as :class:`TenPrintCylinders`."""
 
@@ -143,42 +126,36 @@ class CylinderFile:
         self.directory = directory
         self.params = MccParams(**meta["params"])
         self.subjects = int(meta["subjects"])
-        p = self.params
-        widths = {"values": p.cells // 8, "cells": p.spatial_cells // 8, "xy": 2}
-        dtypes = {
-            "values": np.uint8,
-            "cells": np.uint8,
-            "valid": np.bool_,
-            "theta": np.float32,
-            "xy": np.float32,
-        }
+        shapes = field_shapes(self.params)
         present = np.fromfile(directory / "present.bin", dtype=np.bool_)
         if present.size != self.subjects * 10:
             raise CylinderFileError(
                 f"{directory}: present.bin holds {present.size} flags for {self.subjects} subjects"
             )
         self.present = torch.from_numpy(present.reshape(self.subjects, 10))
-        self._positions: list[_Position] = []
+        positions: list[PositionRows] = []
         for f in range(1, 11):
             counts = np.fromfile(directory / _name(f, "counts"), dtype=np.int64)
             rows = int(meta["rows"][f - 1])
             if counts.size != self.subjects or int(counts.sum()) != rows:
                 raise CylinderFileError(f"{directory}: counts of position {f} do not match meta.json")
             offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            arrays: dict[str, np.memmap[Any, Any]] = {}
-            for field in _FIELDS:
-                shape = (rows, widths[field]) if field in widths else (rows,)
+            arrays: dict[str, np.ndarray[Any, Any]] = {}
+            for field, (row_shape, dtype) in shapes.items():
+                shape = (rows, *row_shape)
                 path = directory / _name(f, field)
-                expected = int(np.prod(shape)) * np.dtype(dtypes[field]).itemsize
+                expected = int(np.prod(shape)) * dtype.itemsize
                 if path.stat().st_size != expected:
                     raise CylinderFileError(f"{path}: {path.stat().st_size} bytes, expected {expected}")
                 # A zero-length file cannot be mapped; an empty position gets an empty array.
                 arrays[field] = (
-                    np.memmap(path, dtype=dtypes[field], mode="r", shape=shape)
+                    np.memmap(path, dtype=dtype, mode="r", shape=shape)
                     if rows
-                    else np.zeros(shape, dtype=dtypes[field]).view(np.memmap)
+                    else np.zeros(shape, dtype=dtype)
                 )
-            self._positions.append(_Position(counts, offsets, arrays))
+            positions.append(PositionRows(counts, offsets, arrays))
+        #: The subjects' rows, memory-mapped: what a gallery searches.
+        self.rows = CylinderRows(self.params, present.reshape(self.subjects, 10), tuple(positions))
 
     def __len__(self) -> int:
         return self.subjects
@@ -194,49 +171,9 @@ class CylinderFile:
         device: torch.device | str = "cpu",
         params: MccParams | None = None,
     ) -> TenPrintCylinders:
-        """The cylinders of ``subjects`` (gallery rows, any order, repeats allowed) on ``device``,
-        each position padded to the largest selected finger. Reads only those subjects' rows.
-
-        ``params`` labels the result with other matching settings (consolidation, min_me, ...)
-        than the file's; its cylinder-shaping fields must equal the file's."""
-        if params is not None and not params.same_cylinders(self.params):
-            raise CylinderFileError("the file's cylinders were encoded with other cylinder parameters")
-        rows = np.asarray(
-            subjects.cpu().numpy() if isinstance(subjects, Tensor) else subjects, dtype=np.int64
-        )
-        if rows.size and (rows.min() < 0 or rows.max() >= self.subjects):
-            raise IndexError(f"subject rows must lie in [0, {self.subjects})")
-        label = params or self.params
-        fingers = [self._finger_set(pos, rows, device, label) for pos in self._positions]
-        present = self.present[torch.from_numpy(rows)].to(device)
-        return TenPrintCylinders(tuple(fingers), present)
-
-    def _finger_set(
-        self, pos: _Position, rows: npt.NDArray[np.int64], device: torch.device | str, params: MccParams
-    ) -> CylinderSet:
-        counts = pos.counts[rows]
-        m = max(1, int(counts.max(initial=0)))
-        # Row indices of every selected minutia, padded: one vectorised gather per field.
-        index = pos.offsets[rows][:, None] + np.arange(m)[None, :]
-        real = np.arange(m)[None, :] < counts[:, None]
-        flat = np.where(real, index, 0).reshape(-1)
-
-        def gather(field: str) -> Tensor:
-            array = pos.arrays[field]
-            if array.shape[0] == 0:
-                taken = np.zeros((flat.size, *array.shape[1:]), dtype=array.dtype)
-            else:
-                taken = np.asarray(array[flat])
-            mask = real.reshape(-1, *([1] * (taken.ndim - 1)))
-            taken = np.where(mask, taken, np.zeros((), dtype=taken.dtype))
-            return torch.from_numpy(taken.reshape(len(rows), m, *array.shape[1:])).to(device)
-
-        return CylinderSet(
-            values=gather("values"),
-            cell_valid=gather("cells"),
-            valid=gather("valid"),
-            theta=gather("theta"),
-            xy=gather("xy"),
-            counts=torch.from_numpy(counts.copy()).to(device),
-            params=params,
-        )
+        """The cylinders of ``subjects`` on ``device`` (:meth:`CylinderRows.select`); reads only
+        those subjects' rows."""
+        try:
+            return self.rows.select(subjects, device, params)
+        except ValueError as error:
+            raise CylinderFileError(f"{self.directory}: {error}") from error

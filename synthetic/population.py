@@ -42,6 +42,7 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.records.v1 import records_pb2 as rec
+from fedprint.tenprint import tenprint_to_proto
 from minutiae.iso19794_2 import decode_template, encode_template
 from minutiae.template import FingerTemplate, TemplateError, TenPrintTemplates
 from synthetic import people
@@ -122,28 +123,6 @@ def rng_stream(seed: int, purpose: int, index: int = 0) -> np.random.Generator:
 def _quantised(t: FingerTemplate) -> FingerTemplate:
     """The template as it reads back from ISO/IEC 19794-2, so memory and disk hold the same thing."""
     return decode_template(encode_template(t))
-
-
-def tenprint_to_proto(t: TenPrintTemplates, *, absent: Mapping[int, int] | None = None) -> bio.TenPrint:
-    """A ten-print message with one single-view ISO/IEC 19794-2 record per finger, by position.
-
-    ``absent`` maps positions with no template to a :class:`FingerAbsence` value (for
-    example ``UNABLE_TO_PRINT``); such fingers are listed with their reason.
-    """
-    absent = dict(absent or {})
-    overlap = set(absent) & set(t.fingers)
-    if overlap:
-        raise TemplateError(f"positions {sorted(overlap)} are both present and absent")
-    message = bio.TenPrint()
-    for position in sorted(set(t.fingers) | set(absent)):
-        finger = message.fingers.add()
-        finger.position = bio.FingerPosition.ValueType(position)
-        if position in absent:
-            finger.absence = bio.FingerAbsence.ValueType(absent[position])
-        else:
-            finger.template.format = bio.ISO_19794_2_2005
-            finger.template.data = encode_template(t.fingers[position])
-    return message
 
 
 def person_master_fingers(seed: int, person: int) -> list[MasterFinger]:

@@ -195,6 +195,7 @@ async def test_a_probe_whose_search_fails_fails_only_its_own_call(
     batcher = node.servicer.batcher
     batcher.max_batch = 4
     batcher.max_wait_s = 0.2  # the three calls below share one batch
+    batcher.max_queue = 4  # and all three may wait for it, however late the worker starts
     search = batcher._run_batch
 
     def faulty(items: Sequence[Any]) -> Sequence[Any]:  # a device fault on one-finger probes

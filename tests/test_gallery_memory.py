@@ -8,6 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -29,11 +30,17 @@ CPU = torch.device("cpu")
 
 
 def held_bytes(gallery: Gallery) -> int:
-    """The gallery's tensors counted independently of ``Gallery.memory``: its cylinders and the
-    shortlist descriptors computed again from them."""
+    """The gallery's bytes counted independently of ``Gallery.memory``: one row per minutia
+    (packed cell values and validity, the valid flag, angle and position), a count and an offset
+    per finger, the presence flags, and the shortlist descriptors computed again."""
     _, cylinders = gallery.contents()
     assert cylinders is not None
-    return cylinders.nbytes + subject_descriptors(cylinders).numel() * 4
+    p = gallery.params
+    row = p.cells // 8 + p.spatial_cells // 8 + 1 + 4 + 2 * 4
+    minutiae = sum(int(f.counts.sum()) for f in cylinders.fingers)
+    subjects = len(cylinders)
+    rows = minutiae * row + subjects * 10 * (1 + 8 + 8)
+    return rows + subject_descriptors(cylinders).numel() * 4
 
 
 async def test_get_stats_reports_the_bytes_of_the_live_gallery_per_subject(
@@ -120,34 +127,35 @@ def test_an_append_writes_only_new_rows_and_earlier_snapshots_stay_as_they_were(
 ) -> None:
     entries = population.iafis
     gallery = Gallery(CPU, shortlist=ShortlistConfig(enabled=False))
-    cylinders = gallery.encode([e.tenprint for e in entries[:21]])
-    ids = [e.subject_id for e in entries[:21]]
-    # The first enrolment's tensors become the buffers as they are (a gallery loaded at start-up
-    # is not copied twice); the next one doubles them.
-    gallery.add(ids[:10], cylinders.select(torch.arange(10)))
-    assert gallery.memory().host_reserved_bytes == gallery.memory().host_bytes
-    gallery.add(ids[10:11], cylinders.select(torch.arange(10, 11)))
-    before_ids, before = gallery.contents()
+    cylinders = gallery.encode([e.tenprint for e in entries[:30]])
+    ids = [e.subject_id for e in entries[:30]]
+    gallery.add(ids[:9], cylinders.select(torch.arange(9)))
+    gallery.add(ids[9:10], cylinders.select(torch.arange(9, 10)))  # the minutia rows double
+    before_ids, before, _ = gallery.full_tier()
     assert before is not None
-    copy = before.fingers[0].values.clone()
+    copy = gallery.contents()[1]
     reserved = gallery.memory().host_reserved_bytes
-    assert reserved > gallery.memory().host_bytes  # 20 rows allocated, 11 used
+    assert reserved > gallery.memory().host_bytes
 
-    gallery.add(ids[11:12], cylinders.select(torch.arange(11, 12)))  # fits the rows reserved
-    _, after = gallery.contents()
-    assert after is not None and len(after) == 12
-    # The same storage: nothing was copied, and the reservation did not change.
-    assert after.fingers[0].values.data_ptr() == before.fingers[0].values.data_ptr()
+    gallery.add(ids[10:11], cylinders.select(torch.arange(10, 11)))  # fits the rows reserved
+    _, after, _ = gallery.full_tier()
+    assert after is not None and len(after) == 11
+    # The same arrays: nothing was copied, and the reservation did not change.
+    first, then = before.segments[0].positions[0], after.segments[0].positions[0]
+    assert np.shares_memory(first.arrays["values"], then.arrays["values"])
     assert gallery.memory().host_reserved_bytes == reserved
 
-    gallery.add(ids[12:21], cylinders.select(torch.arange(12, 21)))  # past 20 rows: doubles
+    gallery.add(ids[11:30], cylinders.select(torch.arange(11, 30)))  # past the rows reserved: doubles
     assert gallery.memory().host_reserved_bytes > reserved
     gallery.remove([ids[0]])
     gallery.add([ids[1]], cylinders.select(torch.arange(1, 2)))  # re-enrolled: moves to the end
-    assert gallery.contents()[0] == (*ids[2:21], ids[1])
+    assert gallery.contents()[0] == (*ids[2:30], ids[1])
     # What a search took before all this is unchanged.
-    assert len(before) == 11 and before_ids == tuple(ids[:11])
-    assert torch.equal(before.fingers[0].values, copy)
+    assert len(before) == 10 and before_ids == tuple(ids[:10])
+    again = before.select(np.arange(10), CPU, gallery.params)
+    assert copy is not None
+    for old, new in zip(copy.fingers, again.fingers, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(old.tensors, new.tensors, strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -162,3 +170,43 @@ def test_on_a_gpu_the_cylinders_are_device_bytes_and_the_descriptors_host_bytes(
     assert where["cylinders"].startswith("cuda") and where["shortlist_descriptors"] == "cpu"
     assert memory.device_bytes > 0 and memory.host_bytes > 0
     assert memory.device_bytes + memory.host_bytes == held_bytes(gallery)
+
+
+def test_a_gallery_started_from_a_mapped_cache_searches_as_one_built_by_enrolment(
+    population: Population, tmp_path: Path
+) -> None:
+    from gpu_kernels.cylinder_file import CylinderFile, CylinderFileWriter
+
+    entries = population.iafis
+    ids = [e.subject_id for e in entries]
+    shortlist = ShortlistConfig(min_gallery=1, candidates=8)
+    built = Gallery(CPU, shortlist=shortlist)
+    cylinders = built.encode([e.tenprint for e in entries])
+    built.add(ids, cylinders)
+    with CylinderFileWriter(tmp_path / "cache", built.params) as writer:
+        writer.append(cylinders)
+    mapped = Gallery(CPU, shortlist=shortlist)
+    mapped.load_mapped(ids, CylinderFile(tmp_path / "cache").rows, None)
+
+    probes = built.encode([decode_tenprint(b.booking.tenprint).templates for b in population.bookings[:6]])
+    for one, other in zip(built.search(probes, k=5), mapped.search(probes, k=5), strict=True):
+        assert [(m.subject_id, m.candidate_minutiae) for m in one.matches] == [
+            (m.subject_id, m.candidate_minutiae) for m in other.matches
+        ]
+        assert [m.fused for m in one.matches] == pytest.approx([m.fused for m in other.matches], abs=1e-6)
+    # The mapped file is reported as such, and nothing of it was copied into the host arrays.
+    parts = {m.part: m for m in mapped.memory().parts}
+    assert parts["cylinders_mapped"].bytes == CylinderFile(tmp_path / "cache").rows.nbytes
+    assert parts["cylinders"].bytes == 0
+    assert mapped.nbytes == built.nbytes
+
+    # Enrolments after start-up are appended after the mapped rows; a removal rebuilds the
+    # gallery in host arrays without the subject.
+    mapped.add(["LATE-1"], cylinders.select(torch.arange(0, 1)))
+    assert mapped.contents()[0][-1] == "LATE-1" and len(mapped) == len(ids) + 1
+    assert {m.part for m in mapped.memory().parts} >= {"cylinders_mapped", "cylinders"}
+    assert mapped.remove([ids[3]]) == 1
+    assert "cylinders_mapped" not in {m.part for m in mapped.memory().parts}
+    assert mapped.contents()[0] == (*ids[:3], *ids[4:], "LATE-1")
+    found = mapped.search(probes.select(slice(0, 1)), k=1, subset=["LATE-1"])[0].matches
+    assert [m.subject_id for m in found] == ["LATE-1"]

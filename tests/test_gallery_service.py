@@ -18,10 +18,11 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import TlsFiles
 from fedprint.rpc import field_violations, open_channel
+from fedprint.tenprint import tenprint_to_proto
 from launcher.services import build_node
 from nodes.gallery import GalleryNode
 from nodes.gallery.config import NodeConfig
-from synthetic.population import Population, tenprint_to_proto
+from synthetic.population import Population
 
 
 @pytest_asyncio.fixture

@@ -15,31 +15,37 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import structlog
 import torch
 
 from gpu_kernels import MccParams, TenPrintCylinders
 from gpu_kernels.cylinder_file import CylinderFile, CylinderFileError, CylinderFileWriter
+from gpu_kernels.cylinder_rows import CylinderRows
+from gpu_kernels.shortlist import DESCRIPTOR_VERSION
 from nodes.gallery.partition import Partition
 
 log = structlog.get_logger(__name__)
 
 _STATE = "state.json"
 _SUBJECTS = "subjects.txt"
-_CHUNK = 1024
+_DESCRIPTORS = "descriptors.npy"
 
 
 @dataclass(frozen=True)
 class CachedGallery:
-    """What a valid cache holds: subject ids and their cylinders, rows in the same order, as of
-    store version ``version``."""
+    """What a valid cache holds: subject ids and their cylinders (memory-mapped), rows in the
+    same order, as of store version ``version``; and their shortlist descriptors when the cache
+    has them for this code's descriptor version."""
 
     subject_ids: list[str]
-    cylinders: TenPrintCylinders
+    rows: CylinderRows
     version: int
+    descriptors: torch.Tensor | None
 
 
 def read_cache(
@@ -50,7 +56,6 @@ def read_cache(
     partition: Partition,
     format_version: int,
     params: MccParams,
-    device: torch.device,
 ) -> CachedGallery | None:
     """The cached gallery if it is of the store ``token``, of ``partition``, of ``format_version``
     and ``params``, and not ahead of the store's ``version``."""
@@ -74,8 +79,24 @@ def read_cache(
         return None
     if not ids:
         return None
-    rows = torch.arange(len(ids))
-    return CachedGallery(ids, cylinders_file.select(rows, device, params), int(state["store_version"]))
+    return CachedGallery(
+        ids, cylinders_file.rows, int(state["store_version"]), _descriptors(directory, state, len(ids))
+    )
+
+
+def _descriptors(directory: Path, state: dict[str, object], subjects: int) -> torch.Tensor | None:
+    """The cached shortlist descriptors, if they are of this code's version and these subjects."""
+    path = directory / _DESCRIPTORS
+    if state.get("descriptor_version") != DESCRIPTOR_VERSION or not path.exists():
+        return None
+    try:
+        descriptors = np.load(path)
+    except (OSError, ValueError) as error:
+        log.warning("cached descriptors unreadable; recomputing", directory=str(directory), error=str(error))
+        return None
+    if descriptors.ndim != 3 or descriptors.shape[:2] != (subjects, 10) or descriptors.dtype != np.float32:
+        return None
+    return torch.from_numpy(descriptors)
 
 
 def write_cache(
@@ -86,23 +107,34 @@ def write_cache(
     partition: Partition,
     format_version: int,
     subject_ids: list[str],
-    cylinders: TenPrintCylinders,
+    chunks: Iterable[TenPrintCylinders],
+    params: MccParams,
+    descriptors: torch.Tensor | None = None,
 ) -> None:
     """Replaces the cache at ``directory`` with these subjects (``partition`` of the store ``token``
-    as of its ``version``), atomically."""
+    as of its ``version``), atomically. ``chunks`` are their cylinders in row order, a chunk at a
+    time (a large gallery is never padded whole); ``descriptors`` their shortlist descriptors."""
     staging = directory.with_name(directory.name + ".writing")
     shutil.rmtree(staging, ignore_errors=True)
-    with CylinderFileWriter(staging, cylinders.params) as writer:
-        for lo in range(0, len(subject_ids), _CHUNK):
-            writer.append(cylinders.select(slice(lo, lo + _CHUNK)))
+    written = 0
+    with CylinderFileWriter(staging, params) as writer:
+        for chunk in chunks:
+            writer.append(chunk)
+            written += len(chunk)
+    if written != len(subject_ids):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ValueError(f"{written} ten-prints written for {len(subject_ids)} subject ids")
     (staging / _SUBJECTS).write_text("".join(f"{s}\n" for s in subject_ids))
-    state = {
+    state: dict[str, object] = {
         "store_token": token,
         "store_version": version,
         "partition": [partition.index, partition.count],
         "template_format_version": format_version,
         "subjects": len(subject_ids),
     }
+    if descriptors is not None:
+        np.save(staging / _DESCRIPTORS, descriptors.numpy().astype(np.float32, copy=False))
+        state["descriptor_version"] = DESCRIPTOR_VERSION
     (staging / _STATE).write_text(json.dumps(state) + "\n")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

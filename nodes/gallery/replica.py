@@ -40,6 +40,8 @@ log = structlog.get_logger(__name__)
 
 #: Subjects decoded and encoded per device call when loading or catching up.
 LOAD_CHUNK = 512
+#: Subjects padded at a time while the cache is written.
+_CACHE_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,9 @@ class GalleryReplica:
                 partition=self.partition,
                 format_version=TEMPLATE_FORMAT_VERSION,
                 params=self.gallery.params,
-                device=self.gallery.device,
             )
             if cached is not None:
-                self.gallery.add(cached.subject_ids, cached.cylinders)
+                self.gallery.load_mapped(cached.subject_ids, cached.rows, cached.descriptors)
                 self.version = self._cache_version = cached.version
                 synced = self.sync()
                 return LoadedGallery(len(self.gallery), self.version, True, synced.added + synced.removed)
@@ -122,10 +123,11 @@ class GalleryReplica:
         if self.cache is None:
             return False
         with self._lock:
-            ids, cylinders = self.gallery.contents()
+            ids, full, descriptors = self.gallery.full_tier()
             version = self.version
-        if cylinders is None or version == self._cache_version:
+        if full is None or version == self._cache_version:
             return False
+        params = self.gallery.params
         write_cache(
             self.cache,
             token=self.store.state().token,
@@ -133,7 +135,9 @@ class GalleryReplica:
             partition=self.partition,
             format_version=TEMPLATE_FORMAT_VERSION,
             subject_ids=list(ids),
-            cylinders=cylinders,
+            chunks=full.chunks(_CACHE_CHUNK, torch.device("cpu"), params),
+            params=params,
+            descriptors=descriptors,
         )
         self._cache_version = version
         return True
