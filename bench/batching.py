@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprint.clients import Enrollable, enroll
+from fedprint.clients import Enrollable, enroll, gallery_stats
 from fedprint.datasets import gallery_enrolments, identify_probe, probe_captures
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
@@ -165,6 +165,8 @@ async def run_batching_bench(
                     node.host.address, probes[: config.batch_probes], pki["coordinator"]
                 )
                 gallery_size = len(node.servicer.gallery)
+                # What the node reports it holds, once a search has built everything it keeps.
+                held = await gallery_stats(node.host.address, tls=pki["admin"])
             finally:
                 await node.stop(0)
             lat = np.array(latencies)
@@ -193,4 +195,13 @@ async def run_batching_bench(
         "one_call_probes": min(config.batch_probes, len(probes)),
         "deadline_s": config.deadline_s,
         "settings": rows,
+        "get_stats": {
+            "device": held.device,
+            "host_bytes_per_subject": held.host_bytes_per_subject,
+            "device_bytes_per_subject": held.device_bytes_per_subject,
+            "memory": [
+                {"part": m.part, "location": m.location, "bytes": m.bytes, "reserved_bytes": m.reserved_bytes}
+                for m in held.memory
+            ],
+        },
     }

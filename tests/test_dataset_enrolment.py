@@ -76,9 +76,14 @@ async def test_bench_batching_on_a_data_set_reuses_the_node_it_enrolled(
     assert first["gallery_size"] == enrolled and first["shortlist_candidates"] == 4
     assert first["dataset"] == str(dataset) and first["one_call_probes"] == 4
     assert all(row["one_call_within_deadline"] for row in first["settings"])
+    # GetStats of the live node: the full tier and the shortlist, all in host memory here.
+    parts = {m["part"] for m in first["get_stats"]["memory"]}
+    assert {"cylinders", "shortlist_descriptors", "shortlist_index"} <= parts
+    assert first["get_stats"]["host_bytes_per_subject"] > 0 == first["get_stats"]["device_bytes_per_subject"]
     # The store and the cylinder cache stay in the workdir: the next run maps them.
     assert (tmp_path / "node" / "iafis.cylinders" / "state.json").exists()
     stamp = (tmp_path / "node" / "iafis.cylinders" / "state.json").stat().st_mtime_ns
     second = await run_batching_bench(config)
     assert second["gallery_size"] == enrolled
+    assert "cylinders_mapped" in {m["part"] for m in second["get_stats"]["memory"]}
     assert (tmp_path / "node" / "iafis.cylinders" / "state.json").stat().st_mtime_ns == stamp
