@@ -166,7 +166,7 @@ async def run_batching_bench(
                 )
                 gallery_size = len(node.servicer.gallery)
                 # What the node reports it holds, once a search has built everything it keeps.
-                held = await gallery_stats(node.host.address, tls=pki["admin"])
+                node_stats = await gallery_stats(node.host.address, tls=pki["admin"])
             finally:
                 await node.stop(0)
             lat = np.array(latencies)
@@ -196,12 +196,12 @@ async def run_batching_bench(
         "deadline_s": config.deadline_s,
         "settings": rows,
         "get_stats": {
-            "device": held.device,
-            "host_bytes_per_subject": held.host_bytes_per_subject,
-            "device_bytes_per_subject": held.device_bytes_per_subject,
+            "device": node_stats.device,
+            "host_bytes_per_subject": node_stats.host_bytes_per_subject,
+            "device_bytes_per_subject": node_stats.device_bytes_per_subject,
             "memory": [
                 {"part": m.part, "location": m.location, "bytes": m.bytes, "reserved_bytes": m.reserved_bytes}
-                for m in held.memory
+                for m in node_stats.memory
             ],
         },
     }
