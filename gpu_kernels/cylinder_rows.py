@@ -114,20 +114,18 @@ def _gather(
 ) -> CylinderSet:
     counts = pos.counts[rows]
     m = max(1, int(counts.max(initial=0)))
-    # Row indices of every selected minutia, padded: one vectorised gather per field.
-    index = pos.offsets[rows][:, None] + np.arange(m)[None, :]
+    # Where each selected minutia goes in the padded [n, m] layout, and which row it comes from:
+    # only real rows are read (about half of a padded gallery), into zeros that stay padding.
     real = np.arange(m)[None, :] < counts[:, None]
-    flat = np.where(real, index, 0).reshape(-1)
+    dst = np.flatnonzero(real)
+    src = (pos.offsets[rows][:, None] + np.arange(m)[None, :])[real]
 
     def gather(field: str) -> Tensor:
         array = pos.arrays[field]
-        if array.shape[0] == 0:
-            taken = np.zeros((flat.size, *array.shape[1:]), dtype=array.dtype)
-        else:
-            taken = np.asarray(array[flat])
-        mask = real.reshape(-1, *([1] * (taken.ndim - 1)))
-        taken = np.where(mask, taken, np.zeros((), dtype=taken.dtype))
-        return torch.from_numpy(taken.reshape(len(rows), m, *array.shape[1:])).to(device)
+        out = np.zeros((len(rows) * m, *array.shape[1:]), dtype=array.dtype)
+        if src.size:
+            out[dst] = array[src]
+        return torch.from_numpy(out.reshape(len(rows), m, *array.shape[1:])).to(device)
 
     return CylinderSet(
         values=gather("values"),
