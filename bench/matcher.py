@@ -52,7 +52,12 @@ from gpu_kernels.reference import (
     reference_lss_from_cylinders,
     reference_lss_r_from_cylinders,
 )
-from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
+from gpu_kernels.shortlist import (
+    ShortlistIndex,
+    enrolment_descriptors,
+    score_shortlisted,
+    subject_descriptors,
+)
 from gpu_kernels.similarity import score_fingers, score_flops
 from minutiae.template import TenPrintTemplates
 
@@ -276,7 +281,7 @@ def _device_run(
     truth = torch.arange(len(probes_base))
     hits = _rank1_rows(exhaustive_base) == truth
     host_gallery = gallery_base.to("cpu")
-    desc_gallery = subject_descriptors(host_gallery)
+    desc_gallery = enrolment_descriptors(host_gallery)
     desc_probes = subject_descriptors(probes_base.to("cpu"))
     base_index = ShortlistIndex.build(desc_gallery, host_gallery.present)
     code_scores = _code_score_matrix(base_index, desc_probes, probes_base.present.cpu())

@@ -32,7 +32,7 @@ import torch
 
 from gpu_kernels import MccParams, encode_tenprints, score_tenprints
 from gpu_kernels.cylinder_file import CylinderFile, CylinderFileWriter
-from gpu_kernels.shortlist import DESCRIPTOR_VERSION, ShortlistIndex, subject_descriptors
+from gpu_kernels.shortlist import DESCRIPTOR_VERSION, ShortlistIndex, enrolment_descriptors
 from minutiae.dataset import CaptureRef, capture_refs, load_capture
 
 Progress = Callable[[str, int, int], None]
@@ -82,7 +82,7 @@ def _gallery(data: Path, refs: list[CaptureRef], config: ShortlistBenchConfig, p
             tenprints = [load_capture(data, r).tenprint for r in refs[lo : lo + config.encode_chunk]]
             cylinders = encode_tenprints(tenprints, config.params, config.device)
             writer.append(cylinders)
-            descriptors.append(subject_descriptors(cylinders).cpu().numpy())
+            descriptors.append(enrolment_descriptors(cylinders).cpu().numpy())
     progress("encoding the gallery", len(refs), len(refs))
     np.save(target / "descriptors.npy", np.concatenate(descriptors))
     (target / "descriptor_version.txt").write_text(f"{DESCRIPTOR_VERSION}\n")
@@ -99,7 +99,7 @@ def _refresh_descriptors(target: Path, config: ShortlistBenchConfig) -> None:
         return
     full = CylinderFile(target)
     parts = [
-        subject_descriptors(
+        enrolment_descriptors(
             full.select(np.arange(lo, min(lo + config.encode_chunk, len(full))), config.device, config.params)
         )
         .cpu()

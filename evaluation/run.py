@@ -48,7 +48,7 @@ from gpu_kernels import (
     shipped_model,
 )
 from gpu_kernels.evidence import DEFAULT_MIN_COHORT
-from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
+from gpu_kernels.shortlist import ShortlistIndex, enrolment_descriptors, score_shortlisted
 from minutiae.dataset import Capture, Dataset
 from minutiae.template import FingerTemplate
 
@@ -246,7 +246,7 @@ class _Searcher:
         self.index = (
             None
             if self.shortlist is None
-            else ShortlistIndex.build(subject_descriptors(gallery), gallery.present)
+            else ShortlistIndex.build(enrolment_descriptors(gallery), gallery.present)
         )
 
     def __call__(self, probes: TenPrintCylinders) -> tuple[TenPrintScores, np.ndarray[Any, Any]]:

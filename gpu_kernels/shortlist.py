@@ -62,21 +62,48 @@ CODE_DIMS = 192
 WHITENING_SHRINK = 10.0
 #: At most this many fingers per position estimate the whitening (an evenly strided sample).
 STATS_ROWS = 20_000
-#: Changes whenever :func:`subject_descriptors` computes something else, so that descriptors
-#: kept on disk (``fedprint bench shortlist --workdir``) are recomputed. 2: 8x8 blocks, shares
-#: over valid cells (1 was 4x4 blocks, mean over cylinders).
-DESCRIPTOR_VERSION = 2
+#: Gallery descriptors also pool each finger's central cylinders: those whose minutia lies within
+#: this share of the finger's extent (the farthest valid minutia) of its valid minutiae's centre.
+#: A plain probe shows about the centre of the rolled print it was enrolled as, so its pooled
+#: cylinders resemble the centre's more than the whole's. Measured on 20,000 hard subjects, half
+#: the probes plain (2,000 probes, exact inner products; docs/accuracy.md): mates kept at K = 200
+#: went from 98.80 % to 99.45 % with 0.7 (0.55: 99.00, 0.6: 99.10, 0.65: 99.30, 0.75: 99.35,
+#: 0.85: 99.15 %).
+CENTRAL_SHARE = 0.7
+#: Fewer central cylinders than this and the central view is the whole finger.
+MIN_CENTRAL = 4
+#: Changes whenever :func:`subject_descriptors` or :func:`enrolment_descriptors` compute something
+#: else, so that descriptors kept on disk (the node's cache, ``fedprint bench shortlist
+#: --workdir``) are recomputed. 3: gallery descriptors average the whole and the central view;
+#: 2: 8x8 blocks, shares over valid cells (1 was 4x4 blocks, mean over cylinders).
+DESCRIPTOR_VERSION = 3
 _MIB = 1 << 20
 
 
-def finger_descriptors(cyl: CylinderSet, *, pool: int = POOL, chunk_bytes: int = 64 * _MIB) -> Tensor:
+def central_cylinders(cyl: CylinderSet, share: float = CENTRAL_SHARE) -> Tensor:
+    """``bool [N, M]``: the valid cylinders whose minutia lies within ``share`` of the finger's
+    extent of the centre of its valid minutiae (all valid ones where fewer than
+    :data:`MIN_CENTRAL` would be left)."""
+    valid = cyl.valid
+    weight = valid.to(torch.float32)
+    centre = (cyl.xy * weight[..., None]).sum(1) / weight.sum(1).clamp(min=1.0)[:, None]
+    distance = torch.linalg.vector_norm(cyl.xy - centre[:, None], dim=-1)
+    extent = torch.where(valid, distance, 0.0).amax(1, keepdim=True) if valid.shape[1] else distance
+    central = valid & (distance <= share * extent)
+    return torch.where((central.sum(1) < MIN_CENTRAL)[:, None], valid, central)
+
+
+def finger_descriptors(
+    cyl: CylinderSet, *, pool: int = POOL, chunk_bytes: int = 64 * _MIB, central: bool = False
+) -> Tensor:
     """The pooled cylinder of each finger: ``[N, M, ·]`` -> ``float32 [N, (Ns/pool)²·Nd]``.
 
     Each number is, for one spatial block and direction section, the cell values summed over
     the finger's valid cylinders divided by the valid cells summed the same way (a share in
     [0, 1] for the binary variant), so cells outside a partial print's area do not count as
-    empty. A finger without a valid cylinder gets zeros. Chunked so the unpacked ``[n, M, C]``
-    values stay near ``chunk_bytes``.
+    empty. A finger without a valid cylinder gets zeros. With ``central``, the mean of that and
+    the same pooling over the :func:`central_cylinders` only (one unpacking for both). Chunked
+    so the unpacked ``[n, M, C]`` values stay near ``chunk_bytes``.
     """
     p = cyl.params
     if p.ns % pool:
@@ -88,21 +115,34 @@ def finger_descriptors(cyl: CylinderSet, *, pool: int = POOL, chunk_bytes: int =
     for lo in range(0, n, step):
         part = cyl.select(slice(lo, lo + step))
         k = len(part)
-        weight = part.valid.to(torch.float32)
-        # Sum over the valid cylinders first (one batched matrix-vector product), pool after.
-        ones = torch.einsum("kmc,km->kc", part.unpacked_values(), weight)
-        cells = torch.einsum("kmc,km->kc", part.unpacked_cell_valid(), weight)
-        ones = ones.reshape(k, blocks, pool, blocks, pool, p.nd).sum(dim=(2, 4))  # [k, B, B, Nd]
-        valid = cells.reshape(k, blocks, pool, blocks, pool).sum(dim=(2, 4))  # [k, B, B]
-        out[lo : lo + k] = (ones / valid[..., None].clamp(min=1.0)).reshape(k, -1)
+        views = [part.valid, central_cylinders(part)] if central else [part.valid]
+        weight = torch.stack(views, dim=-1).to(torch.float32)  # [k, M, views]
+        # Sum over the chosen cylinders first (one batched product per operand), pool after.
+        ones = torch.einsum("kmc,kmv->kvc", part.unpacked_values(), weight)
+        cells = torch.einsum("kmc,kmv->kvc", part.unpacked_cell_valid(), weight)
+        v = len(views)
+        ones = ones.reshape(k, v, blocks, pool, blocks, pool, p.nd).sum(dim=(3, 5))  # [k, v, B, B, Nd]
+        valid = cells.reshape(k, v, blocks, pool, blocks, pool).sum(dim=(3, 5))  # [k, v, B, B]
+        shares = (ones / valid[..., None].clamp(min=1.0)).reshape(k, v, -1)
+        out[lo : lo + k] = shares.mean(dim=1)
     return out
 
 
-def subject_descriptors(cylinders: TenPrintCylinders, *, pool: int = POOL) -> Tensor:
-    """Finger descriptors of S subjects, ``float32 [S, 10, D]``; absent fingers are all zero."""
-    parts = [finger_descriptors(f, pool=pool) for f in cylinders.fingers]
+def subject_descriptors(cylinders: TenPrintCylinders, *, pool: int = POOL, central: bool = False) -> Tensor:
+    """Finger descriptors of S subjects, ``float32 [S, 10, D]``; absent fingers are all zero.
+    This is a probe's descriptor; ``central`` gives an enrolled subject's
+    (:func:`enrolment_descriptors`)."""
+    parts = [finger_descriptors(f, pool=pool, central=central) for f in cylinders.fingers]
     desc = torch.stack(parts, dim=1)
     return torch.where(cylinders.present[..., None], desc, 0.0)
+
+
+def enrolment_descriptors(cylinders: TenPrintCylinders, *, pool: int = POOL) -> Tensor:
+    """Descriptors of enrolled subjects, ``float32 [S, 10, D]``: each finger's mean of the whole
+    and the central view (:data:`CENTRAL_SHARE`), so that a plain probe of the centre finds the
+    rolled print it came from. The index is built from these; probes use
+    :func:`subject_descriptors`."""
+    return subject_descriptors(cylinders, pool=pool, central=True)
 
 
 def whitening(

@@ -20,7 +20,7 @@ from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import TlsFiles
 from fedprint.rpc import open_channel
 from fedprint.tenprint import decode_tenprint
-from gpu_kernels.shortlist import subject_descriptors
+from gpu_kernels.shortlist import enrolment_descriptors
 from launcher.services import build_node
 from nodes.gallery.config import NodeConfig, ShortlistConfig
 from nodes.gallery.gallery import Gallery
@@ -40,7 +40,7 @@ def held_bytes(gallery: Gallery) -> int:
     minutiae = sum(int(f.counts.sum()) for f in cylinders.fingers)
     subjects = len(cylinders)
     rows = minutiae * row + subjects * 10 * (1 + 8 + 8)
-    return rows + subject_descriptors(cylinders).numel() * 4
+    return rows + enrolment_descriptors(cylinders).numel() * 4
 
 
 async def test_get_stats_reports_the_bytes_of_the_live_gallery_per_subject(

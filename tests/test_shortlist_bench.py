@@ -11,7 +11,12 @@ from typer.testing import CliRunner
 
 from bench.matcher import MatcherBenchConfig, run_matcher_bench, synthetic_pairs
 from gpu_kernels import MccParams, encode_tenprints, score_tenprints
-from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
+from gpu_kernels.shortlist import (
+    ShortlistIndex,
+    enrolment_descriptors,
+    score_shortlisted,
+    subject_descriptors,
+)
 from minutiae.template import TenPrintTemplates
 
 PARAMS = MccParams(consolidation="lss")
@@ -31,7 +36,7 @@ def encoded() -> tuple:
 
 def test_codes_fit_two_kilobytes_and_vote_the_mate_first(encoded: tuple) -> None:
     gallery, probes = encoded
-    index = ShortlistIndex.build(subject_descriptors(gallery), gallery.present)
+    index = ShortlistIndex.build(enrolment_descriptors(gallery), gallery.present)
     assert index.bytes_per_subject <= 2048
     scores, rows = index.search(subject_descriptors(probes), probes.present, 2)
     assert rows.shape == scores.shape == (5, 2)

@@ -15,6 +15,8 @@ from gpu_kernels.fusion import TenPrintCylinders
 from gpu_kernels.shortlist import (
     CODE_DIMS,
     ShortlistIndex,
+    central_cylinders,
+    enrolment_descriptors,
     faiss_gpu_available,
     finger_descriptors,
     subject_codes,
@@ -63,7 +65,7 @@ def hard_set() -> tuple[TenPrintCylinders, TenPrintCylinders]:
 @pytest.fixture(scope="module")
 def index(hard_set: tuple) -> ShortlistIndex:
     gallery, _ = hard_set
-    return ShortlistIndex.build(subject_descriptors(gallery), gallery.present)
+    return ShortlistIndex.build(enrolment_descriptors(gallery), gallery.present)
 
 
 def test_plain_partial_probes_find_their_rolled_mates_at_the_top(
@@ -97,6 +99,28 @@ def test_cells_outside_a_partial_print_do_not_count_as_empty() -> None:
     assert (cut[:, blocks // 2 :] == 0).all() and whole[:, blocks // 2 :].sum() > 0
 
 
+def test_an_enrolled_finger_pools_its_whole_and_its_central_cylinders() -> None:
+    """The central view keeps the cylinders near the middle of the finger's minutiae, as a plain
+    touch would; an enrolled finger's descriptor is the mean of both views."""
+    master = person_masters(3, 0)[1]
+    finger = encode_fingers(
+        [impression(np.random.default_rng(1), master, quality=0.9, difficulty=HARD)], PARAMS
+    )
+    central = central_cylinders(finger)[0]
+    valid = finger.valid[0]
+    xy = finger.xy[0][valid]
+    distance = torch.linalg.vector_norm(xy - xy.mean(0), dim=-1)
+    assert torch.equal(central[valid], distance <= 0.7 * distance.max())
+    assert not central[~valid].any() and 4 <= int(central.sum()) < int(valid.sum())
+
+    only_central = dataclasses.replace(finger, valid=central[None])
+    expected = (finger_descriptors(finger) + finger_descriptors(only_central)) / 2
+    assert torch.allclose(finger_descriptors(finger, central=True), expected, atol=1e-6)
+    # Too few central cylinders: the central view is the whole finger.
+    sparse = dataclasses.replace(finger, valid=finger.valid & (torch.arange(finger.max_minutiae) < 5))
+    assert torch.equal(central_cylinders(sparse), sparse.valid)
+
+
 def test_codes_are_unit_per_present_finger_and_fit_two_kilobytes(
     hard_set: tuple, index: ShortlistIndex
 ) -> None:
@@ -109,7 +133,8 @@ def test_codes_are_unit_per_present_finger_and_fit_two_kilobytes(
     assert torch.allclose(norms, probes.present.float(), atol=1e-5)
     # The smaller 960-byte code stays available.
     assert (
-        ShortlistIndex.build(subject_descriptors(gallery), gallery.present, dims=96).bytes_per_subject == 960
+        ShortlistIndex.build(enrolment_descriptors(gallery), gallery.present, dims=96).bytes_per_subject
+        == 960
     )
 
 
@@ -117,8 +142,8 @@ def test_an_index_built_for_cuda_stays_on_the_host_without_faiss_gpu(
     hard_set: tuple[TenPrintCylinders, TenPrintCylinders],
 ) -> None:
     gallery, probes = hard_set
-    host = ShortlistIndex.build(subject_descriptors(gallery), gallery.present)
-    wanted_on_gpu = ShortlistIndex.build(subject_descriptors(gallery), gallery.present, device="cuda")
+    host = ShortlistIndex.build(enrolment_descriptors(gallery), gallery.present)
+    wanted_on_gpu = ShortlistIndex.build(enrolment_descriptors(gallery), gallery.present, device="cuda")
     if faiss_gpu_available():
         assert wanted_on_gpu.searched_on.startswith("cuda")
     else:

@@ -31,7 +31,7 @@ from torch import Tensor
 from gpu_kernels import MccParams, TenPrintCylinders, encode_tenprints, score_tenprints
 from gpu_kernels.cylinder_rows import CylinderRows, RowsBuffer
 from gpu_kernels.fusion import TenPrintScores
-from gpu_kernels.shortlist import ShortlistIndex, score_shortlisted, subject_descriptors
+from gpu_kernels.shortlist import ShortlistIndex, enrolment_descriptors, score_shortlisted
 from minutiae.template import TenPrintTemplates
 from nodes.gallery.config import ShortlistConfig
 
@@ -370,7 +370,7 @@ class Gallery:
     def _descriptors(self, cylinders: TenPrintCylinders) -> Tensor | None:
         if not self.shortlist.enabled:
             return None
-        return subject_descriptors(cylinders).cpu()
+        return enrolment_descriptors(cylinders).cpu()
 
     def load_mapped(self, subject_ids: Sequence[str], rows: CylinderRows, descriptors: Tensor | None) -> None:
         """Starts an empty gallery from encoded rows kept elsewhere (the node's memory-mapped
@@ -382,7 +382,7 @@ class Gallery:
         if self.shortlist.enabled and descriptors is None:
             full = FullTier([rows])
             descriptors = torch.cat(
-                [subject_descriptors(c) for c in full.chunks(_CHUNK, torch.device("cpu"), self.params)]
+                [enrolment_descriptors(c) for c in full.chunks(_CHUNK, torch.device("cpu"), self.params)]
             )
         with self._write_lock:
             if self._snapshot.size:
