@@ -115,3 +115,35 @@ async def test_a_node_can_run_without_a_cache(
         assert not node.loaded.from_cache and node.loaded.subjects == 3
     finally:
         await node.stop(0)
+
+
+async def test_descriptors_of_another_version_are_recomputed_once_and_kept(
+    tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
+) -> None:
+    import json
+
+    import numpy as np
+
+    from gpu_kernels.shortlist import DESCRIPTOR_VERSION
+
+    config = NodeConfig(node="iafis", data_dir=tmp_path, tls=pki["iafis"])
+    node = await started(config)
+    await enroll(node.host.address, population.iafis[:8], tls=pki["admin"])
+    await node.stop(0)
+    cache = tmp_path / "iafis.cylinders"
+    kept = np.load(cache / "descriptors.npy")
+    # As an older release left it: descriptors of another version, here zeros.
+    state = json.loads((cache / "state.json").read_text())
+    (cache / "state.json").write_text(json.dumps({**state, "descriptor_version": DESCRIPTOR_VERSION - 1}))
+    np.save(cache / "descriptors.npy", np.zeros_like(kept))
+
+    node = await started(config)
+    try:
+        assert node.loaded.from_cache and node.loaded.subjects == 8
+        descriptors = node.servicer.gallery.full_tier()[2]
+        assert descriptors is not None and np.allclose(descriptors.numpy(), kept, atol=1e-6)
+    finally:
+        await node.stop(0)
+    # Written back at once: the next start-up reads them.
+    assert json.loads((cache / "state.json").read_text())["descriptor_version"] == DESCRIPTOR_VERSION
+    assert np.allclose(np.load(cache / "descriptors.npy"), kept, atol=1e-6)

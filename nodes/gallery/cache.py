@@ -142,3 +142,22 @@ def write_cache(
         directory.rename(old)
     staging.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def update_descriptors(directory: Path, descriptors: torch.Tensor) -> None:
+    """Stores shortlist descriptors recomputed for a cache whose own were of another descriptor
+    version, so that the next start-up reads them instead of computing them again. Each file is
+    replaced by a rename: a crash leaves the old descriptors (ignored, as before) or the new."""
+    state = json.loads((directory / _STATE).read_text())
+    if descriptors.shape[0] != state.get("subjects"):
+        raise ValueError(
+            f"{descriptors.shape[0]} descriptors for a cache of {state.get('subjects')} subjects"
+        )
+    staged = directory / (_DESCRIPTORS + ".writing")
+    with staged.open("wb") as handle:
+        np.save(handle, descriptors.numpy().astype(np.float32, copy=False))
+    staged.replace(directory / _DESCRIPTORS)
+    state["descriptor_version"] = DESCRIPTOR_VERSION
+    staged_state = directory / (_STATE + ".writing")
+    staged_state.write_text(json.dumps(state) + "\n")
+    staged_state.replace(directory / _STATE)

@@ -31,7 +31,7 @@ import torch
 from gpu_kernels import TenPrintCylinders
 from minutiae.iso19794_2 import decode_template
 from minutiae.template import TenPrintTemplates
-from nodes.gallery.cache import read_cache, write_cache
+from nodes.gallery.cache import read_cache, update_descriptors, write_cache
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery
 from nodes.gallery.partition import Partition
 from nodes.gallery.store import Enrollment, GalleryStore, StoredSubject
@@ -106,6 +106,9 @@ class GalleryReplica:
             )
             if cached is not None:
                 self.gallery.load_mapped(cached.subject_ids, cached.rows, cached.descriptors)
+                recomputed = self.gallery.full_tier()[2]
+                if cached.descriptors is None and recomputed is not None:
+                    update_descriptors(self.cache, recomputed)
                 self.version = self._cache_version = cached.version
                 synced = self.sync()
                 return LoadedGallery(len(self.gallery), self.version, True, synced.added + synced.removed)
