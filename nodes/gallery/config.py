@@ -47,10 +47,14 @@ class ShortlistConfig(BaseModel):
     min_gallery: int = Field(
         default=20_000, ge=1, description="galleries smaller than this are searched exhaustively"
     )
-    # The hard preset decides it: of 400 searches of a 20,000-subject hard gallery with half the
-    # probes plain, 1,000 kept 99.75 % of mates (300: 99.25 %, 200: 98.75 %). On a 100,000-subject
-    # realistic gallery every K from 50 on kept every mate (docs/bench/shortlist_*.json).
-    candidates: int = Field(default=1_000, ge=1, description="subjects per probe that full MCC scores")
+    # Two measurements bound it (docs/accuracy.md, "Shortlist"; docs/bench/). Mates kept: on
+    # 20,000 hard subjects with half the probes plain (6,000 probes), 99.02 % at 200, 99.38 % at
+    # 300, 99.55 % at 500; on 100,000 realistic subjects every mate from K = 50 on. Time: on two
+    # CPU cores full MCC costs about 0.15 ms per shortlisted finger pair, so a micro-batch of 16
+    # probes at K = 300 against a realistic 100,000-subject gallery is answered in about 17 s,
+    # inside the coordinator's 20 s node deadline, and at K = 500 it would not be. A node with
+    # more arithmetic (a GPU) should raise it.
+    candidates: int = Field(default=300, ge=1, description="subjects per probe that full MCC scores")
 
 
 class ShardConfig(BaseModel):
