@@ -49,12 +49,12 @@ class ShortlistConfig(BaseModel):
     )
     # Two measurements bound it (docs/accuracy.md, "Shortlist"; docs/bench/). Mates kept: on
     # 20,000 hard subjects with half the probes plain (6,000 probes), 99.02 % at 200, 99.38 % at
-    # 300, 99.55 % at 500; on 100,000 realistic subjects every mate from K = 50 on. Time: on two
-    # CPU cores full MCC costs about 0.15 ms per shortlisted finger pair, so a micro-batch of 16
-    # probes at K = 300 against a realistic 100,000-subject gallery is answered in about 17 s,
-    # inside the coordinator's 20 s node deadline, and at K = 500 it would not be. A node with
-    # more arithmetic (a GPU) should raise it.
-    candidates: int = Field(default=300, ge=1, description="subjects per probe that full MCC scores")
+    # 300, 99.55 % at 500; on 100,000 realistic subjects every mate from K = 50 on. Time, on two
+    # CPU cores against a realistic 100,000-subject gallery served from its mapped cache: one
+    # Identify call of 16 probes took 11.2 s at K = 200, and 16 to 25 s at K = 300, past the
+    # coordinator's 20 s node deadline in the slower runs. A late node makes every decision
+    # incomplete, so 200; a node with more arithmetic (a GPU) should raise it.
+    candidates: int = Field(default=200, ge=1, description="subjects per probe that full MCC scores")
 
 
 class ShardConfig(BaseModel):
