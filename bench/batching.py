@@ -31,6 +31,7 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import TlsFiles, issue_dev_pki
 from fedprint.rpc import open_channel
+from minutiae.dataset import capture_refs
 from nodes.gallery.config import BatchingConfig, NodeConfig, ShortlistConfig
 from nodes.iafis import build_node
 from synthetic.population import generate_population
@@ -111,9 +112,11 @@ def _workload(config: BatchingBenchConfig) -> tuple[Sequence[Enrollable], list[g
             for i in range(config.requests)
         ]
         return population.iafis, probes
-    gallery = gallery_enrolments(config.data, "criminal_history")
+    # One read of the manifest for both (a large data set's has millions of rows).
+    refs = capture_refs(config.data)
+    gallery = gallery_enrolments(config.data, "criminal_history", refs)
     enrolled = {e.subject_id for e in gallery}
-    mated = [c for c in probe_captures(config.data) if c.subject_id in enrolled]
+    mated = [c for c in probe_captures(config.data, refs) if c.subject_id in enrolled]
     if not mated:
         raise ValueError(f"{config.data}: no probe of an enrolled subject")
     rng = np.random.default_rng(config.seed)

@@ -33,7 +33,7 @@ import torch
 from gpu_kernels import MccParams, encode_tenprints, score_tenprints
 from gpu_kernels.cylinder_file import CylinderFile, CylinderFileWriter
 from gpu_kernels.shortlist import DESCRIPTOR_VERSION, ShortlistIndex, enrolment_descriptors
-from minutiae.dataset import CaptureRef, capture_refs, load_capture
+from minutiae.dataset import CaptureRef, capture_refs, enrolled_captures, load_capture
 
 Progress = Callable[[str, int, int], None]
 _GPU_BYTES = 80 * 10**9
@@ -115,13 +115,7 @@ def run_shortlist_bench(
 ) -> dict[str, Any]:
     """Runs the benchmark on the data set at ``data``; returns the JSON report."""
     refs = capture_refs(data)
-    gallery_refs: list[CaptureRef] = []
-    seen: set[str] = set()
-    for r in refs:
-        # One enrolment per subject, as a node keeps it; later gallery captures are ignored.
-        if r.role == "gallery" and r.subject_id not in seen:
-            seen.add(r.subject_id)
-            gallery_refs.append(r)
+    gallery_refs = enrolled_captures(refs)
     row_of = {r.subject_id: i for i, r in enumerate(gallery_refs)}
     mated = [r for r in refs if r.role == "probe" and r.subject_id in row_of]
     if not gallery_refs or not mated:

@@ -9,12 +9,13 @@ subject id alone (no descriptors, no history), which is a valid record of either
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.tenprint import tenprint_to_proto
-from minutiae.dataset import CaptureRef, capture_refs, load_capture
+from minutiae.dataset import CaptureRef, capture_refs, enrolled_captures, load_capture
 
 #: The ``EnrollRequest.record`` field of each kind of record.
 RECORD_FIELDS = ("criminal_history", "immigration_history")
@@ -40,22 +41,20 @@ class DatasetEnrolment:
         return request
 
 
-def gallery_enrolments(data: Path, record_field: str) -> list[DatasetEnrolment]:
-    """One enrolment per subject with a gallery capture (its first), in manifest order."""
+def gallery_enrolments(
+    data: Path, record_field: str, refs: Sequence[CaptureRef] | None = None
+) -> list[DatasetEnrolment]:
+    """One enrolment per subject with a gallery capture (its first), in manifest order; ``refs``
+    are the data set's captures when the caller has read them already."""
     if record_field not in RECORD_FIELDS:
         raise ValueError(f"record field {record_field!r}; known: {', '.join(RECORD_FIELDS)}")
-    seen: set[str] = set()
-    out: list[DatasetEnrolment] = []
-    for ref in capture_refs(data):
-        if ref.role == "gallery" and ref.subject_id not in seen:
-            seen.add(ref.subject_id)
-            out.append(DatasetEnrolment(Path(data), ref, record_field))
-    return out
+    captures = enrolled_captures(capture_refs(data) if refs is None else refs)
+    return [DatasetEnrolment(Path(data), ref, record_field) for ref in captures]
 
 
-def probe_captures(data: Path) -> list[CaptureRef]:
-    """The data set's probe captures, in manifest order."""
-    return [ref for ref in capture_refs(data) if ref.role == "probe"]
+def probe_captures(data: Path, refs: Sequence[CaptureRef] | None = None) -> list[CaptureRef]:
+    """The data set's probe captures, in manifest order (of ``refs`` when given)."""
+    return [ref for ref in (capture_refs(data) if refs is None else refs) if ref.role == "probe"]
 
 
 def identify_probe(data: Path, capture: CaptureRef, probe_id: str) -> gal.Probe:

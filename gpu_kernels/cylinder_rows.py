@@ -15,7 +15,7 @@ bit-packed variant is kept this way (float cylinders are 32 times larger and are
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,13 +100,6 @@ class CylinderRows:
         fingers = tuple(_gather(pos, rows, device, label) for pos in self.positions)
         present = torch.from_numpy(self.present[rows].copy()).to(device)
         return TenPrintCylinders(fingers, present)
-
-    def chunks(
-        self, size: int, device: torch.device | str = "cpu", params: MccParams | None = None
-    ) -> Iterator[tuple[int, TenPrintCylinders]]:
-        """Every subject, ``size`` at a time: (first row, their cylinders on ``device``)."""
-        for lo in range(0, len(self), size):
-            yield lo, self.select(np.arange(lo, min(lo + size, len(self))), device, params)
 
 
 def _gather(

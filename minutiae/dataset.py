@@ -147,6 +147,18 @@ def capture_refs(directory: Path) -> list[CaptureRef]:
     return [CaptureRef(s, i, role, tuple(rows)) for (s, i, role), rows in grouped.items()]
 
 
+def enrolled_captures(refs: Sequence[CaptureRef]) -> list[CaptureRef]:
+    """Each subject's first gallery capture, in manifest order: what a node enrols of a data set
+    (one ten-print per subject; later gallery captures are ignored)."""
+    seen: set[str] = set()
+    out: list[CaptureRef] = []
+    for ref in refs:
+        if ref.role == "gallery" and ref.subject_id not in seen:
+            seen.add(ref.subject_id)
+            out.append(ref)
+    return out
+
+
 def load_capture(directory: Path, ref: CaptureRef) -> Capture:
     """Reads the templates of one capture; :class:`DatasetError` names the manifest line of a
     missing or malformed file."""

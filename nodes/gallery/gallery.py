@@ -251,11 +251,6 @@ class _Buffers:
         self.rows.update((s, n + i) for i, s in enumerate(subject_ids))
         self.size = n + k
 
-    @property
-    def reserved_bytes(self) -> int:
-        """Host bytes allocated for the appended rows (the mapped base is the file's)."""
-        return self.tail.reserved_bytes + (0 if self.base is None else self.base.nbytes)
-
 
 def _owns_storage(t: Tensor) -> bool:
     return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
