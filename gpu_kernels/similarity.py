@@ -72,30 +72,33 @@ _CPU_RELAX_BLOCK_BYTES = 8 * _MIB
 @dataclass(frozen=True)
 class _Operands:
     """Unpacked operands of a finger set: ``values [N, M, C]``, ``energy`` = Σ_k value² per
-    spatial cell ``[N, M, S]`` (binary: the count of set bits), spatial validity ``mask [N, M, S]``
-    (0/1 float, all 0 for an invalid cylinder, so that no product involving it reaches the
-    matchability threshold on common cells), ``valid, theta: [N, M]``."""
+    spatial cell ``[N, M, S]`` (binary: the count of set bits; ``None`` for a bit-based gallery
+    side, which does not need it, see :func:`_local`), spatial validity ``mask [N, M, S]`` (0/1,
+    all 0 for an invalid cylinder, so that no product involving it reaches the matchability
+    threshold on common cells), ``valid, theta: [N, M]``."""
 
     values: Tensor
-    energy: Tensor
+    energy: Tensor | None
     mask: Tensor
     valid: Tensor
     theta: Tensor
 
     @staticmethod
-    def of(cyl: CylinderSet, *, batched: bool = False) -> _Operands:
+    def of(cyl: CylinderSet, *, batched: bool = False, gallery: bool = False) -> _Operands:
         """Bit-based cylinders unpack into the device's fastest exact product arithmetic
         (:func:`gpu_kernels.products.bit_operand_dtype`; ``batched``: for batched products);
-        float ones stay float32."""
+        float ones stay float32. ``gallery``: the right-hand side of :func:`_local`."""
         p = cyl.params
         dtype = torch.float32
         if p.binary:
             dtype = bit_operand_dtype(cyl.device, batched=batched, max_count=p.cells)
         values = cyl.unpacked_values(dtype)
         n, m, _ = values.shape
-        squares = values if p.binary else values * values
-        # At most nd (6) set bits per spatial cell: the energy fits the operand dtype.
-        energy = squares.reshape(n, m, p.spatial_cells, p.nd).sum(-1, dtype=dtype)
+        energy = None
+        if not (gallery and p.binary):
+            squares = values if p.binary else values * values
+            # At most nd (6) set bits per spatial cell: the energy fits the operand dtype.
+            energy = squares.reshape(n, m, p.spatial_cells, p.nd).sum(-1, dtype=dtype)
         mask = cyl.unpacked_cell_valid(dtype).mul_(cyl.valid[..., None])
         return _Operands(values, energy, mask, cyl.valid, cyl.theta)
 
@@ -119,7 +122,8 @@ def _local(a: _Operands, b: _Operands, params: MccParams, *, paired: bool = Fals
 
     Products: a·b over the C cells, and over the S spatial cells only (validity is per spatial
     cell, the same in each of its Nd sections): ``[Σ_k a²; ma] @ mb`` gives ||a|b||² and the
-    common valid cells, ``ma @ Σ_k b²`` gives ||b|a||². Bit-based values make every product an
+    common valid cells, ``ma @ Σ_k b²`` gives ||b|a||² (bit-based: ``[a; ma spread] @ b`` gives
+    a·b and ||b|a||² in one product over C). Bit-based values make every product an
     exact count, in float32, float16 or int8 arithmetic alike (:mod:`gpu_kernels.products`), whatever
     the summation order. The elementwise work then runs in place on the products' buffers.
     """
@@ -134,10 +138,20 @@ def _local(a: _Operands, b: _Operands, params: MccParams, *, paired: bool = Fals
     def stacked(t: Tensor, width: int) -> Tensor:
         return t.reshape(batch, -1, width)
 
-    dot = bit_product(stacked(a.values, c), stacked(b.values, c))  # [batch, rows, cols]
+    if a.energy is None:
+        raise ValueError("the probe side's operands need their energy (_Operands.of without gallery)")
+    if b.energy is None:
+        # Bit-based: ||b|a||² = Σ_s ma_s·Σ_k b_sk = (ma spread over each cell's Nd sections)·b,
+        # so it comes out of the a·b product as extra rows, and the gallery's energy is never
+        # computed (summing each unpacked cell's Nd bits cost more than these rows do).
+        spread = a.mask.repeat_interleave(params.nd, dim=-1)
+        both = bit_product(torch.cat([stacked(a.values, c), stacked(spread, c)], 1), stacked(b.values, c))
+        dot, norm_b2 = both[:, :rows], both[:, rows:]
+    else:
+        dot = bit_product(stacked(a.values, c), stacked(b.values, c))  # [batch, rows, cols]
+        norm_b2 = bit_product(stacked(a.mask, s), stacked(b.energy, s))
     over_spatial = bit_product(torch.cat([stacked(a.energy, s), stacked(a.mask, s)], 1), stacked(b.mask, s))
     norm_a2, common = over_spatial[:, :rows], over_spatial[:, rows:]
-    norm_b2 = bit_product(stacked(a.mask, s), stacked(b.energy, s))
 
     # ||a|b - b|a|| = sqrt(||a|b||² + ||b|a||² - 2 a·b); rounding can push the float variant's
     # difference slightly below zero, hence the clamp.
@@ -410,7 +424,7 @@ def local_similarities(probe: CylinderSet, gallery: CylinderSet, params: MccPara
     finger g, 0 where the pair is not matchable or either cylinder is invalid.
     """
     _check(probe, gallery, params)
-    return _local(_Operands.of(probe), _Operands.of(gallery), params)
+    return _local(_Operands.of(probe), _Operands.of(gallery, gallery=True), params)
 
 
 def score_fingers(
@@ -483,7 +497,8 @@ def _score_chunk(
 ) -> Tensor:
     """Scores ``[P, g]`` of ``probe`` (its operands ``a``) against a chunk of gallery fingers:
     all pairs with g fingers, or paired with P·g fingers, probe-major (see :func:`_local`)."""
-    lam = _local(a, _Operands.of(part, batched=paired and len(probe) > 1), params, paired=paired)
+    b = _Operands.of(part, batched=paired and len(probe) > 1, gallery=True)
+    lam = _local(a, b, params, paired=paired)
     rows = _pair_rows(len(probe), lam.shape[1], paired, lam.device)
     if params.consolidation == "lss_r":
         return _lss_r(lam, probe, part, rows, params)
@@ -609,7 +624,7 @@ def matched_pairs(probe: CylinderSet, gallery: CylinderSet, params: MccParams) -
     indices are minutia indices of the encoded templates). For examiners and debugging."""
     _check(probe, gallery, params)
     probe, gallery = probe.select(slice(0, 1)), gallery.select(slice(0, 1))
-    lam = _local(_Operands.of(probe), _Operands.of(gallery), params)
+    lam = _local(_Operands.of(probe), _Operands.of(gallery, gallery=True), params)
     mg = lam.shape[-1]
     n_a, n_b = probe.valid.sum(-1), gallery.valid.sum(-1)
     if params.consolidation == "lss_r":
