@@ -146,30 +146,41 @@ class CylinderSet:
             params=self.params,
         )
 
-    def compacted(self) -> CylinderSet:
+    def compacted(self, index: Tensor | None = None) -> CylinderSet:
         """Each finger's valid cylinders first, in their original order, and M cut to the most
         valid cylinders of any finger (at least 1). What scoring needs and no more: an invalid
         cylinder matches nothing, and keeping the valid ones in order keeps every ranking of
-        pairs (and its ties) as it was."""
-        n_valid = self.valid.sum(-1)
-        m = max(1, int(n_valid.max())) if len(self) else 1
-        if m == self.max_minutiae and bool(self.valid[:, :m].all()):
+        pairs (and its ties) as it was.
+
+        ``index`` (``int64 [K]``): of the fingers it picks only, as ``select(index).compacted()``
+        gives them but in one gather of whole cylinder rows (about half the bytes moved).
+        """
+        valid = self.valid if index is None else self.valid[index.to(self.device)]
+        n_valid = valid.sum(-1)
+        count, m_in = valid.shape
+        m = max(1, int(n_valid.max())) if count else 1
+        if index is None and m == m_in and bool(valid.all()):
             return self
-        order = torch.argsort((~self.valid).to(torch.uint8), dim=1, stable=True)[:, :m]
+        if m_in < m:  # no minutiae at all: one invalid, all-zero cylinder each
+            return (self if index is None else self.select(index)).padded(m)
+        order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)[:, :m]
+        fingers = torch.arange(count, device=self.device) if index is None else index.to(self.device)
+        flat = (fingers[:, None] * m_in + order).reshape(-1)
 
         def take(t: Tensor) -> Tensor:
-            index = order.reshape(*order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
-            return torch.gather(t, 1, index)
+            if not t.is_contiguous():  # a view: flattening it would copy all of it
+                return t[fingers[:, None], order]
+            # Whole rows by index_select: measured ~3x advanced indexing, ~8x a select then gather.
+            rest = t.shape[2:]
+            return t.reshape(-1, *rest).index_select(0, flat).reshape(count, m, *rest)
 
-        if self.max_minutiae < m:  # no minutiae at all: one invalid, all-zero cylinder each
-            return self.padded(m)
         return CylinderSet(
             values=take(self.values),
             cell_valid=take(self.cell_valid),
             valid=torch.arange(m, device=self.device)[None, :] < n_valid[:, None],
             theta=take(self.theta),
             xy=take(self.xy),
-            counts=self.counts,
+            counts=self.counts if index is None else self.counts[fingers],
             params=self.params,
         )
 

@@ -451,7 +451,7 @@ def score_fingers(
     a = _Operands.of(plan.probe)
     for lo, hi in plan.bounds:
         fingers = plan.order[0, lo:hi]
-        out[:, fingers] = _score_chunk(a, plan.probe, gallery.select(fingers).compacted(), params)
+        out[:, fingers] = _score_chunk(a, plan.probe, gallery.compacted(fingers), params)
     return out
 
 
@@ -487,7 +487,7 @@ def score_fingers_paired(
     a = _Operands.of(plan.probe, batched=p > 1)
     for lo, hi in plan.bounds:
         cols = plan.order[:, lo:hi]  # [P, k]: column j of probe p is its candidate cols[p, j]
-        part = gallery.select(torch.gather(rows, 1, cols).reshape(-1)).to(probe.device).compacted()
+        part = gallery.compacted(torch.gather(rows, 1, cols).reshape(-1)).to(probe.device)
         out.scatter_(1, cols.to(probe.device), _score_chunk(a, plan.probe, part, params, paired=True))
     return out
 

@@ -170,3 +170,32 @@ def test_dense_random_fingers_match_reference() -> None:
         template(np.c_[rng.uniform(40, 360, (n, 2)), rng.uniform(0, 2 * math.pi, n)]) for n in (5, 17, 40)
     ]
     assert_matches_reference(fingers, BINARY)
+
+
+def test_compacting_keeps_each_fingers_valid_cylinders_in_order() -> None:
+    fingers: list[FingerTemplate | None] = [*synthetic_fingers(12, seed=4), *edge_cases(), None]
+    cylinders = encode_fingers(fingers, BINARY)
+    compact = cylinders.compacted()
+    n_valid = cylinders.valid.sum(-1)
+    assert compact.max_minutiae == max(1, int(n_valid.max()))
+    for f in range(len(fingers)):
+        kept = cylinders.valid[f]
+        n = int(n_valid[f])
+        assert compact.valid[f, :n].all() and not compact.valid[f, n:].any()
+        assert torch.equal(compact.values[f, :n], cylinders.values[f][kept])
+        assert torch.equal(compact.theta[f, :n], cylinders.theta[f][kept])
+    # Picking fingers while compacting is the same as picking, then compacting; also from a view.
+    picks = torch.tensor([5, 0, 5, len(fingers) - 1, 3])
+    for source in (cylinders, cylinders.padded(cylinders.max_minutiae + 3).select(slice(0, len(fingers)))):
+        assert_same(source.compacted(picks), source.select(picks).compacted(), BINARY)
+    view = CylinderSet(
+        cylinders.values[:, :-1],
+        cylinders.cell_valid[:, :-1],
+        cylinders.valid[:, :-1],
+        cylinders.theta[:, :-1],
+        cylinders.xy[:, :-1],
+        cylinders.counts,
+        BINARY,
+    )
+    assert not view.values.is_contiguous()
+    assert_same(view.compacted(picks), view.select(picks).compacted(), BINARY)
