@@ -51,6 +51,7 @@ Where the paper's validity and matchability checks are applied:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,12 @@ class _Operands:
             energy = squares.reshape(n, m, p.spatial_cells, p.nd).sum(-1, dtype=dtype)
         mask = cyl.unpacked_cell_valid(dtype).mul_(cyl.valid[..., None])
         return _Operands(values, energy, mask, cyl.valid, cyl.theta)
+
+
+@functools.cache
+def _disk_cells(params: MccParams) -> int:
+    """How many spatial cells lie within R (the matchability threshold's unit)."""
+    return int(disk_mask(params).sum())
 
 
 def _check(probe: CylinderSet, gallery: CylinderSet, params: MccParams, *, same_device: bool = True) -> None:
@@ -154,10 +161,11 @@ def _local(a: _Operands, b: _Operands, params: MccParams, *, paired: bool = Fals
     norm_a2, common = over_spatial[:, :rows], over_spatial[:, rows:]
 
     # ||a|b - b|a|| = sqrt(||a|b||² + ||b|a||² - 2 a·b); rounding can push the float variant's
-    # difference slightly below zero, hence the clamp.
+    # difference slightly below zero, and against an invalid cylinder (its mask all 0, its values
+    # not) it is negative in either variant, hence the clamp.
     lam = dot.mul_(-2.0).add_(norm_a2).add_(norm_b2).clamp_(min=0.0).sqrt_()
     denom = norm_a2.sqrt_().add_(norm_b2.sqrt_())
-    n_disk = int(disk_mask(params).sum())
+    n_disk = _disk_cells(params)
     # An invalid cylinder has no valid cell (see _Operands), so this also requires both valid.
     matchable = (common >= params.min_me * n_disk).logical_and_(denom > 0)
     lam.div_(denom.clamp_(min=1e-12)).neg_().add_(1.0)
