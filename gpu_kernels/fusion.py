@@ -16,6 +16,7 @@ from torch import Tensor
 from gpu_kernels.cylinders import CylinderSet, encode_fingers
 from gpu_kernels.evidence import EvidenceModel, fuse_evidence, shipped_model
 from gpu_kernels.params import FusionParams, MccParams
+from gpu_kernels.positions import map_positions
 from gpu_kernels.similarity import score_fingers
 from minutiae.template import TenPrintTemplates
 
@@ -183,15 +184,16 @@ def score_tenprints(
 
     ``probes: [P, 10, ·]``, ``gallery: [G, 10, ·]`` -> :class:`TenPrintScores` with
     ``[P, G, 10]`` per-finger scores and ``[P, G]`` fused scores. Only same-position fingers
-    are compared (the loop over 10 positions is the only Python loop). ``fusion`` defaults to
+    are compared (the 10 positions are the only Python loop; on a CPU they run side by side,
+    see :mod:`gpu_kernels.positions`). ``fusion`` defaults to
     the shipped evidence model.
     """
     both = probes.present[:, None, :] & gallery.present[None, :, :]  # [P, G, 10]
     per_finger = torch.stack(
-        [
-            score_fingers(probes.fingers[f], gallery.fingers[f], params, chunk_bytes=chunk_bytes)
-            for f in range(10)
-        ],
+        map_positions(
+            lambda f: score_fingers(probes.fingers[f], gallery.fingers[f], params, chunk_bytes=chunk_bytes),
+            probes.device,
+        ),
         dim=-1,
     )
     return tenprint_scores(per_finger, both, probes.valid_counts(), gallery.valid_counts(), fusion)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 
 import torch
@@ -37,6 +38,7 @@ OVERRIDE = "FEDPRINT_BIT_PRODUCTS"
 _CHOICES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 #: Largest count float16 products are used for: every integer up to 2^11 is a float16.
 FLOAT16_EXACT_UP_TO = 2048
+_MEASURING = threading.Lock()
 
 
 def bit_operand_dtype(device: torch.device, *, batched: bool = False, max_count: int = 1536) -> torch.dtype:
@@ -54,7 +56,10 @@ def bit_operand_dtype(device: torch.device, *, batched: bool = False, max_count:
         if batched and chosen == torch.int8:
             chosen = torch.float32
     else:
-        chosen = _measured(str(device), batched)
+        # Once per device, by whichever thread asks first: scoring threads that measured at once
+        # would time each other, and could each keep a different answer.
+        with _MEASURING:
+            chosen = _measured(str(device), batched)
     if chosen == torch.float16 and max_count > FLOAT16_EXACT_UP_TO:
         return torch.float32
     return chosen

@@ -49,6 +49,7 @@ from torch import Tensor
 from gpu_kernels.cylinders import CylinderSet
 from gpu_kernels.fusion import Fusion, TenPrintCylinders, TenPrintScores, tenprint_scores
 from gpu_kernels.params import MccParams
+from gpu_kernels.positions import map_positions
 from gpu_kernels.products import bit_operand_dtype
 from gpu_kernels.similarity import score_fingers, score_fingers_paired
 
@@ -287,7 +288,8 @@ def score_shortlisted(
     """
     rows = rows.to(gallery.device)
     per_finger = torch.stack(
-        [_paired(probes.fingers[f], gallery.fingers[f], rows, params) for f in range(10)], dim=-1
+        map_positions(lambda f: _paired(probes.fingers[f], gallery.fingers[f], rows, params), probes.device),
+        dim=-1,
     )  # [P, K, 10]
     both = probes.present[:, None, :] & gallery.present[rows].to(probes.device)  # [P, K, 10]
     counts = torch.stack([f.valid[rows].sum(-1) for f in gallery.fingers], dim=-1).to(probes.device)
