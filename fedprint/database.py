@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,11 +30,33 @@ def connect(url: str | URL) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _use_wal(cursor)
             cursor.close()
 
     return engine
+
+
+#: How long a SQLite connection waits for another's lock before failing (replicas, shards and
+#: tests open one file at once).
+_SQLITE_BUSY_MS = 30_000
+
+
+def _use_wal(cursor: Any) -> None:
+    """Puts the SQLite file in WAL mode, which the file keeps. Only the first connection changes
+    it; the change needs the file to itself and fails at once, without the busy timeout's wait,
+    while another connection is in a transaction (another replica upgrading the schema). So it is
+    asked first, and a failed change is retried until another connection has made it or the busy
+    timeout has passed."""
+    deadline = time.monotonic() + _SQLITE_BUSY_MS / 1000
+    while str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 @contextlib.contextmanager
