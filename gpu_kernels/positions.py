@@ -23,6 +23,7 @@ put back for the rest of the process.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ import torch
 T = TypeVar("T")
 
 _STARTING = threading.Lock()
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def map_positions(score: Callable[[int], T], device: torch.device, positions: int = 10) -> list[T]:
@@ -52,10 +53,12 @@ def map_positions(score: Callable[[int], T], device: torch.device, positions: in
 def _pool(workers: int) -> ThreadPoolExecutor:
     """The process-wide pool of ``workers`` threads, each with one torch thread, started on
     first use."""
+    # Keyed by process too: a forked child inherits the dictionary but not the threads.
+    key = (os.getpid(), workers)
     with _STARTING:
-        if workers not in _POOLS:
-            _POOLS[workers] = _start(workers)
-        return _POOLS[workers]
+        if key not in _POOLS:
+            _POOLS[key] = _start(workers)
+        return _POOLS[key]
 
 
 def _start(workers: int) -> ThreadPoolExecutor:
