@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -47,6 +47,8 @@ def map_positions(score: Callable[[int], T], device: torch.device, positions: in
         return [score(f) for f in range(positions)]
     pool = _pool(workers)
     futures = [pool.submit(score, f) for f in range(positions)]
+    # All of them first, so that a failure leaves nothing of this search running behind it.
+    wait(futures)
     return [future.result() for future in futures]
 
 
