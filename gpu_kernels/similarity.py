@@ -605,16 +605,18 @@ def score_flops(
     ``probe: [P, Mp, ·]`` against ``gallery: [G, Mg, ·]`` (2 per multiply-add), counted over the
     cylinders it really multiplies: the probes' valid ones against each gallery chunk's width.
 
-    Per pair of cylinders: one product over the C cells (a·b) and three over the S spatial cells
-    (||a|b||², the common cells, ||b|a||²). The elementwise work around them is not counted: this
-    is the work a roofline compares.
+    Per pair of cylinders, as :func:`_local` runs them: bit-based, two products over the C cells
+    (a·b, and ||b|a||² from the spread mask) and two over the S spatial cells (||a|b||², the
+    common cells); float-valued, one over C and three over S (||b|a||² from the energy). The
+    elementwise work around them is not counted: this is the work a roofline compares.
     """
     if len(probe) == 0 or len(gallery) == 0:
         return 0
     plan = _ChunkPlan.of(probe, gallery.valid.sum(-1)[None], params, chunk_bytes)
     columns = sum((hi - lo) * int(plan.widths[hi - 1]) for lo, hi in plan.bounds)
     rows = len(plan.probe) * plan.probe.max_minutiae
-    return 2 * rows * columns * (params.cells + 3 * params.spatial_cells)
+    over_c = 2 if params.binary else 1
+    return 2 * rows * columns * (over_c * params.cells + (4 - over_c) * params.spatial_cells)
 
 
 @dataclass(frozen=True)
