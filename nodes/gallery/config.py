@@ -53,7 +53,11 @@ class ShortlistConfig(BaseModel):
     # CPU cores against a realistic 100,000-subject gallery served from its mapped cache: one
     # Identify call of 16 probes took 11.2 s at K = 200, and 16 to 25 s at K = 300, past the
     # coordinator's 20 s node deadline in the slower runs. A late node makes every decision
-    # incomplete, so 200; a node with more arithmetic (a GPU) should raise it.
+    # incomplete, so 200; a node with more arithmetic (a GPU) should raise it. So should a node
+    # whose probes are mostly plain against rolled enrolments, where it can afford it: 99.5 % of
+    # the hard preset's mates takes K = 400, and at 20,000 subjects one call of 16 probes then took
+    # 6.5-6.9 s (docs/bench/batching_hard20k.json; the 100,000-subject times predate that faster
+    # scoring and were not measured again).
     candidates: int = Field(default=200, ge=1, description="subjects per probe that full MCC scores")
 
 
