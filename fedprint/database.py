@@ -38,9 +38,9 @@ def connect(url: str | URL) -> Engine:
     return engine
 
 
-#: How long a SQLite connection waits for another's lock before failing (replicas, shards and
-#: tests open one file at once).
-_SQLITE_BUSY_MS = 30_000
+#: How long a SQLite connection waits for another's lock before failing: the sqlite3 module's
+#: default, made explicit because switching to WAL mode (below) waits as long.
+_SQLITE_BUSY_MS = 5_000
 
 
 def _use_wal(cursor: Any) -> None:
@@ -48,15 +48,21 @@ def _use_wal(cursor: Any) -> None:
     it; the change needs the file to itself and fails at once, without the busy timeout's wait,
     while another connection is in a transaction (another replica upgrading the schema). So it is
     asked first, and a failed change is retried until another connection has made it or the busy
-    timeout has passed."""
+    timeout has passed. A database that cannot be in WAL mode (in memory) answers with the mode
+    it keeps, and stays in it."""
     deadline = time.monotonic() + _SQLITE_BUSY_MS / 1000
-    while str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+    while _journal_mode(cursor) != "wal":
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
+            return
         except sqlite3.OperationalError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def _journal_mode(cursor: Any) -> str:
+    return str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower()
 
 
 @contextlib.contextmanager
