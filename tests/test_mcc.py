@@ -36,6 +36,7 @@ from gpu_kernels.reference import (
     reference_lss_pair_count,
     reference_score,
 )
+from gpu_kernels.similarity import score_flops
 from minutiae.template import FingerTemplate
 
 # Floating-point kernels: CI runs these again with AVX2 and with no vector extensions.
@@ -294,6 +295,20 @@ def test_batched_scores_equal_each_pair_alone() -> None:
         batched = score_fingers(encode_fingers(probes, params), encode_fingers(gallery, params), params)
         alone = torch.tensor([[score(a, b, params) for b in gallery] for a in probes])
         torch.testing.assert_close(batched, alone, atol=tol, rtol=0)
+
+
+def test_flops_count_the_products_scoring_runs_over_valid_cylinders() -> None:
+    """A roofline compares these: per pair of valid cylinders, bit-based scoring multiplies over
+    the C cells twice (a·b, and ||b|a||² from the probe's mask spread over the cells) and over the
+    S spatial cells twice; float-valued scoring once over C and three times over S."""
+    rng = np.random.default_rng(12)
+    probe_t, gallery_t = random_template(rng, 14), random_template(rng, 18)
+    for params, over_c, over_s in ((BINARY, 2, 2), (FLOAT, 1, 3)):
+        probe, gallery = encode_fingers([probe_t], params), encode_fingers([gallery_t], params)
+        n_a, n_b = int(probe.valid.sum()), int(gallery.valid.sum())
+        assert n_a > 0 and n_b > 0
+        want = 2 * n_a * n_b * (over_c * params.cells + over_s * params.spatial_cells)
+        assert score_flops(probe, gallery, params) == want
 
 
 def test_chunking_does_not_change_scores() -> None:
