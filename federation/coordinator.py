@@ -399,6 +399,9 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         if not caller.acts_for(request.ori):
             await deny(context, f"ORI {request.ori} is another agency's")
         with self.feed.subscribe() as queue:
+            # Headers go out once the watch is registered: a client that has read them misses
+            # no decision made after that moment.
+            await context.send_initial_metadata(())
             while True:
                 decision = await queue.get()
                 if not request.ori or decision.ori == request.ori:
@@ -440,7 +443,9 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
     )
     policy = ThreatPolicy.load(config.policy_path)
     channels = [
-        open_channel(a, config.tls, insecure=config.insecure)
+        # No gRPC retries: a node that did not answer makes the decision incomplete, and the
+        # coordinator retries the booking and the notice itself, durably.
+        open_channel(a, config.tls, insecure=config.insecure, retries=False)
         for a in (config.iafis_address, config.ident_address, config.ice_address)
     ]
     outbox = OutboxDeliverer(

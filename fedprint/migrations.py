@@ -15,7 +15,8 @@ revision that describes exactly that schema, then upgraded like any other.
 
 Adding a revision: change the models, then ``fedprint db revision STORE -m "what changes"`` writes
 the next numbered file with the operations Alembic finds between the newest revision and the
-models (review it; ``tests/test_migrations.py`` fails while models and revisions differ).
+models (review it; ``tests/test_stores.py::test_the_migrations_build_exactly_the_models_schema``
+fails, on SQLite and on PostgreSQL, while models and revisions differ).
 """
 
 from __future__ import annotations

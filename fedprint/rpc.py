@@ -5,6 +5,7 @@ reflection, mutual TLS with certificates reloaded when their files change, acces
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from fedprint.pki import TlsFiles
 from fedprint.validation import MAX_VIOLATIONS, FieldViolation, Violations
 
 __all__ = [
+    "IDEMPOTENT_METHODS",
     "MAX_MESSAGE_BYTES",
     "FieldViolation",
     "InsecureNotAllowed",
@@ -305,25 +307,82 @@ class ServiceHost:
         await self._server.wait_for_termination()
 
 
-# A peer that restarts should be reachable again within about a second, not after
-# gRPC's default reconnect backoff (up to two minutes).
+# Calls that may simply be made again when they fail UNAVAILABLE: reads, and writes that are
+# idempotent by key (a booking by its TCN, a notice by its TCN, an enrolment replaces the
+# subject's earlier one, a removal of a removed subject removes nothing). A claim or a verdict
+# on a review is not among them: the caller decides whether to repeat it.
+IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
+    "fedprint.gallery.v1.GalleryService": ("Identify", "Enroll", "Remove", "GetStats", "GetSubject"),
+    "fedprint.booking.v1.BookingService": ("SubmitBooking", "GetDecision", "WatchDecisions", "GetStats"),
+    "fedprint.ice.v1.IceNotificationService": ("Notify", "ListNotifications"),
+    "fedprint.review.v1.ReviewService": ("ListReviews",),
+}
+
+# gRPC's own retry (the channel's service config), on the channels of callers that have no retry
+# of their own (the command line, the demo, the tests): a call that fails UNAVAILABLE (a peer
+# restarting, a connection cut) is made again after a short backoff, within the caller's deadline.
+_RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": name, "method": method}
+                    for name, methods in IDEMPOTENT_METHODS.items()
+                    for method in methods
+                ],
+                "retryPolicy": {
+                    # gRPC waits a random time up to the backoff: these spread five attempts
+                    # over a few seconds, past a restarting peer's own reconnect backoff.
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.5s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+# A peer that restarts should be reachable again within about a second, not after gRPC's default
+# reconnect backoff (up to two minutes). Only the backoff between attempts is shortened, never
+# the time one attempt may take: gRPC reads "grpc.min_reconnect_backoff_ms" as the connection
+# attempt's deadline (20 s by default), and set to 200 ms it cut short every mutual-TLS handshake
+# that a loaded machine took longer than that over ("Handshake read failed (Endpoint closing)",
+# UNAVAILABLE on a server that was ready).
 _CHANNEL_OPTIONS = [
     *_SERVER_OPTIONS,
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+]
+_RETRYING_OPTIONS = [
+    *_CHANNEL_OPTIONS,
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _RETRY_SERVICE_CONFIG),
 ]
 
 
 def open_channel(
-    address: str, tls: TlsFiles | None, *, insecure: bool = False, balanced: bool = False
+    address: str,
+    tls: TlsFiles | None,
+    *,
+    insecure: bool = False,
+    balanced: bool = False,
+    retries: bool = True,
 ) -> grpc.aio.Channel:
     """A client channel: mutual TLS with ``tls`` (the server's certificate is verified against its
     CA), the servers' message-size limits, and a short reconnect backoff. Plaintext only when
     ``tls`` is None and ``insecure`` is set. ``balanced``: spread calls round robin over every
-    address the name resolves to (a headless Service's ready pods: the replicas of a shard)."""
+    address the name resolves to (a headless Service's ready pods: the replicas of a shard).
+
+    ``retries``: idempotent calls (:data:`IDEMPOTENT_METHODS`) that fail UNAVAILABLE are made again
+    by gRPC. A service calling another service turns this off: it already handles a peer that did
+    not answer (a partial answer, an incomplete decision retried durably), and retrying at every
+    layer of coordinator -> router -> shard would multiply one outage's wait past every deadline."""
     interceptors = tracing.client_interceptors()  # none unless the process traces
-    options = [*_CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")] if balanced else _CHANNEL_OPTIONS
+    options = _RETRYING_OPTIONS if retries else _CHANNEL_OPTIONS
+    if balanced:
+        options = [*options, ("grpc.lb_policy_name", "round_robin")]
     if tls is None:
         if not insecure:
             raise InsecureNotAllowed(f"a channel to {address}")

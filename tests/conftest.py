@@ -3,6 +3,7 @@ role, and the four real services on loopback, each with its own certificate."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,11 @@ from launcher.services import build_node
 from nodes.gallery import GalleryNode
 from nodes.gallery.config import NodeConfig
 from synthetic.population import Population, generate_population
-from tests.postgres import server_binaries, throwaway_postgres
+from tests.postgres import BINDIR_VARIABLE, server_binaries, throwaway_postgres
+
+#: Identities the services call each other with; their channels make no gRPC retries of their own
+#: (:func:`fedprint.rpc.open_channel`).
+SERVICE_IDENTITIES = frozenset({"coordinator", "iafis", "ident"})
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +70,9 @@ class Federation:
 
     def channel(self, address: str, identity: str) -> grpc.aio.Channel:
         """A channel to ``address`` with the client certificate ``identity`` (``admin``, ``ice``,
-        ``agency-<ORI>``, ...); kept referenced, since grpc.aio closes a channel it collects."""
-        channel = open_channel(address, self.pki[identity])
+        ``agency-<ORI>``, ...); kept referenced, since grpc.aio closes a channel it collects. With a
+        service's identity it is that service's kind of channel: no gRPC retries."""
+        channel = open_channel(address, self.pki[identity], retries=identity not in SERVICE_IDENTITIES)
         self.channels.append(channel)
         return channel
 
@@ -153,10 +159,18 @@ async def federation(
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """URL of a throwaway PostgreSQL server (skips where no server binaries are installed)."""
+    """URL of a throwaway PostgreSQL server. Where no server binaries are installed the tests that
+    need it are skipped on a user's machine (the reason shows in the summary), and fail in CI
+    (``CI`` set): CI installs them, so their absence there is a broken setup, not a pass."""
     bindir = server_binaries()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs them)")
+        reason = (
+            "PostgreSQL server binaries (initdb, pg_ctl) are not installed under /usr/lib/postgresql "
+            f"nor named by {BINDIR_VARIABLE}"
+        )
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{reason}; CI must run the PostgreSQL tests (.ci/run installs the Debian package)")
+        pytest.skip(f"{reason} (.ci/run installs them)")
     with throwaway_postgres(bindir) as url:
         yield url
 

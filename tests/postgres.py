@@ -2,7 +2,8 @@
 directory, on a free port of 127.0.0.1, stopped and deleted at the end of the session.
 
 Uses the Debian server binaries (`.ci/run` installs the `postgresql` package when absent);
-where they are missing the tests that need PostgreSQL are skipped. initdb refuses to run as
+where they are missing the tests that need PostgreSQL are skipped, except in CI (``CI`` set),
+where they fail. initdb refuses to run as
 root, so as root the cluster belongs to the ``postgres`` system user.
 """
 
@@ -19,9 +20,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+#: Names a directory holding initdb and pg_ctl, where they are not under /usr/lib/postgresql
+#: (another distribution's layout, a build of one's own).
+BINDIR_VARIABLE = "FEDPRINT_POSTGRES_BINDIR"
+
 
 def server_binaries() -> Path | None:
-    """The newest installed PostgreSQL server's bin directory, if any."""
+    """The PostgreSQL server's bin directory: the one :data:`BINDIR_VARIABLE` names, else the
+    newest Debian one; None when it holds no initdb."""
+    if named := os.environ.get(BINDIR_VARIABLE):
+        return Path(named) if (Path(named) / "initdb").exists() else None
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
     return Path(found[-1]).parent if found else None
 

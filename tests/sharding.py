@@ -24,6 +24,7 @@ from launcher.services import build_node, build_router
 from nodes.gallery import GalleryNode, GalleryRouterService
 from nodes.gallery.config import NodeConfig
 from synthetic.population import Population
+from tests.conftest import SERVICE_IDENTITIES
 
 
 @dataclass
@@ -63,7 +64,7 @@ class ShardedFederation:
         return self.coordinator.host.address
 
     def channel(self, address: str, identity: str) -> grpc.aio.Channel:
-        channel = open_channel(address, self.pki[identity])
+        channel = open_channel(address, self.pki[identity], retries=identity not in SERVICE_IDENTITIES)
         self.channels.append(channel)
         return channel
 

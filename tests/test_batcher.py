@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,7 @@ from nodes.gallery.batcher import MicroBatcher, QueueFull
 from nodes.gallery.config import BatchingConfig, NodeConfig
 from nodes.iafis import build_node
 from synthetic.population import Population
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Waits until ``condition()`` holds (what another task or thread is doing)."""
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
+from tests.waiting import eventually
 
 
 async def test_concurrent_items_share_one_batch_and_keep_their_order() -> None:
@@ -104,7 +96,7 @@ async def test_a_full_queue_refuses_at_once_and_queues_nothing_of_a_call_that_do
 
     batcher: MicroBatcher[int, int] = MicroBatcher(held, max_batch=1, max_wait_s=0.0, max_queue=2)
     first = asyncio.ensure_future(batcher.submit(0))
-    await until(busy.is_set)  # the worker holds item 0 (max_batch 1: no more)
+    await eventually(busy.is_set)  # the worker holds item 0 (max_batch 1: no more)
     waiting = asyncio.ensure_future(batcher.submit_all([1, 2]))
     await asyncio.sleep(0)
     assert batcher.queue_depth == 2
@@ -173,9 +165,9 @@ async def test_a_node_with_a_full_queue_answers_resource_exhausted_with_a_retry_
     async with open_channel(node.host.address, pki["coordinator"]) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         first = asyncio.ensure_future(stub.Identify(gal.IdentifyRequest(probes=[one]), timeout=60))
-        await until(busy.is_set)  # the worker holds `one`
+        await eventually(busy.is_set)  # the worker holds `one`
         second = asyncio.ensure_future(stub.Identify(gal.IdentifyRequest(probes=[two, three]), timeout=60))
-        await until(lambda: batcher.queue_depth == 2)
+        await eventually(lambda: batcher.queue_depth == 2)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Identify(gal.IdentifyRequest(probes=[three]), timeout=60)
         error = refused.value

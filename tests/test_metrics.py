@@ -16,6 +16,7 @@ from fedprint.rpc import ServiceHost
 from nodes.gallery.metrics import score_buckets
 from synthetic.population import Population
 from tests.conftest import Federation
+from tests.waiting import eventually
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -63,11 +64,10 @@ async def test_every_service_serves_metrics_and_the_counters_move(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.SubmitBooking(bad, timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    for _ in range(50):  # the outbox marks the delivery just after ICE acknowledges it
-        after = {name: await asyncio.to_thread(scrape, host) for name, host in hosts.items()}
-        if value(after["coordinator"], "fedprint_coordinator_outbox_pending") == 0:
-            break
-        await asyncio.sleep(0.1)
+    # The outbox marks the delivery just after ICE acknowledges it.
+    store = federation.coordinator.coordinator.store
+    await eventually(lambda: store.stats().outbox_pending == 0, what="the outbox emptied")
+    after = {name: await asyncio.to_thread(scrape, host) for name, host in hosts.items()}
 
     def moved(service: str, name: str, **labels: str) -> float:
         return value(after[service], name, **labels) - value(before[service], name, **labels)

@@ -32,6 +32,7 @@ from launcher.services import build_node
 from nodes.gallery import GalleryNode
 from nodes.gallery.config import NodeConfig
 from synthetic.population import Population
+from tests.waiting import eventually, eventually_blocking
 
 
 def queued(store: CoordinatorStore, tcns: list[str]) -> None:
@@ -98,7 +99,7 @@ def test_a_dead_replicas_claims_run_out(replicas: list[CoordinatorStore]) -> Non
     assert second.claim_due_notifications(lease_s=60) == [] and second.claim_due_bookings(lease_s=60) == []
     due = second.next_due_at()
     assert due is not None and due > dt.datetime.now(dt.UTC)  # when the claim runs out, not now
-    time.sleep(0.6)
+    eventually_blocking(lambda: dt.datetime.now(dt.UTC) > due, what="the claims' leases running out")
     assert [n.tcn for n in second.claim_due_notifications(lease_s=60)] == ["TCN-D-1"]
     assert [b.tcn for b in second.claim_due_bookings(lease_s=60)] == ["TCN-D-2"]
     # An attempt's outcome ends the claim: the next retry is anyone's once due.
@@ -166,13 +167,6 @@ async def test_two_coordinator_replicas_deliver_each_notification_once(
     assert replicas[1].stats().outbox_pending == 0
 
 
-async def wait_until(condition: object, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "not within the time allowed"
-        await asyncio.sleep(0.1)
-
-
 async def test_replicas_of_a_node_see_each_others_enrolments_and_removals(
     database_url: str, tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
 ) -> None:
@@ -194,7 +188,7 @@ async def test_replicas_of_a_node_see_each_others_enrolments_and_removals(
         await enroll(a.host.address, population.iafis[:5], tls=pki["admin"])
         await enroll(b.host.address, population.iafis[5:8], tls=pki["admin"])
         everyone = {e.subject_id for e in population.iafis[:8]}
-        await wait_until(lambda: all(set(n.servicer.gallery.contents()[0]) == everyone for n in nodes))
+        await eventually(lambda: all(set(n.servicer.gallery.contents()[0]) == everyone for n in nodes))
 
         # A search on b finds a subject that only a enrolled.
         sample = next(x for x in population.bookings if x.truth.iafis_subject_id in everyone)
@@ -210,7 +204,7 @@ async def test_replicas_of_a_node_see_each_others_enrolments_and_removals(
             await gal_grpc.GalleryServiceStub(channel).Remove(
                 gal.RemoveRequest(subject_ids=[gone]), timeout=10
             )
-        await wait_until(lambda: gone not in a.servicer.gallery.contents()[0])
+        await eventually(lambda: gone not in a.servicer.gallery.contents()[0])
         assert len(a.servicer.gallery) == len(b.servicer.gallery) == 7
     finally:
         for node in nodes:

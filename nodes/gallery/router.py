@@ -448,7 +448,8 @@ def build_gallery_router(config: NodeConfig, records: RecordStore[Any]) -> Galle
         raise ValueError(f"role {config.role!r} is not a router")
     count = len(config.shards)
     channels = [
-        open_channel(address, config.tls, insecure=config.insecure, balanced=True)
+        # No gRPC retries: a shard that did not answer is reported missing, within the deadline.
+        open_channel(address, config.tls, insecure=config.insecure, balanced=True, retries=False)
         for address in config.shards
     ]
     shards = [

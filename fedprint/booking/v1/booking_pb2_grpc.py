@@ -82,7 +82,8 @@ class BookingServiceServicer:
     def WatchDecisions(self, request, context):
         """Streams the caller's agency's decisions made from now on, including the
         final decisions of incomplete bookings that the coordinator completes by
-        itself.
+        itself. The response headers arrive once the watch is registered: every
+        decision made after them is streamed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

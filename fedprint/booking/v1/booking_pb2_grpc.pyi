@@ -52,7 +52,8 @@ class BookingServiceStub:
     WatchDecisions: _grpc.UnaryStreamMultiCallable[_booking_pb2.WatchDecisionsRequest, _booking_pb2.BookingDecision]
     """Streams the caller's agency's decisions made from now on, including the
     final decisions of incomplete bookings that the coordinator completes by
-    itself.
+    itself. The response headers arrive once the watch is registered: every
+    decision made after them is streamed.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetStatsRequest, _booking_pb2.CoordinatorStats]
     """What is waiting inside the coordinator: bookings still being retried and
@@ -77,7 +78,8 @@ class BookingServiceAsyncStub(BookingServiceStub):
     WatchDecisions: _aio.UnaryStreamMultiCallable[_booking_pb2.WatchDecisionsRequest, _booking_pb2.BookingDecision]  # type: ignore[assignment]
     """Streams the caller's agency's decisions made from now on, including the
     final decisions of incomplete bookings that the coordinator completes by
-    itself.
+    itself. The response headers arrive once the watch is registered: every
+    decision made after them is streamed.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetStatsRequest, _booking_pb2.CoordinatorStats]  # type: ignore[assignment]
     """What is waiting inside the coordinator: bookings still being retried and
@@ -117,7 +119,8 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_booking_pb2.BookingDecision], _abc.AsyncIterator[_booking_pb2.BookingDecision]]:
         """Streams the caller's agency's decisions made from now on, including the
         final decisions of incomplete bookings that the coordinator completes by
-        itself.
+        itself. The response headers arrive once the watch is registered: every
+        decision made after them is streamed.
         """
 
     @_abc_1.abstractmethod
