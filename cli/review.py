@@ -128,6 +128,9 @@ def register(app: typer.Typer, console: Console) -> None:
     def list_reviews(
         address: AddressOption = "127.0.0.1:50060",
         state: Annotated[str | None, typer.Option(help="open, claimed, confirmed or rejected")] = None,
+        overdue: Annotated[
+            bool, typer.Option("--overdue", help="only reviews waiting longer than the overdue age")
+        ] = False,
         tls_dir: TlsDirOption = Path("pki"),
         insecure: InsecureOption = False,
         json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
@@ -135,7 +138,9 @@ def register(app: typer.Typer, console: Console) -> None:
         """Reviews oldest first (by default the open and claimed ones), with their age."""
         if state is not None and state not in STATES:
             raise typer.BadParameter(f"state is one of {', '.join(STATES)}")
-        request = rv.ListReviewsRequest(state=STATES[state] if state else rv.REVIEW_STATE_UNSPECIFIED)
+        request = rv.ListReviewsRequest(
+            state=STATES[state] if state else rv.REVIEW_STATE_UNSPECIFIED, overdue=overdue
+        )
         response = stub_call(address, tls_dir, insecure, "ListReviews", request)
         assert isinstance(response, rv.ListReviewsResponse)
         if json_out:

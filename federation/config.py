@@ -38,6 +38,16 @@ class CoordinatorConfig(ServiceSettings):
         default=2.0, gt=0, description="first wait before an incomplete booking is searched again"
     )
     retry_max_s: float = Field(default=60.0, gt=0, description="longest wait between such retries")
+    review_claim_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="how long an examiner's claim on a review lasts before it returns to the queue",
+    )
+    review_overdue_s: float = Field(
+        default=4 * 3600.0,
+        gt=0,
+        description="age past which a review waiting for a verdict is reported overdue (list, stats, metric)",
+    )
     replica_id: str | None = Field(
         default=None,
         max_length=253,  # a Kubernetes pod name; claims carry only a hash of it

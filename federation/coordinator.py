@@ -384,7 +384,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
     async def GetStats(
         self, request: bk.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bk.CoordinatorStats:
-        return await asyncio.to_thread(self.store.stats)
+        return await asyncio.to_thread(self.store.stats, self.config.review_overdue_s)
 
     async def WatchDecisions(
         self, request: bk.WatchDecisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -493,5 +493,5 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
         metrics_listen=config.metrics_listen,
         health_listen=config.health_listen,
     )
-    host.metrics.registry.register(CoordinatorStatsCollector(store))
+    host.metrics.registry.register(CoordinatorStatsCollector(store, config.review_overdue_s))
     return CoordinatorService(host, coordinator, channels)

@@ -1,7 +1,8 @@
 """The coordinator's own Prometheus metrics, read from its store at each scrape.
 
 Decisions stored and still incomplete, bookings being retried, the outbox's depth and the age of
-its oldest unacknowledged notification, and dead letters: the figures of ``GetStats``
+its oldest unacknowledged notification, dead letters, and examiner reviews waiting (overdue ones
+among them): the figures of ``GetStats``
 (:meth:`~federation.store.CoordinatorStore.stats`), so the two can never disagree. The store is
 shared by every coordinator replica, so each replica reports the same values: aggregate them with
 ``max``, not ``sum``.
@@ -23,12 +24,13 @@ log = structlog.get_logger(__name__)
 class CoordinatorStatsCollector(Collector):
     """Gauges over :meth:`CoordinatorStore.stats`, queried when Prometheus scrapes."""
 
-    def __init__(self, store: CoordinatorStore) -> None:
+    def __init__(self, store: CoordinatorStore, review_overdue_s: float) -> None:
         self.store = store
+        self.review_overdue_s = review_overdue_s
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         try:
-            stats = self.store.stats()
+            stats = self.store.stats(self.review_overdue_s)
         except Exception as error:  # a scrape must not take the service down; the gap shows
             log.warning("coordinator statistics unavailable", error=type(error).__name__)
             return
@@ -57,4 +59,17 @@ class CoordinatorStatsCollector(Collector):
             "fedprint_coordinator_dead_letters",
             "notifications given up on, waiting for an operator",
             stats.dead_letters,
+        )
+        yield GaugeMetricFamily(
+            "fedprint_coordinator_open_reviews", "examiner reviews waiting for a verdict", stats.open_reviews
+        )
+        yield GaugeMetricFamily(
+            "fedprint_coordinator_overdue_reviews",
+            "examiner reviews waiting longer than review_overdue_s: a booking held without a verdict",
+            stats.overdue_reviews,
+        )
+        yield GaugeMetricFamily(
+            "fedprint_coordinator_oldest_open_review_age_seconds",
+            "age of the oldest review waiting for a verdict (0 when none)",
+            stats.oldest_open_review_age_s,
         )

@@ -187,11 +187,7 @@ class ThreatPolicy:
             reasons.append(
                 f"IDENT hit {top.subject_id} (score {top.fused_score:.3f} >= {ident.thresholds.hit:.3f})"
             )
-            suppressed = self._suppress.get(top.immigration_history.status)
-            if suppressed is not None:
-                reasons.append(f"notification suppressed: {suppressed}")
-                return PolicyOutcome(level, bk.SUPPRESSED, reasons)
-            return PolicyOutcome(level, bk.QUEUED, reasons)
+            return self.ident_identity(level, top.immigration_history, reasons)
         if ident.band == bio.REVIEW:
             reasons.append(
                 "IDENT candidate in the review band: examiner verification before any notification"
@@ -199,3 +195,16 @@ class ThreatPolicy:
             return PolicyOutcome(level, bk.EXAMINER_REVIEW, reasons)
         reasons.append("no IDENT hit: no notification")
         return PolicyOutcome(level, bk.NOT_REQUIRED, reasons)
+
+    def ident_identity(
+        self, level: rec.ThreatLevel.ValueType, record: rec.ImmigrationHistory, reasons: list[str]
+    ) -> PolicyOutcome:
+        """What an established IDENT identity means for notification, whoever established it: an
+        automated HIT or an examiner's confirmation of a review-band match. The examiner
+        confirms who the person is; the policy, not the examiner, decides what follows
+        (suppression rules apply alike). ``reasons`` are extended and returned."""
+        suppressed = self._suppress.get(record.status)
+        if suppressed is not None:
+            reasons.append(f"notification suppressed: {suppressed}")
+            return PolicyOutcome(level, bk.SUPPRESSED, reasons)
+        return PolicyOutcome(level, bk.QUEUED, reasons)

@@ -3,10 +3,13 @@
 A booking whose IDENT candidate lands in the review band is decided EXAMINER_REVIEW and opens
 a review (the coordinator keeps the booking sealed for it). An examiner, known by the client
 certificate, lists reviews, claims one (the coordinator then fetches the candidate's enrolled
-prints and record from the IDENT node, for this examiner only), and decides. A confirmation
-queues the ICE notification in the outbox exactly as an automated hit would; a rejection
-closes the case with no notification. Each step is audited, and the updated decision goes out
-on ``WatchDecisions``.
+prints and record from the IDENT node, for this examiner only), and decides. The examiner
+confirms identity, never policy: a confirmation goes through the same threat policy as an
+automated hit (:meth:`federation.policy.ThreatPolicy.ident_identity`), so a suppression rule
+stops the notice as it would have stopped an automated one, and the decision records both what
+the examiner confirmed and what the policy did with it. A rejection closes the case with no
+notification. A claim runs out after ``review_claim_s`` and the review returns to the queue.
+Each step is audited, and the updated decision goes out on ``WatchDecisions``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import grpc
 import structlog
 
 from federation.sealing import SealingError
-from federation.store import ReviewConflict
+from federation.store import ReviewConflict, Verdict
 from fedprint.access import current_caller
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.gallery.v1 import gallery_pb2 as gal
-from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from fedprint.rpc import InvalidRequest, abort_invalid
@@ -66,9 +68,19 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
     async def ListReviews(
         self, request: rv.ListReviewsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rv.ListReviewsResponse:
+        await self._release_expired()
         states = [request.state] if request.state else [rv.OPEN, rv.CLAIMED]
         limit = min(request.limit or 100, MAX_LIST)
-        return rv.ListReviewsResponse(reviews=await asyncio.to_thread(self.store.reviews, states, limit))
+        overdue_s = self.coordinator.config.review_overdue_s if request.overdue else None
+        reviews = await asyncio.to_thread(self.store.reviews, states, limit, overdue_s=overdue_s)
+        return rv.ListReviewsResponse(reviews=reviews)
+
+    async def _release_expired(self) -> None:
+        released = await asyncio.to_thread(
+            self.store.release_expired_claims, self.coordinator.config.review_claim_s
+        )
+        if released:
+            log.info("review claims expired", reviews=released)
 
     async def _check_id(self, review_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         violations = Violations()
@@ -80,6 +92,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
     ) -> rv.ReviewCase:
         await self._check_id(request.review_id, context)
         examiner = _examiner()
+        await self._release_expired()
         try:
             claimed = await asyncio.to_thread(self.store.claim_review, request.review_id, examiner)
         except ReviewConflict as conflict:
@@ -127,29 +140,34 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
             await abort_invalid(context, InvalidRequest(violations, "malformed request"))
         examiner = _examiner()
         tcn = request.review_id
-        notification = None
         if request.verdict == rv.CONFIRM:
-            notification = await self._notification(tcn, examiner, request.note, context)
+            verdict = await self._confirmation(tcn, examiner, request.note, context)
+        else:
+            rejected = f"examiner {examiner} rejected the IDENT match" + (
+                f": {request.note}" if request.note else ""
+            )
+            verdict = Verdict(rv.REJECT, bk.NOT_REQUIRED, (rejected,))
         try:
             review, decision = await asyncio.to_thread(
-                self.store.decide_review, tcn, examiner, request.verdict, request.note, notification
+                self.store.decide_review, tcn, examiner, verdict, request.note
             )
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no review {tcn}")
         except ReviewConflict as conflict:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(conflict))
-        if notification is not None:
+        if verdict.notification is not None:
             self.coordinator.outbox.wake()
         if decision is not None:
             self.coordinator.feed.publish(decision)
         log.info("review decided", tcn=tcn, examiner=examiner, verdict=rv.Verdict.Name(request.verdict))
         return review
 
-    async def _notification(
+    async def _confirmation(
         self, tcn: str, examiner: str, note: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> ice.Notification:
-        """The ICE notification a confirmation sends: the booking, the stored decision's evidence,
-        and the candidate with the record the IDENT node gives for it."""
+    ) -> Verdict:
+        """What a confirmation does: the policy applied to the now established IDENT identity
+        (with the record the IDENT node gives for the candidate), and the ICE notice when the
+        policy queues one: the booking, the stored decision's evidence and the candidate."""
         try:
             claimed = await asyncio.to_thread(self.store.held_review, tcn, examiner)
         except ReviewConflict as conflict:
@@ -163,12 +181,20 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         except SealingError:
             await context.abort(grpc.StatusCode.DATA_LOSS, f"the booking of review {tcn} does not open")
         subject = await self._subject(review, context)
+        confirmed = f"examiner {examiner} confirmed the IDENT match {review.candidate.subject_id}" + (
+            f": {note}" if note else ""
+        )
+        outcome = self.coordinator.policy.ident_identity(
+            decision.level, subject.immigration_history, [confirmed]
+        )
+        if outcome.notification != bk.QUEUED:
+            log.info("confirmed review not notified", tcn=tcn, notification=outcome.notification)
+            return Verdict(rv.CONFIRM, outcome.notification, tuple(outcome.reasons))
         evidence = bk.BookingDecision()
         evidence.CopyFrom(decision)
         match = evidence.ident.candidates[0]
         match.CopyFrom(review.candidate)
         match.immigration_history.CopyFrom(subject.immigration_history)
-        evidence.reasons.append(
-            f"examiner {examiner} confirmed the IDENT match" + (f": {note}" if note else "")
-        )
-        return self.coordinator.notification(booking, evidence)
+        evidence.reasons.extend(outcome.reasons)
+        notification = self.coordinator.notification(booking, evidence)
+        return Verdict(rv.CONFIRM, bk.QUEUED, tuple(outcome.reasons), notification)

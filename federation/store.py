@@ -128,6 +128,8 @@ class ReviewRow(_Base):
     examiner: Mapped[str] = mapped_column(Text, default="")
     opened_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When the current claim was taken; a claim older than the coordinator's claim time runs out.
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     note: Mapped[str] = mapped_column(Text, default="")
     #: The review.v1.Review as opened (candidate scores, thresholds, level, reasons).
     review: Mapped[bytes] = mapped_column(LargeBinary)
@@ -139,8 +141,36 @@ def _state_name(state: int) -> str:
     return rv.ReviewState.Name(rv.ReviewState.ValueType(state)).lower()
 
 
+def _rows_changed(result: Any) -> int:
+    """How many rows an UPDATE changed (SQLAlchemy types ``Session.execute`` without it)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _not_held(tcn: str, row: ReviewRow) -> str:
+    held = f"claimed by {row.examiner}" if row.state == rv.CLAIMED else _state_name(row.state)
+    return f"review {tcn} is {held}; claim it before deciding"
+
+
 class ReviewConflict(Exception):
     """A review cannot move as asked: another examiner holds it, or it is already decided."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What an examiner's verdict does to the stored decision: the notification state the policy
+    gives it, the reasons to add, and the ICE notice to queue (only with QUEUED)."""
+
+    verdict: rv.Verdict.ValueType
+    notification_state: bk.NotificationState.ValueType
+    reasons: tuple[str, ...]
+    notification: ice.Notification | None = None
+
+    def __post_init__(self) -> None:
+        # The invariant the store keeps: an ICE notice exists if and only if a confirmation queued it.
+        if (self.notification is not None) != (self.notification_state == bk.QUEUED):
+            raise ValueError("a notice goes with QUEUED, and only with it")
+        if self.verdict != rv.CONFIRM and self.notification is not None:
+            raise ValueError("only a confirmation queues a notice")
 
 
 #: The coordinator database's schema history (``federation/migrations``).
@@ -456,7 +486,7 @@ class CoordinatorStore:
                     .values(claimed_by=None, claimed_until=None)
                     .execution_options(synchronize_session=False)
                 )
-                freed += int(getattr(result, "rowcount", 0) or 0)
+                freed += _rows_changed(result)
         return freed
 
     def sealed_booking(self, tcn: str) -> PendingBooking | None:
@@ -603,32 +633,65 @@ class CoordinatorStore:
             review.decided_at.FromDatetime(_aware(row.decided_at))
         return review
 
-    def reviews(self, states: Sequence[int], limit: int) -> list[rv.Review]:
-        """Reviews in ``states``, oldest first."""
-        with self._sessions() as session:
-            rows = session.scalars(
-                select(ReviewRow)
-                .where(ReviewRow.state.in_(states))
-                .order_by(ReviewRow.opened_at)
-                .limit(limit)
+    def release_expired_claims(self, claim_s: float) -> int:
+        """Returns every review claimed longer than ``claim_s`` ago to the queue (audited);
+        returns how many. An examiner who walks away does not hold a case for ever."""
+        cutoff = _now() - dt.timedelta(seconds=claim_s)
+        with self._sessions.begin() as session:
+            expired = (
+                session.execute(
+                    update(ReviewRow)
+                    .where(ReviewRow.state == rv.CLAIMED, ReviewRow.claimed_at < cutoff)
+                    .values(state=rv.OPEN, examiner="", claimed_at=None)
+                    .returning(ReviewRow.tcn)
+                )
+                .scalars()
+                .all()
             )
+            for tcn in expired:
+                self._append_audit(session, tcn, "review_claim_expired", f"after {claim_s:.0f} s", b"")
+            return len(expired)
+
+    def reviews(
+        self, states: Sequence[int], limit: int, *, overdue_s: float | None = None
+    ) -> list[rv.Review]:
+        """Reviews in ``states``, oldest first; with ``overdue_s``, only those opened longer ago."""
+        with self._sessions() as session:
+            query = select(ReviewRow).where(ReviewRow.state.in_(states))
+            if overdue_s is not None:
+                query = query.where(ReviewRow.opened_at < _now() - dt.timedelta(seconds=overdue_s))
+            rows = session.scalars(query.order_by(ReviewRow.opened_at).limit(limit))
             return [self._review(r) for r in rows]
 
     def claim_review(self, tcn: str, examiner: str) -> tuple[rv.Review, bytes] | None:
-        """Claims an open review for ``examiner`` (a claim of one's own is kept); returns the
+        """Claims an open review for ``examiner`` (a claim of one's own is renewed); returns the
         review and the sealed booking, None when there is no such review. Raises
-        :class:`ReviewConflict` when another examiner holds it or it is decided."""
+        :class:`ReviewConflict` when another examiner holds it or it is decided.
+
+        One conditional write: of two examiners claiming at once, exactly one gets it."""
+        now = _now()
         with self._sessions.begin() as session:
+            claimed = _rows_changed(
+                session.execute(
+                    update(ReviewRow)
+                    .where(
+                        ReviewRow.tcn == tcn,
+                        or_(
+                            ReviewRow.state == rv.OPEN,
+                            (ReviewRow.state == rv.CLAIMED) & (ReviewRow.examiner == examiner),
+                        ),
+                    )
+                    .values(state=rv.CLAIMED, examiner=examiner, claimed_at=now)
+                )
+            )
             row = session.get(ReviewRow, tcn)
             if row is None:
                 return None
-            if row.state == rv.CLAIMED and row.examiner != examiner:
-                raise ReviewConflict(f"review {tcn} is claimed by {row.examiner}")
-            if row.state in (rv.CONFIRMED, rv.REJECTED):
+            if not claimed:
+                if row.state == rv.CLAIMED:
+                    raise ReviewConflict(f"review {tcn} is claimed by {row.examiner}")
                 raise ReviewConflict(f"review {tcn} is already {_state_name(row.state)}")
-            if row.state == rv.OPEN:
-                row.state, row.examiner = rv.CLAIMED, examiner
-                self._append_audit(session, tcn, "review_claimed", f"by {examiner}", b"")
+            self._append_audit(session, tcn, "review_claimed", f"by {examiner}", b"")
             return self._review(row), row.sealed
 
     def held_review(self, tcn: str, examiner: str) -> tuple[rv.Review, bytes] | None:
@@ -639,48 +702,54 @@ class CoordinatorStore:
             if row is None:
                 return None
             if row.state != rv.CLAIMED or row.examiner != examiner:
-                held = f"claimed by {row.examiner}" if row.state == rv.CLAIMED else _state_name(row.state)
-                raise ReviewConflict(f"review {tcn} is {held}; claim it before deciding")
+                raise ReviewConflict(_not_held(tcn, row))
             return self._review(row), row.sealed
 
     def decide_review(
-        self,
-        tcn: str,
-        examiner: str,
-        verdict: rv.Verdict.ValueType,
-        note: str,
-        notification: ice.Notification | None,
+        self, tcn: str, examiner: str, verdict: Verdict, note: str
     ) -> tuple[rv.Review, bk.BookingDecision | None]:
         """Records the examiner's verdict, atomically: the review closed and its sealed booking
-        dropped; the stored decision's notification state and reasons updated; on a
-        confirmation, ``notification`` queued in the outbox; all of it audited. Raises
-        :class:`ReviewConflict` unless ``examiner`` holds the claim; KeyError when no review."""
+        dropped; the stored decision's notification state and reasons updated as ``verdict``
+        says; its notice, if any, queued in the outbox; all of it audited. Raises
+        :class:`ReviewConflict` unless ``examiner`` holds the claim; KeyError when no review.
+
+        The review's state moves in one conditional write, taken first: of a confirmation and a
+        rejection racing, one finds the claim and the other finds a decided review and changes
+        nothing, so a notice exists if and only if the verdict that stands is a confirmation."""
         now = _now()
-        confirmed = verdict == rv.CONFIRM
+        confirmed = verdict.verdict == rv.CONFIRM
         with self._sessions.begin() as session:
+            moved = _rows_changed(
+                session.execute(
+                    update(ReviewRow)
+                    .where(
+                        ReviewRow.tcn == tcn, ReviewRow.state == rv.CLAIMED, ReviewRow.examiner == examiner
+                    )
+                    .values(
+                        state=rv.CONFIRMED if confirmed else rv.REJECTED,
+                        decided_at=now,
+                        note=note,
+                        sealed=b"",
+                    )
+                )
+            )
             row = session.get(ReviewRow, tcn)
             if row is None:
                 raise KeyError(tcn)
-            if row.state != rv.CLAIMED or row.examiner != examiner:
-                held = f"claimed by {row.examiner}" if row.state == rv.CLAIMED else _state_name(row.state)
-                raise ReviewConflict(f"review {tcn} is {held}; claim it before deciding")
-            row.state = rv.CONFIRMED if confirmed else rv.REJECTED
-            row.decided_at, row.note, row.sealed = now, note, b""
+            if not moved:
+                raise ReviewConflict(_not_held(tcn, row))
             stored = session.get(DecisionRow, tcn)
             decision: bk.BookingDecision | None = None
             if stored is not None:
                 decision = bk.BookingDecision.FromString(stored.decision)
-                what = "confirmed" if confirmed else "rejected"
-                decision.reasons.append(
-                    f"examiner {what} the IDENT match: {note}" if note else f"examiner {what} the IDENT match"
-                )
-                decision.notification = bk.QUEUED if confirmed else bk.NOT_REQUIRED
+                decision.reasons.extend(verdict.reasons)
+                decision.notification = verdict.notification_state
                 stored.decision, stored.updated_at = decision.SerializeToString(), now
-            if confirmed and notification is not None and session.get(OutboxRow, tcn) is None:
+            if verdict.notification is not None and session.get(OutboxRow, tcn) is None:
                 session.add(
                     OutboxRow(
                         tcn=tcn,
-                        notification=notification.SerializeToString(),
+                        notification=verdict.notification.SerializeToString(),
                         created_at=now,
                         attempts=0,
                         next_attempt_at=now,
@@ -688,13 +757,34 @@ class CoordinatorStore:
                     )
                 )
             event = "review_confirmed" if confirmed else "review_rejected"
-            self._append_audit(session, tcn, event, f"by {examiner}: {note}", b"")
+            outcome = bk.NotificationState.Name(verdict.notification_state)
+            self._append_audit(session, tcn, event, f"by {examiner}, notification {outcome}: {note}", b"")
             return self._review(row), decision
+
+    def review_counts(self, overdue_s: float) -> tuple[int, int, float]:
+        """(reviews waiting for a verdict, of which opened more than ``overdue_s`` ago, age in
+        seconds of the oldest waiting)."""
+        waiting = ReviewRow.state.in_([rv.OPEN, rv.CLAIMED])
+        with self._sessions() as session:
+            count = session.scalar(select(func.count()).select_from(ReviewRow).where(waiting)) or 0
+            overdue = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(ReviewRow)
+                    .where(waiting, ReviewRow.opened_at < _now() - dt.timedelta(seconds=overdue_s))
+                )
+                or 0
+            )
+            oldest = session.scalar(select(func.min(ReviewRow.opened_at)).where(waiting))
+            age = 0.0 if oldest is None else max(0.0, (_now() - _aware(oldest)).total_seconds())
+            return count, overdue, age
 
     # ------------------------------------------------------------------ statistics
 
-    def stats(self) -> bk.CoordinatorStats:
-        """Counts of decisions, retried bookings, the outbox and its dead letters."""
+    def stats(self, review_overdue_s: float = 4 * 3600.0) -> bk.CoordinatorStats:
+        """Counts of decisions, retried bookings, the outbox and its dead letters, and the reviews
+        waiting for a verdict (overdue: opened more than ``review_overdue_s`` ago)."""
+        reviews, overdue, oldest_review_s = self.review_counts(review_overdue_s)
         with self._sessions() as session:
             oldest = session.scalar(
                 select(func.min(OutboxRow.created_at)).where(OutboxRow.delivered_at.is_(None))
@@ -714,6 +804,9 @@ class CoordinatorStore:
                     0.0 if oldest is None else max(0.0, (_now() - _aware(oldest)).total_seconds())
                 ),
                 dead_letters=session.scalar(select(func.count()).select_from(DeadLetterRow)) or 0,
+                open_reviews=reviews,
+                overdue_reviews=overdue,
+                oldest_open_review_age_s=oldest_review_s,
             )
 
     def close(self) -> None:

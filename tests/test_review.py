@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from cli.app import app
 from evaluation.calibration import Thresholds
 from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
+from fedprint.records.v1 import records_pb2 as rec
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from synthetic.population import Population, SyntheticBooking
@@ -172,3 +174,49 @@ def test_the_pairs_shown_to_an_examiner_are_those_behind_the_score() -> None:
         assert len(explained.pairs) >= 4
         strengths = [s for _, _, s in explained.pairs]
         assert strengths == sorted(strengths, reverse=True) and strengths[0] > 0
+
+
+async def test_an_examiners_confirmation_of_a_naturalized_citizen_is_suppressed_by_the_policy(
+    reviewing: Federation, population: Population
+) -> None:
+    # The examiner confirms identity; the policy decides what follows, as for an automated hit.
+    citizen = next(
+        b
+        for b in population.bookings
+        if b.truth.ident_subject_id and b.truth.ident_status == rec.NATURALIZED_CITIZEN
+    )
+    await in_review(reviewing, citizen)
+    examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
+    await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=citizen.booking.tcn), timeout=10)
+    confirmed = await examiner.DecideReview(
+        rv.DecideReviewRequest(review_id=citizen.booking.tcn, verdict=rv.CONFIRM, note="same person"),
+        timeout=10,
+    )
+    assert confirmed.state == rv.CONFIRMED
+    agency = reviewing.booking_stub(citizen.booking.ori)
+    final = await agency.GetDecision(bk.GetDecisionRequest(tcn=citizen.booking.tcn), timeout=5)
+    assert final.notification == bk.SUPPRESSED
+    assert any("confirmed the IDENT match" in r for r in final.reasons)  # what the examiner did
+    assert any("notification suppressed" in r for r in final.reasons)  # what the policy did with it
+    store = reviewing.coordinator.coordinator.store
+    assert store.outbox_attempts(citizen.booking.tcn) is None  # no notice was ever queued
+    assert await reviewing.notifications() == []
+    (_, detail) = next((e, d) for e, d in store.audit(citizen.booking.tcn) if e == "review_confirmed")
+    assert "notification SUPPRESSED" in detail
+
+
+async def test_reviews_waiting_too_long_are_reported_overdue(
+    reviewing: Federation, population: Population
+) -> None:
+    sample = ident_mates(population)[0]
+    await in_review(reviewing, sample)
+    examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
+    admin = bk_grpc.BookingServiceStub(reviewing.channel(reviewing.address, "admin"))
+    assert (await examiner.ListReviews(rv.ListReviewsRequest(overdue=True), timeout=5)).reviews == []
+    stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
+    assert (stats.open_reviews, stats.overdue_reviews) == (1, 0)
+    reviewing.coordinator.coordinator.config.review_overdue_s = 1e-6  # every waiting review is late
+    overdue = (await examiner.ListReviews(rv.ListReviewsRequest(overdue=True), timeout=5)).reviews
+    assert [r.review_id for r in overdue] == [sample.booking.tcn]
+    stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
+    assert stats.overdue_reviews == 1 and stats.oldest_open_review_age_s > 0.0

@@ -5,17 +5,20 @@ opened at once upgrade once, and what the stores keep reads back the same on bot
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect, text
 
 from federation.store import MIGRATIONS as COORDINATOR
-from federation.store import CoordinatorStore
+from federation.store import CoordinatorStore, ReviewConflict, Verdict
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.migrations import current, differences, upgrade
 from fedprint.records.v1 import records_pb2 as rec
+from fedprint.review.v1 import review_pb2 as rv
 from ice_service.server import MIGRATIONS as ICE
 from ice_service.server import IceStore
 from nodes.gallery.partition import Partition, subject_bucket
@@ -162,3 +165,71 @@ def test_the_ice_store_keeps_one_notification_per_tcn_in_utc(database_url: str) 
         assert [n.tcn for n, _ in store.list(10, level=rec.LEVEL_2)] == ["TCN-1"]
     finally:
         store.close()
+
+
+def opened(store: CoordinatorStore, tcn: str) -> None:
+    """A stored EXAMINER_REVIEW decision with its open review."""
+    decision = bk.BookingDecision(
+        tcn=tcn, ori="XX0010000", status=bk.COMPLETE, notification=bk.EXAMINER_REVIEW
+    )
+    store.record_decision(decision, None, content="", review=(rv.Review(), b"sealed booking"))
+
+
+def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if_confirmed(
+    database_url: str,
+) -> None:
+    store = CoordinatorStore(database_url)
+    notice = ice.Notification(tcn="", ori="XX0010000", level=rec.LEVEL_1)
+    rounds = 15
+    for i in range(rounds):
+        tcn = f"TCN-RACE-{i:02d}"
+        opened(store, tcn)
+        store.claim_review(tcn, "examiner-a")
+        notice.tcn = tcn
+        verdicts = [
+            Verdict(rv.CONFIRM, bk.QUEUED, ("confirmed",), notice),
+            Verdict(rv.REJECT, bk.NOT_REQUIRED, ("rejected",)),
+        ]
+        start = threading.Barrier(2)
+
+        def decide(verdict: Verdict, tcn: str = tcn, start: threading.Barrier = start) -> str:
+            start.wait()
+            try:
+                store.decide_review(tcn, "examiner-a", verdict, "")
+            except ReviewConflict:
+                return "refused"
+            return "accepted"
+
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(decide, verdicts))
+        assert sorted(outcomes) == ["accepted", "refused"], outcomes
+        (review,) = [r for r in store.reviews([rv.CONFIRMED, rv.REJECTED], 100) if r.review_id == tcn]
+        decision = store.decision(tcn)
+        assert decision is not None
+        # An ICE notice exists if and only if the verdict that stands is a confirmation.
+        if review.state == rv.CONFIRMED:
+            assert store.outbox_attempts(tcn) is not None and decision.notification == bk.QUEUED
+        else:
+            assert store.outbox_attempts(tcn) is None and decision.notification == bk.NOT_REQUIRED
+    store.close()
+
+
+def test_a_claim_runs_out_and_the_review_returns_to_the_queue(database_url: str) -> None:
+    store = CoordinatorStore(database_url)
+    opened(store, "TCN-CLAIM-1")
+    store.claim_review("TCN-CLAIM-1", "examiner-a")
+    with pytest.raises(ReviewConflict, match="claimed by examiner-a"):
+        store.claim_review("TCN-CLAIM-1", "examiner-b")
+    assert store.release_expired_claims(claim_s=3600) == 0  # a fresh claim stands
+    assert store.release_expired_claims(claim_s=0) == 1  # one older than the claim time does not
+    (review,) = store.reviews([rv.OPEN], 10)
+    assert review.review_id == "TCN-CLAIM-1" and review.examiner == ""
+    store.claim_review("TCN-CLAIM-1", "examiner-b")
+    with pytest.raises(ReviewConflict, match="claimed by examiner-b"):
+        store.decide_review("TCN-CLAIM-1", "examiner-a", Verdict(rv.REJECT, bk.NOT_REQUIRED, ()), "")
+    assert [e for e, _ in store.audit("TCN-CLAIM-1")][-3:] == [
+        "review_claimed",
+        "review_claim_expired",
+        "review_claimed",
+    ]
+    store.close()

@@ -355,6 +355,9 @@ class CoordinatorStats(_message.Message):
     OUTBOX_PENDING_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_NOTIFICATION_AGE_S_FIELD_NUMBER: _builtins.int
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    OPEN_REVIEWS_FIELD_NUMBER: _builtins.int
+    OVERDUE_REVIEWS_FIELD_NUMBER: _builtins.int
+    OLDEST_OPEN_REVIEW_AGE_S_FIELD_NUMBER: _builtins.int
     decisions: _builtins.int
     """Decisions stored (one per TCN), and how many of them are still incomplete."""
     incomplete: _builtins.int
@@ -367,6 +370,12 @@ class CoordinatorStats(_message.Message):
     oldest_pending_notification_age_s: _builtins.float
     dead_letters: _builtins.int
     """Notifications that exhausted their attempts (see NotificationState.UNDELIVERABLE)."""
+    open_reviews: _builtins.int
+    """Examiner reviews waiting for a verdict, how many of them are older than the
+    coordinator's overdue age, and the age in seconds of the oldest (0 when none).
+    """
+    overdue_reviews: _builtins.int
+    oldest_open_review_age_s: _builtins.float
     def __init__(
         self,
         *,
@@ -376,10 +385,13 @@ class CoordinatorStats(_message.Message):
         outbox_pending: _builtins.int = ...,
         oldest_pending_notification_age_s: _builtins.float = ...,
         dead_letters: _builtins.int = ...,
+        open_reviews: _builtins.int = ...,
+        overdue_reviews: _builtins.int = ...,
+        oldest_open_review_age_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "decisions", b"decisions", "incomplete", b"incomplete", "oldest_pending_notification_age_s", b"oldest_pending_notification_age_s", "outbox_pending", b"outbox_pending", "retrying_bookings", b"retrying_bookings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "decisions", b"decisions", "incomplete", b"incomplete", "oldest_open_review_age_s", b"oldest_open_review_age_s", "oldest_pending_notification_age_s", b"oldest_pending_notification_age_s", "open_reviews", b"open_reviews", "outbox_pending", b"outbox_pending", "overdue_reviews", b"overdue_reviews", "retrying_bookings", b"retrying_bookings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

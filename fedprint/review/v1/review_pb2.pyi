@@ -5,8 +5,11 @@ Examiner review of borderline matches, served by the coordinator. A booking whos
 candidate falls in the review band opens a review instead of notifying ICE. An examiner
 (role from the client certificate) lists open reviews, claims one, which shows the booking's
 ten-print beside the candidate's with the candidate's record, compares them, and confirms or
-rejects. A confirmation sends the ICE notification through the coordinator's outbox; a
-rejection closes the case. Every step is in the coordinator's audit log.
+rejects. The examiner confirms who the person is; the threat policy then decides what follows,
+as for an automated hit: a confirmation sends the ICE notification through the coordinator's
+outbox unless a suppression rule applies; a rejection closes the case. A claim runs out after
+the coordinator's claim time and the review returns to the queue. Every step is in the
+coordinator's audit log.
 """
 
 from collections import abc as _abc
@@ -41,7 +44,7 @@ class _ReviewStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewSta
     CLAIMED: _ReviewState.ValueType  # 2
     """an examiner is comparing the prints"""
     CONFIRMED: _ReviewState.ValueType  # 3
-    """the examiner confirmed the match: ICE was notified"""
+    """the examiner confirmed the match: the policy decided on notification"""
     REJECTED: _ReviewState.ValueType  # 4
     """the examiner rejected the match: no notification"""
 
@@ -53,7 +56,7 @@ OPEN: ReviewState.ValueType  # 1
 CLAIMED: ReviewState.ValueType  # 2
 """an examiner is comparing the prints"""
 CONFIRMED: ReviewState.ValueType  # 3
-"""the examiner confirmed the match: ICE was notified"""
+"""the examiner confirmed the match: the policy decided on notification"""
 REJECTED: ReviewState.ValueType  # 4
 """the examiner rejected the match: no notification"""
 Global___ReviewState: _TypeAlias = ReviewState  # noqa: Y015
@@ -182,19 +185,23 @@ class ListReviewsRequest(_message.Message):
 
     STATE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    OVERDUE_FIELD_NUMBER: _builtins.int
     state: Global___ReviewState.ValueType
     """Only reviews in this state; unset: open and claimed ones."""
     limit: _builtins.int
     """Most reviews to return (default 100, at most 1000)."""
+    overdue: _builtins.bool
+    """Only reviews waiting longer than the coordinator's overdue age."""
     def __init__(
         self,
         *,
         state: Global___ReviewState.ValueType = ...,
         limit: _builtins.int = ...,
+        overdue: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "overdue", b"overdue", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

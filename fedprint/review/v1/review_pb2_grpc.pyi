@@ -5,8 +5,11 @@ Examiner review of borderline matches, served by the coordinator. A booking whos
 candidate falls in the review band opens a review instead of notifying ICE. An examiner
 (role from the client certificate) lists open reviews, claims one, which shows the booking's
 ten-print beside the candidate's with the candidate's record, compares them, and confirms or
-rejects. A confirmation sends the ICE notification through the coordinator's outbox; a
-rejection closes the case. Every step is in the coordinator's audit log.
+rejects. The examiner confirms who the person is; the threat policy then decides what follows,
+as for an automated hit: a confirmation sends the ICE notification through the coordinator's
+outbox unless a suppression rule applies; a rejection closes the case. A claim runs out after
+the coordinator's claim time and the review returns to the queue. Every step is in the
+coordinator's audit log.
 """
 
 from collections import abc as _abc
