@@ -312,6 +312,7 @@ async def test_an_expired_certificate_is_refused_at_the_handshake(
     )
     async with open_channel(federation.address, expired) as channel:
         error = await refused(
-            bk_grpc.BookingServiceStub(channel).GetDecision(bk.GetDecisionRequest(tcn="TCN-1"), timeout=5)
+            # Longer than the channel's retries of UNAVAILABLE take, so their last answer shows.
+            bk_grpc.BookingServiceStub(channel).GetDecision(bk.GetDecisionRequest(tcn="TCN-1"), timeout=30)
         )
     assert error.code() == grpc.StatusCode.UNAVAILABLE

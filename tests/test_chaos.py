@@ -41,7 +41,8 @@ async def test_a_killed_service_restarts_on_its_address_over_its_data(
     service = await start_service("ice", config, tmp_path)
     try:
         address = service.address
-        async with open_channel(address, pki["coordinator"]) as channel:
+        # As the coordinator's outbox calls ICE: no gRPC retries (the outbox retries by itself).
+        async with open_channel(address, pki["coordinator"], retries=False) as channel:
             stub = ice_grpc.IceNotificationServiceStub(channel)
             notice = ice.Notification(
                 tcn="TCN-CRASH-1", ori="XX0010000", level=rec.LEVEL_1, ident_match={"subject_id": "S-1"}
