@@ -187,7 +187,7 @@ def register(app: typer.Typer, console: Console) -> None:
         from evaluation.evidence_fit import impostor_sums_by_fingers
         from evaluation.run import FUSION_NAMES, EvalOptions, det_plot, evaluate, summary
         from gpu_kernels import EvidenceModel
-        from gpu_kernels.evidence import DEFAULT_MIN_COHORT
+        from gpu_kernels.evidence import DEFAULT_MIN_COHORT, SHIPPED_MODEL, model_digest
         from minutiae.dataset import DatasetError, merge_datasets, read_dataset
 
         if fusion not in FUSION_NAMES:
@@ -243,6 +243,8 @@ def register(app: typer.Typer, console: Console) -> None:
                     f"ten-print pairs, tail model)",
                     tails=[fit_tail(x) for x in sums],
                     gallery_size=result.gallery_size,
+                ).model_copy(
+                    update={"evidence_model": model_digest(fit_fusion or fusion_model or SHIPPED_MODEL)}
                 )
             except CalibrationError as e:
                 raise typer.BadParameter(str(e)) from e

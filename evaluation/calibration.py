@@ -14,6 +14,8 @@ sample), and a node derives its thresholds for its current gallery size with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Self
@@ -118,6 +120,12 @@ class Thresholds(BaseModel):
     fingers: int | None = Field(
         default=None, ge=1, le=10, description="fingers compared that hit and review were derived for"
     )
+    evidence_model: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{16}$",
+        description="digest of the evidence model whose fused scores these thresholds were fitted on "
+        "(gpu_kernels.evidence.model_digest); a node refuses to judge another model's scores by them",
+    )
 
     @model_validator(mode="after")
     def _review_below_hit(self) -> Self:
@@ -188,3 +196,12 @@ def calibrated_thresholds(path: Path = CALIBRATED_THRESHOLDS) -> Thresholds:
     if not isinstance(loaded, dict) or "thresholds" not in loaded:
         raise ValueError(f"{path}: no thresholds section")
     return Thresholds.model_validate(loaded["thresholds"])
+
+
+def calibration_digest(thresholds: Thresholds) -> str:
+    """What a node judges by, as ``sha256:`` and 16 hex digits: its calibration as configured
+    (thresholds, FPIRs, tails and the evidence model they were fitted on; not the per-search values
+    derived from them). Nodes with the same digest band the same scores alike; a caller pins it to
+    refuse any other (:mod:`federation.trust`)."""
+    configured = thresholds.model_dump(mode="json", exclude={"gallery_size", "fingers"})
+    return "sha256:" + hashlib.sha256(json.dumps(configured, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from federation.trust import NodeTrust
 from fedprint.settings import RateLimit, ServiceSettings
 from fedprint.validation import ORI
 
@@ -17,6 +18,14 @@ class CoordinatorConfig(ServiceSettings):
     ident_address: str
     ice_address: str
     node_deadline_s: float = Field(default=20.0, gt=0, description="deadline of each node search")
+    iafis_trust: NodeTrust = Field(
+        default_factory=NodeTrust,
+        description="calibration and gallery floor IAFIS answers must show",
+    )
+    ident_trust: NodeTrust = Field(
+        default_factory=NodeTrust,
+        description="calibration and gallery floor IDENT answers must show",
+    )
     ice_deadline_s: float = Field(default=5.0, gt=0)
     max_candidates: int = Field(default=5, ge=1, description="candidates kept per node in a decision")
     policy_path: Path | None = Field(default=None, description="threat policy YAML; the bundled one if unset")

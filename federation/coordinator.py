@@ -16,11 +16,12 @@ import datetime as dt
 import time
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import structlog
+from prometheus_client import Counter
 
 from federation.background import DueWorkLoop, backoff_s
 from federation.config import CoordinatorConfig
@@ -32,6 +33,7 @@ from federation.policy import ThreatPolicy
 from federation.review import ReviewServicer, opened_review
 from federation.sealing import BookingSeal, SealingError, load_or_create_key
 from federation.store import CoordinatorStore, PendingBooking
+from federation.trust import NodeTrust, distrust
 from fedprint.access import AccessPolicy, Denial, TokenBuckets, current_caller, deny
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
@@ -58,10 +60,11 @@ _OUTCOME_OF_CODE = {
 
 @dataclass(frozen=True)
 class NodeClient:
-    """A gallery node the coordinator searches."""
+    """A gallery node the coordinator searches, and what its answers must show."""
 
     name: str
     stub: gal_grpc.GalleryServiceAsyncStub
+    trust: NodeTrust = field(default_factory=NodeTrust)
 
 
 class DecisionFeed:
@@ -109,6 +112,14 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         self.retrier = DueWorkLoop(
             "incomplete-bookings", self.retry_due, store.next_booking_due_at, idle_s=config.retry_max_s
         )
+        #: Node answers refused by :mod:`federation.trust`, by node and reason (alert on any).
+        self.untrusted_answers = Counter(
+            "fedprint_coordinator_untrusted_node_answers",
+            "gallery node answers not believed (another calibration, a gallery below the floor, "
+            "another probe) and treated as no answer",
+            ["node", "reason"],
+            registry=None,
+        )
         # One evaluation per TCN at a time: a resubmission waits for the first to finish.
         # Weak values: a lock disappears once no call holds or awaits it.
         self._tcn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -126,6 +137,18 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             result.outcome = _OUTCOME_OF_CODE.get(error.code(), bk.FAILED)
             result.error = f"{error.code().name}: {error.details()}"
         else:
+            refused = distrust(node.trust, response, booking.tcn)
+            if refused is not None:
+                reason, explanation = refused
+                result.outcome = bk.UNTRUSTED
+                result.error = explanation
+                result.latency_ms = (time.perf_counter() - started) * 1000
+                self.untrusted_answers.labels(node.name, reason).inc()
+                log.error("node answer not believed", node=node.name, reason=reason, error=explanation)
+                await asyncio.to_thread(
+                    self.store.record_event, booking.tcn, "node_answer_refused", f"{node.name}: {explanation}"
+                )
+                return result
             probe = response.results[0]
             if probe.missing_shards:
                 # A sharded node searched part of its gallery: as good as no answer (the subject
@@ -461,8 +484,8 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
         config,
         store,
         policy,
-        NodeClient("iafis", gal_grpc.GalleryServiceStub(channels[0])),
-        NodeClient("ident", gal_grpc.GalleryServiceStub(channels[1])),
+        NodeClient("iafis", gal_grpc.GalleryServiceStub(channels[0]), config.iafis_trust),
+        NodeClient("ident", gal_grpc.GalleryServiceStub(channels[1]), config.ident_trust),
         outbox,
         seal,
     )
@@ -494,4 +517,5 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
         health_listen=config.health_listen,
     )
     host.metrics.registry.register(CoordinatorStatsCollector(store, config.review_overdue_s))
+    host.metrics.registry.register(coordinator.untrusted_answers)
     return CoordinatorService(host, coordinator, channels)

@@ -30,6 +30,7 @@ Everything is elementwise over ``[P, G, 10]`` tensors (plus one median over G), 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -163,6 +164,12 @@ def shipped_model() -> EvidenceModel:
     return _shipped
 
 
+def model_digest(path: Path = SHIPPED_MODEL) -> str:
+    """The digest of an evidence model file, which a calibration names (``Thresholds.evidence_model``):
+    thresholds fitted on one model's scores mean nothing for another's."""
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def normalised_scores(
     per_finger: Tensor, probe_counts: Tensor, candidate_counts: Tensor, model: EvidenceModel
 ) -> Tensor:
@@ -217,7 +224,7 @@ def llr_at(z: Tensor, position: Tensor, model: EvidenceModel) -> Tensor:
     return torch.gather(finger_llr(one_hot, model), 1, (position - 1).unsqueeze(1)).squeeze(1)
 
 
-def fuse_evidence(
+def finger_evidence(
     per_finger: Tensor,
     both_present: Tensor,
     probe_counts: Tensor,
@@ -226,7 +233,8 @@ def fuse_evidence(
     *,
     cohort: bool = True,
 ) -> Tensor:
-    """Fused log-likelihood ratios ``[P, G]`` from raw ``per_finger: [P, G, 10]`` scores.
+    """Each finger's log-likelihood ratio ``[P, G, 10]`` from raw ``per_finger: [P, G, 10]``
+    scores, 0 where a position is not on both sides: the terms the fused score sums.
 
     ``both_present: bool [P, G, 10]``; ``probe_counts: [P, 10]`` and ``candidate_counts:
     [P, G, 10]`` (or ``[G, 10]``) valid cylinders per finger. ``cohort`` applies the search-time
@@ -237,4 +245,19 @@ def fuse_evidence(
     z = normalised_scores(per_finger, probe_counts.unsqueeze(1), candidate_counts, model)
     if cohort:
         z = z - cohort_shift(z, both_present, model.min_cohort, model.cohort_margin)
-    return torch.where(both_present, finger_llr(z, model), 0.0).sum(-1)
+    return torch.where(both_present, finger_llr(z, model), 0.0)
+
+
+def fuse_evidence(
+    per_finger: Tensor,
+    both_present: Tensor,
+    probe_counts: Tensor,
+    candidate_counts: Tensor,
+    model: EvidenceModel,
+    *,
+    cohort: bool = True,
+) -> Tensor:
+    """Fused log-likelihood ratios ``[P, G]``: the sum of :func:`finger_evidence`."""
+    return finger_evidence(
+        per_finger, both_present, probe_counts, candidate_counts, model, cohort=cohort
+    ).sum(-1)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gpu_kernels.cylinders import CylinderSet, encode_fingers
-from gpu_kernels.evidence import EvidenceModel, fuse_evidence, shipped_model
+from gpu_kernels.evidence import EvidenceModel, finger_evidence, fuse_evidence, shipped_model
 from gpu_kernels.params import FusionParams, MccParams
 from gpu_kernels.positions import map_positions
 from gpu_kernels.similarity import score_fingers
@@ -106,6 +106,8 @@ class TenPrintScores:
     - ``probe_counts``: ``int64 [P, 10]`` valid cylinders of each probe finger.
     - ``candidate_counts``: ``int64 [P, G, 10]`` valid cylinders of each candidate finger (may be
       an expanded view).
+    - ``finger_llr``: ``float32 [P, G, 10]``, each finger's log-likelihood ratio, the terms
+      ``fused`` sums (evidence fusion; None with the shrunk mean, which has no such terms).
     """
 
     per_finger: Tensor
@@ -113,12 +115,12 @@ class TenPrintScores:
     fused: Tensor
     probe_counts: Tensor
     candidate_counts: Tensor
+    finger_llr: Tensor | None = None
 
     def refused(self, fusion: Fusion | None) -> TenPrintScores:
         """The same per-finger scores fused by ``fusion`` (None: the shipped evidence model)."""
-        fused = fuse(self.per_finger, self.both_present, self.probe_counts, self.candidate_counts, fusion)
-        return TenPrintScores(
-            self.per_finger, self.both_present, fused, self.probe_counts, self.candidate_counts
+        return tenprint_scores(
+            self.per_finger, self.both_present, self.probe_counts, self.candidate_counts, fusion
         )
 
 
@@ -133,10 +135,17 @@ def tenprint_scores(
     ``both_present``), fused by ``fusion``; ``candidate_counts`` may be ``[G, 10]``."""
     per_finger = torch.where(both_present, per_finger, 0.0)
     # Fused from the counts as given: a gallery's [G, 10] is looked up once, not once per probe.
-    fused = fuse(per_finger, both_present, probe_counts, candidate_counts, fusion)
+    llr: Tensor | None = None
+    if isinstance(fusion, FusionParams):
+        fused = fuse_scores(per_finger, both_present, fusion)
+    else:
+        llr = finger_evidence(
+            per_finger, both_present, probe_counts, candidate_counts, fusion or shipped_model()
+        )
+        fused = llr.sum(-1)
     if candidate_counts.dim() == 2:
         candidate_counts = candidate_counts.unsqueeze(0).expand(per_finger.shape)
-    return TenPrintScores(per_finger, both_present, fused, probe_counts, candidate_counts)
+    return TenPrintScores(per_finger, both_present, fused, probe_counts, candidate_counts, llr)
 
 
 def fuse(

@@ -3,6 +3,7 @@ role, and the four real services on loopback, each with its own certificate."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import pytest_asyncio
 
 from federation.config import CoordinatorConfig
 from federation.coordinator import CoordinatorService, build_coordinator
+from federation.trust import NodeTrust
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import enroll, list_notifications, wait_for_notifications
 from fedprint.ice.v1 import ice_pb2 as ice
@@ -98,6 +100,10 @@ class Federation:
         node = build_node(config)
         await node.host.start()
         setattr(self, name, node)
+        # The operator who deploys a node with another calibration pins it on the coordinator.
+        client = getattr(self.coordinator.coordinator, name)
+        pinned = NodeTrust(calibration=node.servicer.calibration_digest)
+        setattr(self.coordinator.coordinator, name, dataclasses.replace(client, trust=pinned))
         return node
 
     async def restart_ice(self) -> IceService:

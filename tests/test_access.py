@@ -285,7 +285,7 @@ async def test_a_node_sends_records_with_hit_candidates_only(
     try:
         await enroll(node.host.address, population.ident, tls=pki["admin"])
         sample = pick(population, iafis=False, ident=True)
-        async with open_channel(node.host.address, pki["coordinator"]) as channel:
+        async with open_channel(node.host.address, pki["coordinator"], retries=False) as channel:
             response = await gal_grpc.GalleryServiceStub(channel).Identify(
                 gal.IdentifyRequest(probes=[gal.Probe(probe_id="P-1", tenprint=sample.booking.tenprint)]),
                 timeout=30,

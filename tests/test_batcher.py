@@ -162,7 +162,7 @@ async def test_a_node_with_a_full_queue_answers_resource_exhausted_with_a_retry_
 
     batcher._run_batch = held
     one, two, three = probes(population, 3)
-    async with open_channel(node.host.address, pki["coordinator"]) as channel:
+    async with open_channel(node.host.address, pki["coordinator"], retries=False) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         first = asyncio.ensure_future(stub.Identify(gal.IdentifyRequest(probes=[one]), timeout=60))
         await eventually(busy.is_set)  # the worker holds `one`
@@ -198,7 +198,7 @@ async def test_a_probe_whose_search_fails_fails_only_its_own_call(
     batcher._run_batch = faulty
     good, other = probes(population, 2)
     (bad,) = probes(population, 1, fingers=1)
-    async with open_channel(node.host.address, pki["coordinator"]) as channel:
+    async with open_channel(node.host.address, pki["coordinator"], retries=False) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         outcomes = await asyncio.gather(
             *(stub.Identify(gal.IdentifyRequest(probes=[p]), timeout=60) for p in (good, bad, other)),

@@ -101,7 +101,7 @@ async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_
     store = CoordinatorStore(url)
     store.record_decision(decision("TCN-DEAD-1"), notification("TCN-DEAD-1"))
     # A real channel to a port where nothing listens: every attempt is UNAVAILABLE.
-    async with open_channel("127.0.0.1:1", None, insecure=True) as channel:
+    async with open_channel("127.0.0.1:1", None, insecure=True, retries=False) as channel:
         outbox = OutboxDeliverer(
             store,
             ice_grpc.IceNotificationServiceStub(channel),

@@ -23,7 +23,7 @@ async def top_candidates(
 ) -> list[tuple[str, float]]:
     """Best candidate of the first four bookings' searches."""
     probes = [gal.Probe(probe_id=b.truth.tcn, tenprint=b.booking.tenprint) for b in population.bookings[:4]]
-    async with open_channel(node.host.address, pki["coordinator"]) as channel:
+    async with open_channel(node.host.address, pki["coordinator"], retries=False) as channel:
         response = await gal_grpc.GalleryServiceStub(channel).Identify(
             gal.IdentifyRequest(probes=probes, max_results=1), timeout=60
         )

@@ -58,7 +58,7 @@ async def test_get_stats_reports_the_bytes_of_the_live_gallery_per_subject(
     try:
         async with (
             open_channel(node.host.address, pki["admin"]) as admin_channel,
-            open_channel(node.host.address, pki["coordinator"]) as search_channel,
+            open_channel(node.host.address, pki["coordinator"], retries=False) as search_channel,
         ):
             admin = gal_grpc.GalleryServiceStub(admin_channel)
             empty = await admin.GetStats(gal.GetStatsRequest(), timeout=5)

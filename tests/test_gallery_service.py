@@ -64,7 +64,7 @@ async def identify(
     node: GalleryNode, pki: dict[str, TlsFiles], request: gal.IdentifyRequest
 ) -> gal.IdentifyResponse:
     """Searches as the coordinator, the one role a node answers Identify for."""
-    async with open_channel(node.host.address, pki["coordinator"]) as channel:
+    async with open_channel(node.host.address, pki["coordinator"], retries=False) as channel:
         return await gal_grpc.GalleryServiceStub(channel).Identify(request, timeout=30)
 
 

@@ -136,7 +136,7 @@ async def test_two_coordinator_replicas_deliver_each_notification_once(
     service = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=pki["ice"]))
     await service.start()
     try:
-        async with open_channel(service.host.address, pki["coordinator"]) as channel:
+        async with open_channel(service.host.address, pki["coordinator"], retries=False) as channel:
             deliverers = [
                 OutboxDeliverer(
                     store,
@@ -193,7 +193,7 @@ async def test_replicas_of_a_node_see_each_others_enrolments_and_removals(
         # A search on b finds a subject that only a enrolled.
         sample = next(x for x in population.bookings if x.truth.iafis_subject_id in everyone)
         probe = gal.Probe(probe_id="P-1", tenprint=sample.booking.tenprint)
-        async with open_channel(b.host.address, pki["coordinator"]) as channel:
+        async with open_channel(b.host.address, pki["coordinator"], retries=False) as channel:
             found = await gal_grpc.GalleryServiceStub(channel).Identify(
                 gal.IdentifyRequest(probes=[probe]), timeout=30
             )

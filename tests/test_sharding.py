@@ -203,7 +203,7 @@ async def test_a_shard_on_another_partition_count_is_reported_not_merged(
         await router.start()
         nodes.append(router)  # type: ignore[arg-type]
         probe = gal.Probe(probe_id="P-1", tenprint=population.bookings[0].booking.tenprint)
-        async with open_channel(router.host.address, pki["coordinator"]) as channel:
+        async with open_channel(router.host.address, pki["coordinator"], retries=False) as channel:
             answer = await gal_grpc.GalleryServiceStub(channel).Identify(
                 gal.IdentifyRequest(probes=[probe]), timeout=10
             )
@@ -314,7 +314,7 @@ async def test_a_router_refuses_a_shard_that_judges_by_other_thresholds(
         nodes.append(router)  # type: ignore[arg-type]
         await enroll(router.host.address, population.ident[:4], tls=pki["admin"])
         probe = gal.Probe(probe_id="P-1", tenprint=population.bookings[0].booking.tenprint)
-        async with open_channel(router.host.address, pki["coordinator"]) as channel:
+        async with open_channel(router.host.address, pki["coordinator"], retries=False) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await gal_grpc.GalleryServiceStub(channel).Identify(
                     gal.IdentifyRequest(probes=[probe]), timeout=10

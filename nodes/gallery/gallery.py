@@ -50,6 +50,9 @@ class Match:
     finger_scores: dict[int, float]
     #: Per finger position: minutiae in the enrolled template.
     candidate_minutiae: dict[int, int]
+    #: Per finger position present on both sides: its log-likelihood ratio, the term the fused
+    #: score sums (empty under a fusion without such terms).
+    finger_llr: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -508,6 +511,7 @@ class Gallery:
         fingers = top.indices.unsqueeze(-1).expand(-1, -1, 10)
         per_finger = torch.gather(scores.per_finger, 1, fingers).cpu()
         both = torch.gather(scores.both_present, 1, fingers).cpu()
+        llr = None if scores.finger_llr is None else torch.gather(scores.finger_llr, 1, fingers).cpu()
         # Minutiae per enrolled finger of the returned candidates: [P, k, 10].
         fused, rows_cpu = top.values.cpu(), rows.cpu()
         counts = full.counts(rows_cpu.reshape(-1).numpy()).reshape(*rows_cpu.shape, 10)
@@ -520,6 +524,9 @@ class Gallery:
                         f + 1: float(per_finger[p, j, f]) for f in range(10) if bool(both[p, j, f])
                     },
                     candidate_minutiae={f + 1: int(counts[p, j, f]) for f in range(10)},
+                    finger_llr={}
+                    if llr is None
+                    else {f + 1: float(llr[p, j, f]) for f in range(10) if bool(both[p, j, f])},
                 )
                 for j in range(rows_cpu.shape[1])
             ]
@@ -541,4 +548,7 @@ def _cat_scores(parts: Sequence[TenPrintScores], dim: int) -> TenPrintScores:
         fused=torch.cat([p.fused for p in parts], dim=dim),
         probe_counts=parts[0].probe_counts if dim == 1 else torch.cat([p.probe_counts for p in parts]),
         candidate_counts=torch.cat([p.candidate_counts for p in parts], dim=dim),
+        finger_llr=None
+        if any(p.finger_llr is None for p in parts)
+        else torch.cat([p.finger_llr for p in parts if p.finger_llr is not None], dim=dim),
     )

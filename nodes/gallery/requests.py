@@ -80,6 +80,41 @@ class IdentifyPlan:
         :meth:`evaluation.calibration.Thresholds.for_gallery`)."""
         return band_of(score, self.thresholds(gallery_size, fingers_compared))
 
+    def judge(self, candidate: gal.Candidate, gallery_size: int) -> None:
+        """Sets ``candidate``'s band, hit margin and agreeing fingers from its scores."""
+        fingers = len(candidate.finger_scores)
+        thresholds = self.thresholds(gallery_size, max(1, fingers))
+        candidate.band = band_of(candidate.fused_score, thresholds)
+        candidate.hit_margin = candidate.fused_score - thresholds.hit
+        candidate.agreeing_fingers = sum(1 for f in candidate.finger_scores if f.llr > 0.0)
+
+
+#: Bands from the strongest: a HIT outranks any REVIEW, which outranks any NO_HIT.
+_BAND_ORDER = {bio.HIT: 0, bio.REVIEW: 1, bio.NO_HIT: 2}
+
+
+def rank_candidates(result: gal.ProbeResult, candidates: list[gal.Candidate], k: int) -> None:
+    """Puts the best ``k`` of ``candidates`` (judged: see :meth:`IdentifyPlan.judge`) into
+    ``result``, ranked, and makes the decision the first one's band.
+
+    The best evidence decides: candidates are ordered by band, then by hit margin, never by raw
+    fused score, which is not comparable between candidates compared on different numbers of
+    fingers (a three-finger subject's fused -1.35 is weaker evidence than a ten-finger subject's
+    -9.38 in the review band). So the decision is the highest band of any candidate, and
+    ``decided_by`` names the candidate that carries it."""
+    ordered = sorted(
+        candidates, key=lambda c: (_BAND_ORDER.get(c.band, 3), -c.hit_margin, -c.fused_score, c.subject_id)
+    )[:k]
+    del result.candidates[:]
+    for rank, candidate in enumerate(ordered, start=1):
+        out = result.candidates.add()
+        out.CopyFrom(candidate)
+        out.rank = rank
+        if out.band != bio.HIT:
+            out.ClearField("record")  # minimal disclosure, whoever sent it
+    result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT
+    result.decided_by = result.candidates[0].subject_id if result.candidates else ""
+
 
 def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> IdentifyPlan:
     """The plan of a valid request; :class:`InvalidRequest` listing every problem otherwise."""

@@ -36,6 +36,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from evaluation.calibration import calibration_digest
 from fedprint.access import current_caller, deny
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
@@ -53,6 +54,7 @@ from nodes.gallery.requests import (
     check_enrollment,
     check_identify,
     check_remove,
+    rank_candidates,
     thresholds_proto,
     with_memory_totals,
 )
@@ -107,6 +109,7 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
     ) -> None:
         self.config = config
         self.node = config.node
+        self.calibration_digest = calibration_digest(config.thresholds)
         self.records = records
         self.shards = list(shards)
         self._missing: Counter | None = None
@@ -158,6 +161,11 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
             )
         elif [r.probe_id for r in response.results] != expected_ids:
             missing.error = "answered for other probes than it was asked"
+        elif response.calibration_digest != self.calibration_digest:
+            missing.error = (
+                f"judges by another calibration ({response.calibration_digest or 'none named'}) than "
+                f"the node ({self.calibration_digest}): router and shards need the same calibration"
+            )
         elif not all(
             _same_calibration(r.thresholds, thresholds_proto(plan.thresholds(r.searched_subjects)))
             for r in response.results
@@ -222,10 +230,14 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
     ) -> gal.IdentifyResponse:
         """One answer from the shards' answers: per probe, the best ``k`` candidates of all of
         them, ranked again and banded by the node's thresholds."""
-        merged = gal.IdentifyResponse(node=self.node)
         # Thresholds for the whole gallery the answering shards hold (a shard's own are for its
         # share, lower): FPIR grows with the number of subjects searched.
         searched = sum(r.results[0].searched_subjects for r in responses if r.results)
+        merged = gal.IdentifyResponse(
+            node=self.node,
+            calibration_digest=self.calibration_digest,
+            gallery_size=sum(r.gallery_size for r in responses),
+        )
         for i, probe in enumerate(request.probes):
             best: dict[str, gal.Candidate] = {}
             for response in responses:
@@ -233,7 +245,9 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
                     kept = best.get(candidate.subject_id)
                     if kept is None or candidate.fused_score > kept.fused_score:
                         best[candidate.subject_id] = candidate
-            ranked = sorted(best.values(), key=lambda c: (-c.fused_score, c.subject_id))[: plan.k]
+            candidates = [gal.Candidate() for _ in best]
+            for out, candidate in zip(candidates, best.values(), strict=True):
+                out.CopyFrom(candidate)
             result = merged.results.add(
                 probe_id=probe.probe_id,
                 thresholds=thresholds_proto(plan.probe_thresholds(i, searched)),
@@ -242,14 +256,9 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
                 fully_scored_subjects=sum(r.results[i].fully_scored_subjects for r in responses),
                 missing_shards=missing,
             )
-            for rank, candidate in enumerate(ranked, start=1):
-                out = result.candidates.add()
-                out.CopyFrom(candidate)
-                out.rank = rank
-                out.band = plan.band(candidate.fused_score, len(candidate.finger_scores), searched)
-                if out.band != bio.HIT:
-                    out.ClearField("record")  # minimal disclosure, whatever a shard sent
-            result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT
+            for candidate in candidates:
+                plan.judge(candidate, searched)  # by the whole node's thresholds, not a shard's
+            rank_candidates(result, candidates, plan.k)
         return merged
 
     # -- Enroll / Remove / GetStats -------------------------------------------------------------

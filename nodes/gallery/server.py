@@ -21,28 +21,32 @@ import grpc
 import structlog
 import torch
 
+from evaluation.calibration import calibration_digest
 from fedprint.access import current_caller, deny
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import Role, identity_of
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, exhausted_status, service
-from fedprint.tenprint import decode_tenprint
+from fedprint.tenprint import DecodedTenPrint, decode_tenprint
 from fedprint.validation import SUBJECT_ID, Violations
 from gpu_kernels import TenPrintCylinders
+from gpu_kernels.evidence import model_digest
 from minutiae.template import TenPrintTemplates
 from nodes.gallery.batcher import MicroBatcher, QueueFull
 from nodes.gallery.config import NodeConfig
-from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, SearchResult, resolve_device
+from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, Match, SearchResult, resolve_device
 from nodes.gallery.metrics import GalleryMetrics
 from nodes.gallery.partition import Partition
 from nodes.gallery.records import RecordStore, RecordT
 from nodes.gallery.replica import GalleryReplica, LoadedGallery
 from nodes.gallery.requests import (
     MAX_ENROLL_PER_STREAM,
+    IdentifyPlan,
     check_enrollment,
     check_identify,
     check_remove,
+    rank_candidates,
     thresholds_proto,
     usable_templates,
     with_memory_totals,
@@ -71,6 +75,14 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
     ) -> None:
         self.config = config
         self.node = config.node
+        fitted_on, in_use = config.thresholds.evidence_model, model_digest()
+        if fitted_on is not None and fitted_on != in_use:
+            raise ValueError(
+                f"the {self.node} node's thresholds were fitted on evidence model {fitted_on}, and it "
+                f"scores with {in_use}: recalibrate (fedprint eval --calibrate) or restore the model"
+            )
+        #: What callers may pin: the calibration (and the evidence model it names) it judges by.
+        self.calibration_digest = calibration_digest(config.thresholds)
         self.store = store
         self.gallery = gallery
         self.replica = replica or GalleryReplica(store, gallery, config.partition)
@@ -162,21 +174,22 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                         retry_after_s=full.retry_after_s,
                     )
                 )
+        judged = [
+            [self._candidate(m, d, plan, size) for m in r.matches]
+            for r, d in zip(results, decoded, strict=True)
+        ]
         # Minimal disclosure: a record goes out only with a HIT candidate. Review-band and no-hit
         # candidates carry their subject id and scores, nothing about the person.
-        bands = [[plan.band(m.fused, len(m.finger_scores), size) for m in r.matches] for r in results]
-        hit_ids = sorted(
-            {
-                m.subject_id
-                for r, b in zip(results, bands, strict=True)
-                for m, band in zip(r.matches, b, strict=True)
-                if band == bio.HIT
-            }
-        )
+        hit_ids = sorted({c.subject_id for cs in judged for c in cs if c.band == bio.HIT})
         records = await asyncio.to_thread(self.store.get_records, hit_ids) if hit_ids else {}
-        response = gal.IdentifyResponse(node=self.node, partition=self._partition_proto())
-        for i, (probe, d, searched, probe_bands) in enumerate(
-            zip(request.probes, decoded, results, bands, strict=True)
+        response = gal.IdentifyResponse(
+            node=self.node,
+            partition=self._partition_proto(),
+            calibration_digest=self.calibration_digest,
+            gallery_size=size,
+        )
+        for i, (probe, d, searched, candidates) in enumerate(
+            zip(request.probes, decoded, results, judged, strict=True)
         ):
             result = response.results.add(
                 probe_id=probe.probe_id,
@@ -185,21 +198,11 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                 searched_subjects=searched.searched,
                 fully_scored_subjects=searched.fully_scored,
             )
-            for rank, (match, band) in enumerate(zip(searched.matches, probe_bands, strict=True), start=1):
-                candidate = result.candidates.add(
-                    subject_id=match.subject_id, rank=rank, fused_score=match.fused, band=band
-                )
-                for position, score in sorted(match.finger_scores.items()):
-                    candidate.finger_scores.add(
-                        position=bio.FingerPosition.ValueType(position),
-                        score=score,
-                        probe_minutiae=d.templates.fingers[position].count,
-                        candidate_minutiae=match.candidate_minutiae.get(position, 0),
-                    )
-                record = records.get(match.subject_id) if candidate.band == bio.HIT else None
+            for candidate in candidates:
+                record = records.get(candidate.subject_id) if candidate.band == bio.HIT else None
                 if record is not None:
                     getattr(candidate, self.records.record_field).CopyFrom(record)
-            result.decision = result.candidates[0].band if result.candidates else bio.NO_HIT
+            rank_candidates(result, candidates, plan.k)
         log.info(
             "identify",
             node=self.node,
@@ -216,6 +219,21 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         if self.metrics is not None:
             self.metrics.observe_identify(response)
         return response
+
+    @staticmethod
+    def _candidate(match: Match, probe: DecodedTenPrint, plan: IdentifyPlan, size: int) -> gal.Candidate:
+        """A candidate with its per-finger scores and evidence, judged by the plan's thresholds."""
+        candidate = gal.Candidate(subject_id=match.subject_id, fused_score=match.fused)
+        for position, score in sorted(match.finger_scores.items()):
+            candidate.finger_scores.add(
+                position=bio.FingerPosition.ValueType(position),
+                score=score,
+                probe_minutiae=probe.templates.fingers[position].count,
+                candidate_minutiae=match.candidate_minutiae.get(position, 0),
+                llr=match.finger_llr.get(position, 0.0),
+            )
+        plan.judge(candidate, size)
+        return candidate
 
     # -- Enroll / Remove / GetStats -------------------------------------------------------------
 

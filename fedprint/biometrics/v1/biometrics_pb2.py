@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fedprint/biometrics/v1/biometrics.proto\x12\x16\x66\x65\x64print.biometrics.v1\"V\n\x0e\x46ingerTemplate\x12\x36\n\x06\x66ormat\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.TemplateFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"h\n\x0b\x46ingerImage\x12\x33\n\x06\x66ormat\x18\x01 \x01(\x0e\x32#.fedprint.biometrics.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x16\n\x0eresolution_ppi\x18\x03 \x01(\r\"\xf6\x01\n\x06\x46inger\x12\x38\n\x08position\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.FingerPosition\x12:\n\x08template\x18\x02 \x01(\x0b\x32&.fedprint.biometrics.v1.FingerTemplateH\x00\x12\x34\n\x05image\x18\x03 \x01(\x0b\x32#.fedprint.biometrics.v1.FingerImageH\x00\x12\x38\n\x07\x61\x62sence\x18\x04 \x01(\x0e\x32%.fedprint.biometrics.v1.FingerAbsenceH\x00\x42\x06\n\x04\x64\x61ta\";\n\x08TenPrint\x12/\n\x07\x66ingers\x18\x01 \x03(\x0b\x32\x1e.fedprint.biometrics.v1.Finger\"v\n\nThresholds\x12\x0b\n\x03hit\x18\x01 \x01(\x01\x12\x0e\n\x06review\x18\x02 \x01(\x01\x12\x10\n\x08hit_fpir\x18\x03 \x01(\x01\x12\x13\n\x0breview_fpir\x18\x04 \x01(\x01\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0cgallery_size\x18\x06 \x01(\r\"\x8a\x01\n\x0b\x46ingerScore\x12\x38\n\x08position\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.FingerPosition\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x16\n\x0eprobe_minutiae\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61ndidate_minutiae\x18\x04 \x01(\r\"\x8f\x01\n\x0b\x46ingerIssue\x12\x38\n\x08position\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.FingerPosition\x12\x36\n\x07\x61\x62sence\x18\x02 \x01(\x0e\x32%.fedprint.biometrics.v1.FingerAbsence\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\xd8\x01\n\x0e\x46ingerPosition\x12\x1f\n\x1b\x46INGER_POSITION_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRIGHT_THUMB\x10\x01\x12\x0f\n\x0bRIGHT_INDEX\x10\x02\x12\x10\n\x0cRIGHT_MIDDLE\x10\x03\x12\x0e\n\nRIGHT_RING\x10\x04\x12\x10\n\x0cRIGHT_LITTLE\x10\x05\x12\x0e\n\nLEFT_THUMB\x10\x06\x12\x0e\n\nLEFT_INDEX\x10\x07\x12\x0f\n\x0bLEFT_MIDDLE\x10\x08\x12\r\n\tLEFT_RING\x10\t\x12\x0f\n\x0bLEFT_LITTLE\x10\n*G\n\x0eTemplateFormat\x12\x1f\n\x1bTEMPLATE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10ISO_19794_2_2005\x10\x01*=\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03WSQ\x10\x01\x12\x07\n\x03PNG\x10\x02*t\n\rFingerAbsence\x12\x1e\n\x1a\x46INGER_ABSENCE_UNSPECIFIED\x10\x00\x12\r\n\tAMPUTATED\x10\x01\x12\x13\n\x0fUNABLE_TO_PRINT\x10\x02\x12\x0c\n\x08UNUSABLE\x10\x03\x12\x11\n\rNOT_SUBMITTED\x10\x04*N\n\x0c\x44\x65\x63isionBand\x12\x1d\n\x19\x44\x45\x43ISION_BAND_UNSPECIFIED\x10\x00\x12\n\n\x06NO_HIT\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\x07\n\x03HIT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fedprint/biometrics/v1/biometrics.proto\x12\x16\x66\x65\x64print.biometrics.v1\"V\n\x0e\x46ingerTemplate\x12\x36\n\x06\x66ormat\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.TemplateFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"h\n\x0b\x46ingerImage\x12\x33\n\x06\x66ormat\x18\x01 \x01(\x0e\x32#.fedprint.biometrics.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x16\n\x0eresolution_ppi\x18\x03 \x01(\r\"\xf6\x01\n\x06\x46inger\x12\x38\n\x08position\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.FingerPosition\x12:\n\x08template\x18\x02 \x01(\x0b\x32&.fedprint.biometrics.v1.FingerTemplateH\x00\x12\x34\n\x05image\x18\x03 \x01(\x0b\x32#.fedprint.biometrics.v1.FingerImageH\x00\x12\x38\n\x07\x61\x62sence\x18\x04 \x01(\x0e\x32%.fedprint.biometrics.v1.FingerAbsenceH\x00\x42\x06\n\x04\x64\x61ta\";\n\x08TenPrint\x12/\n\x07\x66ingers\x18\x01 \x03(\x0b\x32\x1e.fedprint.biometrics.v1.Finger\"v\n\nThresholds\x12\x0b\n\x03hit\x18\x01 \x01(\x01\x12\x0e\n\x06review\x18\x02 \x01(\x01\x12\x10\n\x08hit_fpir\x18\x03 \x01(\x01\x12\x13\n\x0breview_fpir\x18\x04 \x01(\x01\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0cgallery_size\x18\x06 \x01(\r\"\x97\x01\n\x0b\x46ingerScore\x12\x38\n\x08position\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.FingerPosition\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x16\n\x0eprobe_minutiae\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61ndidate_minutiae\x18\x04 \x01(\r\x12\x0b\n\x03llr\x18\x05 \x01(\x01\"\x8f\x01\n\x0b\x46ingerIssue\x12\x38\n\x08position\x18\x01 \x01(\x0e\x32&.fedprint.biometrics.v1.FingerPosition\x12\x36\n\x07\x61\x62sence\x18\x02 \x01(\x0e\x32%.fedprint.biometrics.v1.FingerAbsence\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\xd8\x01\n\x0e\x46ingerPosition\x12\x1f\n\x1b\x46INGER_POSITION_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRIGHT_THUMB\x10\x01\x12\x0f\n\x0bRIGHT_INDEX\x10\x02\x12\x10\n\x0cRIGHT_MIDDLE\x10\x03\x12\x0e\n\nRIGHT_RING\x10\x04\x12\x10\n\x0cRIGHT_LITTLE\x10\x05\x12\x0e\n\nLEFT_THUMB\x10\x06\x12\x0e\n\nLEFT_INDEX\x10\x07\x12\x0f\n\x0bLEFT_MIDDLE\x10\x08\x12\r\n\tLEFT_RING\x10\t\x12\x0f\n\x0bLEFT_LITTLE\x10\n*G\n\x0eTemplateFormat\x12\x1f\n\x1bTEMPLATE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10ISO_19794_2_2005\x10\x01*=\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03WSQ\x10\x01\x12\x07\n\x03PNG\x10\x02*t\n\rFingerAbsence\x12\x1e\n\x1a\x46INGER_ABSENCE_UNSPECIFIED\x10\x00\x12\r\n\tAMPUTATED\x10\x01\x12\x13\n\x0fUNABLE_TO_PRINT\x10\x02\x12\x0c\n\x08UNUSABLE\x10\x03\x12\x11\n\rNOT_SUBMITTED\x10\x04*N\n\x0c\x44\x65\x63isionBand\x12\x1d\n\x19\x44\x45\x43ISION_BAND_UNSPECIFIED\x10\x00\x12\n\n\x06NO_HIT\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\x07\n\x03HIT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedprint.biometrics.v1.biometrics_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINGERPOSITION']._serialized_start=979
-  _globals['_FINGERPOSITION']._serialized_end=1195
-  _globals['_TEMPLATEFORMAT']._serialized_start=1197
-  _globals['_TEMPLATEFORMAT']._serialized_end=1268
-  _globals['_IMAGEFORMAT']._serialized_start=1270
-  _globals['_IMAGEFORMAT']._serialized_end=1331
-  _globals['_FINGERABSENCE']._serialized_start=1333
-  _globals['_FINGERABSENCE']._serialized_end=1449
-  _globals['_DECISIONBAND']._serialized_start=1451
-  _globals['_DECISIONBAND']._serialized_end=1529
+  _globals['_FINGERPOSITION']._serialized_start=992
+  _globals['_FINGERPOSITION']._serialized_end=1208
+  _globals['_TEMPLATEFORMAT']._serialized_start=1210
+  _globals['_TEMPLATEFORMAT']._serialized_end=1281
+  _globals['_IMAGEFORMAT']._serialized_start=1283
+  _globals['_IMAGEFORMAT']._serialized_end=1344
+  _globals['_FINGERABSENCE']._serialized_start=1346
+  _globals['_FINGERABSENCE']._serialized_end=1462
+  _globals['_DECISIONBAND']._serialized_start=1464
+  _globals['_DECISIONBAND']._serialized_end=1542
   _globals['_FINGERTEMPLATE']._serialized_start=67
   _globals['_FINGERTEMPLATE']._serialized_end=153
   _globals['_FINGERIMAGE']._serialized_start=155
@@ -52,7 +52,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_THRESHOLDS']._serialized_start=571
   _globals['_THRESHOLDS']._serialized_end=689
   _globals['_FINGERSCORE']._serialized_start=692
-  _globals['_FINGERSCORE']._serialized_end=830
-  _globals['_FINGERISSUE']._serialized_start=833
-  _globals['_FINGERISSUE']._serialized_end=976
+  _globals['_FINGERSCORE']._serialized_end=843
+  _globals['_FINGERISSUE']._serialized_start=846
+  _globals['_FINGERISSUE']._serialized_end=989
 # @@protoc_insertion_point(module_scope)

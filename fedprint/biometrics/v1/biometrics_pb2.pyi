@@ -322,12 +322,18 @@ class FingerScore(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     PROBE_MINUTIAE_FIELD_NUMBER: _builtins.int
     CANDIDATE_MINUTIAE_FIELD_NUMBER: _builtins.int
+    LLR_FIELD_NUMBER: _builtins.int
     position: Global___FingerPosition.ValueType
     score: _builtins.float
     """Minutia Cylinder-Code global score in [0, 1]."""
     probe_minutiae: _builtins.int
     """Minutiae in the probe finger and in the candidate finger."""
     candidate_minutiae: _builtins.int
+    llr: _builtins.float
+    """This finger's log-likelihood ratio, the term the fused score sums (after the
+    count and search-time normalisations); above 0 the finger by itself favours
+    identity.
+    """
     def __init__(
         self,
         *,
@@ -335,10 +341,11 @@ class FingerScore(_message.Message):
         score: _builtins.float = ...,
         probe_minutiae: _builtins.int = ...,
         candidate_minutiae: _builtins.int = ...,
+        llr: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_minutiae", b"candidate_minutiae", "position", b"position", "probe_minutiae", b"probe_minutiae", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_minutiae", b"candidate_minutiae", "llr", b"llr", "position", b"position", "probe_minutiae", b"probe_minutiae", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

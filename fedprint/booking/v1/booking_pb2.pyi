@@ -70,6 +70,11 @@ class _NodeOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeOutco
     error names it). Treated as not answered: the decision is INCOMPLETE, the node is
     searched again, and its partial candidates are not kept.
     """
+    UNTRUSTED: _NodeOutcome.ValueType  # 6
+    """The node answered, but not as the coordinator's configuration pins it: another
+    calibration, a gallery below the floor, or another probe than the one asked (the
+    error says which). Treated as not answered: INCOMPLETE, retried, audited.
+    """
 
 class NodeOutcome(_NodeOutcome, metaclass=_NodeOutcomeEnumTypeWrapper):
     """How a node's search went."""
@@ -86,6 +91,11 @@ PARTIAL: NodeOutcome.ValueType  # 5
 """A sharded node answered for part of its gallery only: a shard did not answer (the
 error names it). Treated as not answered: the decision is INCOMPLETE, the node is
 searched again, and its partial candidates are not kept.
+"""
+UNTRUSTED: NodeOutcome.ValueType  # 6
+"""The node answered, but not as the coordinator's configuration pins it: another
+calibration, a gallery below the floor, or another probe than the one asked (the
+error says which). Treated as not answered: INCOMPLETE, retried, audited.
 """
 Global___NodeOutcome: _TypeAlias = NodeOutcome  # noqa: Y015
 

@@ -26,7 +26,7 @@ from fedprint.biometrics.v1 import biometrics_pb2 as fedprint_dot_biometrics_dot
 from fedprint.records.v1 import records_pb2 as fedprint_dot_records_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedprint/gallery/v1/gallery.proto\x12\x13\x66\x65\x64print.gallery.v1\x1a\'fedprint/biometrics/v1/biometrics.proto\x1a!fedprint/records/v1/records.proto\"M\n\x05Probe\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x32\n\x08tenprint\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\"|\n\x0fIdentifyRequest\x12*\n\x06probes\x18\x01 \x03(\x0b\x32\x1a.fedprint.gallery.v1.Probe\x12\x13\n\x0bmax_results\x18\x02 \x01(\r\x12\x13\n\x0bsubject_ids\x18\x03 \x03(\t\x12\x13\n\x0btarget_fpir\x18\x04 \x01(\x01\"\xc6\x02\n\tCandidate\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0b\x66used_score\x18\x03 \x01(\x01\x12:\n\rfinger_scores\x18\x04 \x03(\x0b\x32#.fedprint.biometrics.v1.FingerScore\x12\x32\n\x04\x62\x61nd\x18\x05 \x01(\x0e\x32$.fedprint.biometrics.v1.DecisionBand\x12@\n\x10\x63riminal_history\x18\x06 \x01(\x0b\x32$.fedprint.records.v1.CriminalHistoryH\x00\x12\x46\n\x13immigration_history\x18\x07 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistoryH\x00\x42\x08\n\x06record\"\xf7\x02\n\x0bProbeResult\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.fedprint.gallery.v1.Candidate\x12\x36\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32$.fedprint.biometrics.v1.DecisionBand\x12\x36\n\nthresholds\x18\x04 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12=\n\x10unusable_fingers\x18\x05 \x03(\x0b\x32#.fedprint.biometrics.v1.FingerIssue\x12\x19\n\x11searched_subjects\x18\x06 \x01(\x04\x12\x1d\n\x15\x66ully_scored_subjects\x18\x07 \x01(\x04\x12\x39\n\x0emissing_shards\x18\x08 \x03(\x0b\x32!.fedprint.gallery.v1.MissingShard\"0\n\x10GalleryPartition\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"h\n\x0cMissingShard\x12\x38\n\tpartition\x18\x01 \x01(\x0b\x32%.fedprint.gallery.v1.GalleryPartition\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x8d\x01\n\x10IdentifyResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x31\n\x07results\x18\x02 \x03(\x0b\x32 .fedprint.gallery.v1.ProbeResult\x12\x38\n\tpartition\x18\x03 \x01(\x0b\x32%.fedprint.gallery.v1.GalleryPartition\"\xeb\x01\n\rEnrollRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x32\n\x08tenprint\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12@\n\x10\x63riminal_history\x18\x03 \x01(\x0b\x32$.fedprint.records.v1.CriminalHistoryH\x00\x12\x46\n\x13immigration_history\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistoryH\x00\x42\x08\n\x06record\"8\n\x0e\x45nrollResponse\x12\x10\n\x08\x65nrolled\x18\x01 \x01(\r\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x04\"$\n\rRemoveRequest\x12\x13\n\x0bsubject_ids\x18\x01 \x03(\t\"7\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xc7\x03\n\x0cGalleryStats\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x04\x12\x14\n\x0c\x66inger_count\x18\x03 \x01(\x04\x12\x1f\n\x17template_format_version\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x36\n\nthresholds\x18\x06 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12\x38\n\tpartition\x18\x07 \x01(\x0b\x32%.fedprint.gallery.v1.GalleryPartition\x12\x14\n\x0c\x64\x65vice_bytes\x18\x08 \x01(\x04\x12\x12\n\nhost_bytes\x18\t \x01(\x04\x12 \n\x18\x64\x65vice_bytes_per_subject\x18\n \x01(\x01\x12\x1e\n\x16host_bytes_per_subject\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65vice_reserved_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13host_reserved_bytes\x18\r \x01(\x04\x12\x32\n\x06memory\x18\x0e \x03(\x0b\x32\".fedprint.gallery.v1.GalleryMemory\"V\n\rGalleryMemory\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\"\'\n\x11GetSubjectRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\"\xe5\x01\n\x07Subject\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x32\n\x08tenprint\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12@\n\x10\x63riminal_history\x18\x03 \x01(\x0b\x32$.fedprint.records.v1.CriminalHistoryH\x00\x12\x46\n\x13immigration_history\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistoryH\x00\x42\x08\n\x06record2\xba\x03\n\x0eGalleryService\x12W\n\x08Identify\x12$.fedprint.gallery.v1.IdentifyRequest\x1a%.fedprint.gallery.v1.IdentifyResponse\x12S\n\x06\x45nroll\x12\".fedprint.gallery.v1.EnrollRequest\x1a#.fedprint.gallery.v1.EnrollResponse(\x01\x12Q\n\x06Remove\x12\".fedprint.gallery.v1.RemoveRequest\x1a#.fedprint.gallery.v1.RemoveResponse\x12S\n\x08GetStats\x12$.fedprint.gallery.v1.GetStatsRequest\x1a!.fedprint.gallery.v1.GalleryStats\x12R\n\nGetSubject\x12&.fedprint.gallery.v1.GetSubjectRequest\x1a\x1c.fedprint.gallery.v1.Subjectb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedprint/gallery/v1/gallery.proto\x12\x13\x66\x65\x64print.gallery.v1\x1a\'fedprint/biometrics/v1/biometrics.proto\x1a!fedprint/records/v1/records.proto\"M\n\x05Probe\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x32\n\x08tenprint\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\"|\n\x0fIdentifyRequest\x12*\n\x06probes\x18\x01 \x03(\x0b\x32\x1a.fedprint.gallery.v1.Probe\x12\x13\n\x0bmax_results\x18\x02 \x01(\r\x12\x13\n\x0bsubject_ids\x18\x03 \x03(\t\x12\x13\n\x0btarget_fpir\x18\x04 \x01(\x01\"\xf4\x02\n\tCandidate\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0b\x66used_score\x18\x03 \x01(\x01\x12:\n\rfinger_scores\x18\x04 \x03(\x0b\x32#.fedprint.biometrics.v1.FingerScore\x12\x32\n\x04\x62\x61nd\x18\x05 \x01(\x0e\x32$.fedprint.biometrics.v1.DecisionBand\x12@\n\x10\x63riminal_history\x18\x06 \x01(\x0b\x32$.fedprint.records.v1.CriminalHistoryH\x00\x12\x46\n\x13immigration_history\x18\x07 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistoryH\x00\x12\x12\n\nhit_margin\x18\x08 \x01(\x01\x12\x18\n\x10\x61greeing_fingers\x18\t \x01(\rB\x08\n\x06record\"\x8b\x03\n\x0bProbeResult\x12\x10\n\x08probe_id\x18\x01 \x01(\t\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.fedprint.gallery.v1.Candidate\x12\x36\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32$.fedprint.biometrics.v1.DecisionBand\x12\x36\n\nthresholds\x18\x04 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12=\n\x10unusable_fingers\x18\x05 \x03(\x0b\x32#.fedprint.biometrics.v1.FingerIssue\x12\x19\n\x11searched_subjects\x18\x06 \x01(\x04\x12\x1d\n\x15\x66ully_scored_subjects\x18\x07 \x01(\x04\x12\x39\n\x0emissing_shards\x18\x08 \x03(\x0b\x32!.fedprint.gallery.v1.MissingShard\x12\x12\n\ndecided_by\x18\t \x01(\t\"0\n\x10GalleryPartition\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"h\n\x0cMissingShard\x12\x38\n\tpartition\x18\x01 \x01(\x0b\x32%.fedprint.gallery.v1.GalleryPartition\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xbf\x01\n\x10IdentifyResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x31\n\x07results\x18\x02 \x03(\x0b\x32 .fedprint.gallery.v1.ProbeResult\x12\x38\n\tpartition\x18\x03 \x01(\x0b\x32%.fedprint.gallery.v1.GalleryPartition\x12\x1a\n\x12\x63\x61libration_digest\x18\x04 \x01(\t\x12\x14\n\x0cgallery_size\x18\x05 \x01(\x04\"\xeb\x01\n\rEnrollRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x32\n\x08tenprint\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12@\n\x10\x63riminal_history\x18\x03 \x01(\x0b\x32$.fedprint.records.v1.CriminalHistoryH\x00\x12\x46\n\x13immigration_history\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistoryH\x00\x42\x08\n\x06record\"8\n\x0e\x45nrollResponse\x12\x10\n\x08\x65nrolled\x18\x01 \x01(\r\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x04\"$\n\rRemoveRequest\x12\x13\n\x0bsubject_ids\x18\x01 \x03(\t\"7\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xc7\x03\n\x0cGalleryStats\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x04\x12\x14\n\x0c\x66inger_count\x18\x03 \x01(\x04\x12\x1f\n\x17template_format_version\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x36\n\nthresholds\x18\x06 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12\x38\n\tpartition\x18\x07 \x01(\x0b\x32%.fedprint.gallery.v1.GalleryPartition\x12\x14\n\x0c\x64\x65vice_bytes\x18\x08 \x01(\x04\x12\x12\n\nhost_bytes\x18\t \x01(\x04\x12 \n\x18\x64\x65vice_bytes_per_subject\x18\n \x01(\x01\x12\x1e\n\x16host_bytes_per_subject\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65vice_reserved_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13host_reserved_bytes\x18\r \x01(\x04\x12\x32\n\x06memory\x18\x0e \x03(\x0b\x32\".fedprint.gallery.v1.GalleryMemory\"V\n\rGalleryMemory\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\"\'\n\x11GetSubjectRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\"\xe5\x01\n\x07Subject\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x32\n\x08tenprint\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12@\n\x10\x63riminal_history\x18\x03 \x01(\x0b\x32$.fedprint.records.v1.CriminalHistoryH\x00\x12\x46\n\x13immigration_history\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistoryH\x00\x42\x08\n\x06record2\xba\x03\n\x0eGalleryService\x12W\n\x08Identify\x12$.fedprint.gallery.v1.IdentifyRequest\x1a%.fedprint.gallery.v1.IdentifyResponse\x12S\n\x06\x45nroll\x12\".fedprint.gallery.v1.EnrollRequest\x1a#.fedprint.gallery.v1.EnrollResponse(\x01\x12Q\n\x06Remove\x12\".fedprint.gallery.v1.RemoveRequest\x1a#.fedprint.gallery.v1.RemoveResponse\x12S\n\x08GetStats\x12$.fedprint.gallery.v1.GetStatsRequest\x1a!.fedprint.gallery.v1.GalleryStats\x12R\n\nGetSubject\x12&.fedprint.gallery.v1.GetSubjectRequest\x1a\x1c.fedprint.gallery.v1.Subjectb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IDENTIFYREQUEST']._serialized_start=213
   _globals['_IDENTIFYREQUEST']._serialized_end=337
   _globals['_CANDIDATE']._serialized_start=340
-  _globals['_CANDIDATE']._serialized_end=666
-  _globals['_PROBERESULT']._serialized_start=669
-  _globals['_PROBERESULT']._serialized_end=1044
-  _globals['_GALLERYPARTITION']._serialized_start=1046
-  _globals['_GALLERYPARTITION']._serialized_end=1094
-  _globals['_MISSINGSHARD']._serialized_start=1096
-  _globals['_MISSINGSHARD']._serialized_end=1200
-  _globals['_IDENTIFYRESPONSE']._serialized_start=1203
-  _globals['_IDENTIFYRESPONSE']._serialized_end=1344
-  _globals['_ENROLLREQUEST']._serialized_start=1347
-  _globals['_ENROLLREQUEST']._serialized_end=1582
-  _globals['_ENROLLRESPONSE']._serialized_start=1584
-  _globals['_ENROLLRESPONSE']._serialized_end=1640
-  _globals['_REMOVEREQUEST']._serialized_start=1642
-  _globals['_REMOVEREQUEST']._serialized_end=1678
-  _globals['_REMOVERESPONSE']._serialized_start=1680
-  _globals['_REMOVERESPONSE']._serialized_end=1735
-  _globals['_GETSTATSREQUEST']._serialized_start=1737
-  _globals['_GETSTATSREQUEST']._serialized_end=1754
-  _globals['_GALLERYSTATS']._serialized_start=1757
-  _globals['_GALLERYSTATS']._serialized_end=2212
-  _globals['_GALLERYMEMORY']._serialized_start=2214
-  _globals['_GALLERYMEMORY']._serialized_end=2300
-  _globals['_GETSUBJECTREQUEST']._serialized_start=2302
-  _globals['_GETSUBJECTREQUEST']._serialized_end=2341
-  _globals['_SUBJECT']._serialized_start=2344
-  _globals['_SUBJECT']._serialized_end=2573
-  _globals['_GALLERYSERVICE']._serialized_start=2576
-  _globals['_GALLERYSERVICE']._serialized_end=3018
+  _globals['_CANDIDATE']._serialized_end=712
+  _globals['_PROBERESULT']._serialized_start=715
+  _globals['_PROBERESULT']._serialized_end=1110
+  _globals['_GALLERYPARTITION']._serialized_start=1112
+  _globals['_GALLERYPARTITION']._serialized_end=1160
+  _globals['_MISSINGSHARD']._serialized_start=1162
+  _globals['_MISSINGSHARD']._serialized_end=1266
+  _globals['_IDENTIFYRESPONSE']._serialized_start=1269
+  _globals['_IDENTIFYRESPONSE']._serialized_end=1460
+  _globals['_ENROLLREQUEST']._serialized_start=1463
+  _globals['_ENROLLREQUEST']._serialized_end=1698
+  _globals['_ENROLLRESPONSE']._serialized_start=1700
+  _globals['_ENROLLRESPONSE']._serialized_end=1756
+  _globals['_REMOVEREQUEST']._serialized_start=1758
+  _globals['_REMOVEREQUEST']._serialized_end=1794
+  _globals['_REMOVERESPONSE']._serialized_start=1796
+  _globals['_REMOVERESPONSE']._serialized_end=1851
+  _globals['_GETSTATSREQUEST']._serialized_start=1853
+  _globals['_GETSTATSREQUEST']._serialized_end=1870
+  _globals['_GALLERYSTATS']._serialized_start=1873
+  _globals['_GALLERYSTATS']._serialized_end=2328
+  _globals['_GALLERYMEMORY']._serialized_start=2330
+  _globals['_GALLERYMEMORY']._serialized_end=2416
+  _globals['_GETSUBJECTREQUEST']._serialized_start=2418
+  _globals['_GETSUBJECTREQUEST']._serialized_end=2457
+  _globals['_SUBJECT']._serialized_start=2460
+  _globals['_SUBJECT']._serialized_end=2689
+  _globals['_GALLERYSERVICE']._serialized_start=2692
+  _globals['_GALLERYSERVICE']._serialized_end=3134
 # @@protoc_insertion_point(module_scope)

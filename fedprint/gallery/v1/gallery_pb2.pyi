@@ -104,12 +104,26 @@ class Candidate(_message.Message):
     BAND_FIELD_NUMBER: _builtins.int
     CRIMINAL_HISTORY_FIELD_NUMBER: _builtins.int
     IMMIGRATION_HISTORY_FIELD_NUMBER: _builtins.int
+    HIT_MARGIN_FIELD_NUMBER: _builtins.int
+    AGREEING_FINGERS_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
     rank: _builtins.int
     """1 for the best candidate."""
     fused_score: _builtins.float
-    """Fusion of the per-finger scores, in [0, 1]; compared against the thresholds."""
+    """Fusion of the per-finger scores (a log-likelihood ratio of identity, natural log);
+    compared against the thresholds for the fingers it was compared on.
+    """
     band: _biometrics_pb2.DecisionBand.ValueType
+    """By the thresholds for the number of fingers this candidate was compared on."""
+    hit_margin: _builtins.float
+    """The fused score less the hit threshold for the fingers this candidate was compared
+    on: a score comparable whatever that number. Candidates are ranked by band, then by
+    it, so the first candidate carries the best evidence and the decision.
+    """
+    agreeing_fingers: _builtins.int
+    """Fingers that each carry positive evidence on their own (per-finger log-likelihood
+    ratio above 0: by itself that finger is likelier the same finger of the same person).
+    """
     @_builtins.property
     def finger_scores(self) -> _containers.RepeatedCompositeFieldContainer[_biometrics_pb2.FingerScore]: ...
     @_builtins.property
@@ -126,10 +140,12 @@ class Candidate(_message.Message):
         band: _biometrics_pb2.DecisionBand.ValueType = ...,
         criminal_history: _records_pb2.CriminalHistory | None = ...,
         immigration_history: _records_pb2.ImmigrationHistory | None = ...,
+        hit_margin: _builtins.float = ...,
+        agreeing_fingers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["criminal_history", b"criminal_history", "immigration_history", b"immigration_history", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["band", b"band", "criminal_history", b"criminal_history", "finger_scores", b"finger_scores", "fused_score", b"fused_score", "immigration_history", b"immigration_history", "rank", b"rank", "record", b"record", "subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreeing_fingers", b"agreeing_fingers", "band", b"band", "criminal_history", b"criminal_history", "finger_scores", b"finger_scores", "fused_score", b"fused_score", "hit_margin", b"hit_margin", "immigration_history", b"immigration_history", "rank", b"rank", "record", b"record", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_record: _TypeAlias = _typing.Literal["criminal_history", "immigration_history"]  # noqa: Y015
     _WhichOneofArgType_record: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
@@ -151,15 +167,18 @@ class ProbeResult(_message.Message):
     SEARCHED_SUBJECTS_FIELD_NUMBER: _builtins.int
     FULLY_SCORED_SUBJECTS_FIELD_NUMBER: _builtins.int
     MISSING_SHARDS_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
     probe_id: _builtins.str
     decision: _biometrics_pb2.DecisionBand.ValueType
-    """Band of the best candidate; NO_HIT when there is none."""
+    """The highest band among the candidates (that of the first); NO_HIT when there is none."""
     searched_subjects: _builtins.int
     """Number of enrolled subjects the probe was compared with."""
     fully_scored_subjects: _builtins.int
     """Of those, the subjects scored with full MCC: all of them in an exhaustive search, the
     probe's shortlist when the node searched a large gallery through its shortlist index.
     """
+    decided_by: _builtins.str
+    """Subject id of the candidate that carries the decision; empty when there is none."""
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]: ...
     @_builtins.property
@@ -189,10 +208,11 @@ class ProbeResult(_message.Message):
         searched_subjects: _builtins.int = ...,
         fully_scored_subjects: _builtins.int = ...,
         missing_shards: _abc.Iterable[Global___MissingShard] | None = ...,
+        decided_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decision", b"decision", "fully_scored_subjects", b"fully_scored_subjects", "missing_shards", b"missing_shards", "probe_id", b"probe_id", "searched_subjects", b"searched_subjects", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decided_by", b"decided_by", "decision", b"decision", "fully_scored_subjects", b"fully_scored_subjects", "missing_shards", b"missing_shards", "probe_id", b"probe_id", "searched_subjects", b"searched_subjects", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,8 +281,18 @@ class IdentifyResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
+    CALIBRATION_DIGEST_FIELD_NUMBER: _builtins.int
+    GALLERY_SIZE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Name of the answering node ("iafis" or "ident")."""
+    calibration_digest: _builtins.str
+    """What the node judged by: a digest of its calibration (thresholds, tails and the
+    evidence model that makes its scores), which a caller may pin.
+    """
+    gallery_size: _builtins.int
+    """Subjects in the gallery the node searched when it answered (a router: the sum over
+    the shards that answered).
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeResult]: ...
     @_builtins.property
@@ -278,10 +308,12 @@ class IdentifyResponse(_message.Message):
         node: _builtins.str = ...,
         results: _abc.Iterable[Global___ProbeResult] | None = ...,
         partition: Global___GalleryPartition | None = ...,
+        calibration_digest: _builtins.str = ...,
+        gallery_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "partition", b"partition", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_digest", b"calibration_digest", "gallery_size", b"gallery_size", "node", b"node", "partition", b"partition", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
