@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.records.v1 import records_pb2 as rec
 
 BUNDLED_POLICY = "threat_policy.yaml"
@@ -47,12 +48,21 @@ class SuppressionRule(BaseModel):
 
 
 class EvidenceRule(BaseModel):
-    """What an automated HIT needs besides its fused score. A candidate that reaches the hit
-    threshold on fewer fingers than this goes to an examiner instead: with few fingers a chance
-    match of one small, low-minutia finger can carry the fused score, and at a national
-    gallery's size such chance matches happen."""
+    """What an automated HIT needs besides its fused score: at least ``min_fingers_compared``
+    fingers that each agree on their own, i.e. whose per-finger log-likelihood ratio is above 0
+    (that finger alone is likelier the same finger of the same person than another's). A
+    candidate that reaches the hit threshold with fewer goes to an examiner instead.
 
-    min_fingers_compared: int = Field(default=4, ge=1, le=10)
+    Why agreeing fingers and not fingers compared: a fused score is a sum, so one finger copied
+    from a subject (or one strong chance match of a small, low-minutia finger) can carry it past
+    the threshold while the other fingers compared say "someone else"; counting the fingers
+    present would call that a ten-print hit. Why above 0 rather than a higher bar: an impostor
+    finger rarely has a positive ratio, so several of them together are rare, and a mate's
+    fingers mostly do, so a true ten-print hit keeps its automation."""
+
+    min_fingers_compared: int = Field(
+        default=4, ge=1, le=10, description="fingers that must each agree (LLR > 0) for an automated HIT"
+    )
 
 
 class PolicyConfig(BaseModel):
@@ -95,6 +105,11 @@ class PolicyOutcome:
     reasons: list[str]
 
 
+def agreeing_fingers(candidate: gal.Candidate) -> int:
+    """Fingers of ``candidate`` whose own log-likelihood ratio favours identity (above 0)."""
+    return sum(1 for finger in candidate.finger_scores if finger.llr > 0.0)
+
+
 class ThreatPolicy:
     """Grades charges and decides on notification, as configured."""
 
@@ -135,20 +150,21 @@ class ThreatPolicy:
         return rec.ThreatLevel.Value(f"LEVEL_{worst.level}"), [reason]
 
     def weigh_evidence(self, node: bk.NodeResult) -> str | None:
-        """Lowers a node's HIT to REVIEW (on ``node`` and its top candidate) when the hit rests on
-        fewer fingers than the evidence rule asks; returns the reason, None when the hit stands."""
+        """Lowers a node's HIT to REVIEW (on ``node`` and its top candidate) when fewer of its
+        fingers agree than the evidence rule asks (see :class:`EvidenceRule`); returns the
+        reason, None when the hit stands."""
         if node.outcome != bk.ANSWERED or node.band != bio.HIT or not node.candidates:
             return None
         top = node.candidates[0]
-        compared = len(top.finger_scores)
+        compared, agreeing = len(top.finger_scores), agreeing_fingers(top)
         needed = self.config.evidence.min_fingers_compared
-        if compared >= needed:
+        if agreeing >= needed:
             return None
         node.band = top.band = bio.REVIEW
         return (
-            f"{node.node.upper()} candidate {top.subject_id} reached the hit threshold on {compared} "
-            f"finger{'s' if compared != 1 else ''} compared, fewer than the {needed} an automated hit "
-            "needs: examiner review"
+            f"{node.node.upper()} candidate {top.subject_id} reached the hit threshold with {agreeing} of "
+            f"{compared} finger{'s' if compared != 1 else ''} compared agreeing, fewer than the {needed} "
+            "an automated hit needs: examiner review"
         )
 
     def decide(
@@ -170,9 +186,11 @@ class ThreatPolicy:
                 )
         history = None
         if iafis.outcome == bk.ANSWERED and iafis.band == bio.HIT and iafis.candidates:
-            history = iafis.candidates[0].criminal_history
+            top = iafis.candidates[0]
+            history = top.criminal_history
             reasons.append(
-                f"IAFIS hit {iafis.candidates[0].subject_id} (score {iafis.candidates[0].fused_score:.3f})"
+                f"IAFIS hit {top.subject_id} (score {top.fused_score:.3f}, "
+                f"{agreeing_fingers(top)} of {len(top.finger_scores)} fingers agreeing)"
             )
         elif iafis.outcome == bk.ANSWERED and iafis.band == bio.REVIEW:
             reasons.append(
@@ -185,7 +203,8 @@ class ThreatPolicy:
         if ident.band == bio.HIT and ident.candidates:
             top = ident.candidates[0]
             reasons.append(
-                f"IDENT hit {top.subject_id} (score {top.fused_score:.3f} >= {ident.thresholds.hit:.3f})"
+                f"IDENT hit {top.subject_id} (score {top.fused_score:.3f} >= {ident.thresholds.hit:.3f}, "
+                f"{agreeing_fingers(top)} of {len(top.finger_scores)} fingers agreeing)"
             )
             return self.ident_identity(level, top.immigration_history, reasons)
         if ident.band == bio.REVIEW:

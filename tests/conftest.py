@@ -90,16 +90,25 @@ class Federation:
             self.ice.host.address, expected, timeout_s=10, tls=self.pki["ice"]
         )
 
-    async def restart_node(self, name: str, **settings: Any) -> GalleryNode:
-        """Starts a fresh node process-equivalent on the same port and data directory, with
-        ``settings`` (NodeConfig fields) changed."""
+    async def restart_node(
+        self, name: str, *, pin: bool = True, data_dir: Path | None = None, **settings: Any
+    ) -> GalleryNode:
+        """Starts a fresh node process-equivalent on the same port and data directory (or
+        ``data_dir``), with ``settings`` (NodeConfig fields) changed. ``pin``: the coordinator is
+        told to believe the node's calibration, as an operator deploying it would."""
         old: GalleryNode = getattr(self, name)
         config = NodeConfig(
-            node=name, listen=old.host.address, data_dir=self.root / name, tls=self.pki[name], **settings
+            node=name,
+            listen=old.host.address,
+            data_dir=data_dir or self.root / name,
+            tls=self.pki[name],
+            **settings,
         )
         node = build_node(config)
         await node.host.start()
         setattr(self, name, node)
+        if not pin:
+            return node
         # The operator who deploys a node with another calibration pins it on the coordinator.
         client = getattr(self.coordinator.coordinator, name)
         pinned = NodeTrust(calibration=node.servicer.calibration_digest)

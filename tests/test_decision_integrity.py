@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
 from cli.app import app
+from evaluation.calibration import Thresholds
 from federation.outbox import OutboxDeliverer
 from federation.store import CoordinatorStore
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
@@ -257,3 +258,58 @@ async def test_a_one_finger_booking_never_reaches_ice_by_itself_while_the_full_t
     full = await stub.SubmitBooking(sample.booking, timeout=30)
     assert full.ident.band == bio.HIT and full.notification == bk.QUEUED
     assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]
+
+
+async def test_a_node_with_a_calibration_nobody_pinned_is_not_believed(
+    federation: Federation, population: Population
+) -> None:
+    # IDENT restarted with fixed thresholds that make anyone a hit: its answers are not decisions.
+    stranger = pick(population, iafis=False, ident=False)
+    await federation.ident.stop(0)
+    rogue = Thresholds(hit=-1000.0, review=-2000.0, source="rogue fixed thresholds")
+    await federation.restart_node("ident", pin=False, thresholds=rogue)
+    decision = await federation.booking_stub(stranger.booking.ori).SubmitBooking(stranger.booking, timeout=30)
+    assert decision.status == bk.INCOMPLETE and decision.notification == bk.DEFERRED
+    assert decision.ident.outcome == bk.UNTRUSTED and "another calibration" in decision.ident.error
+    assert not decision.ident.candidates
+    store = federation.coordinator.coordinator.store
+    assert any(event == "node_answer_refused" for event, _ in store.audit(stranger.booking.tcn))
+    assert store.outbox_attempts(stranger.booking.tcn) is None and await federation.notifications() == []
+    counted = federation.coordinator.coordinator.untrusted_answers.labels("ident", "calibration")
+    assert counted._value.get() >= 1
+
+
+async def test_a_node_restarted_on_an_empty_gallery_is_not_believed(
+    federation: Federation, population: Population, tmp_path: Path
+) -> None:
+    # Same calibration, but no one enrolled: its NO_HIT would be a silent miss of a true mate.
+    sample = pick(population, iafis=False, ident=True, notify=True)
+    await federation.ident.stop(0)
+    await federation.restart_node("ident", data_dir=tmp_path / "empty-ident")
+    decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
+    assert decision.status == bk.INCOMPLETE and decision.ident.outcome == bk.UNTRUSTED
+    assert "below the floor of 1" in decision.ident.error
+    assert decision.ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
+
+
+async def test_one_copied_finger_among_three_strangers_fingers_never_reaches_ice(
+    federation: Federation, population: Population
+) -> None:
+    # One finger of an IDENT subject's booking with three fingers of people in neither gallery.
+    mates = [b for b in population.bookings if b.truth.ident_subject_id and b.truth.expect_notification]
+    strangers = [
+        b for b in population.bookings if not b.truth.ident_subject_id and not b.truth.iafis_subject_id
+    ]
+    decisions = []
+    for i, mate in enumerate(mates[:6]):
+        fingers = {f.position: f for f in mate.booking.tenprint.fingers if f.WhichOneof("data") == "template"}
+        other = {f.position: f for f in strangers[i % len(strangers)].booking.tenprint.fingers}
+        copied = sorted(fingers)[0]
+        mixed = with_tcn(mate.booking, f"TCN-MIXED-{i:02d}")
+        del mixed.tenprint.fingers[:]
+        mixed.tenprint.fingers.append(fingers[copied])
+        mixed.tenprint.fingers.extend([other[p] for p in sorted(other) if p != copied][:3])
+        decisions.append(await federation.booking_stub(mixed.ori).SubmitBooking(mixed, timeout=30))
+    assert all(d.status == bk.COMPLETE for d in decisions)
+    assert all(d.ident.band != bio.HIT and d.notification != bk.QUEUED for d in decisions)
+    assert await federation.notifications() == []

@@ -22,6 +22,7 @@ from fedprint.tenprint import tenprint_to_proto
 from launcher.services import build_node
 from nodes.gallery import GalleryNode
 from nodes.gallery.config import NodeConfig
+from nodes.gallery.requests import IdentifyPlan, rank_candidates
 from synthetic.population import Population
 
 
@@ -198,3 +199,32 @@ async def test_the_hit_threshold_a_node_reports_rises_when_its_gallery_grows_ten
     assert large.hit > small.hit and large.review > small.review
     # The rates stay what the calibration promises: the thresholds moved to keep them.
     assert large.hit_fpir == small.hit_fpir == calibrated_thresholds().hit_fpir
+
+
+def test_the_best_evidence_decides_whatever_the_fingers_each_candidate_was_compared_on() -> None:
+    # With the shipped calibration at 28 subjects: a subject enrolled with three fingers scores a
+    # higher fused LLR than a ten-finger candidate, yet stays NO_HIT by its own (higher)
+    # thresholds, while the ten-finger one is in the review band. Ranked by raw fused score the
+    # three-finger subject came first and the node answered NO_HIT.
+    plan = IdentifyPlan([], calibrated_thresholds(), None, k=10)
+    size = 28
+    ten, three = plan.thresholds(size, 10), plan.thresholds(size, 3)
+    review_ten = ten.review + 0.5 * (ten.hit - ten.review)
+    assert three.review > review_ten  # fewer fingers need more evidence
+    few = gal.Candidate(subject_id="UCN-FEW", fused_score=min(three.review - 0.1, review_ten + 5.0))
+    for position in (1, 2, 3):
+        few.finger_scores.add(position=bio.FingerPosition.ValueType(position), score=0.6, llr=0.5)
+    full = gal.Candidate(subject_id="UCN-FULL", fused_score=review_ten)
+    for position in range(1, 11):
+        full.finger_scores.add(
+            position=bio.FingerPosition.ValueType(position), score=0.3, llr=review_ten / 10
+        )
+    assert few.fused_score > full.fused_score
+    for candidate in (few, full):
+        plan.judge(candidate, size)
+    assert (few.band, full.band) == (bio.NO_HIT, bio.REVIEW)
+    result = gal.ProbeResult(probe_id="P-1")
+    rank_candidates(result, [few, full], plan.k)
+    assert result.decision == bio.REVIEW and result.decided_by == "UCN-FULL"
+    assert [(c.subject_id, c.rank) for c in result.candidates] == [("UCN-FULL", 1), ("UCN-FEW", 2)]
+    assert result.candidates[0].hit_margin == pytest.approx(review_ten - ten.hit)

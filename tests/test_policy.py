@@ -75,7 +75,11 @@ def node(
     record: rec.CriminalHistory | rec.ImmigrationHistory | None = None,
     *,
     fingers: int = 10,
+    agreeing: int | None = None,
 ) -> bk.NodeResult:
+    """A node's answer with one candidate compared on ``fingers`` fingers, of which ``agreeing``
+    (default: all) carry positive evidence on their own."""
+    agreeing = fingers if agreeing is None else agreeing
     result = bk.NodeResult(node=name, outcome=bk.ANSWERED, band=bio.DecisionBand.ValueType(band))
     result.thresholds.hit = 0.3
     if band != bio.NO_HIT:
@@ -83,7 +87,11 @@ def node(
             subject_id=f"{name}-1", rank=1, fused_score=0.5, band=bio.DecisionBand.ValueType(band)
         )
         for position in range(1, fingers + 1):
-            candidate.finger_scores.add(position=bio.FingerPosition.ValueType(position), score=0.5)
+            candidate.finger_scores.add(
+                position=bio.FingerPosition.ValueType(position),
+                score=0.5,
+                llr=2.0 if position <= agreeing else -3.0,
+            )
         if isinstance(record, rec.CriminalHistory):
             candidate.criminal_history.CopyFrom(record)
         elif isinstance(record, rec.ImmigrationHistory):
@@ -177,9 +185,24 @@ def test_a_hit_on_too_few_fingers_goes_to_an_examiner_not_to_ice(policy: ThreatP
     assert ident.band == ident.candidates[0].band == bio.REVIEW  # the decision shows what was acted on
     assert iafis.band == bio.REVIEW
     assert outcome.level == rec.LEVEL_3  # the IAFIS conviction is not used on such a match
-    assert any("1 finger compared" in r and "examiner review" in r for r in outcome.reasons)
+    assert any("1 of 1 finger compared agreeing" in r and "examiner review" in r for r in outcome.reasons)
 
     full = node("ident", bio.HIT, ENCOUNTERED, fingers=needed)
     assert policy.decide([rec.Charge(ncic_code="5404")], node("iafis", bio.NO_HIT), full).notification == (
         bk.QUEUED
     )
+
+
+def test_a_hit_carried_by_one_copied_finger_among_strangers_is_not_automated(policy: ThreatPolicy) -> None:
+    # One finger copied from an IDENT subject and three fingers of people in neither gallery: four
+    # fingers compared, and a fused score past the hit threshold, but only one finger agrees.
+    needed = policy.config.evidence.min_fingers_compared
+    copied = node("ident", bio.HIT, ENCOUNTERED, fingers=needed, agreeing=1)
+    outcome = policy.decide([rec.Charge(ncic_code="5404")], node("iafis", bio.NO_HIT), copied)
+    assert outcome.notification == bk.EXAMINER_REVIEW and copied.band == bio.REVIEW
+    assert any(f"with 1 of {needed} fingers compared agreeing" in r for r in outcome.reasons)
+
+    agreed = node("ident", bio.HIT, ENCOUNTERED, fingers=10, agreeing=needed)
+    outcome = policy.decide([rec.Charge(ncic_code="5404")], node("iafis", bio.NO_HIT), agreed)
+    assert outcome.notification == bk.QUEUED
+    assert any(f"{needed} of 10 fingers agreeing" in r for r in outcome.reasons)  # the reason says how many
