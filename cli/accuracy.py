@@ -192,6 +192,13 @@ def register(app: typer.Typer, console: Console) -> None:
 
         if fusion not in FUSION_NAMES:
             raise typer.BadParameter(f"--fusion must be one of {', '.join(FUSION_NAMES)}")
+        if calibrate is not None and fit_fusion is not None:
+            # The tails must come from impostor pairs the LLR curves never saw: a model's own
+            # training pairs sit where it put them, and their tail understates everyone else's.
+            raise typer.BadParameter(
+                "--calibrate and --fit-fusion fit on the same pairs: fit the evidence model first, "
+                "then calibrate with it (--fusion-model) on other data"
+            )
         if threads is not None:
             torch.set_num_threads(threads)
         if json_out is not None:
@@ -201,11 +208,11 @@ def register(app: typer.Typer, console: Console) -> None:
             dataset = merge_datasets([read_dataset(d) for d in data])
             model = None if fusion_model is None else EvidenceModel.load(fusion_model)
             sizes = tuple(int(v) for v in gallery_sizes.split(",")) if gallery_sizes else ()
-            checked = None
-            if sizes:
-                checked = (
-                    calibrated_thresholds(check_thresholds) if check_thresholds else calibrated_thresholds()
-                )
+            # The calibration a node would judge by: the operating point, always reported.
+            operating = (
+                calibrated_thresholds(check_thresholds) if check_thresholds else calibrated_thresholds()
+            )
+            checked = operating if sizes else None
         except (DatasetError, OSError, ValueError, KeyError) as e:
             raise typer.BadParameter(str(e)) from e
         options = EvalOptions(
@@ -219,6 +226,7 @@ def register(app: typer.Typer, console: Console) -> None:
             fit_fusion=fit_fusion is not None,
             gallery_sizes=sizes,
             calibration=checked,
+            operating=operating,
             # A tail fit takes its impostor pairs from blocks where each probe finger meets a
             # search-sized cohort.
             min_block=(model.min_cohort if model else DEFAULT_MIN_COHORT) + 1 if calibrate is not None else 1,
@@ -243,11 +251,14 @@ def register(app: typer.Typer, console: Console) -> None:
                     f"ten-print pairs, tail model)",
                     tails=[fit_tail(x) for x in sums],
                     gallery_size=result.gallery_size,
-                ).model_copy(
-                    update={"evidence_model": model_digest(fit_fusion or fusion_model or SHIPPED_MODEL)}
-                )
+                ).model_copy(update={"evidence_model": model_digest(fusion_model or SHIPPED_MODEL)})
             except CalibrationError as e:
                 raise typer.BadParameter(str(e)) from e
+            if problems := thresholds.problems():
+                shown = "; ".join(problems[:5]) + (
+                    f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+                )
+                raise typer.BadParameter(f"the calibration is not written: {shown}")
             write_thresholds(calibrate, thresholds)
             report["calibrated"] = {"config": str(calibrate), **thresholds.model_dump(mode="json")}
         console.print(_table(report))
@@ -270,6 +281,18 @@ def _table(report: dict[str, Any]) -> Table:
     table = Table(title=f"accuracy on {report['dataset']}")
     table.add_column("measure")
     table.add_column("value", justify="right")
+    if (op := report.get("operating_point")) is not None:
+        # First: what a node decides at its own thresholds.
+        for band in ("hit", "review"):
+            figures = op[band]
+            if figures["fnir"] is None or figures["fpir"] is None:
+                continue
+            table.add_row(
+                f"at the node's {band} thresholds (gallery {op['gallery_size']}): FNIR / FPIR",
+                f"{figures['fnir']:.2%} [{figures['fnir_ci'][0]:.2%}, {figures['fnir_ci'][1]:.2%}] / "
+                f"{figures['fpir']:.3%} ({figures['nonmated_at_or_above']} of "
+                f"{figures['nonmated_searches']}; stated {figures['stated_fpir']:g})",
+            )
     table.add_row("genuine / impostor pairs (1:1)", f"{report['genuine_pairs']} / {report['impostor_pairs']}")
     table.add_row("EER (1:1 single finger)", _fmt(report.get("eer")))
     for rate, value in report["fnmr_at_fmr"].items():

@@ -32,6 +32,7 @@ from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import Submission, enroll, submit_bookings, wait_for_notifications
 from fedprint.database import scratch_databases
 from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
+from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import open_channel
 from launcher.processes import federation
 from synthetic.population import GroundTruth, SyntheticBooking, generate_population, write_population
@@ -68,26 +69,43 @@ def check(decision: bk.BookingDecision | None, truth: GroundTruth, *, confirmed:
     return problems
 
 
-def one_finger_booking(bookings: list[SyntheticBooking]) -> SyntheticBooking:
-    """A booking of a person IDENT knows, with one finger only: however well that finger
-    matches, the policy's evidence rule keeps it from notifying ICE by itself."""
-    source = next(b for b in bookings if b.truth.ident_subject_id and b.truth.expect_notification)
+def partial_booking(source: SyntheticBooking, fingers: int, suffix: str) -> SyntheticBooking:
+    """``source`` sent again under its TCN plus ``suffix`` with its first ``fingers`` fingers
+    only: too few to agree for an automated hit (the evidence rule), whatever they score."""
     booking = bk.Booking()
     booking.CopyFrom(source.booking)
-    booking.tcn = f"{source.booking.tcn}-ONE"
-    kept = [f for f in booking.tenprint.fingers if f.WhichOneof("data") == "template"][:1]
+    booking.tcn = f"{source.booking.tcn}{suffix}"
+    kept = [f for f in booking.tenprint.fingers if f.WhichOneof("data") == "template"][:fingers]
     del booking.tenprint.fingers[:]
     booking.tenprint.fingers.extend(kept)
     return SyntheticBooking(booking, dataclasses.replace(source.truth, tcn=booking.tcn))
 
 
-def check_one_finger(decision: bk.BookingDecision | None) -> list[str]:
-    """A one-finger booking is right when it is complete and not an automated IDENT hit (it may
-    reach ICE only through an examiner's confirmation)."""
+def one_finger_booking(bookings: list[SyntheticBooking]) -> SyntheticBooking:
+    """A booking of a person IDENT knows, with one finger only: however well that finger
+    matches, the policy's evidence rule keeps it from notifying ICE by itself."""
+    source = next(b for b in bookings if b.truth.ident_subject_id and b.truth.expect_notification)
+    return partial_booking(source, 1, "-ONE")
+
+
+def citizen_booking(bookings: list[SyntheticBooking]) -> SyntheticBooking:
+    """Three fingers of a naturalized citizen IDENT knows: an examiner confirms who it is, and the
+    policy, not the examiner, suppresses the notice, as it would for the full ten-print."""
+    source = next(b for b in bookings if b.truth.ident_status == rec.NATURALIZED_CITIZEN)
+    return partial_booking(source, 3, "-CIT")
+
+
+def check_partial(decision: bk.BookingDecision | None, confirmed: bool | None) -> list[str]:
+    """A partial booking is right when it is complete, not an automated IDENT hit (it may reach
+    ICE only through an examiner's confirmation), and, for a citizen whose match an examiner
+    confirmed (``confirmed``; None: not a citizen), suppressed by the policy."""
     if decision is None or decision.status != bk.COMPLETE:
-        return ["one-finger booking: no complete decision"]
-    automated = decision.ident.band == bio.HIT
-    return ["one-finger booking was an automated IDENT hit"] if automated else []
+        return ["partial booking: no complete decision"]
+    if decision.ident.band == bio.HIT:
+        return ["partial booking was an automated IDENT hit"]
+    if confirmed and decision.notification != bk.SUPPRESSED:
+        return [f"confirmed citizen {bk.NotificationState.Name(decision.notification)}, not SUPPRESSED"]
+    return []
 
 
 async def examine(
@@ -194,7 +212,8 @@ async def run_demo(
                     enroll(addresses["ident"], population.ident, tls=pki["admin"]),
                 )
             lone = one_finger_booking(population.bookings)
-            bookings_sent = [*population.bookings, lone]
+            citizen = citizen_booking(population.bookings)
+            bookings_sent = [*population.bookings, lone, citizen]
             with console.status("submitting bookings"):
                 results: list[Submission] = await submit_bookings(
                     addresses["coordinator"],
@@ -214,8 +233,8 @@ async def run_demo(
             ]
             verdicts = [
                 check(r.decision, b.truth, confirmed=reviewed.get(r.tcn, False))
-                if b is not lone
-                else check_one_finger(r.decision)
+                if b not in (lone, citizen)
+                else check_partial(r.decision, reviewed.get(r.tcn) if b is citizen else None)
                 for r, b in zip(results, bookings_sent, strict=True)
             ]
             queued = sum(
@@ -247,6 +266,9 @@ async def run_demo(
             "reviews": len(reviewed),
             "one_finger_bookings": 1,
             "reviews_confirmed": sum(reviewed.values()),
+            "confirmed_and_suppressed": sum(
+                reviewed.get(d.tcn, False) and d.notification == bk.SUPPRESSED for d in decisions
+            ),
             "suppressed": sum(d.notification == bk.SUPPRESSED for d in decisions),
             "p50_ms": round(statistics.median(r.latency_ms for r in results), 1) if results else 0.0,
             "elapsed_s": round(time.perf_counter() - started, 1),

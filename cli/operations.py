@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from federation.audit import ChainBreak
+from federation.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from federation.config import CoordinatorConfig
 from federation.store import MIGRATIONS as COORDINATOR
 from federation.store import CoordinatorStore
@@ -47,20 +49,61 @@ def register(app: typer.Typer, console: Console) -> None:
     app.add_typer(outbox_app, name="outbox")
 
     @audit_app.command("verify")
-    def verify(db: DbOption = None, config: ConfigOption = None, json_out: JsonOption = False) -> None:
-        """Checks every entry of the audit log against the chain; exits 1 naming the first break."""
-        store = CoordinatorStore(_database_url(db, config))
+    def verify(
+        db: DbOption = None,
+        config: ConfigOption = None,
+        key: Annotated[
+            Path | None,
+            typer.Option(help="the audit key file; default: the coordinator's, from --config"),
+        ] = None,
+        checkpoint: Annotated[
+            Path | None,
+            typer.Option(help="the audit checkpoint directory; default: the coordinator's, from --config"),
+        ] = None,
+        json_out: JsonOption = False,
+    ) -> None:
+        """Checks every entry of the audit log against its keyed chain, every stored decision and
+        ICE notice against the digests the log recorded, and the log against the latest signed
+        checkpoint (so that a cut end shows); exits 1 naming the first break."""
+        settings = CoordinatorConfig.load(config) if config is not None else None
+        key_path = key or (settings.audit_key_path() if settings is not None else None)
+        checkpoints = checkpoint or (settings.audit_checkpoint_dir if settings is not None else None)
+        if key_path is None:
+            raise typer.BadParameter("give --key (the audit key file) or --config of the coordinator")
+        try:
+            audit_key = bytes.fromhex(key_path.read_text().strip())
+        except (OSError, ValueError) as error:
+            raise typer.BadParameter(f"{key_path}: not an audit key ({error})") from error
+        store = CoordinatorStore(_database_url(db, config), audit_key=audit_key)
         try:
             checked, broken = store.verify_audit()
+            seen: Checkpoint | None = None
+            if broken is None and checkpoints is not None:
+                try:
+                    seen = read_checkpoint(checkpoints, audit_key)
+                except CheckpointError as error:
+                    broken = ChainBreak(0, "", str(error))
+                if seen is not None:
+                    entries, _ = store.audit_head()
+                    broken = seen.check(entries, store.audit_hash_at(seen.entries))
         finally:
             store.close()
         if json_out:
             out: dict[str, object] = {"entries": checked, "intact": broken is None}
+            if seen is not None:
+                out["checkpoint"] = {"entries": seen.entries, "written_at": seen.written_at.isoformat()}
             if broken is not None:
                 out |= {"first_broken_entry": broken.seq, "tcn": broken.tcn, "reason": broken.reason}
             console.print_json(json.dumps(out))
         elif broken is None:
-            console.print(f"[green]audit log intact[/green]: {checked} entries")
+            against = (
+                f", checkpoint of {seen.entries} entries at {seen.written_at:%Y-%m-%d %H:%M:%S}"
+                if seen
+                else ""
+            )
+            if checkpoints is None:
+                against = " (no checkpoint directory given: a cut end would not show)"
+            console.print(f"[green]audit log intact[/green]: {checked} entries{against}")
         else:
             where = f"entry {broken.seq} (TCN {broken.tcn or '-'})"
             console.print(f"[red]audit log broken at {where}[/red]: {broken.reason}")

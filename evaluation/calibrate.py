@@ -39,7 +39,11 @@ def fit_gpd(excess: metrics.FloatArray) -> tuple[float, float]:
     """``(scale, shape)`` of a generalised Pareto distribution fitted to positive excesses by
     probability-weighted moments (Hosking and Wallis, 1987): closed form, and steadier than
     maximum likelihood on the few hundred points a tail offers. The shape is clipped to
-    [-0.5, 0.5], where the estimator is well behaved."""
+    [0, 0.5]: at most as heavy as the estimator is well behaved for, and never bounded. A
+    negative shape would end the tail at a finite score, and a score past that end (one finger's
+    evidence reaches 9 and more) would be a hit at any gallery size; a few hundred points cannot
+    show that impostors never score higher, so the fit keeps the exponential (shape 0) instead.
+    With shape 0 the scale is the excesses' mean (the maximum-likelihood exponential fit)."""
     y = np.sort(np.asarray(excess, np.float64))
     n = y.size
     if n < 10 or not np.all(y >= 0) or y.mean() <= 0:
@@ -47,8 +51,8 @@ def fit_gpd(excess: metrics.FloatArray) -> tuple[float, float]:
     a0 = float(y.mean())
     a1 = float(np.sum(y * (n - 1 - np.arange(n)) / (n - 1)) / n)
     k = a0 / (a0 - 2 * a1) - 2.0  # Hosking's kappa; the usual shape is -kappa
-    shape = float(np.clip(-k, -0.5, 0.5))
-    scale = 2 * a0 * a1 / (a0 - 2 * a1)
+    shape = float(np.clip(-k, 0.0, 0.5))
+    scale = 2 * a0 * a1 / (a0 - 2 * a1) if shape > 0.0 else a0
     return float(max(scale, 1e-9)), shape
 
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
+
+#: Gallery sizes at which a calibration is checked (:meth:`Thresholds.problems`): 10 to 10^9,
+#: four to a decade.
+CHECKED_GALLERY_SIZES: tuple[int, ...] = tuple(sorted({round(10 ** (1 + k / 4)) for k in range(33)}))
 
 
 class TailModel(BaseModel):
@@ -37,7 +42,9 @@ class TailModel(BaseModel):
     exceedance: float = Field(gt=0.0, lt=1.0, description="r at the tail's start")
     threshold: float = Field(allow_inf_nan=False, description="score where the fitted tail starts")
     scale: float = Field(gt=0.0, allow_inf_nan=False)
-    shape: float = Field(ge=-1.0, le=1.0)
+    # Never negative: a bounded tail ends at a finite score, past which anything is a hit at every
+    # gallery size (see evaluation.calibrate.fit_gpd).
+    shape: float = Field(ge=0.0, le=1.0, description="0: exponential tail; positive: heavier; never bounded")
     pairs: int = Field(gt=0, description="impostor subject pairs the model was fitted on")
     tail_pairs: int = Field(gt=0, description="of which in the fitted tail")
 
@@ -152,14 +159,55 @@ class Thresholds(BaseModel):
         impostor compared on one finger sits far nearer any threshold than one compared on ten
         (whose ten negative terms add up); one threshold for both would let a lone finger hit.
         """
-        tail = self.tail(fingers)
-        if tail is None:
+        if not self.tails:
             return self
-        hit = tail.threshold_for(self.hit_fpir, size)
-        review = min(tail.threshold_for(self.review_fpir, size), hit)
+        fingers = min(10, max(1, fingers))
+        hit = self._envelope(self.hit_fpir, size, fingers)
+        review = min(self._envelope(self.review_fpir, size, fingers), hit)
         return self.model_copy(
             update={"hit": hit, "review": review, "gallery_size": size, "fingers": fingers}
         )
+
+    def _envelope(self, fpir: float, size: int, fingers: int) -> float:
+        """The threshold holding ``fpir`` at ``size`` for ``fingers`` fingers compared, and never
+        below that of any larger finger count: fewer fingers never need less evidence. Each tail
+        is fitted on its own sample, and where two are close their extrapolations can cross; the
+        envelope keeps the stated FPIR (each count's own threshold holds it already, a higher one
+        holds it with room)."""
+        return max(tail.threshold_for(fpir, size) for tail in self.tails[fingers - 1 :])
+
+    def problems(self, sizes: Sequence[int] = CHECKED_GALLERY_SIZES) -> list[str]:
+        """What makes these thresholds untrustworthy at the gallery ``sizes`` and every finger
+        count from 1 to 10 (empty: none): fewer fingers needing a lower threshold than more, a
+        larger gallery needing a lower one than a smaller, a review threshold above the hit
+        threshold. Thresholds without tails are fixed and have nothing to check."""
+        if not self.tails:
+            return []
+        found: list[str] = []
+        previous: tuple[int, list[float]] | None = None
+        for size in sizes:
+            row = [self.for_gallery(size, f) for f in range(1, 11)]
+            hits = [t.hit for t in row]
+            for f in range(1, 10):
+                if hits[f - 1] < hits[f] - 1e-9:
+                    found.append(
+                        f"at {size} subjects, {f} fingers need hit {hits[f - 1]:.3f}, "
+                        f"less than {f + 1} fingers' {hits[f]:.3f}"
+                    )
+            found += [
+                f"at {size} subjects and {f} fingers the review threshold is above the hit threshold"
+                for f, t in enumerate(row, start=1)
+                if t.review > t.hit
+            ]
+            if previous is not None:
+                smaller, before = previous
+                found += [
+                    f"{f} fingers need a lower hit threshold at {size} subjects than at {smaller}"
+                    for f in range(1, 11)
+                    if hits[f - 1] < before[f - 1] - 1e-9
+                ]
+            previous = (size, hits)
+        return found
 
     def for_fpir(self, target: float) -> Self | None:
         """The thresholds with the hit threshold moved to reach ``target`` FPIR, or None without a curve.

@@ -236,11 +236,12 @@ def fit_evidence_model(
 
 
 def impostor_sums_by_fingers(
-    pairs: PairScores, model: EvidenceModel, *, draws: int = 3, seed: int = 0
+    pairs: PairScores, model: EvidenceModel, *, draws: int = 1, seed: int = 0
 ) -> list[FloatArray]:
     """Fused impostor scores over 1, 2, ... 10 fingers compared: for each count n, the sums of
     ``draws`` random n-finger subsets of every impostor subject pair that has n common fingers
-    (a booking with n usable fingers meets the gallery on n fingers)."""
+    (a booking with n usable fingers meets the gallery on n fingers). One draw by default: a
+    tail fit treats its points as independent, and several subsets of one pair are not."""
     llr, genuine = _pair_llrs(pairs, model)
     llr = llr[~genuine]
     rng = np.random.default_rng(seed)

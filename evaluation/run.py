@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from evaluation import metrics
-from evaluation.calibration import Thresholds
+from evaluation.calibration import Thresholds, calibration_digest
 from evaluation.evidence_fit import PairScores, fit_evidence_model, normalised_pair_scores
 from gpu_kernels import (
     EvidenceModel,
@@ -102,6 +102,19 @@ class EvalOptions:
     gallery_sizes: tuple[int, ...] = ()
     #: The calibration checked at each gallery size (None: no check).
     calibration: Thresholds | None = None
+    #: The calibration a node would judge these searches by (the shipped one, or the one given):
+    #: the report's operating point, at the evaluation's gallery size and, for each candidate,
+    #: the thresholds of the fingers it was compared on (None: no operating point).
+    operating: Thresholds | None = None
+
+
+@dataclass(frozen=True)
+class OperatingOutcomes:
+    """1:N outcomes as a node decides them: each candidate's score is its margin over the
+    threshold of its own finger count (hit or review), so 0 is the boundary for everyone."""
+
+    hit: metrics.SearchOutcomes
+    review: metrics.SearchOutcomes
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,9 @@ class EvalResult:
     by_gallery_size: dict[int, metrics.SearchOutcomes] | None = None
     #: The calibration those are checked against.
     calibration: Thresholds | None = None
+    #: The primary fusion's outcomes at the operating point, and the calibration behind them.
+    operating: OperatingOutcomes | None = None
+    operating_calibration: Thresholds | None = None
 
     @cached_property
     def genuine(self) -> metrics.FloatArray:
@@ -284,9 +300,16 @@ class _Outcomes:
         )
 
 
+def _margins(calibration: Thresholds, size: int, which: str) -> np.ndarray[Any, Any]:
+    """``[11]`` thresholds by fingers compared (index 0, no finger in common: no candidate)."""
+    by_fingers = [getattr(calibration.for_gallery(size, max(1, f)), which) for f in range(11)]
+    by_fingers[0] = np.inf
+    return np.array(by_fingers)
+
+
 def identification(
     dataset: Dataset, params: MccParams, options: EvalOptions, progress: Progress = _noop
-) -> tuple[dict[str, metrics.SearchOutcomes], int, float | None]:
+) -> tuple[dict[str, metrics.SearchOutcomes], int, float | None, OperatingOutcomes | None]:
     """1:N outcomes per fusion of ``options.fusions`` (all probes, or a seeded sample of
     ``options.searches``), the number of searches, and (with a shortlist) the share of mated
     searches whose mate it kept. Every fusion sees the very same per-finger scores."""
@@ -298,13 +321,22 @@ def identification(
     fusions = {name: fusion_named(name, options.model) for name in options.fusions}
     if not probes or not dataset.gallery:
         empty = np.zeros(0)
-        return {n: metrics.SearchOutcomes(empty, empty, empty) for n in fusions}, len(dataset.gallery), None
+        return (
+            {n: metrics.SearchOutcomes(empty, empty, empty) for n in fusions},
+            len(dataset.gallery),
+            None,
+            None,
+        )
     progress("1:N encoding the gallery", 0, 1)
     gallery = encode_tenprints([c.tenprint for c in dataset.gallery], params, options.device)
     primary = options.fusions[0]
     search = _Searcher(gallery, params, options.shortlist, fusions[primary])
     gallery_ids = np.array([c.subject_id for c in dataset.gallery])
     running = {name: _Outcomes([], [], []) for name in fusions}
+    at_hit, at_review = _Outcomes([], [], []), _Outcomes([], [], [])
+    if options.operating is not None:
+        hit_t = _margins(options.operating, len(dataset.gallery), "hit")
+        review_t = _margins(options.operating, len(dataset.gallery), "review")
     kept = enrolled = 0
     for lo in range(0, len(probes), options.probe_batch):
         progress(stage, lo, len(probes))
@@ -318,9 +350,15 @@ def identification(
         for name, fusion in fusions.items():
             fused = (scores if name == primary else scores.refused(fusion)).fused
             running[name].add(fused.cpu().numpy().astype(np.float64), is_mate, has_mate)
+        if options.operating is not None:
+            primary_fused = scores.fused.cpu().numpy().astype(np.float64)
+            fingers = scores.both_present.sum(-1).cpu().numpy()
+            at_hit.add(primary_fused - hit_t[fingers], is_mate, has_mate)
+            at_review.add(primary_fused - review_t[fingers], is_mate, has_mate)
     progress(stage, len(probes), len(probes))
     recall = None if search.shortlist is None or not enrolled else kept / enrolled
-    return {name: r.done() for name, r in running.items()}, len(probes), recall
+    operating = OperatingOutcomes(at_hit.done(), at_review.done()) if options.operating is not None else None
+    return {name: r.done() for name, r in running.items()}, len(probes), recall, operating
 
 
 def evaluate(
@@ -339,12 +377,12 @@ def evaluate(
             options,
             model=fit_evidence_model(pairs, source=f"fedprint eval --fit-fusion on {len(pairs)} pairs"),
         )
-    by_fusion, searches, recall = identification(dataset, params, options, progress)
+    by_fusion, searches, recall, operating = identification(dataset, params, options, progress)
     by_size: dict[int, metrics.SearchOutcomes] | None = None
     if options.gallery_sizes:
         primary = options.fusions[0]
         by_size = {len(dataset.gallery): by_fusion[primary]}
-        single = replace(options, fusions=(primary,))
+        single = replace(options, fusions=(primary,), operating=None)
         for size in sorted(set(options.gallery_sizes)):
             if size < len(dataset.gallery):
                 rng = np.random.default_rng([options.seed, 3, size])
@@ -365,6 +403,8 @@ def evaluate(
         shortlist_mate_recall=recall,
         by_gallery_size=by_size,
         calibration=options.calibration,
+        operating=operating,
+        operating_calibration=options.operating,
     )
 
 
@@ -427,6 +467,10 @@ def summary(result: EvalResult) -> dict[str, Any]:
     else:
         out["eer"] = None
         out["fnmr_at_fmr"] = {_key(t): None for t in FMR_TARGETS}
+    if result.operating is not None and result.operating_calibration is not None:
+        out["operating_point"] = operating_summary(
+            result.operating, result.operating_calibration, result.gallery_size
+        )
     out.update(identification_summary(result.outcomes))
     out["fusion"] = result.fusion
     out["fusions"] = {name: identification_summary(oc) for name, oc in result.by_fusion.items()}
@@ -476,6 +520,39 @@ def identification_summary(oc: metrics.SearchOutcomes) -> dict[str, Any]:
         out["rank1_ci"] = _interval(rank1)
     else:
         out["rank1"] = None
+    return out
+
+
+def operating_summary(
+    operating: OperatingOutcomes, calibration: Thresholds, gallery_size: int
+) -> dict[str, Any]:
+    """Accuracy as a node decides at its own thresholds: FNIR (the mate not the candidate that
+    carries a HIT; not even first in the review band) and the measured FPIR of non-mated
+    searches (any candidate at or above its hit or review threshold), each with a 95 % Wilson
+    interval, beside the FPIR the calibration states for the gallery size."""
+    at_size = calibration.for_gallery(gallery_size)
+    out: dict[str, Any] = {
+        "calibration": calibration.source,
+        "calibration_digest": calibration_digest(calibration),
+        "gallery_size": gallery_size,
+        "thresholds_10_fingers": {"hit": at_size.hit, "review": at_size.review},
+    }
+    for band, oc, stated in (
+        ("hit", operating.hit, calibration.hit_fpir),
+        ("review", operating.review, calibration.review_fpir),
+    ):
+        missed = round(metrics.fnir_at_threshold(oc, 0.0) * oc.mated) if oc.mated else 0
+        above = int(np.sum(oc.nonmated_top_scores >= 0.0))
+        out[band] = {
+            "stated_fpir": stated,
+            "mated_searches": oc.mated,
+            "fnir": missed / oc.mated if oc.mated else None,
+            "fnir_ci": _interval(metrics.wilson_interval(missed, oc.mated)) if oc.mated else None,
+            "nonmated_searches": oc.nonmated,
+            "nonmated_at_or_above": above,
+            "fpir": above / oc.nonmated if oc.nonmated else None,
+            "fpir_ci": _interval(metrics.wilson_interval(above, oc.nonmated)) if oc.nonmated else None,
+        }
     return out
 
 

@@ -66,6 +66,17 @@ class CoordinatorConfig(ServiceSettings):
             "once; unset, they expire with their leases"
         ),
     )
+    audit_key_file: Path | None = Field(
+        default=None,
+        description="hex key of the audit log's MAC chain, off the database; data_dir/audit.key if unset",
+    )
+    audit_checkpoint_dir: Path | None = Field(
+        default=None,
+        description="directory, on another volume than the database, for signed audit checkpoints",
+    )
+    audit_checkpoint_interval_s: float = Field(
+        default=60.0, gt=0, description="how often the coordinator writes an audit checkpoint"
+    )
     booking_key_file: Path | None = Field(
         default=None,
         description="hex AES-256 key sealing incomplete bookings at rest; data_dir/booking.key if unset",
@@ -78,3 +89,7 @@ class CoordinatorConfig(ServiceSettings):
             if not ORI.valid(ori):
                 raise ValueError(f"ORI {ori!r} must be nine upper-case letters or digits")
         return oris
+
+    def audit_key_path(self) -> Path:
+        """Where the audit key is: ``audit_key_file``, else beside the coordinator's data."""
+        return self.audit_key_file or self.data_dir / "audit.key"

@@ -24,6 +24,7 @@ import structlog
 from prometheus_client import Counter
 
 from federation.background import DueWorkLoop, backoff_s
+from federation.checkpoint import write_checkpoint
 from federation.config import CoordinatorConfig
 from federation.disclosure import agency_view
 from federation.intake import booking_content, changed_parts, check_booking_header, check_booking_tenprint
@@ -438,6 +439,7 @@ class CoordinatorService:
     host: ServiceHost
     coordinator: Coordinator
     channels: list[grpc.aio.Channel]
+    _checkpoints: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         port = await self.host.start()
@@ -447,10 +449,35 @@ class CoordinatorService:
             log.warning("claims of a previous run released", rows=freed)
         self.coordinator.outbox.start()
         self.coordinator.retrier.start()
+        if self.coordinator.config.audit_checkpoint_dir is not None:
+            self._checkpoints = asyncio.create_task(self._checkpoint_regularly())
         return port
+
+    async def checkpoint(self) -> None:
+        """Writes a signed checkpoint of the audit log (:mod:`federation.checkpoint`)."""
+        directory = self.coordinator.config.audit_checkpoint_dir
+        key = self.coordinator.store.audit_key
+        if directory is None or key is None:
+            return
+        entries, head = await asyncio.to_thread(self.coordinator.store.audit_head)
+        await asyncio.to_thread(write_checkpoint, directory, key, entries, head)
+
+    async def _checkpoint_regularly(self) -> None:
+        while True:
+            try:
+                await self.checkpoint()
+            except OSError as error:  # a full or missing volume: say so loudly, keep deciding
+                log.error("audit checkpoint not written", error=str(error))
+            await asyncio.sleep(self.coordinator.config.audit_checkpoint_interval_s)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.host.stop(grace_s)
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            with contextlib.suppress(OSError):
+                await self.checkpoint()  # the log as this life leaves it
         await self.coordinator.retrier.stop()
         await self.coordinator.outbox.stop()
         for channel in self.channels:
@@ -462,7 +489,9 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
     """Wires store, policy, node clients and outbox into a coordinator server (not yet started)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = CoordinatorStore(
-        database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}", replica_id=config.replica_id
+        database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}",
+        replica_id=config.replica_id,
+        audit_key=load_or_create_key(config.audit_key_path(), "audit key"),
     )
     policy = ThreatPolicy.load(config.policy_path)
     channels = [

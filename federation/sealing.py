@@ -25,20 +25,21 @@ class SealingError(ValueError):
     """A key file is unusable, or a sealed booking does not open with this key."""
 
 
-def load_or_create_key(path: Path) -> bytes:
-    """The 32-byte key in ``path`` (hex), created (mode 0600) when the file does not exist."""
+def load_or_create_key(path: Path, what: str = "booking key") -> bytes:
+    """The 32-byte key in ``path`` (hex), created (mode 0600) when the file does not exist;
+    ``what`` names the key in messages."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(KEY_BYTES) + "\n")
-        log.warning("created a booking sealing key; keep it with the database", path=str(path))
+        log.warning(f"created a {what}; keep it apart from the database and backed up", path=str(path))
     try:
         key = bytes.fromhex(path.read_text().strip())
     except ValueError:
-        raise SealingError(f"{path}: the booking key must be {KEY_BYTES} bytes in hex") from None
+        raise SealingError(f"{path}: the {what} must be {KEY_BYTES} bytes in hex") from None
     if len(key) != KEY_BYTES:
-        raise SealingError(f"{path}: the booking key must be {KEY_BYTES} bytes in hex, not {len(key)}")
+        raise SealingError(f"{path}: the {what} must be {KEY_BYTES} bytes in hex, not {len(key)}")
     return key
 
 

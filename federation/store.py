@@ -28,7 +28,16 @@ from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, case, func,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from federation.audit import GENESIS, AuditEntry, ChainBreak, entry_hash, verify_chain
+from federation.audit import (
+    GENESIS,
+    AuditEntry,
+    ChainBreak,
+    content_digest,
+    entry_hash,
+    parse_state,
+    state_record,
+    verify_chain,
+)
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
@@ -141,6 +150,49 @@ def _state_name(state: int) -> str:
     return rv.ReviewState.Name(rv.ReviewState.ValueType(state)).lower()
 
 
+#: Events that changed a stored decision or notice; before state records they carried none.
+_STATE_EVENTS = frozenset(
+    {
+        "notification_queued",
+        "notification_delivered",
+        "notification_dead_lettered",
+        "notification_requeued",
+        "review_confirmed",
+        "review_rejected",
+    }
+)
+
+
+def _contents_break(
+    entries: Sequence[AuditEntry], decisions: dict[str, bytes], notices: dict[str, bytes]
+) -> ChainBreak | None:
+    """The first stored decision or notice that differs from what the log last recorded for its
+    TCN, or that the log never recorded; None when all agree. A TCN whose last change predates
+    state records (an older log) is not checked."""
+    expected: dict[str, tuple[str | None, str | None, int]] = {}
+    for e in entries:
+        decision, notice, _ = expected.get(e.tcn, ("none", "none", 0))
+        if e.event == "decision":
+            decision = content_digest(e.payload)
+        elif (state := parse_state(e.payload)) is not None:
+            decision, notice = state
+        elif e.event in _STATE_EVENTS:
+            decision = notice = None  # changed without a record: unknown from here on
+        else:
+            continue
+        expected[e.tcn] = (decision, notice, e.seq)
+    for tcn, (decision, notice, seq) in expected.items():
+        if decision is not None and content_digest(decisions.get(tcn)) != decision:
+            what = "deleted" if tcn not in decisions else "changed"
+            return ChainBreak(seq, tcn, f"the stored decision was {what} outside the log")
+        if notice is not None and content_digest(notices.get(tcn)) != notice:
+            what = "dropped" if tcn not in notices else "changed"
+            return ChainBreak(seq, tcn, f"the ICE notice was {what} outside the log")
+    for tcn in sorted(set(decisions) - set(expected)):
+        return ChainBreak(0, tcn, "a stored decision the log never recorded")
+    return None
+
+
 def _rows_changed(result: Any) -> int:
     """How many rows an UPDATE changed (SQLAlchemy types ``Session.execute`` without it)."""
     return int(getattr(result, "rowcount", 0) or 0)
@@ -246,7 +298,10 @@ def _due_or_claim_expiry(row: Any) -> Any:
 class CoordinatorStore:
     """Decisions, audit log, outbox and sealed incomplete bookings of the coordinator."""
 
-    def __init__(self, url: str, replica_id: str | None = None) -> None:
+    def __init__(self, url: str, replica_id: str | None = None, *, audit_key: bytes | None = None) -> None:
+        """``audit_key``: the key of the audit log's MAC chain (:mod:`federation.audit`); the
+        coordinator always has one, and tools that verify the log need the same."""
+        self.audit_key = audit_key
         self._engine = connect(url)
         upgrade(self._engine, [MIGRATIONS])
         # Claim tokens fit the 32-character column: 8 hex of the replica's name (when it has one),
@@ -255,7 +310,10 @@ class CoordinatorStore:
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
             with self._sessions.begin() as session:
-                if session.get(AuditHead, 1) is None:
+                # A new log gets its head; a log whose head was deleted does not get a fresh one,
+                # which would make the remains look like a new, intact log.
+                empty = session.scalar(select(func.count()).select_from(AuditRow)) == 0
+                if session.get(AuditHead, 1) is None and empty:
                     session.add(AuditHead(id=1, entries=0, last_hash=GENESIS))
         except IntegrityError:
             pass  # another process created it first
@@ -271,7 +329,7 @@ class CoordinatorStore:
             select(AuditHead.entries, AuditHead.last_hash).where(AuditHead.id == 1)
         ).one()
         now = _now()
-        digest = entry_hash(prev, seq, now, tcn, event, detail, payload)
+        digest = entry_hash(prev, seq, now, tcn, event, detail, payload, self.audit_key)
         session.add(
             AuditRow(
                 seq=seq,
@@ -286,6 +344,17 @@ class CoordinatorStore:
         )
         session.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=digest))
 
+    @staticmethod
+    def _state(session: Session, tcn: str) -> bytes:
+        """``tcn``'s state record as this transaction leaves it (:func:`federation.audit.state_record`)."""
+        session.flush()
+        decision = session.get(DecisionRow, tcn)
+        notice = session.get(OutboxRow, tcn) or session.get(DeadLetterRow, tcn)
+        return state_record(
+            decision.decision if decision is not None else None,
+            notice.notification if notice is not None else None,
+        )
+
     def record_event(self, tcn: str, event: str, detail: str) -> None:
         """Appends an audit entry that belongs to no other write (a refusal, an operator's act)."""
         with self._sessions.begin() as session:
@@ -299,8 +368,21 @@ class CoordinatorStore:
             )
             return [(e, d) for e, d in rows]
 
+    def audit_head(self) -> tuple[int, str]:
+        """(entries, MAC of the last one) of the log: what a checkpoint records."""
+        with self._sessions() as session:
+            head = session.get(AuditHead, 1)
+            return (head.entries, head.last_hash) if head is not None else (0, GENESIS)
+
+    def audit_hash_at(self, seq: int) -> str | None:
+        """The MAC of entry ``seq``, None when the log has no such entry."""
+        with self._sessions() as session:
+            return session.scalar(select(AuditRow.entry_hash).where(AuditRow.seq == seq))
+
     def verify_audit(self) -> tuple[int, ChainBreak | None]:
-        """(entries checked, the first break or None) over the whole log."""
+        """(entries checked, the first break or None) over the whole log: the chain under the
+        store's audit key, then every stored decision and notice against the digests the log
+        recorded for it last."""
         with self._sessions() as session:
             head = session.get(AuditHead, 1)
             rows = session.scalars(select(AuditRow).order_by(AuditRow.seq)).all()
@@ -310,8 +392,23 @@ class CoordinatorStore:
                 )
                 for r in rows
             ]
+            decisions = {
+                tcn: content
+                for tcn, content in session.execute(select(DecisionRow.tcn, DecisionRow.decision))
+            }
+            notices = {
+                tcn: content
+                for table in (OutboxRow, DeadLetterRow)
+                for tcn, content in session.execute(select(table.tcn, table.notification))
+            }
+        if head is None and entries:
+            return len(entries), ChainBreak(entries[-1].seq, entries[-1].tcn, "the log's head was deleted")
         head_entries, head_hash = (head.entries, head.last_hash) if head is not None else (0, GENESIS)
-        return len(entries), verify_chain(entries, head_entries, head_hash)
+        broken = verify_chain(entries, head_entries, head_hash, self.audit_key)
+        if broken is not None and broken.seq == 1 and broken.reason.startswith("its content"):
+            # The very first entry fails: more likely the key than an edit.
+            broken = ChainBreak(1, broken.tcn, broken.reason + " (or the audit key given is not the log's)")
+        return len(entries), broken or _contents_break(entries, decisions, notices)
 
     # ------------------------------------------------------------------ decisions
 
@@ -380,6 +477,9 @@ class CoordinatorStore:
                         next_attempt_at=now,
                         last_error="",
                     )
+                )
+                self._append_audit(
+                    session, decision.tcn, "notification_queued", "", self._state(session, decision.tcn)
                 )
             if review is not None and session.get(ReviewRow, decision.tcn) is None:
                 opened, sealed_booking = review
@@ -540,7 +640,7 @@ class CoordinatorStore:
             )
             _set_notification_state(session, tcn, bk.DELIVERED)
             detail = "acknowledged (already received)" if duplicate else "acknowledged"
-            self._append_audit(session, tcn, "notification_delivered", detail, b"")
+            self._append_audit(session, tcn, "notification_delivered", detail, self._state(session, tcn))
 
     def mark_failed(self, tcn: str, error: str, retry_at: dt.datetime, max_attempts: int) -> bool:
         """Counts a failed delivery; at ``max_attempts`` the entry becomes a dead letter (the
@@ -568,7 +668,11 @@ class CoordinatorStore:
             session.delete(row)
             _set_notification_state(session, tcn, bk.UNDELIVERABLE)
             self._append_audit(
-                session, tcn, "notification_dead_lettered", f"{row.attempts} attempts; last: {error}", b""
+                session,
+                tcn,
+                "notification_dead_lettered",
+                f"{row.attempts} attempts; last: {error}",
+                self._state(session, tcn),
             )
             return True
 
@@ -591,7 +695,9 @@ class CoordinatorStore:
             )
             session.delete(dead)
             _set_notification_state(session, tcn, bk.QUEUED)
-            self._append_audit(session, tcn, "notification_requeued", f"by {operator}", b"")
+            self._append_audit(
+                session, tcn, "notification_requeued", f"by {operator}", self._state(session, tcn)
+            )
             return True
 
     def outbox_attempts(self, tcn: str) -> tuple[int, bool] | None:
@@ -758,7 +864,13 @@ class CoordinatorStore:
                 )
             event = "review_confirmed" if confirmed else "review_rejected"
             outcome = bk.NotificationState.Name(verdict.notification_state)
-            self._append_audit(session, tcn, event, f"by {examiner}, notification {outcome}: {note}", b"")
+            self._append_audit(
+                session,
+                tcn,
+                event,
+                f"by {examiner}, notification {outcome}: {note}",
+                self._state(session, tcn),
+            )
             return self._review(row), decision
 
     def review_counts(self, overdue_s: float) -> tuple[int, int, float]:

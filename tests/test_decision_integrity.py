@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from evaluation.calibration import Thresholds
+from federation.audit import GENESIS, entry_hash
+from federation.checkpoint import write_checkpoint
 from federation.outbox import OutboxDeliverer
 from federation.store import CoordinatorStore
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
@@ -140,8 +142,12 @@ async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_
     store.close()
 
 
-def filled_store(url: str) -> CoordinatorStore:
-    store = CoordinatorStore(url)
+AUDIT_KEY = bytes(range(32))
+
+
+def filled_store(url: str, key: bytes | None = AUDIT_KEY) -> CoordinatorStore:
+    """Five decisions with queued notices (ten entries), one delivery, one event of its own."""
+    store = CoordinatorStore(url, audit_key=key)
     for i in range(5):
         store.record_decision(decision(f"TCN-AUDIT-{i}"), notification(f"TCN-AUDIT-{i}"))
     store.mark_delivered("TCN-AUDIT-0", duplicate=False)
@@ -153,20 +159,22 @@ def test_the_audit_chain_finds_an_edited_entry_and_a_truncated_log(tmp_path: Pat
     path = tmp_path / "coordinator.sqlite"
     url = f"sqlite:///{path}"
     store = filled_store(url)
-    assert store.verify_audit() == (7, None)
+    assert store.verify_audit() == (12, None)
     store.close()
     runner = CliRunner()
-    assert runner.invoke(app, ["audit", "verify", "--db", url]).exit_code == 0
+    key = tmp_path / "audit.key"
+    key.write_text(AUDIT_KEY.hex())
+    assert runner.invoke(app, ["audit", "verify", "--db", url, "--key", str(key)]).exit_code == 0
 
     with sqlite3.connect(path) as db:
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             db.execute("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 3")
         # Someone who drops the triggers first can edit; the chain still tells.
         db.execute("DROP TRIGGER audit_log_no_update")
-        db.execute("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 3")
-    verified = runner.invoke(app, ["audit", "verify", "--db", url])
+        db.execute("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 5")
+    verified = runner.invoke(app, ["audit", "verify", "--db", url, "--key", str(key)])
     assert verified.exit_code == 1
-    assert "entry 3 (TCN TCN-AUDIT-2)" in verified.output and "changed" in verified.output
+    assert "entry 5 (TCN TCN-AUDIT-2)" in verified.output and "changed" in verified.output
 
     truncated = tmp_path / "truncated.sqlite"
     store = filled_store(f"sqlite:///{truncated}")
@@ -174,15 +182,15 @@ def test_the_audit_chain_finds_an_edited_entry_and_a_truncated_log(tmp_path: Pat
     with sqlite3.connect(truncated) as db:
         db.execute("DROP TRIGGER audit_log_no_delete")
         db.execute("DELETE FROM audit_log WHERE seq = (SELECT max(seq) FROM audit_log)")
-    store = CoordinatorStore(f"sqlite:///{truncated}")
+    store = CoordinatorStore(f"sqlite:///{truncated}", audit_key=AUDIT_KEY)
     checked, broken = store.verify_audit()
     store.close()
-    assert checked == 6 and broken is not None and broken.seq == 7
+    assert checked == 11 and broken is not None and broken.seq == 12
 
 
 def test_the_audit_log_is_append_only_and_chained_on_postgresql(postgres_url: str) -> None:
     store = filled_store(postgres_url)
-    assert store.verify_audit() == (7, None)
+    assert store.verify_audit() == (12, None)
     store.close()
     engine = create_engine(postgres_url)
     for statement in ("UPDATE audit_log SET detail = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
@@ -192,10 +200,10 @@ def test_the_audit_log_is_append_only_and_chained_on_postgresql(postgres_url: st
         connection.execute(text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_change"))
         connection.execute(text("UPDATE audit_log SET tcn = 'TCN-OTHER' WHERE seq = 2"))
     engine.dispose()
-    store = CoordinatorStore(postgres_url)
+    store = CoordinatorStore(postgres_url, audit_key=AUDIT_KEY)
     checked, broken = store.verify_audit()
     store.close()
-    assert checked == 7 and broken is not None and broken.seq == 2
+    assert checked == 12 and broken is not None and broken.seq == 2
 
 
 def test_concurrent_writers_never_fork_the_audit_chain(database_url: str) -> None:
@@ -313,3 +321,96 @@ async def test_one_copied_finger_among_three_strangers_fingers_never_reaches_ice
     assert all(d.status == bk.COMPLETE for d in decisions)
     assert all(d.ident.band != bio.HIT and d.notification != bk.QUEUED for d in decisions)
     assert await federation.notifications() == []
+
+
+def tampered(tmp_path: Path, name: str, *statements: str) -> tuple[str, Path]:
+    """A filled log with a checkpoint of it elsewhere, then ``statements`` run on its file by
+    someone who can drop the append-only triggers but has not the audit key."""
+    path = tmp_path / f"{name}.sqlite"
+    store = filled_store(f"sqlite:///{path}")
+    checkpoints = tmp_path / f"{name}-checkpoints"
+    write_checkpoint(checkpoints, AUDIT_KEY, *store.audit_head())
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER audit_log_no_update")
+        db.execute("DROP TRIGGER audit_log_no_delete")
+        for statement in statements:
+            db.execute(statement)
+    return f"sqlite:///{path}", checkpoints
+
+
+def verify_cli(tmp_path: Path, url: str, checkpoints: Path) -> str:
+    key = tmp_path / "audit.key"
+    key.write_text(AUDIT_KEY.hex())
+    result = CliRunner().invoke(
+        app, ["audit", "verify", "--db", url, "--key", str(key), "--checkpoint", str(checkpoints)]
+    )
+    assert result.exit_code == 1, result.output
+    return result.output
+
+
+def test_audit_verify_finds_the_end_cut_and_the_head_rewritten_to_match(tmp_path: Path) -> None:
+    def cut(name: str, keep: int) -> tuple[str, Path]:
+        return tampered(
+            tmp_path,
+            name,
+            f"DELETE FROM audit_log WHERE seq > {keep}",
+            f"UPDATE audit_head SET entries = {keep}, "
+            f"last_hash = (SELECT entry_hash FROM audit_log WHERE seq = {keep})",
+        )
+
+    assert "TCN-AUDIT-0" in verify_cli(tmp_path, *cut("two", 10))  # its delivery's record is gone
+    # Cutting only the last entry (an event that changed nothing stored) leaves a log that is
+    # whole by itself; only the checkpoint kept elsewhere still knows how long it was.
+    url, checkpoints = cut("one", 11)
+    store = CoordinatorStore(url, audit_key=AUDIT_KEY)
+    assert store.verify_audit() == (11, None)
+    store.close()
+    assert "12 were checkpointed" in verify_cli(tmp_path, url, checkpoints)
+
+
+def test_audit_verify_finds_every_entry_and_the_head_deleted(tmp_path: Path) -> None:
+    url, checkpoints = tampered(tmp_path, "emptied", "DELETE FROM audit_log", "DELETE FROM audit_head")
+    output = verify_cli(tmp_path, url, checkpoints)
+    assert "never recorded" in output or "were checkpointed" in output
+
+
+def test_audit_verify_finds_an_entry_edited_and_the_chain_rehashed_without_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "rehashed.sqlite"
+    store = filled_store(f"sqlite:///{path}")
+    checkpoints = tmp_path / "rehashed-checkpoints"
+    write_checkpoint(checkpoints, AUDIT_KEY, *store.audit_head())
+    store.close()
+    # Rewrite entry 3 and re-chain everything after it with plain SHA-256, the best one can do
+    # without the key.
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER audit_log_no_update")
+        rows = db.execute(
+            "SELECT seq, recorded_at, tcn, event, detail, payload FROM audit_log ORDER BY seq"
+        ).fetchall()
+        prev = GENESIS
+        for seq, recorded_at, tcn, event, detail, payload in rows:
+            if seq == 3:
+                detail = "nothing happened"
+            when = dt.datetime.fromisoformat(recorded_at)
+            digest = entry_hash(prev, seq, when, tcn, event, detail, payload)
+            db.execute(
+                "UPDATE audit_log SET detail = ?, prev_hash = ?, entry_hash = ? WHERE seq = ?",
+                (detail, prev, digest, seq),
+            )
+            prev = digest
+        db.execute("UPDATE audit_head SET last_hash = ?", (prev,))
+    output = verify_cli(tmp_path, f"sqlite:///{path}", checkpoints)
+    assert "entry 1" in output and "changed" in output
+
+
+def test_audit_verify_finds_a_decision_edited_and_its_notice_dropped(tmp_path: Path) -> None:
+    edited = decision("TCN-AUDIT-3", bk.NOT_REQUIRED).SerializeToString().hex()
+    url, checkpoints = tampered(
+        tmp_path,
+        "quiet",
+        f"UPDATE decisions SET decision = x'{edited}' WHERE tcn = 'TCN-AUDIT-3'",
+        "DELETE FROM outbox WHERE tcn = 'TCN-AUDIT-3'",
+    )
+    output = verify_cli(tmp_path, url, checkpoints)
+    assert "TCN-AUDIT-3" in output and "outside the log" in output

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from evaluation import metrics
 from evaluation.calibrate import calibrate, write_thresholds
-from evaluation.calibration import calibrated_thresholds
+from evaluation.calibration import Thresholds, calibrated_thresholds
 from evaluation.run import EvalOptions, evaluate, summary
 from minutiae.dataset import DatasetError, read_dataset
 from minutiae.xyt import write_xyt
@@ -208,3 +208,25 @@ def test_malformed_manifest_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "manifest.csv").write_text("path,subject_id\n")
     with pytest.raises(DatasetError, match="missing columns"):
         read_dataset(tmp_path)
+
+
+def test_eval_reports_accuracy_at_the_thresholds_a_node_would_use(tmp_path: Path) -> None:
+    # Beside the figures at the data set's own quantiles: FNIR and the measured FPIR at the
+    # calibration's thresholds for this gallery size and each candidate's fingers compared.
+    write_evaluation_set(tmp_path, seed=6, subjects=12, difficulty="easy", workers=1)
+    dataset = read_dataset(tmp_path)
+    shipped = calibrated_thresholds()
+    report = summary(evaluate(dataset, EvalOptions(impostor_pairs=50, operating=shipped)))
+    op = report["operating_point"]
+    assert op["gallery_size"] == len(dataset.gallery) and op["calibration_digest"].startswith("sha256:")
+    assert op["thresholds_10_fingers"]["hit"] == pytest.approx(shipped.for_gallery(len(dataset.gallery)).hit)
+    for band, stated in (("hit", shipped.hit_fpir), ("review", shipped.review_fpir)):
+        figures = op[band]
+        assert figures["stated_fpir"] == stated and figures["mated_searches"] == report["mated_searches"]
+        assert 0.0 <= figures["fnir"] <= 1.0 and 0.0 <= figures["fpir"] <= 1.0
+    # Easy ten-prints of a dozen subjects: every mate is a hit, no stranger is one.
+    assert (op["hit"]["fnir"], op["hit"]["fpir"]) == (0.0, 0.0)
+    # An impossible calibration misses every mate at its hit threshold, and says so.
+    strict = Thresholds(hit=1e9, review=1e9, source="nobody is a hit")
+    unreachable = summary(evaluate(dataset, EvalOptions(impostor_pairs=50, operating=strict)))
+    assert unreachable["operating_point"]["hit"]["fnir"] == 1.0

@@ -65,7 +65,11 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
             "existingSecret": "fedprint-database-urls",
             "peers": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
         },
-        "coordinator": {"bookingKey": {"existingSecret": "fedprint-booking-key", "key": "key.hex"}},
+        "coordinator": {
+            "bookingKey": {"existingSecret": "fedprint-booking-key", "key": "key.hex"},
+            "auditKey": {"existingSecret": "fedprint-audit-key", "key": "key.hex"},
+            "auditCheckpoints": {"existingClaim": "fedprint-audit-checkpoints"},
+        },
     },
 }
 
@@ -497,7 +501,14 @@ def test_sharded_galleries_get_one_stateful_set_per_partition_and_a_router_that_
 def test_external_postgresql_deploys_no_database_and_reads_the_urls_from_the_given_secret() -> None:
     manifests = render("external-postgresql")
     assert not [m for m in manifests if "postgresql" in m.name]
-    assert not [m for m in of_kind(manifests, "Secret")]  # both secrets are the operator's
+    assert not [m for m in of_kind(manifests, "Secret")]  # every secret is the operator's
+    coordinator = next(m for m in of_kind(manifests, "Deployment") if m.name.endswith("-coordinator"))
+    assert config_of(manifests, coordinator)["audit_checkpoint_dir"] == "/var/lib/fedprint/audit-checkpoints"
+    volumes = {v["name"]: v for v in pod_spec(coordinator)["volumes"]}
+    assert volumes["audit-checkpoints"]["persistentVolumeClaim"] == {
+        "claimName": "fedprint-audit-checkpoints"
+    }
+    assert volumes["audit-key"]["secret"]["secretName"] == "fedprint-audit-key"
     clients = next(m for m in of_kind(manifests, "NetworkPolicy") if m.name.endswith("-database-clients"))
     (rule,) = clients.doc["spec"]["egress"]
     assert rule["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]

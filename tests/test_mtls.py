@@ -5,10 +5,12 @@ first connections, still end in an answer."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from fedprint.clients import list_notifications
 from fedprint.pki import Role, TlsFiles, identity_of, issue_dev_pki
@@ -68,34 +70,40 @@ def test_dev_pki_writes_one_identity_per_role_and_agency(tmp_path: Path) -> None
     assert again["agency-XX0020000"].ca.read_bytes() == issued["admin"].ca.read_bytes()
 
 
-async def test_a_mutual_tls_handshake_that_takes_seconds_still_connects(tmp_path: Path) -> None:
+@pytest_asyncio.fixture
+async def ice_service(tmp_path: Path) -> AsyncIterator[tuple[str, TlsFiles]]:
+    """A running ICE service over mTLS: its address, and ICE's identity to call it with."""
+    issued = issue_dev_pki(tmp_path / "pki")
+    ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=issued["ice"]))
+    await ice.host.start()
+    try:
+        yield ice.host.address, issued["ice"]
+    finally:
+        await ice.stop(0)
+
+
+async def test_a_mutual_tls_handshake_that_takes_seconds_still_connects(
+    ice_service: tuple[str, TlsFiles],
+) -> None:
     # On a loaded machine a handshake can take far longer than on a quiet one: the server's TLS
     # work and its certificate callback (which needs Python's lock) wait for a core. Channels once
     # gave every connection attempt 200 ms, and failed here with "Handshake read failed (Endpoint
     # closing)" although the server was ready; an attempt now has gRPC's 20 s.
-    issued = issue_dev_pki(tmp_path / "pki")
-    ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=issued["ice"]))
-    await ice.host.start()
-    try:
-        async with tcp_proxy(ice.host.address, delay_s=1.5) as slow:
-            assert await list_notifications(slow.address, tls=issued["ice"]) == []
-        assert slow.accepted == 1  # the first attempt's handshake completed: no retry hid a failure
-    finally:
-        await ice.stop(0)
+    address, identity = ice_service
+    async with tcp_proxy(address, delay_s=1.5) as slow:
+        assert await list_notifications(slow.address, tls=identity) == []
+    assert slow.accepted == 1  # the first attempt's handshake completed: no retry hid a failure
 
 
-async def test_an_idempotent_call_rides_out_a_peer_that_drops_its_first_connection(tmp_path: Path) -> None:
+async def test_an_idempotent_call_rides_out_a_peer_that_drops_its_first_connection(
+    ice_service: tuple[str, TlsFiles],
+) -> None:
     # A peer that is restarting drops a connection; the channel's retry policy makes an
     # idempotent call again after a backoff instead of failing it UNAVAILABLE.
-    issued = issue_dev_pki(tmp_path / "pki")
-    ice = build_ice(IceConfig(data_dir=tmp_path / "ice", tls=issued["ice"]))
-    await ice.host.start()
-    try:
-        async with tcp_proxy(ice.host.address, drop_first=1) as flaky:
-            assert await list_notifications(flaky.address, tls=issued["ice"]) == []
-        assert flaky.dropped == 1 and flaky.accepted == 2
-    finally:
-        await ice.stop(0)
+    address, identity = ice_service
+    async with tcp_proxy(address, drop_first=1) as flaky:
+        assert await list_notifications(flaky.address, tls=identity) == []
+    assert flaky.dropped == 1 and flaky.accepted == 2
 
 
 def test_the_retry_policy_names_only_methods_that_exist() -> None:
