@@ -41,6 +41,22 @@ def _database_url(db: str | None, config: Path | None) -> str:
     return settings.resolved_database_url() or f"sqlite:///{settings.data_dir / 'coordinator.sqlite'}"
 
 
+KeyOption = Annotated[
+    Path | None, typer.Option("--key", help="the audit key file; default: the coordinator's, from --config")
+]
+
+
+def _audit_key(key: Path | None, config: Path | None) -> bytes | None:
+    """The audit key from ``--key``, else from the coordinator's config; None with neither."""
+    path = key or (CoordinatorConfig.load(config).audit_key_path() if config is not None else None)
+    if path is None:
+        return None
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as error:
+        raise typer.BadParameter(f"{path}: not an audit key ({error})") from error
+
+
 def register(app: typer.Typer, console: Console) -> None:
     """Adds the ``audit`` and ``outbox`` command groups to ``app``."""
     audit_app = typer.Typer(no_args_is_help=True, help="The coordinator's hash-chained audit log.")
@@ -52,10 +68,7 @@ def register(app: typer.Typer, console: Console) -> None:
     def verify(
         db: DbOption = None,
         config: ConfigOption = None,
-        key: Annotated[
-            Path | None,
-            typer.Option(help="the audit key file; default: the coordinator's, from --config"),
-        ] = None,
+        key: KeyOption = None,
         checkpoint: Annotated[
             Path | None,
             typer.Option(help="the audit checkpoint directory; default: the coordinator's, from --config"),
@@ -66,14 +79,10 @@ def register(app: typer.Typer, console: Console) -> None:
         ICE notice against the digests the log recorded, and the log against the latest signed
         checkpoint (so that a cut end shows); exits 1 naming the first break."""
         settings = CoordinatorConfig.load(config) if config is not None else None
-        key_path = key or (settings.audit_key_path() if settings is not None else None)
         checkpoints = checkpoint or (settings.audit_checkpoint_dir if settings is not None else None)
-        if key_path is None:
+        audit_key = _audit_key(key, config)
+        if audit_key is None:
             raise typer.BadParameter("give --key (the audit key file) or --config of the coordinator")
-        try:
-            audit_key = bytes.fromhex(key_path.read_text().strip())
-        except (OSError, ValueError) as error:
-            raise typer.BadParameter(f"{key_path}: not an audit key ({error})") from error
         store = CoordinatorStore(_database_url(db, config), audit_key=audit_key)
         try:
             checked, broken = store.verify_audit()
@@ -153,10 +162,16 @@ def register(app: typer.Typer, console: Console) -> None:
         tcn: Annotated[str, typer.Argument(help="TCN of the dead letter to send again")],
         db: DbOption = None,
         config: ConfigOption = None,
+        key: KeyOption = None,
     ) -> None:
-        """Puts a dead letter back into the outbox; the running coordinator delivers it (audited)."""
-        store = CoordinatorStore(_database_url(db, config))
+        """Puts a dead letter back into the outbox; the running coordinator delivers it (audited,
+        under the audit key: the coordinator's, from --config, or --key)."""
+        store = CoordinatorStore(_database_url(db, config), audit_key=_audit_key(key, config))
         try:
+            if not store.audit_key_fits():
+                raise typer.BadParameter(
+                    "the audit log is chained under a key: give it (--key, or --config of the coordinator)"
+                )
             requeued = store.retry_dead_letter(
                 tcn, operator=f"operator {getpass.getuser()} (fedprint outbox)"
             )

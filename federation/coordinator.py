@@ -493,6 +493,11 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
         replica_id=config.replica_id,
         audit_key=load_or_create_key(config.audit_key_path(), "audit key"),
     )
+    if not store.audit_key_fits():
+        raise ValueError(
+            f"{config.audit_key_path()} is not the key the audit log was chained with: restore the "
+            "log's key (appending under another would leave a log no key verifies)"
+        )
     policy = ThreatPolicy.load(config.policy_path)
     channels = [
         # No gRPC retries: a node that did not answer makes the decision incomplete, and the

@@ -368,6 +368,25 @@ class CoordinatorStore:
             )
             return [(e, d) for e, d in rows]
 
+    def audit_key_fits(self) -> bool:
+        """Whether the store's audit key is the one the log was chained with (an empty log fits
+        any): appending under another key would leave a log that no key verifies."""
+        with self._sessions() as session:
+            first = session.scalars(select(AuditRow).where(AuditRow.seq == 1)).first()
+        if first is None:
+            return True
+        mac = entry_hash(
+            first.prev_hash,
+            1,
+            first.recorded_at,
+            first.tcn,
+            first.event,
+            first.detail,
+            first.payload,
+            self.audit_key,
+        )
+        return mac == first.entry_hash
+
     def audit_head(self) -> tuple[int, str]:
         """(entries, MAC of the last one) of the log: what a checkpoint records."""
         with self._sessions() as session:

@@ -135,7 +135,12 @@ async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_
     stored = store.decision("TCN-DEAD-1")
     assert stored is not None and stored.notification == bk.QUEUED
     events = [event for event, _ in store.audit("TCN-DEAD-1")]
-    assert events == ["decision", "notification_dead_lettered", "notification_requeued"]
+    assert events == [
+        "decision",
+        "notification_queued",
+        "notification_dead_lettered",
+        "notification_requeued",
+    ]
     stats = store.stats()
     assert stats.outbox_pending == 1 and stats.dead_letters == 0
     assert stats.oldest_pending_notification_age_s >= 0.0
@@ -414,3 +419,25 @@ def test_audit_verify_finds_a_decision_edited_and_its_notice_dropped(tmp_path: P
     )
     output = verify_cli(tmp_path, url, checkpoints)
     assert "TCN-AUDIT-3" in output and "outside the log" in output
+
+
+def test_an_operator_writes_to_a_keyed_audit_log_only_with_its_key(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'coordinator.sqlite'}"
+    store = CoordinatorStore(url, audit_key=AUDIT_KEY)
+    store.record_decision(decision("TCN-KEYED-1"), notification("TCN-KEYED-1"))
+    later = dt.datetime.now(dt.UTC)
+    assert store.mark_failed("TCN-KEYED-1", "UNAVAILABLE: down", later, max_attempts=1)
+    store.close()
+    runner = CliRunner()
+    refused = runner.invoke(app, ["outbox", "retry", "TCN-KEYED-1", "--db", url])
+    assert refused.exit_code != 0 and "chained under a key" in refused.output
+    key = tmp_path / "audit.key"
+    key.write_text(AUDIT_KEY.hex())
+    assert (
+        runner.invoke(app, ["outbox", "retry", "TCN-KEYED-1", "--db", url, "--key", str(key)]).exit_code == 0
+    )
+    assert runner.invoke(app, ["audit", "verify", "--db", url, "--key", str(key)]).exit_code == 0
+    # A coordinator started with another key refuses to fork the chain.
+    wrong = CoordinatorStore(url, audit_key=bytes(32))
+    assert not wrong.audit_key_fits()
+    wrong.close()
