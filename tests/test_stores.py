@@ -77,7 +77,10 @@ def test_a_database_from_before_migrations_is_adopted_and_upgraded(database_url:
         stored = coordinator.decision("TCN-OLD-1")
         assert stored is not None and stored.tcn == "TCN-OLD-1"
         coordinator.record_event("TCN-OLD-1", "adopted", "the audit log works on the adopted schema")
-        assert coordinator.verify_audit() == (1, None)
+        # The chain holds; the decision row this test wrote behind the log's back does not.
+        checked, broken = coordinator.verify_audit()
+        assert checked == 1 and broken is not None
+        assert (broken.tcn, broken.reason) == ("TCN-OLD-1", "a stored decision the log never recorded")
     finally:
         gallery.close()
         coordinator.close()
