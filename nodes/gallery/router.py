@@ -26,6 +26,7 @@ shards answer (:class:`nodes.gallery.server.GalleryServicer`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,16 @@ class ShardFailure(Exception):
         super().__init__(f"{shard.describe()}: {code.name}: {details}")
         self.shard = shard
         self.code = code
+
+
+def _same_calibration(a: bio.Thresholds, b: bio.Thresholds) -> bool:
+    """Whether a shard judges by the router's calibration. Thresholds that follow the gallery
+    size differ between a shard and the whole node by design; their calibration must not."""
+    if a.gallery_size or b.gallery_size:
+        return a.source == b.source and a.hit_fpir == b.hit_fpir and a.review_fpir == b.review_fpir
+    return math.isclose(a.hit, b.hit, rel_tol=1e-9, abs_tol=1e-12) and math.isclose(
+        a.review, b.review, rel_tol=1e-9, abs_tol=1e-12
+    )
 
 
 class GalleryRouter(gal_grpc.GalleryServiceServicer):
@@ -154,6 +165,15 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
             missing.error = (
                 f"judges by another calibration ({response.calibration_digest or 'none named'}) than "
                 f"the node ({self.calibration_digest}): router and shards need the same calibration"
+            )
+        elif not all(
+            _same_calibration(r.thresholds, thresholds_proto(plan.thresholds(r.searched_subjects)))
+            for r in response.results
+        ):
+            theirs = response.results[0].thresholds
+            missing.error = (
+                f"judges by another calibration ({theirs.source!r}, hit {theirs.hit:g}) than the node "
+                f"({plan.calibration.source!r}): router and shards need the same calibration"
             )
         else:
             return response
