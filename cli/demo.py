@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,9 @@ from synthetic.population import GroundTruth, SyntheticBooking, generate_populat
 DEMO_DIFFICULTY = "realistic"
 
 
-def check(decision: bk.BookingDecision | None, truth: GroundTruth, *, confirmed: bool = False) -> list[str]:
-    """What is wrong with a decision against the ground truth (empty when right). ``confirmed``:
-    an examiner confirmed the decision's review-band IDENT candidate, which makes it a hit."""
+def check(decision: bk.BookingDecision | None, truth: GroundTruth) -> list[str]:
+    """What is wrong with a decision against the ground truth (empty when right). A candidate an
+    examiner confirmed (``confirmed_subject_id``) counts as a hit."""
     if decision is None:
         return ["no decision"]
     problems = []
@@ -54,13 +56,15 @@ def check(decision: bk.BookingDecision | None, truth: GroundTruth, *, confirmed:
         ("IAFIS", decision.iafis, truth.iafis_subject_id),
         ("IDENT", decision.ident, truth.ident_subject_id),
     ):
-        hit = (result.band == bio.HIT or (name == "IDENT" and confirmed)) and bool(result.candidates)
-        if expected is None and hit:
-            problems.append(f"{name} false hit {result.candidates[0].subject_id}")
-        elif expected is not None and not hit:
+        found = result.confirmed_subject_id or (
+            result.candidates[0].subject_id if result.band == bio.HIT and result.candidates else ""
+        )
+        if expected is None and found:
+            problems.append(f"{name} false hit {found}")
+        elif expected is not None and not found:
             problems.append(f"{name} missed {expected} ({bio.DecisionBand.Name(result.band)})")
-        elif expected is not None and result.candidates[0].subject_id != expected:
-            problems.append(f"{name} hit {result.candidates[0].subject_id}, expected {expected}")
+        elif expected is not None and found != expected:
+            problems.append(f"{name} hit {found}, expected {expected}")
     if decision.level != truth.expected_level:
         problems.append(f"level {decision.level}, expected {truth.expected_level}")
     notified = decision.notification in (bk.QUEUED, bk.DELIVERED)
@@ -95,48 +99,80 @@ def citizen_booking(bookings: list[SyntheticBooking]) -> SyntheticBooking:
     return partial_booking(source, 3, "-CIT")
 
 
-def check_partial(decision: bk.BookingDecision | None, confirmed: bool | None) -> list[str]:
-    """A partial booking is right when it is complete, not an automated IDENT hit (it may reach
-    ICE only through an examiner's confirmation), and, for a citizen whose match an examiner
-    confirmed (``confirmed``; None: not a citizen), suppressed by the policy."""
+def convicted_booking(bookings: list[SyntheticBooking]) -> SyntheticBooking:
+    """Three fingers of someone IAFIS knows and IDENT does not: too few agree for an automated
+    IAFIS hit, so the criminal history counts toward the level only once an examiner confirms."""
+    source = next(b for b in bookings if b.truth.iafis_subject_id and not b.truth.ident_subject_id)
+    return partial_booking(source, 3, "-CNV")
+
+
+def check_partial(decision: bk.BookingDecision | None, truth: GroundTruth, kind: str) -> list[str]:
+    """A partial booking is right when it is complete and no node made it an automated hit (too
+    few fingers agree); then, by ``kind``: the ``citizen`` whose IDENT match an examiner
+    confirmed is suppressed by the policy; the ``convicted`` person whose IAFIS match an
+    examiner confirmed has the level of the full booking, convictions included."""
     if decision is None or decision.status != bk.COMPLETE:
         return ["partial booking: no complete decision"]
-    if decision.ident.band == bio.HIT:
-        return ["partial booking was an automated IDENT hit"]
-    if confirmed and decision.notification != bk.SUPPRESSED:
-        return [f"confirmed citizen {bk.NotificationState.Name(decision.notification)}, not SUPPRESSED"]
+    automated = [name for name in ("iafis", "ident") if getattr(decision, name).band == bio.HIT]
+    if automated:
+        return [f"partial booking was an automated {' and '.join(automated).upper()} hit"]
+    if kind == "citizen":
+        if decision.ident.confirmed_subject_id != truth.ident_subject_id:
+            return ["the citizen's IDENT match was not confirmed"]
+        if decision.notification != bk.SUPPRESSED:
+            return [f"confirmed citizen {bk.NotificationState.Name(decision.notification)}, not SUPPRESSED"]
+    if kind == "convicted":
+        if decision.iafis.confirmed_subject_id != truth.iafis_subject_id:
+            return ["the IAFIS match was not confirmed"]
+        if decision.level != truth.expected_level:
+            return [f"level {decision.level} after the IAFIS confirmation, expected {truth.expected_level}"]
     return []
 
 
-async def examine(
-    coordinator: str, workdir: Path, results: list[Submission], truth: dict[str, GroundTruth]
-) -> dict[str, bool]:
-    """The demo's examiner works every review through the command line (`fedprint review show`,
-    then `confirm` or `reject`), as a person would; the demo plays the examiner's eye with the
-    ground truth. Returns, per reviewed TCN, whether the match was confirmed."""
-    reviewed: dict[str, bool] = {}
+@dataclass(frozen=True)
+class Reviewed:
+    """One review the demo's examiner worked."""
+
+    tcn: str
+    node: str
+    confirmed: bool
+
+
+async def examine(coordinator: str, workdir: Path, truth: dict[str, GroundTruth]) -> list[Reviewed]:
+    """The demo's examiner lists the open reviews and works each through the command line
+    (`fedprint review list`, `show`, then `confirm` or `reject`), as a person would; the demo
+    plays the examiner's eye with the ground truth."""
+    reviewed = []
     common = ["--address", coordinator, "--tls-dir", str(workdir / "pki")]
-    for r in results:
-        if r.decision is None or r.decision.notification != bk.EXAMINER_REVIEW:
-            continue
-        png = workdir / f"review-{r.tcn}.png"
-        await _fedprint("review", "show", r.tcn, "--png", str(png), *common)
-        candidate = r.decision.ident.candidates[0].subject_id
-        same_person = truth[r.tcn].ident_subject_id == candidate
+    for review in json.loads(await _fedprint("review", "list", "--json", "--limit", "1000", *common)):
+        tcn, node = review["tcn"], review["node"]
+        png = workdir / f"review-{tcn}-{node}.png"
+        await _fedprint("review", "show", review["review_id"], "--png", str(png), *common)
+        expected = truth[tcn].iafis_subject_id if node == "iafis" else truth[tcn].ident_subject_id
+        same_person = expected == review["subject_id"]
         verdict = "confirm" if same_person else "reject"
         note = "minutiae agree finger by finger" if same_person else "ridge detail differs"
-        await _fedprint("review", verdict, r.tcn, "--note", note, *common)
-        reviewed[r.tcn] = same_person
+        await _fedprint("review", verdict, review["review_id"], "--note", note, *common)
+        reviewed.append(Reviewed(tcn, node, same_person))
     return reviewed
 
 
-async def _fedprint(*args: str) -> None:
+async def _fedprint(*args: str) -> str:
+    """Runs a ``fedprint`` command as its own process; returns what it printed."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        sys.executable,
+        "-m",
+        "cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "1000"},
     )
-    output, _ = await process.communicate()
+    output, errors = await process.communicate()
     if process.returncode != 0:
-        raise RuntimeError(f"fedprint {' '.join(args[:3])} failed: {output.decode(errors='replace')}")
+        text = (output + errors).decode(errors="replace")
+        raise RuntimeError(f"fedprint {' '.join(args[:3])} failed: {text}")
+    return output.decode()
 
 
 async def _final(coordinator: str, submission: Submission, agencies: dict[str, TlsFiles]) -> Submission:
@@ -211,9 +247,13 @@ async def run_demo(
                     enroll(addresses["iafis"], population.iafis, tls=pki["admin"]),
                     enroll(addresses["ident"], population.ident, tls=pki["admin"]),
                 )
-            lone = one_finger_booking(population.bookings)
-            citizen = citizen_booking(population.bookings)
-            bookings_sent = [*population.bookings, lone, citizen]
+            partial = {
+                "lone": one_finger_booking(population.bookings),
+                "citizen": citizen_booking(population.bookings),
+                "convicted": convicted_booking(population.bookings),
+            }
+            kinds = {b.booking.tcn: kind for kind, b in partial.items()}
+            bookings_sent = [*population.bookings, *partial.values()]
             with console.status("submitting bookings"):
                 results: list[Submission] = await submit_bookings(
                     addresses["coordinator"],
@@ -222,19 +262,16 @@ async def run_demo(
                     agencies=agencies,
                 )
             reviewed = await examine(
-                addresses["coordinator"],
-                workdir,
-                results,
-                {b.booking.tcn: b.truth for b in bookings_sent},
+                addresses["coordinator"], workdir, {b.booking.tcn: b.truth for b in bookings_sent}
             )
+            worked = {r.tcn for r in reviewed}
             results = [
-                await _final(addresses["coordinator"], r, agencies) if r.tcn in reviewed else r
-                for r in results
+                await _final(addresses["coordinator"], r, agencies) if r.tcn in worked else r for r in results
             ]
             verdicts = [
-                check(r.decision, b.truth, confirmed=reviewed.get(r.tcn, False))
-                if b not in (lone, citizen)
-                else check_partial(r.decision, reviewed.get(r.tcn) if b is citizen else None)
+                check_partial(r.decision, b.truth, kinds[r.tcn])
+                if r.tcn in kinds
+                else check(r.decision, b.truth)
                 for r, b in zip(results, bookings_sent, strict=True)
             ]
             queued = sum(
@@ -264,10 +301,12 @@ async def run_demo(
             "correct": sum(not v for v in verdicts),
             "wrong": sum(bool(v) for v in verdicts),
             "reviews": len(reviewed),
+            "iafis_reviews": sum(r.node == "iafis" for r in reviewed),
             "one_finger_bookings": 1,
-            "reviews_confirmed": sum(reviewed.values()),
+            "reviews_confirmed": sum(r.confirmed for r in reviewed),
+            "iafis_reviews_confirmed": sum(r.confirmed and r.node == "iafis" for r in reviewed),
             "confirmed_and_suppressed": sum(
-                reviewed.get(d.tcn, False) and d.notification == bk.SUPPRESSED for d in decisions
+                bool(d.ident.confirmed_subject_id) and d.notification == bk.SUPPRESSED for d in decisions
             ),
             "suppressed": sum(d.notification == bk.SUPPRESSED for d in decisions),
             "p50_ms": round(statistics.median(r.latency_ms for r in results), 1) if results else 0.0,

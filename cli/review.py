@@ -112,7 +112,9 @@ def draw_case(case: rv.ReviewCase, comparisons: list[FingerComparison], path: Pa
 
 def register(app: typer.Typer, console: Console) -> None:
     """Adds the ``review`` command group to ``app``."""
-    review_app = typer.Typer(no_args_is_help=True, help="Examiner review of borderline IDENT matches.")
+    review_app = typer.Typer(
+        no_args_is_help=True, help="Examiner review of borderline IAFIS and IDENT matches."
+    )
     app.add_typer(review_app, name="review")
 
     def stub_call(address: str, tls_dir: Path, insecure: bool, call: str, request: object) -> object:
@@ -131,6 +133,7 @@ def register(app: typer.Typer, console: Console) -> None:
         overdue: Annotated[
             bool, typer.Option("--overdue", help="only reviews waiting longer than the overdue age")
         ] = False,
+        limit: Annotated[int, typer.Option(min=1, max=1000, help="most reviews to list")] = 100,
         tls_dir: TlsDirOption = Path("pki"),
         insecure: InsecureOption = False,
         json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
@@ -139,7 +142,7 @@ def register(app: typer.Typer, console: Console) -> None:
         if state is not None and state not in STATES:
             raise typer.BadParameter(f"state is one of {', '.join(STATES)}")
         request = rv.ListReviewsRequest(
-            state=STATES[state] if state else rv.REVIEW_STATE_UNSPECIFIED, overdue=overdue
+            state=STATES[state] if state else rv.REVIEW_STATE_UNSPECIFIED, overdue=overdue, limit=limit
         )
         response = stub_call(address, tls_dir, insecure, "ListReviews", request)
         assert isinstance(response, rv.ListReviewsResponse)
@@ -147,6 +150,8 @@ def register(app: typer.Typer, console: Console) -> None:
             rows = [
                 {
                     "review_id": r.review_id,
+                    "tcn": r.tcn,
+                    "node": r.node,
                     "ori": r.ori,
                     "state": rv.ReviewState.Name(r.state).lower(),
                     "examiner": r.examiner,
@@ -160,7 +165,7 @@ def register(app: typer.Typer, console: Console) -> None:
             console.print_json(json.dumps(rows))
             return
         table = Table(title=f"{len(response.reviews)} reviews")
-        for column in ("review (TCN)", "ORI", "state", "examiner", "age", "candidate", "fused", "level"):
+        for column in ("review (TCN/node)", "ORI", "state", "examiner", "age", "candidate", "fused", "level"):
             table.add_column(column)
         for r in response.reviews:
             table.add_row(
@@ -177,7 +182,7 @@ def register(app: typer.Typer, console: Console) -> None:
 
     @review_app.command("show")
     def show(
-        review_id: Annotated[str, typer.Argument(help="the review (the booking's TCN)")],
+        review_id: Annotated[str, typer.Argument(help="the review: <TCN>/iafis or <TCN>/ident")],
         png: Annotated[Path, typer.Option(help="where to draw the side-by-side comparison")] = Path(
             "review.png"
         ),
@@ -192,7 +197,7 @@ def register(app: typer.Typer, console: Console) -> None:
         assert isinstance(case, rv.ReviewCase)
         comparisons = compare_fingers(case)
         draw_case(case, comparisons, png)
-        review, record = case.review, case.candidate_record
+        review = case.review
         console.print(
             f"review {review.review_id} ({rv.ReviewState.Name(review.state).lower()} by {review.examiner}), "
             f"open {review.age_s / 60:.1f} min; candidate {review.candidate.subject_id}: fused "
@@ -208,11 +213,17 @@ def register(app: typer.Typer, console: Console) -> None:
                 str(c.position), f"{node_scores.get(c.position, 0.0):.4f}", str(len(c.matched.pairs))
             )
         console.print(table)
-        console.print(
-            f"record: status {rec.ImmigrationStatus.Name(record.status)}, "
-            f"{len(record.encounters)} encounters, "
-            f"{record.prior_removals} prior removals"
-        )
+        if review.node == "iafis":
+            history = case.candidate_criminal_history
+            charges = sum(len(arrest.charges) for arrest in history.arrests)
+            console.print(f"criminal history: {len(history.arrests)} arrests, {charges} charges")
+        else:
+            record = case.candidate_record
+            console.print(
+                f"record: status {rec.ImmigrationStatus.Name(record.status)}, "
+                f"{len(record.encounters)} encounters, "
+                f"{record.prior_removals} prior removals"
+            )
         for reason in review.reasons:
             console.print(f"  - {reason}")
         console.print(f"wrote {png}")
@@ -235,7 +246,8 @@ def register(app: typer.Typer, console: Console) -> None:
         tls_dir: TlsDirOption = Path("pki"),
         insecure: InsecureOption = False,
     ) -> None:
-        """Confirms the match: the coordinator notifies ICE through its outbox."""
+        """Confirms the match; the policy decides what follows (an IDENT match notifies ICE unless a
+        suppression rule applies; an IAFIS match's convictions count toward the threat level)."""
         decide(review_id, rv.CONFIRM, note, address, tls_dir, insecure)
 
     @review_app.command("reject")
@@ -246,5 +258,5 @@ def register(app: typer.Typer, console: Console) -> None:
         tls_dir: TlsDirOption = Path("pki"),
         insecure: InsecureOption = False,
     ) -> None:
-        """Rejects the match: the case closes, no one is notified."""
+        """Rejects the match: the case closes; no one is notified, no history counts."""
         decide(review_id, rv.REJECT, note, address, tls_dir, insecure)

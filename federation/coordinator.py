@@ -31,7 +31,7 @@ from federation.intake import booking_content, changed_parts, check_booking_head
 from federation.metrics import CoordinatorStatsCollector
 from federation.outbox import CLAIM_SLACK_S, OutboxDeliverer
 from federation.policy import ThreatPolicy
-from federation.review import ReviewServicer, opened_review
+from federation.review import ReviewServicer, opened_reviews
 from federation.sealing import BookingSeal, SealingError, load_or_create_key
 from federation.store import CoordinatorStore, PendingBooking
 from federation.trust import NodeTrust, distrust
@@ -316,10 +316,13 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         decision = agency_view(evidence)
         sealed: tuple[bytes, bytes] | None = None
         retry_at: dt.datetime | None = None
-        review: tuple[rv.Review, bytes] | None = None
-        if decision.status == bk.COMPLETE and decision.notification == bk.EXAMINER_REVIEW:
-            # The examiner compares the booking's prints: it stays sealed until the verdict.
-            review = (opened_review(evidence), self.seal.seal(booking.tcn, booking.SerializeToString()))
+        reviews: list[tuple[rv.Review, bytes]] = []
+        if decision.status == bk.COMPLETE:
+            # The examiner compares the booking's prints: they stay sealed until the verdict.
+            reviews = [
+                (opened, self.seal.seal(booking.tcn, booking.SerializeToString()))
+                for opened in opened_reviews(evidence)
+            ]
         if decision.status == bk.INCOMPLETE:
             sealed = (
                 self.seal.seal(booking.tcn, booking.SerializeToString()),
@@ -335,7 +338,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             sealed=sealed,
             retry_at=retry_at,
             retries=retries,
-            review=review,
+            reviews=reviews,
         )
         if notification is not None:
             self.outbox.wake()

@@ -18,7 +18,7 @@ def agency_view(decision: bk.BookingDecision) -> bk.BookingDecision:
     view = bk.BookingDecision()
     view.CopyFrom(decision)
     for candidate in view.iafis.candidates:
-        if candidate.band != bio.HIT:
+        if candidate.band != bio.HIT and candidate.subject_id != view.iafis.confirmed_subject_id:
             candidate.ClearField("record")
     for candidate in view.ident.candidates:
         candidate.ClearField("record")

@@ -1,15 +1,19 @@
-"""``fedprint.review.v1.ReviewService``: examiners confirm or reject borderline IDENT matches.
+"""``fedprint.review.v1.ReviewService``: examiners confirm or reject borderline matches.
 
-A booking whose IDENT candidate lands in the review band is decided EXAMINER_REVIEW and opens
-a review (the coordinator keeps the booking sealed for it). An examiner, known by the client
-certificate, lists reviews, claims one (the coordinator then fetches the candidate's enrolled
-prints and record from the IDENT node, for this examiner only), and decides. The examiner
-confirms identity, never policy: a confirmation goes through the same threat policy as an
-automated hit (:meth:`federation.policy.ThreatPolicy.ident_identity`), so a suppression rule
-stops the notice as it would have stopped an automated one, and the decision records both what
-the examiner confirmed and what the policy did with it. A rejection closes the case with no
-notification. A claim runs out after ``review_claim_s`` and the review returns to the queue.
-Each step is audited, and the updated decision goes out on ``WatchDecisions``.
+A complete decision opens a review for each node whose candidate carrying the decision lands in
+the review band (the coordinator keeps the booking sealed for it): an IDENT one makes the
+decision EXAMINER_REVIEW, an IAFIS one keeps that criminal history out of the threat level and
+away from the agency. An examiner, known by the client certificate, lists reviews, claims one
+(the coordinator then fetches the candidate's enrolled prints and record from that node, for
+this examiner only), and decides. The examiner confirms identity, never policy: a confirmed
+IDENT match goes through the same threat policy as an automated hit
+(:meth:`federation.policy.ThreatPolicy.ident_identity`), so a suppression rule stops the notice
+as it would have stopped an automated one; a confirmed IAFIS match adds the candidate's counted
+convictions to the threat level (:meth:`federation.policy.ThreatPolicy.booking_level`) and its
+criminal history to what the agency sees. The decision records both what the examiner confirmed
+and what the policy did with it. A rejection closes the case and changes nothing else. A claim
+runs out after ``review_claim_s`` and the review returns to the queue. Each step is audited, and
+the updated decision goes out on ``WatchDecisions``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import grpc
 import structlog
 
 from federation.sealing import SealingError
-from federation.store import ReviewConflict, Verdict
+from federation.store import REVIEW_NODES, ReviewConflict, Verdict, parse_review_id
 from fedprint.access import current_caller
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.gallery.v1 import gallery_pb2 as gal
+from fedprint.records.v1 import records_pb2 as rec
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from fedprint.rpc import InvalidRequest, abort_invalid
@@ -39,18 +45,28 @@ MAX_NOTE = 1000
 MAX_LIST = 1000
 
 
-def opened_review(evidence: bk.BookingDecision) -> rv.Review:
-    """The review a decision in EXAMINER_REVIEW opens: its IDENT candidate's scores (no record),
-    the thresholds, level and reasons."""
-    candidate = gal.Candidate()
-    candidate.CopyFrom(evidence.ident.candidates[0])
-    candidate.ClearField("record")
-    return rv.Review(
-        candidate=candidate,
-        thresholds=evidence.ident.thresholds,
-        level=evidence.level,
-        reasons=evidence.reasons,
-    )
+def opened_reviews(evidence: bk.BookingDecision) -> list[rv.Review]:
+    """The reviews a complete decision opens: one per node whose first candidate (the one that
+    carries its decision) is in the review band, with that candidate's scores (no record), the
+    node's thresholds, the level and the reasons."""
+    reviews = []
+    for node in REVIEW_NODES:
+        result: bk.NodeResult = getattr(evidence, node)
+        if result.outcome != bk.ANSWERED or result.band != bio.REVIEW or not result.candidates:
+            continue
+        candidate = gal.Candidate()
+        candidate.CopyFrom(result.candidates[0])
+        candidate.ClearField("record")
+        reviews.append(
+            rv.Review(
+                node=node,
+                candidate=candidate,
+                thresholds=result.thresholds,
+                level=evidence.level,
+                reasons=evidence.reasons,
+            )
+        )
+    return reviews
 
 
 def _examiner() -> str:
@@ -82,19 +98,27 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         if released:
             log.info("review claims expired", reviews=released)
 
-    async def _check_id(self, review_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _key(self, review_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+        """(TCN, node) of a review id; INVALID_ARGUMENT when it is malformed."""
         violations = Violations()
-        if not TCN.check(review_id, "review_id", violations):
-            await abort_invalid(context, InvalidRequest(violations, "malformed request"))
+        try:
+            tcn, node = parse_review_id(review_id)
+        except ValueError as error:
+            violations.add("review_id", str(error))
+        else:
+            if TCN.check(tcn, "review_id", violations):
+                return tcn, node
+        await abort_invalid(context, InvalidRequest(violations, "malformed request"))
+        raise AssertionError("unreachable: abort raises")
 
     async def ClaimReview(
         self, request: rv.ClaimReviewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rv.ReviewCase:
-        await self._check_id(request.review_id, context)
+        tcn, node = await self._key(request.review_id, context)
         examiner = _examiner()
         await self._release_expired()
         try:
-            claimed = await asyncio.to_thread(self.store.claim_review, request.review_id, examiner)
+            claimed = await asyncio.to_thread(self.store.claim_review, tcn, node, examiner)
         except ReviewConflict as conflict:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(conflict))
         if claimed is None:
@@ -102,35 +126,40 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         review, sealed = claimed
         case = rv.ReviewCase(review=review)
         try:
-            case.probe.CopyFrom(self.coordinator.open_booking(review.review_id, sealed).tenprint)
+            case.probe.CopyFrom(self.coordinator.open_booking(tcn, sealed).tenprint)
         except SealingError:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {review.review_id} does not open"
             )
         subject = await self._subject(review, context)
         case.candidate_tenprint.CopyFrom(subject.tenprint)
-        case.candidate_record.CopyFrom(subject.immigration_history)
-        log.info("review claimed", tcn=review.review_id, examiner=examiner)
+        if node == "ident":
+            case.candidate_record.CopyFrom(subject.immigration_history)
+        else:
+            case.candidate_criminal_history.CopyFrom(subject.criminal_history)
+        log.info("review claimed", tcn=tcn, node=node, examiner=examiner)
         return case
 
     async def _subject(self, review: rv.Review, context: grpc.aio.ServicerContext[Any, Any]) -> gal.Subject:
-        """The candidate's prints and record, from the IDENT node (for the examiner working it)."""
+        """The candidate's prints and record, from the review's node (for the examiner working it)."""
+        node = self.coordinator.iafis if review.node == "iafis" else self.coordinator.ident
         try:
-            return await self.coordinator.ident.stub.GetSubject(
+            return await node.stub.GetSubject(
                 gal.GetSubjectRequest(subject_id=review.candidate.subject_id),
                 timeout=self.coordinator.config.node_deadline_s,
             )
         except grpc.aio.AioRpcError as error:
             code = grpc.StatusCode.UNAVAILABLE if error.code() != grpc.StatusCode.NOT_FOUND else error.code()
+            subject = review.candidate.subject_id
             await context.abort(
-                code, f"IDENT could not give subject {review.candidate.subject_id}: {error.details()}"
+                code, f"{review.node.upper()} could not give subject {subject}: {error.details()}"
             )
             raise  # unreachable: abort raises
 
     async def DecideReview(
         self, request: rv.DecideReviewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rv.Review:
-        await self._check_id(request.review_id, context)
+        tcn, node = await self._key(request.review_id, context)
         violations = Violations()
         if request.verdict not in (rv.CONFIRM, rv.REJECT):
             violations.add("verdict", "CONFIRM or REJECT")
@@ -139,57 +168,78 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         if violations:
             await abort_invalid(context, InvalidRequest(violations, "malformed request"))
         examiner = _examiner()
-        tcn = request.review_id
         if request.verdict == rv.CONFIRM:
-            verdict = await self._confirmation(tcn, examiner, request.note, context)
+            verdict = await self._confirmation(tcn, node, examiner, request.note, context)
         else:
-            rejected = f"examiner {examiner} rejected the IDENT match" + (
+            rejected = f"examiner {examiner} rejected the {node.upper()} match" + (
                 f": {request.note}" if request.note else ""
             )
-            verdict = Verdict(rv.REJECT, bk.NOT_REQUIRED, (rejected,))
+            # A rejected IDENT match notifies no one; a rejected IAFIS one leaves the level and
+            # what the agency sees as they are (that history never counted).
+            verdict = Verdict(rv.REJECT, (rejected,), bk.NOT_REQUIRED if node == "ident" else None)
         try:
             review, decision = await asyncio.to_thread(
-                self.store.decide_review, tcn, examiner, verdict, request.note
+                self.store.decide_review, tcn, node, examiner, verdict, request.note
             )
         except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no review {tcn}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no review {request.review_id}")
         except ReviewConflict as conflict:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(conflict))
         if verdict.notification is not None:
             self.coordinator.outbox.wake()
         if decision is not None:
             self.coordinator.feed.publish(decision)
-        log.info("review decided", tcn=tcn, examiner=examiner, verdict=rv.Verdict.Name(request.verdict))
+        log.info(
+            "review decided", tcn=tcn, node=node, examiner=examiner, verdict=rv.Verdict.Name(request.verdict)
+        )
         return review
 
     async def _confirmation(
-        self, tcn: str, examiner: str, note: str, context: grpc.aio.ServicerContext[Any, Any]
+        self, tcn: str, node: str, examiner: str, note: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Verdict:
-        """What a confirmation does: the policy applied to the now established IDENT identity
-        (with the record the IDENT node gives for the candidate), and the ICE notice when the
-        policy queues one: the booking, the stored decision's evidence and the candidate."""
+        """What a confirmation does, by the policy, to the now established identity (with the
+        record the node gives for the candidate): see :meth:`_ident_confirmed` and
+        :meth:`_iafis_confirmed`."""
         try:
-            claimed = await asyncio.to_thread(self.store.held_review, tcn, examiner)
+            claimed = await asyncio.to_thread(self.store.held_review, tcn, node, examiner)
         except ReviewConflict as conflict:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(conflict))
         decision = await asyncio.to_thread(self.store.decision, tcn)
         if claimed is None or decision is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no review {tcn}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no review {tcn}/{node}")
         review, sealed = claimed
         try:
             booking = self.coordinator.open_booking(tcn, sealed)
         except SealingError:
-            await context.abort(grpc.StatusCode.DATA_LOSS, f"the booking of review {tcn} does not open")
+            await context.abort(
+                grpc.StatusCode.DATA_LOSS, f"the booking of review {tcn}/{node} does not open"
+            )
         subject = await self._subject(review, context)
-        confirmed = f"examiner {examiner} confirmed the IDENT match {review.candidate.subject_id}" + (
-            f": {note}" if note else ""
+        confirmed = (
+            f"examiner {examiner} confirmed the {node.upper()} match {review.candidate.subject_id}"
+            + (f": {note}" if note else "")
         )
+        if node == "iafis":
+            return self._iafis_confirmed(booking, decision, review, subject, confirmed)
+        return self._ident_confirmed(booking, decision, review, subject, confirmed)
+
+    def _ident_confirmed(
+        self,
+        booking: bk.Booking,
+        decision: bk.BookingDecision,
+        review: rv.Review,
+        subject: gal.Subject,
+        confirmed: str,
+    ) -> Verdict:
+        """The policy applied to the IDENT identity, and the ICE notice when the policy queues
+        one: the booking, the stored decision's evidence and the candidate with its record."""
         outcome = self.coordinator.policy.ident_identity(
             decision.level, subject.immigration_history, [confirmed]
         )
+        candidate = gal.Candidate(subject_id=review.candidate.subject_id)  # no record: ICE's alone
         if outcome.notification != bk.QUEUED:
-            log.info("confirmed review not notified", tcn=tcn, notification=outcome.notification)
-            return Verdict(rv.CONFIRM, outcome.notification, tuple(outcome.reasons))
+            log.info("confirmed review not notified", tcn=booking.tcn, notification=outcome.notification)
+            return Verdict(rv.CONFIRM, tuple(outcome.reasons), outcome.notification, confirmed=candidate)
         evidence = bk.BookingDecision()
         evidence.CopyFrom(decision)
         match = evidence.ident.candidates[0]
@@ -197,4 +247,26 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         match.immigration_history.CopyFrom(subject.immigration_history)
         evidence.reasons.extend(outcome.reasons)
         notification = self.coordinator.notification(booking, evidence)
-        return Verdict(rv.CONFIRM, bk.QUEUED, tuple(outcome.reasons), notification)
+        return Verdict(rv.CONFIRM, tuple(outcome.reasons), bk.QUEUED, notification, confirmed=candidate)
+
+    def _iafis_confirmed(
+        self,
+        booking: bk.Booking,
+        decision: bk.BookingDecision,
+        review: rv.Review,
+        subject: gal.Subject,
+        confirmed: str,
+    ) -> Verdict:
+        """The threat level of the booking's charges and the confirmed candidate's counted
+        convictions, as for an automated IAFIS hit; the candidate's criminal history becomes
+        part of what the agency sees. An ICE notice already sent keeps the level it was sent
+        with, and the decision says so."""
+        history = subject.criminal_history
+        level, level_reasons = self.coordinator.policy.booking_level(booking.charges, history)
+        reasons = [confirmed, *level_reasons]
+        if level != decision.level and decision.notification in (bk.QUEUED, bk.DELIVERED, bk.UNDELIVERABLE):
+            reasons.append(
+                f"the ICE notice went out at {rec.ThreatLevel.Name(decision.level)}, before this confirmation"
+            )
+        candidate = gal.Candidate(subject_id=review.candidate.subject_id, criminal_history=history)
+        return Verdict(rv.CONFIRM, tuple(reasons), level=level, confirmed=candidate)

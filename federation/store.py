@@ -40,8 +40,10 @@ from federation.audit import (
 )
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.database import connect
+from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.migrations import Migrations, upgrade
+from fedprint.records.v1 import records_pb2 as rec
 from fedprint.review.v1 import review_pb2 as rv
 
 
@@ -128,10 +130,12 @@ class PendingBookingRow(_Base):
 
 
 class ReviewRow(_Base):
-    """An examiner review of a booking's borderline IDENT match (fedprint.review.v1)."""
+    """An examiner review of a booking's borderline match on one node (fedprint.review.v1)."""
 
     __tablename__ = "reviews"
     tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: "iafis" or "ident": a booking has a review per node whose candidate is in the review band.
+    node: Mapped[str] = mapped_column(String(8), primary_key=True)
     ori: Mapped[str] = mapped_column(String(9), index=True)
     state: Mapped[int] = mapped_column(Integer, index=True)
     examiner: Mapped[str] = mapped_column(Text, default="")
@@ -198,9 +202,26 @@ def _rows_changed(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def _not_held(tcn: str, row: ReviewRow) -> str:
+#: The nodes whose candidates examiners review.
+REVIEW_NODES = ("iafis", "ident")
+
+
+def review_id(tcn: str, node: str) -> str:
+    """The review of ``node``'s candidate for booking ``tcn``: "<TCN>/<node>"."""
+    return f"{tcn}/{node}"
+
+
+def parse_review_id(text: str) -> tuple[str, str]:
+    """(TCN, node) of a review id; ValueError when it names no node. (A TCN holds no "/".)"""
+    tcn, _, node = text.rpartition("/")
+    if not tcn or node not in REVIEW_NODES:
+        raise ValueError(f"a review id is <TCN>/{' or <TCN>/'.join(REVIEW_NODES)}")
+    return tcn, node
+
+
+def _not_held(row: ReviewRow) -> str:
     held = f"claimed by {row.examiner}" if row.state == rv.CLAIMED else _state_name(row.state)
-    return f"review {tcn} is {held}; claim it before deciding"
+    return f"review {review_id(row.tcn, row.node)} is {held}; claim it before deciding"
 
 
 class ReviewConflict(Exception):
@@ -209,20 +230,38 @@ class ReviewConflict(Exception):
 
 @dataclass(frozen=True)
 class Verdict:
-    """What an examiner's verdict does to the stored decision: the notification state the policy
-    gives it, the reasons to add, and the ICE notice to queue (only with QUEUED)."""
+    """What an examiner's verdict does to the stored decision: the reasons to add; the
+    notification state the policy gives it (None: unchanged) and the ICE notice to queue (only
+    with QUEUED); the threat level it now has (None: unchanged); and the candidate confirmed,
+    with the record the agency may see from now on (an IAFIS candidate's criminal history)."""
 
     verdict: rv.Verdict.ValueType
-    notification_state: bk.NotificationState.ValueType
     reasons: tuple[str, ...]
+    notification_state: bk.NotificationState.ValueType | None = None
     notification: ice.Notification | None = None
+    level: rec.ThreatLevel.ValueType | None = None
+    confirmed: gal.Candidate | None = None
 
     def __post_init__(self) -> None:
         # The invariant the store keeps: an ICE notice exists if and only if a confirmation queued it.
         if (self.notification is not None) != (self.notification_state == bk.QUEUED):
             raise ValueError("a notice goes with QUEUED, and only with it")
-        if self.verdict != rv.CONFIRM and self.notification is not None:
-            raise ValueError("only a confirmation queues a notice")
+        if self.verdict != rv.CONFIRM and (self.notification is not None or self.confirmed is not None):
+            raise ValueError("only a confirmation queues a notice or confirms a candidate")
+
+    def apply(self, decision: bk.BookingDecision, node: str) -> None:
+        """Changes ``decision`` (``node``'s review decided) as the verdict says."""
+        decision.reasons.extend(self.reasons)
+        if self.notification_state is not None:
+            decision.notification = self.notification_state
+        if self.level is not None:
+            decision.level = self.level
+        if self.confirmed is not None:
+            result: bk.NodeResult = getattr(decision, node)
+            result.confirmed_subject_id = self.confirmed.subject_id
+            for candidate in result.candidates:
+                if candidate.subject_id == self.confirmed.subject_id and self.confirmed.WhichOneof("record"):
+                    candidate.MergeFrom(self.confirmed)
 
 
 #: The coordinator database's schema history (``federation/migrations``).
@@ -451,12 +490,12 @@ class CoordinatorStore:
         sealed: tuple[bytes, bytes] | None = None,
         retry_at: dt.datetime | None = None,
         retries: int = 0,
-        review: tuple[rv.Review, bytes] | None = None,
+        reviews: Sequence[tuple[rv.Review, bytes]] = (),
     ) -> None:
         """Stores the decision, appends it to the audit log and queues the notification, atomically.
 
-        ``review`` (the review as opened, and the sealed booking) opens an examiner review with
-        the decision, unless the TCN has one already.
+        ``reviews`` (each review as opened, its ``node`` set, and the sealed booking) open
+        examiner reviews with the decision, each unless the TCN has one for that node already.
 
         An incomplete decision keeps ``sealed`` (the sealed booking and the sealed evidence) for
         the coordinator's own retries, due at ``retry_at``; a complete one deletes them in the
@@ -500,11 +539,13 @@ class CoordinatorStore:
                 self._append_audit(
                     session, decision.tcn, "notification_queued", "", self._state(session, decision.tcn)
                 )
-            if review is not None and session.get(ReviewRow, decision.tcn) is None:
-                opened, sealed_booking = review
+            for opened, sealed_booking in reviews:
+                if session.get(ReviewRow, (decision.tcn, opened.node)) is not None:
+                    continue
                 session.add(
                     ReviewRow(
                         tcn=decision.tcn,
+                        node=opened.node,
                         ori=decision.ori,
                         state=rv.OPEN,
                         examiner="",
@@ -514,7 +555,13 @@ class CoordinatorStore:
                         sealed=sealed_booking,
                     )
                 )
-                self._append_audit(session, decision.tcn, "review_opened", opened.candidate.subject_id, b"")
+                self._append_audit(
+                    session,
+                    decision.tcn,
+                    "review_opened",
+                    f"{opened.node} {opened.candidate.subject_id}",
+                    b"",
+                )
             pending = session.get(PendingBookingRow, decision.tcn)
             if decision.status == bk.COMPLETE:
                 if pending is not None:
@@ -750,7 +797,8 @@ class CoordinatorStore:
     @staticmethod
     def _review(row: ReviewRow) -> rv.Review:
         review = rv.Review.FromString(row.review)
-        review.review_id, review.ori, review.state = row.tcn, row.ori, rv.ReviewState.ValueType(row.state)
+        review.review_id, review.tcn, review.node = review_id(row.tcn, row.node), row.tcn, row.node
+        review.ori, review.state = row.ori, rv.ReviewState.ValueType(row.state)
         review.examiner, review.note = row.examiner, row.note
         review.opened_at.FromDatetime(_aware(row.opened_at))
         review.age_s = max(0.0, (_now() - _aware(row.opened_at)).total_seconds())
@@ -763,18 +811,14 @@ class CoordinatorStore:
         returns how many. An examiner who walks away does not hold a case for ever."""
         cutoff = _now() - dt.timedelta(seconds=claim_s)
         with self._sessions.begin() as session:
-            expired = (
-                session.execute(
-                    update(ReviewRow)
-                    .where(ReviewRow.state == rv.CLAIMED, ReviewRow.claimed_at < cutoff)
-                    .values(state=rv.OPEN, examiner="", claimed_at=None)
-                    .returning(ReviewRow.tcn)
-                )
-                .scalars()
-                .all()
-            )
-            for tcn in expired:
-                self._append_audit(session, tcn, "review_claim_expired", f"after {claim_s:.0f} s", b"")
+            expired = session.execute(
+                update(ReviewRow)
+                .where(ReviewRow.state == rv.CLAIMED, ReviewRow.claimed_at < cutoff)
+                .values(state=rv.OPEN, examiner="", claimed_at=None)
+                .returning(ReviewRow.tcn, ReviewRow.node)
+            ).all()
+            for tcn, node in expired:
+                self._append_audit(session, tcn, "review_claim_expired", f"{node} after {claim_s:.0f} s", b"")
             return len(expired)
 
     def reviews(
@@ -788,7 +832,7 @@ class CoordinatorStore:
             rows = session.scalars(query.order_by(ReviewRow.opened_at).limit(limit))
             return [self._review(r) for r in rows]
 
-    def claim_review(self, tcn: str, examiner: str) -> tuple[rv.Review, bytes] | None:
+    def claim_review(self, tcn: str, node: str, examiner: str) -> tuple[rv.Review, bytes] | None:
         """Claims an open review for ``examiner`` (a claim of one's own is renewed); returns the
         review and the sealed booking, None when there is no such review. Raises
         :class:`ReviewConflict` when another examiner holds it or it is decided.
@@ -801,6 +845,7 @@ class CoordinatorStore:
                     update(ReviewRow)
                     .where(
                         ReviewRow.tcn == tcn,
+                        ReviewRow.node == node,
                         or_(
                             ReviewRow.state == rv.OPEN,
                             (ReviewRow.state == rv.CLAIMED) & (ReviewRow.examiner == examiner),
@@ -809,33 +854,33 @@ class CoordinatorStore:
                     .values(state=rv.CLAIMED, examiner=examiner, claimed_at=now)
                 )
             )
-            row = session.get(ReviewRow, tcn)
+            row = session.get(ReviewRow, (tcn, node))
             if row is None:
                 return None
             if not claimed:
                 if row.state == rv.CLAIMED:
-                    raise ReviewConflict(f"review {tcn} is claimed by {row.examiner}")
-                raise ReviewConflict(f"review {tcn} is already {_state_name(row.state)}")
-            self._append_audit(session, tcn, "review_claimed", f"by {examiner}", b"")
+                    raise ReviewConflict(f"review {review_id(tcn, node)} is claimed by {row.examiner}")
+                raise ReviewConflict(f"review {review_id(tcn, node)} is already {_state_name(row.state)}")
+            self._append_audit(session, tcn, "review_claimed", f"{node} by {examiner}", b"")
             return self._review(row), row.sealed
 
-    def held_review(self, tcn: str, examiner: str) -> tuple[rv.Review, bytes] | None:
+    def held_review(self, tcn: str, node: str, examiner: str) -> tuple[rv.Review, bytes] | None:
         """The review ``examiner`` holds a claim on, with its sealed booking; None when there is
         no such review. Raises :class:`ReviewConflict` when the examiner holds no claim on it."""
         with self._sessions() as session:
-            row = session.get(ReviewRow, tcn)
+            row = session.get(ReviewRow, (tcn, node))
             if row is None:
                 return None
             if row.state != rv.CLAIMED or row.examiner != examiner:
-                raise ReviewConflict(_not_held(tcn, row))
+                raise ReviewConflict(_not_held(row))
             return self._review(row), row.sealed
 
     def decide_review(
-        self, tcn: str, examiner: str, verdict: Verdict, note: str
+        self, tcn: str, node: str, examiner: str, verdict: Verdict, note: str
     ) -> tuple[rv.Review, bk.BookingDecision | None]:
         """Records the examiner's verdict, atomically: the review closed and its sealed booking
-        dropped; the stored decision's notification state and reasons updated as ``verdict``
-        says; its notice, if any, queued in the outbox; all of it audited. Raises
+        dropped; the stored decision updated as ``verdict`` says (:meth:`Verdict.apply`); its
+        notice, if any, queued in the outbox; all of it audited. Raises
         :class:`ReviewConflict` unless ``examiner`` holds the claim; KeyError when no review.
 
         The review's state moves in one conditional write, taken first: of a confirmation and a
@@ -848,7 +893,10 @@ class CoordinatorStore:
                 session.execute(
                     update(ReviewRow)
                     .where(
-                        ReviewRow.tcn == tcn, ReviewRow.state == rv.CLAIMED, ReviewRow.examiner == examiner
+                        ReviewRow.tcn == tcn,
+                        ReviewRow.node == node,
+                        ReviewRow.state == rv.CLAIMED,
+                        ReviewRow.examiner == examiner,
                     )
                     .values(
                         state=rv.CONFIRMED if confirmed else rv.REJECTED,
@@ -858,17 +906,18 @@ class CoordinatorStore:
                     )
                 )
             )
-            row = session.get(ReviewRow, tcn)
+            row = session.get(ReviewRow, (tcn, node))
             if row is None:
-                raise KeyError(tcn)
+                raise KeyError(review_id(tcn, node))
             if not moved:
-                raise ReviewConflict(_not_held(tcn, row))
-            stored = session.get(DecisionRow, tcn)
+                raise ReviewConflict(_not_held(row))
+            # Locked: the booking's other review may be decided at the same moment, and each
+            # verdict changes the decision the other read.
+            stored = session.get(DecisionRow, tcn, with_for_update=True)
             decision: bk.BookingDecision | None = None
             if stored is not None:
                 decision = bk.BookingDecision.FromString(stored.decision)
-                decision.reasons.extend(verdict.reasons)
-                decision.notification = verdict.notification_state
+                verdict.apply(decision, node)
                 stored.decision, stored.updated_at = decision.SerializeToString(), now
             if verdict.notification is not None and session.get(OutboxRow, tcn) is None:
                 session.add(
@@ -882,12 +931,16 @@ class CoordinatorStore:
                     )
                 )
             event = "review_confirmed" if confirmed else "review_rejected"
-            outcome = bk.NotificationState.Name(verdict.notification_state)
+            outcome = (
+                "unchanged"
+                if verdict.notification_state is None
+                else bk.NotificationState.Name(verdict.notification_state)
+            )
             self._append_audit(
                 session,
                 tcn,
                 event,
-                f"by {examiner}, notification {outcome}: {note}",
+                f"{node} by {examiner}, notification {outcome}: {note}",
                 self._state(session, tcn),
             )
             return self._review(row), decision

@@ -3,6 +3,7 @@ calibrated FPIR targets, unusable fingers, removal."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import TlsFiles
+from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import field_violations, open_channel
 from fedprint.tenprint import tenprint_to_proto
 from launcher.services import build_node
 from nodes.gallery import GalleryNode
 from nodes.gallery.config import NodeConfig
 from nodes.gallery.requests import IdentifyPlan, rank_candidates
-from synthetic.population import Population
+from synthetic.population import GalleryEntry, Population
 
 
 @pytest_asyncio.fixture
@@ -228,3 +230,48 @@ def test_the_best_evidence_decides_whatever_the_fingers_each_candidate_was_compa
     assert result.decision == bio.REVIEW and result.decided_by == "UCN-FULL"
     assert [(c.subject_id, c.rank) for c in result.candidates] == [("UCN-FULL", 1), ("UCN-FEW", 2)]
     assert result.candidates[0].hit_margin == pytest.approx(review_ten - ten.hit)
+
+
+def chimera(subject_id: str, fingers: dict[int, GalleryEntry], record_of: GalleryEntry) -> GalleryEntry:
+    """A subject enrolled with ``fingers`` (position: whose enrolled finger), under its own id."""
+    record = rec.ImmigrationHistory()
+    record.CopyFrom(record_of.record)
+    record.subject_id = subject_id
+    tenprint = dataclasses.replace(
+        record_of.tenprint, fingers={p: entry.tenprint.fingers[p] for p, entry in fingers.items()}
+    )
+    return dataclasses.replace(
+        record_of, subject_id=subject_id, person_id="chimera", record=record, tenprint=tenprint
+    )
+
+
+async def test_a_node_decides_by_its_best_evidence_not_its_highest_raw_score(
+    tmp_path: Path, population: Population, pki: dict[str, TlsFiles]
+) -> None:
+    """Through a real node with the shipped calibration: the person booked is enrolled only in
+    pieces. UCN-FULL holds two of their fingers among others' (ten enrolled), UCN-FEW one among
+    three others' (four enrolled). UCN-FEW's fused LLR is the higher, but four fingers need far
+    more evidence than ten: it is NO_HIT by its own thresholds while UCN-FULL is in the review
+    band. Ranked by raw fused score, UCN-FEW came first and the node answered NO_HIT."""
+    person = population.ident[mated_index(population)]
+    others = [e for e in population.ident if e.subject_id != person.subject_id]
+    full = chimera(
+        "FIN-FULL", {p: person if p in (1, 2) else others[(p - 1) % 9] for p in range(1, 11)}, person
+    )
+    few = chimera("FIN-FEW", {3: person, 4: others[10], 5: others[11], 6: others[9]}, person)
+    node = build_node(NodeConfig(node="ident", data_dir=tmp_path, tls=pki["ident"]))
+    await node.host.start()
+    try:
+        await enroll(node.host.address, [*others, full, few], tls=pki["admin"])
+        result = (
+            await identify(
+                node, pki, gal.IdentifyRequest(probes=[probe_of(population, mated_index(population))])
+            )
+        ).results[0]
+    finally:
+        await node.stop(0)
+    by_id = {c.subject_id: c for c in result.candidates}
+    assert by_id["FIN-FEW"].fused_score > by_id["FIN-FULL"].fused_score  # the raw order
+    assert (by_id["FIN-FEW"].band, by_id["FIN-FULL"].band) == (bio.NO_HIT, bio.REVIEW)
+    assert result.decision == bio.REVIEW and result.decided_by == "FIN-FULL"
+    assert result.candidates[0].subject_id == "FIN-FULL" and result.candidates[0].rank == 1

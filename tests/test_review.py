@@ -1,6 +1,8 @@
 """Examiner review over real gRPC servers: a borderline IDENT match opens a review instead of a
 notification; an examiner (by certificate) claims it, sees both ten-prints and the candidate's
-record, and confirms (exactly one ICE notice) or rejects (none); every step is audited."""
+record, and confirms (exactly one ICE notice) or rejects (none); a borderline IAFIS match opens a
+review too, and its criminal history counts (and reaches the agency) only once an examiner
+confirms it; every step is audited."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from evaluation.calibration import Thresholds
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.records.v1 import records_pb2 as rec
@@ -21,6 +24,11 @@ from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from synthetic.population import Population, SyntheticBooking
 from tests.conftest import Federation
+
+
+def ident_review(sample: SyntheticBooking) -> str:
+    """The id of the review of ``sample``'s IDENT candidate."""
+    return f"{sample.booking.tcn}/ident"
 
 
 def ident_mates(population: Population) -> list[SyntheticBooking]:
@@ -55,13 +63,13 @@ async def test_a_confirmed_review_notifies_ice_once_and_a_rejected_one_not_at_al
 
     examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
     listed = (await examiner.ListReviews(rv.ListReviewsRequest(), timeout=5)).reviews
-    assert [r.review_id for r in listed] == [confirm.booking.tcn, reject.booking.tcn]  # oldest first
+    assert [r.review_id for r in listed] == [ident_review(confirm), ident_review(reject)]  # oldest first
     first = listed[0]
     assert first.state == rv.OPEN and first.age_s >= 0.0 and first.opened_at.seconds > 0
     assert first.candidate.subject_id == confirm.truth.ident_subject_id
     assert first.candidate.WhichOneof("record") is None and first.candidate.finger_scores
 
-    case = await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=confirm.booking.tcn), timeout=10)
+    case = await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=ident_review(confirm)), timeout=10)
     assert case.review.state == rv.CLAIMED and "examiner" in case.review.examiner
     assert len(case.probe.fingers) == len(confirm.booking.tenprint.fingers)
     assert (
@@ -69,7 +77,9 @@ async def test_a_confirmed_review_notifies_ice_once_and_a_rejected_one_not_at_al
     )
 
     decided = await examiner.DecideReview(
-        rv.DecideReviewRequest(review_id=confirm.booking.tcn, verdict=rv.CONFIRM, note="ridge detail agrees"),
+        rv.DecideReviewRequest(
+            review_id=ident_review(confirm), verdict=rv.CONFIRM, note="ridge detail agrees"
+        ),
         timeout=10,
     )
     assert decided.state == rv.CONFIRMED and decided.note == "ridge detail agrees"
@@ -78,15 +88,15 @@ async def test_a_confirmed_review_notifies_ice_once_and_a_rejected_one_not_at_al
     assert notice.notification.ident_match.immigration_history.subject_id == confirm.truth.ident_subject_id
     assert any("examiner" in reason and "confirmed" in reason for reason in notice.notification.reasons)
 
-    await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=reject.booking.tcn), timeout=10)
+    await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=ident_review(reject)), timeout=10)
     rejected = await examiner.DecideReview(
-        rv.DecideReviewRequest(review_id=reject.booking.tcn, verdict=rv.REJECT, note="cores differ"),
+        rv.DecideReviewRequest(review_id=ident_review(reject), verdict=rv.REJECT, note="cores differ"),
         timeout=10,
     )
     assert rejected.state == rv.REJECTED
     with pytest.raises(grpc.aio.AioRpcError) as twice:
         await examiner.DecideReview(
-            rv.DecideReviewRequest(review_id=reject.booking.tcn, verdict=rv.CONFIRM), timeout=10
+            rv.DecideReviewRequest(review_id=ident_review(reject), verdict=rv.CONFIRM), timeout=10
         )
     assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert [n.notification.tcn for n in await reviewing.wait_for_notifications(2)] == [confirm.booking.tcn]
@@ -123,12 +133,16 @@ async def test_only_examiners_review_and_a_decision_needs_a_claim(
     examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
     with pytest.raises(grpc.aio.AioRpcError) as unclaimed:
         await examiner.DecideReview(
-            rv.DecideReviewRequest(review_id=sample.booking.tcn, verdict=rv.CONFIRM), timeout=5
+            rv.DecideReviewRequest(review_id=ident_review(sample), verdict=rv.CONFIRM), timeout=5
         )
     assert unclaimed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await examiner.ClaimReview(rv.ClaimReviewRequest(review_id="TCN-NO-SUCH"), timeout=5)
+        await examiner.ClaimReview(rv.ClaimReviewRequest(review_id="TCN-NO-SUCH/ident"), timeout=5)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    for malformed in ("TCN-NO-SUCH", "TCN-NO-SUCH/ice", "/ident", "TCN NO/ident"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=malformed), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, malformed
 
 
 async def test_the_examiner_works_a_review_from_the_command_line(
@@ -146,12 +160,12 @@ async def test_the_examiner_works_a_review_from_the_command_line(
         return result.output
 
     listed = json.loads(await asyncio.to_thread(run, "list", "--json"))
-    assert [r["review_id"] for r in listed] == [sample.booking.tcn] and listed[0]["state"] == "open"
+    assert [r["review_id"] for r in listed] == [ident_review(sample)] and listed[0]["state"] == "open"
     png = tmp_path / "case.png"
-    shown = await asyncio.to_thread(run, "show", sample.booking.tcn, "--png", str(png))
+    shown = await asyncio.to_thread(run, "show", ident_review(sample), "--png", str(png))
     assert sample.truth.ident_subject_id in shown and "per finger" in shown
     assert png.stat().st_size > 10_000  # a drawing of the fingers, not an empty canvas
-    await asyncio.to_thread(run, "confirm", sample.booking.tcn, "--note", "checked by eye")
+    await asyncio.to_thread(run, "confirm", ident_review(sample), "--note", "checked by eye")
     (notice,) = await reviewing.wait_for_notifications(1)
     assert notice.notification.tcn == sample.booking.tcn
 
@@ -187,9 +201,9 @@ async def test_an_examiners_confirmation_of_a_naturalized_citizen_is_suppressed_
     )
     await in_review(reviewing, citizen)
     examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
-    await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=citizen.booking.tcn), timeout=10)
+    await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=ident_review(citizen)), timeout=10)
     confirmed = await examiner.DecideReview(
-        rv.DecideReviewRequest(review_id=citizen.booking.tcn, verdict=rv.CONFIRM, note="same person"),
+        rv.DecideReviewRequest(review_id=ident_review(citizen), verdict=rv.CONFIRM, note="same person"),
         timeout=10,
     )
     assert confirmed.state == rv.CONFIRMED
@@ -217,6 +231,75 @@ async def test_reviews_waiting_too_long_are_reported_overdue(
     assert (stats.open_reviews, stats.overdue_reviews) == (1, 0)
     reviewing.coordinator.coordinator.config.review_overdue_s = 1e-6  # every waiting review is late
     overdue = (await examiner.ListReviews(rv.ListReviewsRequest(overdue=True), timeout=5)).reviews
-    assert [r.review_id for r in overdue] == [sample.booking.tcn]
+    assert [r.review_id for r in overdue] == [ident_review(sample)]
     stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
     assert stats.overdue_reviews == 1 and stats.oldest_open_review_age_s > 0.0
+
+
+@pytest.fixture
+async def iafis_reviewing(federation: Federation) -> Federation:
+    """The federation with an IAFIS node whose hit threshold no one reaches: every IAFIS mate
+    lands in the review band."""
+    await federation.iafis.stop(0)
+    thresholds = Thresholds(hit=1e6, review=0.0, source="test: review band for every mate")
+    await federation.restart_node("iafis", thresholds=thresholds)
+    return federation
+
+
+async def test_a_borderline_iafis_match_counts_only_once_an_examiner_confirms_it(
+    iafis_reviewing: Federation, population: Population
+) -> None:
+    policy = iafis_reviewing.coordinator.coordinator.policy
+
+    def charges_level(sample: SyntheticBooking) -> int:
+        return int(policy.booking_level(sample.booking.charges, None)[0])
+
+    mates = [b for b in population.bookings if b.truth.iafis_subject_id]
+    # Someone whose convictions make the booking more severe than its charges alone.
+    confirm = next(b for b in mates if b.truth.expected_level < charges_level(b))
+    reject = next(b for b in mates if b is not confirm)
+    agency = iafis_reviewing.booking_stub(confirm.booking.ori)
+    for sample in (confirm, reject):
+        decision = await iafis_reviewing.booking_stub(sample.booking.ori).SubmitBooking(
+            sample.booking, timeout=30
+        )
+        assert decision.status == bk.COMPLETE and decision.iafis.band == bio.REVIEW
+        top = decision.iafis.candidates[0]
+        assert top.subject_id == sample.truth.iafis_subject_id
+        # Before a person has looked: no criminal history for the agency, none in the level.
+        assert top.WhichOneof("record") is None and decision.level == charges_level(sample)
+        assert any("criminal history not used until an examiner verifies" in r for r in decision.reasons)
+
+    examiner = rv_grpc.ReviewServiceStub(iafis_reviewing.channel(iafis_reviewing.address, "examiner"))
+    listed = (await examiner.ListReviews(rv.ListReviewsRequest(), timeout=5)).reviews
+    iafis_reviews = [r for r in listed if r.node == "iafis"]
+    assert [r.review_id for r in iafis_reviews] == [
+        f"{confirm.booking.tcn}/iafis",
+        f"{reject.booking.tcn}/iafis",
+    ]
+    assert iafis_reviews[0].candidate.subject_id == confirm.truth.iafis_subject_id
+
+    case = await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=iafis_reviews[0].review_id), timeout=10)
+    assert case.candidate_criminal_history.subject_id == confirm.truth.iafis_subject_id
+    assert case.candidate_tenprint.fingers and not case.candidate_record.subject_id  # no IDENT record
+    await examiner.DecideReview(
+        rv.DecideReviewRequest(review_id=iafis_reviews[0].review_id, verdict=rv.CONFIRM, note="same cores"),
+        timeout=10,
+    )
+    final = await agency.GetDecision(bk.GetDecisionRequest(tcn=confirm.booking.tcn), timeout=5)
+    assert final.iafis.confirmed_subject_id == confirm.truth.iafis_subject_id
+    assert final.iafis.candidates[0].criminal_history.subject_id == confirm.truth.iafis_subject_id
+    assert final.level == confirm.truth.expected_level  # the convictions count now
+    assert any("confirmed the IAFIS match" in r for r in final.reasons)
+
+    await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=iafis_reviews[1].review_id), timeout=10)
+    await examiner.DecideReview(
+        rv.DecideReviewRequest(review_id=iafis_reviews[1].review_id, verdict=rv.REJECT, note="deltas differ"),
+        timeout=10,
+    )
+    other = iafis_reviewing.booking_stub(reject.booking.ori)
+    closed = await other.GetDecision(bk.GetDecisionRequest(tcn=reject.booking.tcn), timeout=5)
+    assert not closed.iafis.confirmed_subject_id and closed.iafis.candidates[0].WhichOneof("record") is None
+    assert closed.level == charges_level(reject) and "rejected the IAFIS match" in closed.reasons[-1]
+    store = iafis_reviewing.coordinator.coordinator.store
+    assert store.verify_audit()[1] is None

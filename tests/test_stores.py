@@ -14,7 +14,9 @@ from sqlalchemy import create_engine, inspect, text
 
 from federation.store import MIGRATIONS as COORDINATOR
 from federation.store import CoordinatorStore, ReviewConflict, Verdict
+from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
+from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.migrations import current, differences, upgrade
 from fedprint.records.v1 import records_pb2 as rec
@@ -170,12 +172,15 @@ def test_the_ice_store_keeps_one_notification_per_tcn_in_utc(database_url: str) 
         store.close()
 
 
-def opened(store: CoordinatorStore, tcn: str) -> None:
-    """A stored EXAMINER_REVIEW decision with its open review."""
+def opened(store: CoordinatorStore, tcn: str, nodes: tuple[str, ...] = ("ident",)) -> None:
+    """A stored EXAMINER_REVIEW decision with an open review of each of ``nodes``."""
     decision = bk.BookingDecision(
-        tcn=tcn, ori="XX0010000", status=bk.COMPLETE, notification=bk.EXAMINER_REVIEW
+        tcn=tcn, ori="XX0010000", status=bk.COMPLETE, notification=bk.EXAMINER_REVIEW, level=rec.LEVEL_3
     )
-    store.record_decision(decision, None, content="", review=(rv.Review(), b"sealed booking"))
+    for node in nodes:
+        getattr(decision, node).candidates.add(subject_id=f"{node.upper()}-1", band=bio.REVIEW)
+    reviews = [(rv.Review(node=node), b"sealed booking") for node in nodes]
+    store.record_decision(decision, None, content="", reviews=reviews)
 
 
 def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if_confirmed(
@@ -187,18 +192,18 @@ def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if
     for i in range(rounds):
         tcn = f"TCN-RACE-{i:02d}"
         opened(store, tcn)
-        store.claim_review(tcn, "examiner-a")
+        store.claim_review(tcn, "ident", "examiner-a")
         notice.tcn = tcn
         verdicts = [
-            Verdict(rv.CONFIRM, bk.QUEUED, ("confirmed",), notice),
-            Verdict(rv.REJECT, bk.NOT_REQUIRED, ("rejected",)),
+            Verdict(rv.CONFIRM, ("confirmed",), bk.QUEUED, notice),
+            Verdict(rv.REJECT, ("rejected",), bk.NOT_REQUIRED),
         ]
         start = threading.Barrier(2)
 
         def decide(verdict: Verdict, tcn: str = tcn, start: threading.Barrier = start) -> str:
             start.wait()
             try:
-                store.decide_review(tcn, "examiner-a", verdict, "")
+                store.decide_review(tcn, "ident", "examiner-a", verdict, "")
             except ReviewConflict:
                 return "refused"
             return "accepted"
@@ -206,7 +211,7 @@ def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if
         with ThreadPoolExecutor(2) as pool:
             outcomes = list(pool.map(decide, verdicts))
         assert sorted(outcomes) == ["accepted", "refused"], outcomes
-        (review,) = [r for r in store.reviews([rv.CONFIRMED, rv.REJECTED], 100) if r.review_id == tcn]
+        (review,) = [r for r in store.reviews([rv.CONFIRMED, rv.REJECTED], 100) if r.tcn == tcn]
         decision = store.decision(tcn)
         assert decision is not None
         # An ICE notice exists if and only if the verdict that stands is a confirmation.
@@ -220,19 +225,83 @@ def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if
 def test_a_claim_runs_out_and_the_review_returns_to_the_queue(database_url: str) -> None:
     store = CoordinatorStore(database_url)
     opened(store, "TCN-CLAIM-1")
-    store.claim_review("TCN-CLAIM-1", "examiner-a")
+    store.claim_review("TCN-CLAIM-1", "ident", "examiner-a")
     with pytest.raises(ReviewConflict, match="claimed by examiner-a"):
-        store.claim_review("TCN-CLAIM-1", "examiner-b")
+        store.claim_review("TCN-CLAIM-1", "ident", "examiner-b")
     assert store.release_expired_claims(claim_s=3600) == 0  # a fresh claim stands
     assert store.release_expired_claims(claim_s=0) == 1  # one older than the claim time does not
     (review,) = store.reviews([rv.OPEN], 10)
-    assert review.review_id == "TCN-CLAIM-1" and review.examiner == ""
-    store.claim_review("TCN-CLAIM-1", "examiner-b")
+    assert review.review_id == "TCN-CLAIM-1/ident" and review.examiner == ""
+    store.claim_review("TCN-CLAIM-1", "ident", "examiner-b")
     with pytest.raises(ReviewConflict, match="claimed by examiner-b"):
-        store.decide_review("TCN-CLAIM-1", "examiner-a", Verdict(rv.REJECT, bk.NOT_REQUIRED, ()), "")
+        store.decide_review("TCN-CLAIM-1", "ident", "examiner-a", Verdict(rv.REJECT, (), bk.NOT_REQUIRED), "")
     assert [e for e, _ in store.audit("TCN-CLAIM-1")][-3:] == [
         "review_claimed",
         "review_claim_expired",
         "review_claimed",
     ]
     store.close()
+
+
+def test_both_reviews_of_a_booking_decided_at_once_keep_both_verdicts(database_url: str) -> None:
+    """A booking with an IAFIS and an IDENT candidate in the review band has two reviews; two
+    examiners deciding them at the same moment each change the one stored decision, and neither
+    change is lost (the decision row is locked for each verdict)."""
+    store = CoordinatorStore(database_url)
+    rounds = 8
+    for i in range(rounds):
+        tcn = f"TCN-BOTH-{i:02d}"
+        opened(store, tcn, ("iafis", "ident"))
+        store.claim_review(tcn, "iafis", "examiner-a")
+        store.claim_review(tcn, "ident", "examiner-b")
+        history = rec.CriminalHistory(subject_id="IAFIS-1")
+        iafis = Verdict(
+            rv.CONFIRM,
+            ("IAFIS confirmed",),
+            level=rec.LEVEL_1,
+            confirmed=gal.Candidate(subject_id="IAFIS-1", criminal_history=history),
+        )
+        ident = Verdict(rv.REJECT, ("IDENT rejected",), bk.NOT_REQUIRED)
+        start = threading.Barrier(2)
+
+        def decide(job: tuple[str, str, Verdict], tcn: str = tcn, start: threading.Barrier = start) -> None:
+            node, examiner, verdict = job
+            start.wait()
+            store.decide_review(tcn, node, examiner, verdict, "")
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(decide, [("iafis", "examiner-a", iafis), ("ident", "examiner-b", ident)]))
+        decision = store.decision(tcn)
+        assert decision is not None
+        assert sorted(decision.reasons) == ["IAFIS confirmed", "IDENT rejected"]
+        assert decision.level == rec.LEVEL_1 and decision.notification == bk.NOT_REQUIRED
+        assert decision.iafis.confirmed_subject_id == "IAFIS-1" and not decision.ident.confirmed_subject_id
+        assert decision.iafis.candidates[0].criminal_history.subject_id == "IAFIS-1"
+    assert store.outbox_attempts("TCN-BOTH-00") is None
+    store.close()
+
+
+def test_reviews_from_before_iafis_reviews_are_ident_reviews(database_url: str) -> None:
+    """Revision 0005 keys a review by TCN and node; a review opened before it is IDENT's."""
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        command.upgrade(COORDINATOR.config(connection), "0004")
+        connection.execute(
+            text(
+                "INSERT INTO reviews (tcn, ori, state, examiner, opened_at, note, review, sealed) "
+                "VALUES ('TCN-OLD-R', 'XX0010000', :state, '', :t, '', :r, :s)"
+            ),
+            {"state": rv.OPEN, "t": dt.datetime.now(dt.UTC), "r": rv.Review().SerializeToString(), "s": b"x"},
+        )
+        connection.commit()
+    engine.dispose()
+    store = CoordinatorStore(database_url)
+    try:
+        (review,) = store.reviews([rv.OPEN], 10)
+        assert (review.review_id, review.tcn, review.node) == ("TCN-OLD-R/ident", "TCN-OLD-R", "ident")
+        engine = create_engine(database_url)
+        key = inspect(engine).get_pk_constraint("reviews")["constrained_columns"]
+        engine.dispose()
+        assert sorted(key) == ["node", "tcn"]
+    finally:
+        store.close()

@@ -203,6 +203,7 @@ class NodeResult(_message.Message):
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     UNUSABLE_FINGERS_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    CONFIRMED_SUBJECT_ID_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """"iafis" or "ident" """
     outcome: Global___NodeOutcome.ValueType
@@ -211,6 +212,10 @@ class NodeResult(_message.Message):
     band: _biometrics_pb2.DecisionBand.ValueType
     """Band of the best candidate (unset when the node did not answer)."""
     latency_ms: _builtins.float
+    confirmed_subject_id: _builtins.str
+    """The candidate an examiner confirmed (review band), empty when none did. A confirmed
+    IAFIS candidate carries its criminal history as a HIT would, from the confirmation on.
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_gallery_pb2.Candidate]:
         """Best candidates with scores. Only an IAFIS HIT candidate carries its record
@@ -232,10 +237,11 @@ class NodeResult(_message.Message):
         thresholds: _biometrics_pb2.Thresholds | None = ...,
         unusable_fingers: _abc.Iterable[_biometrics_pb2.FingerIssue] | None = ...,
         latency_ms: _builtins.float = ...,
+        confirmed_subject_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["band", b"band", "candidates", b"candidates", "error", b"error", "latency_ms", b"latency_ms", "node", b"node", "outcome", b"outcome", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["band", b"band", "candidates", b"candidates", "confirmed_subject_id", b"confirmed_subject_id", "error", b"error", "latency_ms", b"latency_ms", "node", b"node", "outcome", b"outcome", "thresholds", b"thresholds", "unusable_fingers", b"unusable_fingers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,29 +28,29 @@ from fedprint.gallery.v1 import gallery_pb2 as fedprint_dot_gallery_dot_v1_dot_g
 from fedprint.records.v1 import records_pb2 as fedprint_dot_records_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64print/review/v1/review.proto\x12\x12\x66\x65\x64print.review.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\'fedprint/biometrics/v1/biometrics.proto\x1a!fedprint/gallery/v1/gallery.proto\x1a!fedprint/records/v1/records.proto\"\x93\x03\n\x06Review\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x0b\n\x03ori\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.fedprint.review.v1.ReviewState\x12\x10\n\x08\x65xaminer\x18\x04 \x01(\t\x12-\n\topened_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61ge_s\x18\x06 \x01(\x01\x12\x31\n\tcandidate\x18\x07 \x01(\x0b\x32\x1e.fedprint.gallery.v1.Candidate\x12\x36\n\nthresholds\x18\x08 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12/\n\x05level\x18\t \x01(\x0e\x32 .fedprint.records.v1.ThreatLevel\x12\x0f\n\x07reasons\x18\n \x03(\t\x12\x0c\n\x04note\x18\x0b \x01(\t\x12.\n\ndecided_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xea\x01\n\nReviewCase\x12*\n\x06review\x18\x01 \x01(\x0b\x32\x1a.fedprint.review.v1.Review\x12/\n\x05probe\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12<\n\x12\x63\x61ndidate_tenprint\x18\x03 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12\x41\n\x10\x63\x61ndidate_record\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistory\"d\n\x12ListReviewsRequest\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.fedprint.review.v1.ReviewState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07overdue\x18\x03 \x01(\x08\"B\n\x13ListReviewsResponse\x12+\n\x07reviews\x18\x01 \x03(\x0b\x32\x1a.fedprint.review.v1.Review\"\'\n\x12\x43laimReviewRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\"d\n\x13\x44\x65\x63ideReviewRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\x12,\n\x07verdict\x18\x02 \x01(\x0e\x32\x1b.fedprint.review.v1.Verdict\x12\x0c\n\x04note\x18\x03 \x01(\t*_\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04OPEN\x10\x01\x12\x0b\n\x07\x43LAIMED\x10\x02\x12\r\n\tCONFIRMED\x10\x03\x12\x0c\n\x08REJECTED\x10\x04*;\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43ONFIRM\x10\x01\x12\n\n\x06REJECT\x10\x02\x32\x9b\x02\n\rReviewService\x12^\n\x0bListReviews\x12&.fedprint.review.v1.ListReviewsRequest\x1a\'.fedprint.review.v1.ListReviewsResponse\x12U\n\x0b\x43laimReview\x12&.fedprint.review.v1.ClaimReviewRequest\x1a\x1e.fedprint.review.v1.ReviewCase\x12S\n\x0c\x44\x65\x63ideReview\x12\'.fedprint.review.v1.DecideReviewRequest\x1a\x1a.fedprint.review.v1.Reviewb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64print/review/v1/review.proto\x12\x12\x66\x65\x64print.review.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\'fedprint/biometrics/v1/biometrics.proto\x1a!fedprint/gallery/v1/gallery.proto\x1a!fedprint/records/v1/records.proto\"\xae\x03\n\x06Review\x12\x11\n\treview_id\x18\x01 \x01(\t\x12\x0b\n\x03ori\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.fedprint.review.v1.ReviewState\x12\x10\n\x08\x65xaminer\x18\x04 \x01(\t\x12-\n\topened_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61ge_s\x18\x06 \x01(\x01\x12\x31\n\tcandidate\x18\x07 \x01(\x0b\x32\x1e.fedprint.gallery.v1.Candidate\x12\x36\n\nthresholds\x18\x08 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12/\n\x05level\x18\t \x01(\x0e\x32 .fedprint.records.v1.ThreatLevel\x12\x0f\n\x07reasons\x18\n \x03(\t\x12\x0c\n\x04note\x18\x0b \x01(\t\x12.\n\ndecided_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03tcn\x18\r \x01(\t\x12\x0c\n\x04node\x18\x0e \x01(\t\"\xb4\x02\n\nReviewCase\x12*\n\x06review\x18\x01 \x01(\x0b\x32\x1a.fedprint.review.v1.Review\x12/\n\x05probe\x18\x02 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12<\n\x12\x63\x61ndidate_tenprint\x18\x03 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\x12\x41\n\x10\x63\x61ndidate_record\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.ImmigrationHistory\x12H\n\x1a\x63\x61ndidate_criminal_history\x18\x05 \x01(\x0b\x32$.fedprint.records.v1.CriminalHistory\"d\n\x12ListReviewsRequest\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.fedprint.review.v1.ReviewState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07overdue\x18\x03 \x01(\x08\"B\n\x13ListReviewsResponse\x12+\n\x07reviews\x18\x01 \x03(\x0b\x32\x1a.fedprint.review.v1.Review\"\'\n\x12\x43laimReviewRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\"d\n\x13\x44\x65\x63ideReviewRequest\x12\x11\n\treview_id\x18\x01 \x01(\t\x12,\n\x07verdict\x18\x02 \x01(\x0e\x32\x1b.fedprint.review.v1.Verdict\x12\x0c\n\x04note\x18\x03 \x01(\t*_\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04OPEN\x10\x01\x12\x0b\n\x07\x43LAIMED\x10\x02\x12\r\n\tCONFIRMED\x10\x03\x12\x0c\n\x08REJECTED\x10\x04*;\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43ONFIRM\x10\x01\x12\n\n\x06REJECT\x10\x02\x32\x9b\x02\n\rReviewService\x12^\n\x0bListReviews\x12&.fedprint.review.v1.ListReviewsRequest\x1a\'.fedprint.review.v1.ListReviewsResponse\x12U\n\x0b\x43laimReview\x12&.fedprint.review.v1.ClaimReviewRequest\x1a\x1e.fedprint.review.v1.ReviewCase\x12S\n\x0c\x44\x65\x63ideReview\x12\'.fedprint.review.v1.DecideReviewRequest\x1a\x1a.fedprint.review.v1.Reviewb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedprint.review.v1.review_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REVIEWSTATE']._serialized_start=1155
-  _globals['_REVIEWSTATE']._serialized_end=1250
-  _globals['_VERDICT']._serialized_start=1252
-  _globals['_VERDICT']._serialized_end=1311
+  _globals['_REVIEWSTATE']._serialized_start=1256
+  _globals['_REVIEWSTATE']._serialized_end=1351
+  _globals['_VERDICT']._serialized_start=1353
+  _globals['_VERDICT']._serialized_end=1412
   _globals['_REVIEW']._serialized_start=200
-  _globals['_REVIEW']._serialized_end=603
-  _globals['_REVIEWCASE']._serialized_start=606
-  _globals['_REVIEWCASE']._serialized_end=840
-  _globals['_LISTREVIEWSREQUEST']._serialized_start=842
-  _globals['_LISTREVIEWSREQUEST']._serialized_end=942
-  _globals['_LISTREVIEWSRESPONSE']._serialized_start=944
-  _globals['_LISTREVIEWSRESPONSE']._serialized_end=1010
-  _globals['_CLAIMREVIEWREQUEST']._serialized_start=1012
-  _globals['_CLAIMREVIEWREQUEST']._serialized_end=1051
-  _globals['_DECIDEREVIEWREQUEST']._serialized_start=1053
-  _globals['_DECIDEREVIEWREQUEST']._serialized_end=1153
-  _globals['_REVIEWSERVICE']._serialized_start=1314
-  _globals['_REVIEWSERVICE']._serialized_end=1597
+  _globals['_REVIEW']._serialized_end=630
+  _globals['_REVIEWCASE']._serialized_start=633
+  _globals['_REVIEWCASE']._serialized_end=941
+  _globals['_LISTREVIEWSREQUEST']._serialized_start=943
+  _globals['_LISTREVIEWSREQUEST']._serialized_end=1043
+  _globals['_LISTREVIEWSRESPONSE']._serialized_start=1045
+  _globals['_LISTREVIEWSRESPONSE']._serialized_end=1111
+  _globals['_CLAIMREVIEWREQUEST']._serialized_start=1113
+  _globals['_CLAIMREVIEWREQUEST']._serialized_end=1152
+  _globals['_DECIDEREVIEWREQUEST']._serialized_start=1154
+  _globals['_DECIDEREVIEWREQUEST']._serialized_end=1254
+  _globals['_REVIEWSERVICE']._serialized_start=1415
+  _globals['_REVIEWSERVICE']._serialized_end=1698
 # @@protoc_insertion_point(module_scope)
