@@ -181,10 +181,10 @@ def register(app: typer.Typer, console: Console) -> None:
         """1:1 and 1:N accuracy of the MCC matcher on a data set; optionally calibrates thresholds."""
         import torch
 
-        from evaluation.calibrate import CalibrationError, fit_tail, write_thresholds
+        from calibration.evidence_fit import impostor_sums_by_fingers
+        from calibration.tails import CalibrationError, fit_tail
+        from calibration.thresholds import calibrated_thresholds, write_thresholds
         from evaluation.calibrate import calibrate as derive
-        from evaluation.calibration import calibrated_thresholds
-        from evaluation.evidence_fit import impostor_sums_by_fingers
         from evaluation.run import FUSION_NAMES, EvalOptions, det_plot, evaluate, summary
         from gpu_kernels import EvidenceModel
         from gpu_kernels.evidence import DEFAULT_MIN_COHORT, SHIPPED_MODEL, model_digest

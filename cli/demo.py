@@ -26,8 +26,8 @@ from typing import Any
 
 from rich.console import Console
 
+from calibration.thresholds import calibrated_thresholds
 from cli.report import decisions_table, ice_table
-from evaluation.calibration import calibrated_thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
@@ -39,7 +39,7 @@ from fedprint.rpc import open_channel
 from launcher.processes import federation
 from synthetic.population import GroundTruth, SyntheticBooking, generate_population, write_population
 
-#: The demo's impression preset: the one the shipped thresholds (evaluation/thresholds.yaml) were
+#: The demo's impression preset: the one the shipped thresholds (calibration/thresholds.yaml) were
 #: calibrated on, so the demo shows the decisions a calibrated node makes.
 DEMO_DIFFICULTY = "realistic"
 

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibration.evidence_fit import PairScores, fit_evidence_model, normalised_pair_scores
+from calibration.thresholds import Thresholds, calibration_digest
 from evaluation import metrics
-from evaluation.calibration import Thresholds, calibration_digest
-from evaluation.evidence_fit import PairScores, fit_evidence_model, normalised_pair_scores
 from gpu_kernels import (
     EvidenceModel,
     Fusion,

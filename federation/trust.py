@@ -2,7 +2,7 @@
 
 A node's answer is a decision only when it is the answer of the node the coordinator means: one
 that judges by the calibration the deployment pinned (a digest of its thresholds and evidence
-model, :func:`evaluation.calibration.calibration_digest`), searched a gallery at least as large as
+model, :func:`calibration.thresholds.calibration_digest`), searched a gallery at least as large as
 the floor the deployment set (a node restarted on an empty data directory answers NO_HIT for
 everyone), and answered the probe it was asked. Any other answer is treated as no answer: the
 decision is INCOMPLETE and retried, the refusal is audited and counted
@@ -15,7 +15,7 @@ from functools import cache
 
 from pydantic import BaseModel, Field
 
-from evaluation.calibration import calibrated_thresholds, calibration_digest
+from calibration.thresholds import calibrated_thresholds, calibration_digest
 from fedprint.gallery.v1 import gallery_pb2 as gal
 
 

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
-from evaluation.calibration import Thresholds
+from calibration.thresholds import Thresholds
 from federation.coordinator import build_coordinator
 from fedprint.access import ACCESS, retry_delay
 from fedprint.biometrics.v1 import biometrics_pb2 as bio

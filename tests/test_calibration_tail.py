@@ -1,5 +1,5 @@
 """Thresholds that follow the gallery size: a tail model of impostor subject-pair scores gives
-each gallery size the threshold of its target FPIR (evaluation.calibration, evaluation.calibrate)."""
+each gallery size the threshold of its target FPIR (calibration.thresholds, evaluation.calibrate)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from calibration.tails import CalibrationError, fit_gpd, fit_tail
+from calibration.thresholds import (
+    CHECKED_GALLERY_SIZES,
+    TailModel,
+    Thresholds,
+    calibrated_thresholds,
+    write_thresholds,
+)
 from cli.app import app
 from evaluation import metrics
-from evaluation.calibrate import CalibrationError, calibrate, fit_gpd, fit_tail, write_thresholds
-from evaluation.calibration import CHECKED_GALLERY_SIZES, TailModel, Thresholds, calibrated_thresholds
+from evaluation.calibrate import calibrate
 
 
 def test_probability_weighted_moments_recover_a_known_pareto_tail() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from evaluation.calibration import Thresholds
+from calibration.thresholds import Thresholds
 from federation.config import CoordinatorConfig
 from fedprint.settings import SecretInConfigFile
 from ice_service.config import IceConfig

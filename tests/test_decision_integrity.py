@@ -16,8 +16,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
+from calibration.thresholds import Thresholds
 from cli.app import app
-from evaluation.calibration import Thresholds
 from federation.audit import GENESIS, entry_hash
 from federation.checkpoint import write_checkpoint
 from federation.outbox import OutboxDeliverer

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from calibration.thresholds import Thresholds, calibrated_thresholds, write_thresholds
 from cli.app import app
 from evaluation import metrics
-from evaluation.calibrate import calibrate, write_thresholds
-from evaluation.calibration import Thresholds, calibrated_thresholds
+from evaluation.calibrate import calibrate
 from evaluation.run import EvalOptions, evaluate, summary
 from minutiae.dataset import DatasetError, read_dataset
 from minutiae.xyt import write_xyt

@@ -1,5 +1,5 @@
 """The evidence fusion: per-finger scores normalised by minutia counts and by the search's own
-cohort, summed as log-likelihood ratios (gpu_kernels.evidence, fitted by evaluation.evidence_fit)."""
+cohort, summed as log-likelihood ratios (gpu_kernels.evidence, fitted by calibration.evidence_fit)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evaluation.calibration import calibrated_thresholds
-from evaluation.evidence_fit import PairScores, fit_evidence_model
+from calibration.evidence_fit import PairScores, fit_evidence_model
+from calibration.thresholds import calibrated_thresholds
 from gpu_kernels import EvidenceModel, MccParams, encode_tenprints, score_tenprints, shipped_model
 from gpu_kernels.evidence import cohort_shift, finger_llr, fuse_evidence, normalised_scores
 from minutiae.template import FingerTemplate, TenPrintTemplates

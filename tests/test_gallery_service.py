@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from pydantic import SecretStr
 
-from evaluation.calibration import Thresholds, calibrated_thresholds
+from calibration.thresholds import Thresholds, calibrated_thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.clients import enroll
 from fedprint.gallery.v1 import gallery_pb2 as gal

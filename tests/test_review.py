@@ -14,8 +14,8 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
+from calibration.thresholds import Thresholds
 from cli.app import app
-from evaluation.calibration import Thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc

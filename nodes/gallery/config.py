@@ -12,7 +12,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, Field, model_validator
 
-from evaluation.calibration import Thresholds, calibrated_thresholds
+from calibration.thresholds import Thresholds, calibrated_thresholds
 from fedprint.settings import ServiceSettings
 from nodes.gallery.partition import WHOLE, Partition
 
@@ -78,7 +78,7 @@ class NodeConfig(ServiceSettings):
     node: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}\z", description="the node's name (files, logs, stats)")
     thresholds: Thresholds = Field(
         default_factory=lambda: calibrated_thresholds(),
-        description="hit and review thresholds; the calibrated ones of evaluation/thresholds.yaml if unset",
+        description="hit and review thresholds; the calibrated ones of calibration/thresholds.yaml if unset",
     )
     batching: BatchingConfig = BatchingConfig()
     shortlist: ShortlistConfig = ShortlistConfig()

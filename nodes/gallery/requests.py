@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluation.calibration import Thresholds
+from calibration.thresholds import Thresholds
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.rpc import FieldViolation, InvalidRequest
@@ -77,7 +77,7 @@ class IdentifyPlan:
     def band(self, score: float, fingers_compared: int, gallery_size: int) -> bio.DecisionBand.ValueType:
         """The band of a candidate: by the thresholds of the fingers it was compared on, since a
         candidate compared on few fingers needs more evidence per finger (see
-        :meth:`evaluation.calibration.Thresholds.for_gallery`)."""
+        :meth:`calibration.thresholds.Thresholds.for_gallery`)."""
         return band_of(score, self.thresholds(gallery_size, fingers_compared))
 
     def judge(self, candidate: gal.Candidate, gallery_size: int) -> None:

@@ -36,7 +36,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from evaluation.calibration import calibration_digest
+from calibration.thresholds import calibration_digest
 from fedprint.access import current_caller, deny
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal

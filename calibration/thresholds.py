@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
@@ -253,3 +254,27 @@ def calibration_digest(thresholds: Thresholds) -> str:
     refuse any other (:mod:`federation.trust`)."""
     configured = thresholds.model_dump(mode="json", exclude={"gallery_size", "fingers"})
     return "sha256:" + hashlib.sha256(json.dumps(configured, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECTION = re.compile(r"^thresholds:[^\n]*\n(?:(?:[ \t]+[^\n]*|[ \t]*)\n)*", re.MULTILINE)
+
+
+def write_thresholds(path: Path, thresholds: Thresholds) -> None:
+    """Replaces (or appends) the ``thresholds:`` section of the YAML file at ``path``.
+
+    Text surgery rather than a YAML round trip, so the file's other settings and comments
+    survive; the file is created when missing. The result is checked to parse back.
+    """
+    data = thresholds.model_dump(mode="json", exclude_none=True)
+    data["fpir_curve"] = [list(point) for point in data["fpir_curve"]]
+    for tail in data.get("tails", []):
+        tail["body"] = [list(point) for point in tail["body"]]
+    block = yaml.safe_dump({"thresholds": data}, sort_keys=False, default_flow_style=None)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if _SECTION.search(text):
+        text = _SECTION.sub(lambda _: block, text, count=1)
+    else:
+        text = text + ("" if not text or text.endswith("\n") else "\n") + block
+    loaded = yaml.safe_load(text)
+    Thresholds.model_validate(loaded["thresholds"])
+    path.write_text(text, encoding="utf-8")
