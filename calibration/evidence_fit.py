@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from calibration.tails import sums_by_fingers
 from gpu_kernels.evidence import MIN_SLOPE, TAIL_Z, EvidenceModel, cohort_shift, llr_at, normalised_scores
 
 FloatArray = npt.NDArray[np.float64]
@@ -243,20 +244,10 @@ def impostor_sums_by_fingers(
     (a booking with n usable fingers meets the gallery on n fingers). One draw by default: a
     tail fit treats its points as independent, and several subsets of one pair are not."""
     llr, genuine = _pair_llrs(pairs, model)
-    llr = llr[~genuine]
     rng = np.random.default_rng(seed)
-    present = ~np.isnan(llr)
-    out = []
-    for n in range(1, 11):
-        rows = llr[present.sum(1) >= n]
-        sums = []
-        for _ in range(draws if n < 10 else 1):
-            # A random order of each row's present fingers: missing ones sort last.
-            keys = np.where(np.isnan(rows), np.inf, rng.random(rows.shape))
-            chosen = np.take_along_axis(rows, np.argsort(keys, axis=1)[:, :n], axis=1)
-            sums.append(chosen.sum(1))
-        out.append(np.concatenate(sums) if sums else np.zeros(0))
-    return out
+    per_draw = [sums_by_fingers(llr[~genuine], rng) for _ in range(draws)]
+    # Ten fingers have one subset only: a second draw would copy the first.
+    return [np.concatenate([d[n - 1] for d in (per_draw if n < 10 else per_draw[:1])]) for n in range(1, 11)]
 
 
 def _pair_llrs(pairs: PairScores, model: EvidenceModel) -> tuple[FloatArray, BoolArray]:

@@ -74,3 +74,13 @@ def fit_tail(impostor: FloatArray, *, tail_share: float = TAIL_SHARE, min_tail: 
         pairs=n,
         tail_pairs=k,
     )
+
+
+def sums_by_fingers(llr: FloatArray, rng: np.random.Generator) -> list[FloatArray]:
+    """For 1, 2, ... 10 fingers compared, the sum of one random n-finger subset of each row of
+    ``llr [pairs, 10]`` (NaN: not compared) that has n fingers compared."""
+    keys = np.where(np.isnan(llr), np.inf, rng.random(llr.shape))
+    ordered = np.take_along_axis(np.nan_to_num(llr, nan=0.0), np.argsort(keys, axis=1), axis=1)
+    running = np.cumsum(ordered, axis=1)
+    common = (~np.isnan(llr)).sum(1)
+    return [running[common >= n, n - 1] for n in range(1, 11)]

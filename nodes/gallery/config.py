@@ -12,6 +12,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, Field, model_validator
 
+from calibration.learning import LearningPolicy
 from calibration.thresholds import Thresholds, calibrated_thresholds
 from fedprint.settings import ServiceSettings
 from nodes.gallery.partition import WHOLE, Partition
@@ -79,6 +80,12 @@ class NodeConfig(ServiceSettings):
     thresholds: Thresholds = Field(
         default_factory=lambda: calibrated_thresholds(),
         description="hit and review thresholds; the calibrated ones of calibration/thresholds.yaml if unset",
+    )
+    learning: LearningPolicy = Field(
+        default_factory=LearningPolicy,
+        description="how the thresholds follow impostor tails learned from the node's own gallery "
+        "(calibration.learning); a standalone node learns, a router and its shards judge by "
+        "`thresholds` as configured",
     )
     batching: BatchingConfig = BatchingConfig()
     shortlist: ShortlistConfig = ShortlistConfig()

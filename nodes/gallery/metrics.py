@@ -17,6 +17,7 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 
 if TYPE_CHECKING:
+    from nodes.gallery.learner import LearningPass
     from nodes.gallery.server import GalleryServicer
 
 #: Batch-size buckets: powers of two up to the largest useful ``batching.max_batch``.
@@ -37,7 +38,7 @@ class GalleryMetrics:
     def __init__(self, registry: CollectorRegistry, servicer: GalleryServicer[Any]) -> None:
         node = servicer.node
         # Bucket edges at the thresholds of the gallery as it starts (they move as it grows).
-        thresholds = servicer.config.thresholds.for_gallery(len(servicer.gallery))
+        thresholds = servicer.learner.current.for_gallery(len(servicer.gallery))
         Gauge(
             "fedprint_gallery_subjects",
             "subjects in this node's (shard's) gallery",
@@ -77,8 +78,33 @@ class GalleryMetrics:
             ["node", "band"],
             registry=registry,
         )
+        self._calibration_updates = Counter(
+            "fedprint_gallery_calibration_updates_total",
+            "times the node moved its thresholds to those learned from its own gallery",
+            ["node"],
+            registry=registry,
+        ).labels(node)
+        learner = servicer.learner
+        Gauge(
+            "fedprint_gallery_suspected_duplicates",
+            "pairs of enrolled subjects that score as the same person (seen while learning)",
+            ["node"],
+            registry=registry,
+        ).labels(node).set_function(lambda: len(learner.sample.duplicates))
+        hit = Gauge(
+            "fedprint_gallery_hit_threshold",
+            "the hit threshold the node judges a ten-finger candidate by, at its gallery size",
+            ["node"],
+            registry=registry,
+        )
+        hit.labels(node).set_function(lambda: learner.current.for_gallery(len(servicer.gallery), 10).hit)
         self._node = node
         servicer.batcher.on_batch = self.observe_batch
+
+    def observe_learning(self, done: LearningPass) -> None:
+        """Counts a learning pass that moved the thresholds."""
+        if done.adoption is not None:
+            self._calibration_updates.inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self._batch_size.observe(size)

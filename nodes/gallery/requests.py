@@ -116,7 +116,9 @@ def rank_candidates(result: gal.ProbeResult, candidates: list[gal.Candidate], k:
     result.decided_by = result.candidates[0].subject_id if result.candidates else ""
 
 
-def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> IdentifyPlan:
+def check_identify(
+    request: gal.IdentifyRequest, config: NodeConfig, calibration: Thresholds | None = None
+) -> IdentifyPlan:
     """The plan of a valid request; :class:`InvalidRequest` listing every problem otherwise."""
     violations = Violations()
     if not request.probes:
@@ -132,7 +134,8 @@ def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> Identify
         for i, subject_id in enumerate(request.subject_ids):
             SUBJECT_ID.check(subject_id, f"subject_ids[{i}]", violations)
     target = request.target_fpir if request.target_fpir > 0.0 else None
-    if target is not None and not violations and config.thresholds.for_fpir(target) is None:
+    calibration = calibration or config.thresholds
+    if target is not None and not violations and calibration.for_fpir(target) is None:
         violations.add("target_fpir", f"no calibration reaches FPIR {target:g} on this node")
     decoded = []
     seen: set[str] = set()
@@ -147,7 +150,7 @@ def check_identify(request: gal.IdentifyRequest, config: NodeConfig) -> Identify
             violations.extend(error.violations)
     if violations:
         raise InvalidRequest(violations, "malformed identify request")
-    return IdentifyPlan(decoded, config.thresholds, target, request.max_results or 10)
+    return IdentifyPlan(decoded, calibration, target, request.max_results or 10)
 
 
 def check_enrollment(

@@ -36,6 +36,7 @@ from minutiae.template import TenPrintTemplates
 from nodes.gallery.batcher import MicroBatcher, QueueFull
 from nodes.gallery.config import NodeConfig
 from nodes.gallery.gallery import TEMPLATE_FORMAT_VERSION, Gallery, Match, SearchResult, resolve_device
+from nodes.gallery.learner import CalibrationLearner
 from nodes.gallery.metrics import GalleryMetrics
 from nodes.gallery.partition import Partition
 from nodes.gallery.records import RecordStore, RecordT
@@ -86,6 +87,11 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         self.store = store
         self.gallery = gallery
         self.replica = replica or GalleryReplica(store, gallery, config.partition)
+        policy = config.learning
+        if config.role != "standalone":  # a shard sees a partition only; see NodeConfig.learning
+            policy = policy.model_copy(update={"enabled": False})
+        #: The thresholds the node judges by: the configured ones, or those learned from its gallery.
+        self.learner = CalibrationLearner(gallery, store, config.thresholds, policy)
         #: A shard's partition; None for a node that holds its whole gallery.
         self.partition: Partition | None = config.partition if config.role == "shard" else None
         # Who a shard answers: its router, which presents the node's own certificate.
@@ -150,7 +156,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         started = time.perf_counter()
         await self._admit(context, admin_may=False)
         try:
-            plan = check_identify(request, self.config)
+            plan = check_identify(request, self.config, self.learner.current)
         except InvalidRequest as error:
             await abort_invalid(context, error)
         decoded, k = plan.probes, plan.k
@@ -326,7 +332,7 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             finger_count=self.gallery.finger_count,
             template_format_version=TEMPLATE_FORMAT_VERSION,
             device=str(self.gallery.device),
-            thresholds=thresholds_proto(self.config.thresholds.for_gallery(memory.subjects)),
+            thresholds=thresholds_proto(self.learner.current.for_gallery(memory.subjects)),
             partition=self._partition_proto(),
             memory=[
                 gal.GalleryMemory(
@@ -349,12 +355,29 @@ class GalleryNode:
     #: The encoded-gallery cache directory, or None when the node keeps none.
     cache: Path | None = None
     _sync: asyncio.Task[None] | None = field(default=None, repr=False)
+    _learn: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> int:
-        """Starts serving and catching up with other processes' writes; returns the bound port."""
+        """Starts serving, catching up with other processes' writes and (a standalone node with
+        learning on) learning its thresholds from its gallery; returns the bound port."""
         port = await self.host.start()
-        self._sync = asyncio.get_running_loop().create_task(self._keep_in_step(), name="gallery-sync")
+        loop = asyncio.get_running_loop()
+        self._sync = loop.create_task(self._keep_in_step(), name="gallery-sync")
+        if self.servicer.learner.active:
+            self._learn = loop.create_task(self._keep_learning(), name="calibration-learning")
         return port
+
+    async def _keep_learning(self) -> None:
+        learner = self.servicer.learner
+        while True:
+            await asyncio.sleep(learner.policy.interval_s)
+            try:
+                done = await asyncio.to_thread(learner.learn)
+            except Exception:  # a failed pass must not end learning for good
+                log.exception("calibration learning failed", node=self.servicer.node)
+                continue
+            if self.servicer.metrics is not None:
+                self.servicer.metrics.observe_learning(done)
 
     async def _keep_in_step(self) -> None:
         replica = self.servicer.replica
@@ -370,10 +393,12 @@ class GalleryNode:
         changed since it was written (a crash skips this: the next start-up maps the older cache
         and catches up from the store)."""
         await self.host.stop(grace_s)
-        if self._sync is not None:
-            self._sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync
+        self.servicer.learner.stop()
+        for task in (self._sync, self._learn):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.servicer.batcher.close()
         replica = self.servicer.replica
         if replica.cache is not None:

@@ -14,6 +14,7 @@ carries a version above the last one it has seen (:mod:`nodes.gallery.replica`).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     delete,
     func,
     select,
@@ -86,6 +88,40 @@ class StateRow(_Base):
     token: Mapped[str] = mapped_column(String(32))
     #: The last version written (0 before the first enrolment).
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class CalibrationUpdateRow(_Base):
+    """One change of the thresholds a node learned from its own gallery: the node's record of
+    every move (what, when, on how much evidence), and the calibration it restarts with."""
+
+    __tablename__ = "gallery_calibration_updates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    #: Digest of the configured (prior) calibration and learning policy it was learned under: a
+    #: node configured otherwise starts again from its configuration.
+    prior: Mapped[str] = mapped_column(String(32), index=True)
+    gallery_size: Mapped[int] = mapped_column(Integer)
+    subjects: Mapped[int] = mapped_column(Integer)
+    pairs: Mapped[int] = mapped_column(Integer)
+    duplicates: Mapped[int] = mapped_column(Integer)
+    #: The thresholds adopted (calibration.thresholds.Thresholds as JSON) and, per finger count,
+    #: how far the hit threshold moved at ``gallery_size`` (JSON list).
+    thresholds: Mapped[str] = mapped_column(Text)
+    moves: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class CalibrationUpdate:
+    """A stored :class:`CalibrationUpdateRow`."""
+
+    at: dt.datetime
+    prior: str
+    gallery_size: int
+    subjects: int
+    pairs: int
+    duplicates: int
+    thresholds: str
+    moves: list[float]
 
 
 #: The gallery tables' schema history (``nodes/gallery/migrations``).
@@ -281,6 +317,45 @@ class GalleryStore(Generic[RecordT]):
     def get_records(self, subject_ids: Sequence[str]) -> dict[str, RecordT]:
         with self._sessions() as session:
             return self.records.get(session, subject_ids)
+
+    def record_calibration(self, update: CalibrationUpdate) -> None:
+        """Appends a learned calibration (see :class:`CalibrationUpdateRow`)."""
+        with self._sessions.begin() as session:
+            session.add(
+                CalibrationUpdateRow(
+                    at=update.at,
+                    prior=update.prior,
+                    gallery_size=update.gallery_size,
+                    subjects=update.subjects,
+                    pairs=update.pairs,
+                    duplicates=update.duplicates,
+                    thresholds=update.thresholds,
+                    moves=json.dumps(update.moves),
+                )
+            )
+
+    def calibration_updates(self, prior: str, limit: int = 100) -> list[CalibrationUpdate]:
+        """The calibrations learned under ``prior``, newest first."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(CalibrationUpdateRow)
+                .where(CalibrationUpdateRow.prior == prior)
+                .order_by(CalibrationUpdateRow.id.desc())
+                .limit(limit)
+            )
+            return [
+                CalibrationUpdate(
+                    at=r.at,
+                    prior=r.prior,
+                    gallery_size=r.gallery_size,
+                    subjects=r.subjects,
+                    pairs=r.pairs,
+                    duplicates=r.duplicates,
+                    thresholds=r.thresholds,
+                    moves=[float(m) for m in json.loads(r.moves)],
+                )
+                for r in rows
+            ]
 
     def close(self) -> None:
         self._engine.dispose()

@@ -1,0 +1,182 @@
+"""A node learning its thresholds from its own gallery, in the background (:mod:`calibration.learning`).
+
+Each pass draws enrolled subjects not drawn before as pseudo-probes, scores each against the
+gallery (every subject, or a random ``max_candidates`` of them) exactly as a search scores a
+probe, on the node's device and in chunks, and adds the impostor pairs to the sample the node
+keeps; subjects drawn in earlier passes are not candidates again, so each unordered pair counts
+once. Once the sample holds enough evidence, the learned tails are adopted within the policy's
+bounds, stored (``gallery_calibration_updates``: the node's record of every move, and what it
+restarts with), logged, and counted in ``fedprint_gallery_calibration_updates_total``. Suspected
+duplicates (the same person under two ids) are left out of the sample and reported to the
+administrator in the log and in ``fedprint_gallery_suspected_duplicates``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+import torch
+
+from calibration.learning import Adoption, ImpostorSample, LearningPolicy, adopt, learn_tails
+from calibration.tails import CalibrationError
+from calibration.thresholds import Thresholds, calibration_digest
+from gpu_kernels.fusion import score_tenprints
+from nodes.gallery.gallery import FullTier, Gallery
+from nodes.gallery.store import CalibrationUpdate, GalleryStore
+
+log = structlog.get_logger(__name__)
+
+#: Pseudo-probes scored in one device call, and candidates gathered onto the device at a time.
+_PROBES, _CANDIDATES = 16, 2048
+
+
+def prior_digest(prior: Thresholds, policy: LearningPolicy) -> str:
+    """What a learned calibration was learned under: the configured one and the policy's bounds."""
+    bounds = policy.model_dump(mode="json", exclude={"enabled", "interval_s"})
+    text = json.dumps({"prior": calibration_digest(prior), "policy": bounds}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LearningPass:
+    """What one pass did: pairs added, and the adoption when the thresholds moved."""
+
+    pairs: int
+    adoption: Adoption | None
+    why_not: str = ""
+
+
+class CalibrationLearner:
+    """The thresholds a node judges by (:attr:`current`) and the sample they are learned from."""
+
+    def __init__(
+        self, gallery: Gallery, store: GalleryStore[Any], prior: Thresholds, policy: LearningPolicy
+    ) -> None:
+        self.gallery = gallery
+        self.store = store
+        self.prior = prior
+        self.policy = policy
+        self.digest = prior_digest(prior, policy)
+        self.current = prior
+        self.sample = ImpostorSample()
+        self.updates = 0
+        self._drawn: list[str] = []
+        self._rng = np.random.default_rng(policy.seed)
+        self._stopping = threading.Event()
+        if self.active:
+            stored = store.calibration_updates(self.digest, limit=1)
+            if stored:
+                self.current = Thresholds.model_validate_json(stored[0].thresholds)
+                log.info("learned calibration restored", source=self.current.source, at=str(stored[0].at))
+
+    def stop(self) -> None:
+        """Ends a pass in progress at its next batch (the node is shutting down)."""
+        self._stopping.set()
+
+    @property
+    def active(self) -> bool:
+        """Whether the thresholds may move at all (learning on, not pinned, a calibration with tails)."""
+        return self.policy.enabled and not self.policy.pinned and bool(self.prior.tails)
+
+    def learn(self) -> LearningPass:
+        """One pass (blocking: run it in a worker thread)."""
+        if not self.active:
+            return LearningPass(0, None, "learning is off, pinned, or the calibration has no tails")
+        ids, full, _ = self.gallery.full_tier()
+        size = len(ids)
+        if full is None or size < self.policy.min_subjects:
+            needed = self.policy.min_subjects
+            return LearningPass(0, None, f"{size} subjects enrolled: need {needed} to learn")
+        drawn = set(self._drawn)
+        fresh = np.array([r for r, s in enumerate(ids) if s not in drawn], dtype=np.int64)
+        probes = self._rng.permutation(fresh)[: self.policy.probe_subjects]
+        before = sum(self.sample.pairs(f) for f in range(1, 11))
+        self._score(ids, full, probes)
+        if self._stopping.is_set():
+            return LearningPass(0, None, "the node is stopping")
+        added = sum(self.sample.pairs(f) for f in range(1, 11)) - before
+        try:
+            tails = learn_tails(self.sample, self.policy)
+            pairs = self.sample.pairs(10)
+            source = (
+                f"learned from {pairs} impostor pairs of {len(self.sample.subjects)} enrolled subjects "
+                f"({len(self.sample.duplicates)} suspected duplicates left out); prior: {self.prior.source}"
+            )
+            adoption = adopt(self.prior, self.current, tails, size, self.policy, source)
+        except CalibrationError as why:
+            log.info("calibration not learned yet", reason=str(why), pairs_added=added)
+            return LearningPass(added, None, str(why))
+        self.store.record_calibration(
+            CalibrationUpdate(
+                at=dt.datetime.now(dt.UTC),
+                prior=self.digest,
+                gallery_size=size,
+                subjects=len(self.sample.subjects),
+                pairs=pairs,
+                duplicates=len(self.sample.duplicates),
+                thresholds=adoption.thresholds.model_dump_json(),
+                moves=[round(m, 4) for m in adoption.moves],
+            )
+        )
+        self.current = adoption.thresholds
+        self.updates += 1
+        ten = adoption.thresholds.for_gallery(size, 10)
+        log.info(
+            "calibration learned",
+            gallery_size=size,
+            pairs=pairs,
+            hit_10=round(ten.hit, 3),
+            review_10=round(ten.review, 3),
+            moves=[round(m, 2) for m in adoption.moves],
+            held_by_bounds=sum(adoption.held),
+        )
+        for dup in self.sample.duplicates[-20:]:
+            log.warning(
+                "suspected duplicate enrolment",
+                first=dup.first,
+                second=dup.second,
+                score=round(dup.score, 2),
+                fingers=dup.fingers,
+            )
+        return LearningPass(added, adoption)
+
+    def _score(self, ids: tuple[str, ...], full: FullTier, probes: npt.NDArray[np.int64]) -> None:
+        """Scores ``probes`` (gallery rows) against the candidates and adds the impostor pairs."""
+        device, params = self.gallery.device, self.gallery.params
+        size = len(ids)
+        earlier = {s: i for i, s in enumerate(self._drawn)}
+        order = len(self._drawn)
+        self._drawn.extend(ids[int(r)] for r in probes)
+        # A pair of two pseudo-probes counts once: from the one drawn later.
+        drawn_at = np.full(size, np.iinfo(np.int64).max, dtype=np.int64)
+        for r, s in enumerate(ids):
+            if s in earlier:
+                drawn_at[r] = earlier[s]
+        drawn_at[probes] = order + np.arange(len(probes))
+        candidates = np.arange(size)
+        if size > self.policy.max_candidates:
+            candidates = np.sort(self._rng.choice(size, self.policy.max_candidates, replace=False))
+        for lo in range(0, len(probes), _PROBES):
+            if self._stopping.is_set():
+                return
+            batch = probes[lo : lo + _PROBES]
+            probe_cylinders = full.select(batch, device, params)
+            for clo in range(0, len(candidates), _CANDIDATES):
+                rows = candidates[clo : clo + _CANDIDATES]
+                with torch.inference_mode():
+                    scores = score_tenprints(probe_cylinders, full.select(rows, device, params), params)
+                if scores.finger_llr is None:
+                    raise CalibrationError("the node's fusion gives no per-finger evidence to learn from")
+                llr = torch.where(scores.both_present, scores.finger_llr, torch.nan).double().cpu().numpy()
+                # Keep pairs with a candidate drawn after the probe, or never drawn (not itself).
+                keep = drawn_at[rows][None, :] > drawn_at[batch][:, None]
+                p, c = np.nonzero(keep)
+                self.sample.add(llr[p, c], batch[p], rows[c], ids, self.prior, self._rng)
