@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cli.progress import stage_progress
 
-DIFFICULTY_HELP = "impression damage preset: easy, realistic or hard"
+DIFFICULTY_HELP = "impression damage preset: easy, realistic, hard, smudged or sparse"
 
 
 def register(app: typer.Typer, console: Console) -> None:

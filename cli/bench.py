@@ -278,3 +278,69 @@ def shortlist(
         f"{result['host_bytes_per_subject']:,.0f} host B/subject on disk"
     )
     console.print(f"wrote {json_out}")
+
+
+@bench_app.command("operating-point")
+def operating_point(
+    data: Annotated[Path, typer.Argument(help="a labelled data set (manifest.csv beside the templates)")],
+    json_out: Annotated[Path, typer.Option("--json", help="write the report here")],
+    shortlist: Annotated[int, typer.Option(help="the node's shortlist length K")] = 200,
+    learning_passes: Annotated[
+        int, typer.Option(min=0, help="learning passes over the gallery before searching (0: prior only)")
+    ] = 6,
+    mated: Annotated[int | None, typer.Option(help="most mated probes to search (default: all)")] = None,
+    nonmated: Annotated[
+        int | None, typer.Option(help="most non-mated probes to search (default: all)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="the node's torch device")] = "auto",
+) -> None:
+    """What a real node decides on a labelled data set at its own thresholds: FNIR and FPIR at hit
+    and review, after it learned from its gallery, beside the prior calibration's."""
+    import asyncio
+
+    from bench.operating_point import OperatingPointConfig, run_operating_point
+
+    config = OperatingPointConfig(
+        data=data,
+        shortlist=shortlist,
+        learning_passes=learning_passes,
+        mated=mated,
+        nonmated=nonmated,
+        device=device,
+    )
+    with console.status("starting a node") as status:
+        result = asyncio.run(run_operating_point(config, progress=lambda text: status.update(text)))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(
+        title=f"{data}: {result['gallery_size']} enrolled, {result['mated_searches']} mated and "
+        f"{result['nonmated_searches']} non-mated searches"
+    )
+    for column in ("thresholds", "FNIR at hit", "FNIR at review", "FPIR at hit", "FPIR at review"):
+        table.add_column(column)
+
+    def pct(rate: dict[str, float]) -> str:
+        return f"{100 * rate['value']:.2f} % ({100 * rate['low']:.2f}-{100 * rate['high']:.2f})"
+
+    for name, key in (("node's own (learned)", "at_node_thresholds"), ("prior alone", "at_prior_thresholds")):
+        r = result[key]
+        table.add_row(
+            name,
+            pct(r["fnir_at_hit"]),
+            pct(r["fnir_at_review"]),
+            pct(r["fpir_at_hit"]),
+            pct(r["fpir_at_review"]),
+        )
+    console.print(table)
+    own = result["at_own_fpir_quantile"]
+    if own["fnir"] is not None:
+        console.print(
+            f"at the data set's own FPIR 1e-3 quantile ({own['threshold']:.3f}): FNIR {pct(own['fnir'])}"
+        )
+    t = result["thresholds"]
+    console.print(
+        f"ten-finger hit {t['hit_10_fingers']:.3f} (prior {t['prior_hit_10_fingers']:.3f}); {t['source']}; "
+        f"mates not returned {pct(result['mates_not_returned'])}; "
+        f"{result['seconds_per_probe']:.3f} s per probe"
+    )
+    console.print(f"wrote {json_out}")

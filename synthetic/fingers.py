@@ -143,6 +143,45 @@ DIFFICULTIES: dict[str, Difficulty] = {
         quality=(0.35, 0.95),
     ),
 }
+#: Presets no calibration shipped with the project was fitted on (it was fitted on ``realistic``
+#: and ``hard``), for checking that a node's thresholds hold on prints unlike those: a
+#: ``smudged`` station (heavy localisation noise, many false minutiae, strong distortion, types
+#: often confused) and a ``sparse`` one (small contact areas and many missed minutiae, so fewer
+#: and smaller templates).
+DIFFICULTIES["smudged"] = Difficulty(
+    name="smudged",
+    drop=(0.18, 0.26),
+    drop_bad=0.12,
+    spurious=6.0,
+    spurious_bad=8.0,
+    position_noise=4.5,
+    angle_noise_deg=10.0,
+    distortion=(8.0, 16.0),
+    rotation_deg=14.0,
+    translation=15.0,
+    rolled_area=(0.8, 1.0),
+    plain_area=(0.65, 0.85),
+    contact_offset=25.0,
+    type_flip=0.25,
+    quality=(0.35, 0.95),
+)
+DIFFICULTIES["sparse"] = Difficulty(
+    name="sparse",
+    drop=(0.30, 0.42),
+    drop_bad=0.15,
+    spurious=1.5,
+    spurious_bad=3.0,
+    position_noise=2.5,
+    angle_noise_deg=6.0,
+    distortion=(4.0, 10.0),
+    rotation_deg=10.0,
+    translation=15.0,
+    rolled_area=(0.7, 0.9),
+    plain_area=(0.5, 0.7),
+    contact_offset=25.0,
+    type_flip=0.08,
+    quality=(0.3, 0.9),
+)
 REALISTIC = DIFFICULTIES["realistic"]
 
 
