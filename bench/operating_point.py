@@ -6,8 +6,9 @@ starts a gallery node (the shared server, mutual TLS on loopback, a development 
 enrols every gallery capture of DATA through ``Enroll`` as ``fedprint enroll`` does, lets the
 node learn its thresholds from that gallery (``--learning-passes`` passes of
 :class:`nodes.gallery.learner.CalibrationLearner`, as the node's background task makes them),
-then searches every probe through ``Identify`` as the coordinator does and counts what the node
-decided:
+searches a first share of the probes (``--traffic-share``, half by default) through ``Identify``
+as the coordinator does, lets the node learn from those searches too (traffic), then searches the
+rest and counts what the node decided on them (the first share is reported apart):
 
 - FNIR at the hit threshold (the mate is the node's rank-1 candidate and a HIT) and at the
   review threshold (rank 1, at least REVIEW), with 95 % Wilson intervals;
@@ -67,6 +68,11 @@ class OperatingPointConfig:
     nonmated: int | None = None
     k: int = 10
     device: str = "auto"
+    #: Share of the mated and of the non-mated probes searched first, as traffic the node learns
+    #: from before the rest are searched and counted (0: no traffic; every probe counted).
+    traffic_share: float = 0.5
+    #: Learning passes after the traffic (each moves a threshold ``max_step`` at most).
+    traffic_passes: int = 2
 
 
 @dataclass(frozen=True)
@@ -231,10 +237,37 @@ async def run_operating_point(config: OperatingPointConfig, progress: Any = None
                     }
                 )
             learn_s = time.perf_counter() - started
-            say(f"searching {len(mated)} mated and {len(nonmated)} non-mated probes")
+            first_mated = mated[: round(config.traffic_share * len(mated))]
+            first_nonmated = nonmated[: round(config.traffic_share * len(nonmated))]
+            first: list[Search] = []
+            if first_mated or first_nonmated:
+                say(
+                    f"searching {len(first_mated)} mated and {len(first_nonmated)} non-mated probes (traffic)"
+                )
+                first = await _search(
+                    node.host.address,
+                    pki["coordinator"],
+                    config.data,
+                    [*first_mated, *first_nonmated],
+                    enrolled,
+                    config.k,
+                )
+                for i in range(config.traffic_passes):
+                    say(f"learning from the gallery and the traffic: pass {i + 1} of {config.traffic_passes}")
+                    done = await asyncio.to_thread(learner.learn)
+                    passes.append(
+                        {
+                            "pairs_added": done.pairs,
+                            "moved": [round(m, 3) for m in done.adoption.moves] if done.adoption else [],
+                            "why_not": done.why_not,
+                            "after_traffic": True,
+                        }
+                    )
+            rest = [*mated[len(first_mated) :], *nonmated[len(first_nonmated) :]]
+            say(f"searching {len(rest)} probes")
             started = time.perf_counter()
             searches = await _search(
-                node.host.address, pki["coordinator"], config.data, [*mated, *nonmated], enrolled, config.k
+                node.host.address, pki["coordinator"], config.data, rest, enrolled, config.k
             )
             search_s = time.perf_counter() - started
             size = len(node.servicer.gallery)
@@ -248,8 +281,13 @@ async def run_operating_point(config: OperatingPointConfig, progress: Any = None
     return {
         "data": str(config.data),
         "gallery_size": size,
-        "mated_searches": len(mated),
-        "nonmated_searches": len(nonmated),
+        "mated_searches": sum(1 for s in searches if s.mate is not None),
+        "nonmated_searches": sum(1 for s in searches if s.mate is None),
+        "traffic_searches": {
+            "mated": sum(1 for s in first if s.mate is not None),
+            "nonmated": sum(1 for s in first if s.mate is None),
+            "at_node_thresholds_then": _outcomes(first, None) if first else None,
+        },
         "shortlist": config.shortlist,
         "k": config.k,
         "at_node_thresholds": own,

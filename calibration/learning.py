@@ -25,7 +25,20 @@ How the sample is drawn, and why:
 - **Rolled against rolled.** Gallery pairs are enrolment impressions on both sides; a booking's
   probe is often plain (fewer minutiae, less area). Impostor scores of fewer minutiae spread less,
   so tails from gallery pairs sit at or above those of plain probes: thresholds learned from them
-  hold the stated FPIR for plain probes with some room.
+  hold the stated FPIR for plain probes with room, and cost mates.
+
+The searches themselves (traffic, :class:`TrafficSample`) are the probes' own distribution, plain
+and rolled as they come. Every candidate a search returns is an impostor of that probe, except a
+mate; the one candidate a search decided a HIT is left out (it may be the mate; a mate below the
+hit threshold stays in, which errs on the safe side). A search returns only its top ``k``, so it
+tells how many impostors scored above a level only where its ``k``-th candidate scored below that
+level: the tail is fitted peaks-over-threshold above a level ``u`` that nine searches in ten
+complete (their ``k``-th candidate below it), with ``r(u)`` = the exceedances of those searches
+over the subjects they searched. How the two sources combine: per finger count, a traffic tail
+with enough evidence (``min_searches`` searches and ``min_exceedances`` exceedances) replaces
+the gallery's; below that, the gallery's stands; without either, the current one. The
+shortlist is assumed to keep the impostors that matter (a high impostor it dropped would make
+the traffic tail a little light; its mate recall, 97-99.9 %, bounds how often).
 
 How a learned calibration is adopted (:func:`adopt`): only with enough evidence
 (``min_subjects`` distinct subjects and ``min_pairs`` pairs per finger count, no fewer than the
@@ -37,6 +50,8 @@ every finger count and gallery size (:meth:`calibration.thresholds.Thresholds.pr
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field
 
-from calibration.tails import CalibrationError, fit_tail, sums_by_fingers
+from calibration.tails import CalibrationError, fit_gpd, fit_tail, sums_by_fingers
 from calibration.thresholds import TailModel, Thresholds
 
 FloatArray = npt.NDArray[np.float64]
@@ -81,6 +96,15 @@ class LearningPolicy(BaseModel):
     )
     max_above_prior: float = Field(
         default=10.0, ge=0.0, description="highest a threshold goes, above the prior calibration's"
+    )
+    min_searches: int = Field(
+        default=500, ge=10, description="fewest searches of a finger count its traffic tail rests on"
+    )
+    min_exceedances: int = Field(
+        default=100, ge=10, description="fewest impostor scores above the traffic tail's start"
+    )
+    max_searches: int = Field(
+        default=200_000, ge=100, description="searches kept per finger count (the newest)"
     )
     seed: int = 0
 
@@ -145,6 +169,79 @@ def duplicate_level(prior: Thresholds, fingers: int) -> float:
     :data:`DUPLICATE_RATE` chance to reach; without tails, the prior's hit threshold."""
     tail = prior.tail(fingers)
     return tail.score_at(DUPLICATE_RATE) if tail is not None else prior.hit
+
+
+@dataclass
+class _Searches:
+    """The searches of one finger count: impostor scores returned, ``k``-th score, subjects searched."""
+
+    scores: list[FloatArray] = field(default_factory=list)
+    kth: list[float] = field(default_factory=list)
+    searched: list[int] = field(default_factory=list)
+
+
+class TrafficSample:
+    """Impostor scores of the node's own searches, by the fingers compared (see the module
+    docstring): the newest ``max_searches`` searches per finger count."""
+
+    def __init__(self, policy: LearningPolicy) -> None:
+        self.policy = policy
+        self._by_fingers = [_Searches() for _ in range(10)]
+        self._lock = threading.Lock()
+
+    def add(self, fingers: int, impostors: FloatArray, kth: float, searched: int) -> None:
+        """One search comparing ``fingers`` fingers: the fused scores of the candidates it
+        returned that are taken for impostors, the score of its ``k``-th candidate (-inf when
+        it returned fewer than ``k``: then every subject above any level was returned), and
+        the subjects it searched."""
+        if not 1 <= fingers <= 10 or searched < 1:
+            return
+        with self._lock:
+            kept = self._by_fingers[fingers - 1]
+            kept.scores.append(np.asarray(impostors, np.float64))
+            kept.kth.append(float(kth))
+            kept.searched.append(int(searched))
+            if len(kept.kth) > self.policy.max_searches:
+                del kept.scores[0], kept.kth[0], kept.searched[0]
+
+    def searches(self, fingers: int) -> int:
+        return len(self._by_fingers[fingers - 1].kth)
+
+    def tail(self, fingers: int, below: TailModel) -> TailModel:
+        """The impostor tail of the searches comparing ``fingers`` fingers, its body below the
+        fitted tail taken from ``below`` (the gallery's or the current tail); CalibrationError
+        when they are too few."""
+        with self._lock:
+            kept = self._by_fingers[fingers - 1]
+            kth, searched = np.array(kept.kth), np.array(kept.searched, np.float64)
+            scores = list(kept.scores)
+        if kth.size < self.policy.min_searches:
+            raise CalibrationError(
+                f"{kth.size} searches on {fingers} fingers are too few: need {self.policy.min_searches}"
+            )
+        start = float(np.quantile(kth, 0.9))
+        complete = np.flatnonzero(kth < start)
+        excess = np.concatenate([scores[i][scores[i] >= start] for i in complete] or [np.zeros(0)]) - start
+        pairs = float(searched[complete].sum())
+        if excess.size < self.policy.min_exceedances or pairs <= excess.size:
+            raise CalibrationError(
+                f"{excess.size} impostor scores of {fingers}-finger searches above {start:.2f}: "
+                f"need {self.policy.min_exceedances}"
+            )
+        rate = excess.size / pairs
+        scale, shape = fit_gpd(excess)
+        body = [(s, r) for s, r in below.body if s < start and r > rate]
+        if not body:
+            body = [(start - scale, min(0.5, rate * math.e))]
+        return TailModel(
+            body=[*body, (start, rate)],
+            exceedance=rate,
+            threshold=start,
+            scale=scale,
+            shape=shape,
+            pairs=int(pairs),
+            tail_pairs=int(excess.size),
+        )
 
 
 def learn_tails(sample: ImpostorSample, policy: LearningPolicy) -> list[TailModel]:

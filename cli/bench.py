@@ -293,9 +293,16 @@ def operating_point(
         int | None, typer.Option(help="most non-mated probes to search (default: all)")
     ] = None,
     device: Annotated[str, typer.Option(help="the node's torch device")] = "auto",
+    traffic_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=0.9, help="share of the probes searched first, as traffic the node learns from"
+        ),
+    ] = 0.5,
 ) -> None:
     """What a real node decides on a labelled data set at its own thresholds: FNIR and FPIR at hit
-    and review, after it learned from its gallery, beside the prior calibration's."""
+    and review, after it learned from its gallery and a first share of the searches, counted on
+    the rest, beside the prior calibration's."""
     import asyncio
 
     from bench.operating_point import OperatingPointConfig, run_operating_point
@@ -307,6 +314,7 @@ def operating_point(
         mated=mated,
         nonmated=nonmated,
         device=device,
+        traffic_share=traffic_share,
     )
     with console.status("starting a node") as status:
         result = asyncio.run(run_operating_point(config, progress=lambda text: status.update(text)))

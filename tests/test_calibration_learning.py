@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.learning import ImpostorSample, LearningPolicy, adopt, learn_tails
+from calibration.learning import ImpostorSample, LearningPolicy, TrafficSample, adopt, learn_tails
 from calibration.tails import CalibrationError
 from calibration.thresholds import Thresholds, calibrated_thresholds
 from fedprint.clients import enroll
@@ -109,6 +109,22 @@ def test_any_learned_calibration_is_monotone(seed: int, shift: float, size: int)
     sample = sample_of(impostor_llrs(rng, 25_000, shift=shift), 300, rng)
     adopted = adopt(PRIOR, PRIOR, learn_tails(sample, POLICY), size, POLICY, "test").thresholds
     assert adopted.problems() == []
+
+
+def test_searches_that_return_only_their_top_candidates_measure_the_impostor_tail() -> None:
+    # Impostor scores exponential above 0 (r(t) = e^-t): each search of 2,000 subjects returns
+    # its ten best; the traffic tail recovers r where no search returns every exceedance.
+    rng = np.random.default_rng(5)
+    traffic = TrafficSample(LearningPolicy(min_searches=500))
+    for _ in range(800):
+        scores = np.sort(rng.exponential(1.0, 2000))[::-1][:10]
+        traffic.add(10, scores, kth=float(scores[-1]), searched=2000)
+    tail = traffic.tail(10, below=PRIOR.tail(10))  # type: ignore[arg-type]
+    for rate in (1e-4, 1e-5, 1e-6):
+        t = -np.log(rate)
+        assert rate / 2 < tail.rate(t) < rate * 2, (rate, tail.rate(t))
+    with pytest.raises(CalibrationError, match="searches on 3 fingers are too few"):
+        traffic.tail(3, below=PRIOR.tail(3))  # type: ignore[arg-type]
 
 
 def enlarged(population_entries: list[GalleryEntry], copies: int) -> list[GalleryEntry]:

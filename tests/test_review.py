@@ -42,15 +42,20 @@ async def in_review(federation: Federation, sample: SyntheticBooking) -> bk.Book
     return decision
 
 
-@pytest.fixture
-async def reviewing(federation: Federation) -> Federation:
-    """The federation with an IDENT node whose hit threshold no one reaches: every IDENT mate
-    lands in the review band (non-mates stay below it)."""
-    await federation.ident.stop(0)
+async def review_band_for_every_mate(federation: Federation, node: str) -> Federation:
+    """``federation`` with ``node`` restarted on a hit threshold no one reaches: every mate of
+    that node lands in the review band (non-mates stay below it)."""
+    await getattr(federation, node).stop(0)
     # Fused scores are log-likelihood ratios: ten-print mates sum far above 0, non-mates far below.
     thresholds = Thresholds(hit=1e6, review=0.0, source="test: review band for every mate")
-    await federation.restart_node("ident", thresholds=thresholds)
+    await federation.restart_node(node, thresholds=thresholds)
     return federation
+
+
+@pytest.fixture
+async def reviewing(federation: Federation) -> Federation:
+    """The federation with every IDENT mate in the review band."""
+    return await review_band_for_every_mate(federation, "ident")
 
 
 async def test_a_confirmed_review_notifies_ice_once_and_a_rejected_one_not_at_all(
@@ -238,12 +243,8 @@ async def test_reviews_waiting_too_long_are_reported_overdue(
 
 @pytest.fixture
 async def iafis_reviewing(federation: Federation) -> Federation:
-    """The federation with an IAFIS node whose hit threshold no one reaches: every IAFIS mate
-    lands in the review band."""
-    await federation.iafis.stop(0)
-    thresholds = Thresholds(hit=1e6, review=0.0, source="test: review band for every mate")
-    await federation.restart_node("iafis", thresholds=thresholds)
-    return federation
+    """The federation with every IAFIS mate in the review band."""
+    return await review_band_for_every_mate(federation, "iafis")
 
 
 async def test_a_borderline_iafis_match_counts_only_once_an_examiner_confirms_it(

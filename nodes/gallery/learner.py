@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +26,18 @@ import numpy.typing as npt
 import structlog
 import torch
 
-from calibration.learning import Adoption, ImpostorSample, LearningPolicy, adopt, learn_tails
+from calibration.learning import (
+    Adoption,
+    ImpostorSample,
+    LearningPolicy,
+    TrafficSample,
+    adopt,
+    learn_tails,
+)
 from calibration.tails import CalibrationError
-from calibration.thresholds import Thresholds, calibration_digest
+from calibration.thresholds import TailModel, Thresholds, calibration_digest
 from gpu_kernels.fusion import score_tenprints
-from nodes.gallery.gallery import FullTier, Gallery
+from nodes.gallery.gallery import FullTier, Gallery, SearchResult
 from nodes.gallery.store import CalibrationUpdate, GalleryStore
 
 log = structlog.get_logger(__name__)
@@ -67,6 +75,7 @@ class CalibrationLearner:
         self.digest = prior_digest(prior, policy)
         self.current = prior
         self.sample = ImpostorSample()
+        self.traffic = TrafficSample(policy)
         self.updates = 0
         self._drawn: list[str] = []
         self._rng = np.random.default_rng(policy.seed)
@@ -103,13 +112,9 @@ class CalibrationLearner:
         if self._stopping.is_set():
             return LearningPass(0, None, "the node is stopping")
         added = sum(self.sample.pairs(f) for f in range(1, 11)) - before
+        pairs = self.sample.pairs(10)
         try:
-            tails = learn_tails(self.sample, self.policy)
-            pairs = self.sample.pairs(10)
-            source = (
-                f"learned from {pairs} impostor pairs of {len(self.sample.subjects)} enrolled subjects "
-                f"({len(self.sample.duplicates)} suspected duplicates left out); prior: {self.prior.source}"
-            )
+            tails, source = self._tails()
             adoption = adopt(self.prior, self.current, tails, size, self.policy, source)
         except CalibrationError as why:
             log.info("calibration not learned yet", reason=str(why), pairs_added=added)
@@ -148,6 +153,55 @@ class CalibrationLearner:
             )
         return LearningPass(added, adoption)
 
+    def _tails(self) -> tuple[list[TailModel], str]:
+        """Per finger count the tail to move toward: the traffic's where it has enough evidence,
+        else the gallery's, else the current one (see :mod:`calibration.learning`); and the
+        source that says what they rest on. CalibrationError when neither source has enough."""
+        try:
+            gallery: list[TailModel] | None = learn_tails(self.sample, self.policy)
+            why = ""
+        except CalibrationError as error:
+            gallery, why = None, str(error)
+        tails, from_traffic = [], []
+        for fingers in range(1, 11):
+            below = gallery[fingers - 1] if gallery else self.current.tail(fingers)
+            assert below is not None  # active: the calibration has tails
+            try:
+                tails.append(self.traffic.tail(fingers, below))
+                from_traffic.append(fingers)
+            except CalibrationError:
+                tails.append(below)
+        if gallery is None and not from_traffic:
+            raise CalibrationError(why)
+        parts = []
+        if from_traffic:
+            searches = sum(self.traffic.searches(f) for f in from_traffic)
+            parts.append(f"{searches} searches ({_counts(from_traffic)} fingers)")
+        if gallery is not None and len(from_traffic) < 10:
+            parts.append(
+                f"{self.sample.pairs(10)} impostor pairs of {len(self.sample.subjects)} enrolled subjects "
+                f"({len(self.sample.duplicates)} suspected duplicates left out)"
+            )
+        return tails, f"learned from {' and '.join(parts)}; prior: {self.prior.source}"
+
+    def observe(self, results: Sequence[SearchResult], fingers: Sequence[int], k: int) -> None:
+        """Adds the node's searches to the traffic sample: per probe (comparing ``fingers[i]``
+        fingers), the fused scores of the candidates compared on all of them, less the one it
+        decided a HIT (it may be the mate), and its ``k``-th score when it returned ``k``."""
+        if not self.active:
+            return
+        for result, probe_fingers in zip(results, fingers, strict=True):
+            matches = result.matches
+            if not matches:
+                continue
+            scores = np.array([m.fused for m in matches if len(m.finger_scores) == probe_fingers])
+            kth = matches[-1].fused if len(matches) >= k else -np.inf
+            best = max(matches, key=lambda m: m.fused)
+            hit = self.current.for_gallery(result.searched, len(best.finger_scores)).hit
+            if best.fused >= hit and scores.size:
+                scores = scores[scores != best.fused]
+            self.traffic.add(probe_fingers, scores, kth, result.searched)
+
     def _score(self, ids: tuple[str, ...], full: FullTier, probes: npt.NDArray[np.int64]) -> None:
         """Scores ``probes`` (gallery rows) against the candidates and adds the impostor pairs."""
         device, params = self.gallery.device, self.gallery.params
@@ -180,3 +234,14 @@ class CalibrationLearner:
                 keep = drawn_at[rows][None, :] > drawn_at[batch][:, None]
                 p, c = np.nonzero(keep)
                 self.sample.add(llr[p, c], batch[p], rows[c], ids, self.prior, self._rng)
+
+
+def _counts(fingers: list[int]) -> str:
+    """``[1, 2, 3, 10]`` as "1-3, 10"."""
+    runs: list[list[int]] = []
+    for f in fingers:
+        if runs and f == runs[-1][-1] + 1:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)

@@ -180,6 +180,8 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
                         retry_after_s=full.retry_after_s,
                     )
                 )
+        if not request.subject_ids:  # a search of the whole gallery is traffic to learn from
+            self.learner.observe(results, [len(d.templates.fingers) for d in decoded], k)
         judged = [
             [self._candidate(m, d, plan, size) for m in r.matches]
             for r, d in zip(results, decoded, strict=True)

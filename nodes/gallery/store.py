@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Generic
 
@@ -321,18 +321,7 @@ class GalleryStore(Generic[RecordT]):
     def record_calibration(self, update: CalibrationUpdate) -> None:
         """Appends a learned calibration (see :class:`CalibrationUpdateRow`)."""
         with self._sessions.begin() as session:
-            session.add(
-                CalibrationUpdateRow(
-                    at=update.at,
-                    prior=update.prior,
-                    gallery_size=update.gallery_size,
-                    subjects=update.subjects,
-                    pairs=update.pairs,
-                    duplicates=update.duplicates,
-                    thresholds=update.thresholds,
-                    moves=json.dumps(update.moves),
-                )
-            )
+            session.add(CalibrationUpdateRow(**{**asdict(update), "moves": json.dumps(update.moves)}))
 
     def calibration_updates(self, prior: str, limit: int = 100) -> list[CalibrationUpdate]:
         """The calibrations learned under ``prior``, newest first."""
@@ -345,13 +334,7 @@ class GalleryStore(Generic[RecordT]):
             )
             return [
                 CalibrationUpdate(
-                    at=r.at,
-                    prior=r.prior,
-                    gallery_size=r.gallery_size,
-                    subjects=r.subjects,
-                    pairs=r.pairs,
-                    duplicates=r.duplicates,
-                    thresholds=r.thresholds,
+                    **{f.name: getattr(r, f.name) for f in fields(CalibrationUpdate) if f.name != "moves"},
                     moves=[float(m) for m in json.loads(r.moves)],
                 )
                 for r in rows
