@@ -6,9 +6,9 @@ starts a gallery node (the shared server, mutual TLS on loopback, a development 
 enrols every gallery capture of DATA through ``Enroll`` as ``fedprint enroll`` does, lets the
 node learn its thresholds from that gallery (``--learning-passes`` passes of
 :class:`nodes.gallery.learner.CalibrationLearner`, as the node's background task makes them),
-searches a first share of the probes (``--traffic-share``, half by default) through ``Identify``
-as the coordinator does, lets the node learn from those searches too (traffic), then searches the
-rest and counts what the node decided on them (the first share is reported apart):
+and, with ``--traffic-share``, searches a first share of the probes and lets the node learn from
+those searches too (``LearningPolicy.from_traffic``); then searches the rest (all of them without
+traffic) through ``Identify`` as the coordinator does and counts what the node decided:
 
 - FNIR at the hit threshold (the mate is the node's rank-1 candidate and a HIT) and at the
   review threshold (rank 1, at least REVIEW), with 95 % Wilson intervals;
@@ -70,7 +70,7 @@ class OperatingPointConfig:
     device: str = "auto"
     #: Share of the mated and of the non-mated probes searched first, as traffic the node learns
     #: from before the rest are searched and counted (0: no traffic; every probe counted).
-    traffic_share: float = 0.5
+    traffic_share: float = 0.0
     #: Learning passes after the traffic (each moves a threshold ``max_step`` at most).
     traffic_passes: int = 2
 
@@ -202,7 +202,10 @@ async def run_operating_point(config: OperatingPointConfig, progress: Any = None
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedprint-operating-")))
         pki = issue_dev_pki(root / "pki", oris=[])
         # The background task stays idle (interval far away): the bench makes the passes itself.
-        policy = config.policy.model_copy(update={"interval_s": 1e9})
+        # Traffic searched first is learned from (policy.from_traffic), else it is not searched.
+        policy = config.policy.model_copy(
+            update={"interval_s": 1e9, "from_traffic": config.policy.from_traffic or config.traffic_share > 0}
+        )
         node_config = NodeConfig(
             node="iafis",
             data_dir=root / "node",

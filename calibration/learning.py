@@ -29,14 +29,19 @@ How the sample is drawn, and why:
 
 The searches themselves (traffic, :class:`TrafficSample`) are the probes' own distribution, plain
 and rolled as they come. Every candidate a search returns is an impostor of that probe, except a
-mate; the one candidate a search decided a HIT is left out (it may be the mate; a mate below the
-hit threshold stays in, which errs on the safe side). A search returns only its top ``k``, so it
+mate; a best candidate that stands far apart from the second is taken for the mate and left out
+(:meth:`nodes.gallery.learner.CalibrationLearner.observe` says how far, and why not "every
+HIT"). A search returns only its top ``k``, so it
 tells how many impostors scored above a level only where its ``k``-th candidate scored below that
 level: the tail is fitted peaks-over-threshold above a level ``u`` that nine searches in ten
 complete (their ``k``-th candidate below it), with ``r(u)`` = the exceedances of those searches
-over the subjects they searched. How the two sources combine: per finger count, a traffic tail
-with enough evidence (``min_searches`` searches and ``min_exceedances`` exceedances) replaces
-the gallery's; below that, the gallery's stands; without either, the current one. The
+over the subjects they searched. How the two sources combine (``from_traffic``): per finger
+count, a traffic tail with enough evidence (``min_searches`` searches and ``min_exceedances``
+exceedances) replaces the gallery's; below that, the gallery's stands; without either, the
+current one. It is off by default, because measured it errs far on the safe side: a mate the
+matcher scores weakly does not stand apart from the impostors, stays in, and fattens the tail
+(on the ``sparse`` preset, with one mate in six below the hit threshold, the ten-finger hit
+threshold rose from 0.13 to 4.76 where the set's own non-mated searches put it near -3.6). The
 shortlist is assumed to keep the impostors that matter (a high impostor it dropped would make
 the traffic tail a little light; its mate recall, 97-99.9 %, bounds how often).
 
@@ -96,6 +101,11 @@ class LearningPolicy(BaseModel):
     )
     max_above_prior: float = Field(
         default=10.0, ge=0.0, description="highest a threshold goes, above the prior calibration's"
+    )
+    from_traffic: bool = Field(
+        default=False,
+        description="let tails from the node's own searches replace the gallery's (off: weak mates "
+        "among the searches fatten them; see docs/accuracy.md)",
     )
     min_searches: int = Field(
         default=500, ge=10, description="fewest searches of a finger count its traffic tail rests on"
@@ -206,6 +216,11 @@ class TrafficSample:
 
     def searches(self, fingers: int) -> int:
         return len(self._by_fingers[fingers - 1].kth)
+
+    def impostors(self, fingers: int) -> list[FloatArray]:
+        """The impostor scores kept of each search comparing ``fingers`` fingers, oldest first."""
+        with self._lock:
+            return list(self._by_fingers[fingers - 1].scores)
 
     def tail(self, fingers: int, below: TailModel) -> TailModel:
         """The impostor tail of the searches comparing ``fingers`` fingers, its body below the

@@ -296,9 +296,11 @@ def operating_point(
     traffic_share: Annotated[
         float,
         typer.Option(
-            min=0.0, max=0.9, help="share of the probes searched first, as traffic the node learns from"
+            min=0.0,
+            max=0.9,
+            help="share of the probes searched first, as traffic the node learns from (0: none)",
         ),
-    ] = 0.5,
+    ] = 0.0,
 ) -> None:
     """What a real node decides on a labelled data set at its own thresholds: FNIR and FPIR at hit
     and review, after it learned from its gallery and a first share of the searches, counted on

@@ -25,7 +25,13 @@ async def test_the_operating_point_counts_what_the_node_decided(tmp_path: Path) 
         min_exceedances=20,
     )
     config = OperatingPointConfig(
-        data=data, shortlist=30, learning_passes=2, policy=policy, device="cpu", traffic_passes=1
+        data=data,
+        shortlist=30,
+        learning_passes=2,
+        policy=policy,
+        device="cpu",
+        traffic_share=0.5,
+        traffic_passes=1,
     )
     report = await run_operating_point(config)
 

@@ -22,6 +22,10 @@ from fedprint.pki import TlsFiles
 from fedprint.rpc import open_channel
 from launcher.services import build_node
 from nodes.gallery.config import NodeConfig
+from nodes.gallery.gallery import Gallery, Match, SearchResult, resolve_device
+from nodes.gallery.learner import CalibrationLearner
+from nodes.gallery.store import GalleryStore
+from nodes.iafis.records import CriminalHistoryStore
 from synthetic.population import GalleryEntry, generate_population
 
 PRIOR = calibrated_thresholds()
@@ -125,6 +129,25 @@ def test_searches_that_return_only_their_top_candidates_measure_the_impostor_tai
         assert rate / 2 < tail.rate(t) < rate * 2, (rate, tail.rate(t))
     with pytest.raises(CalibrationError, match="searches on 3 fingers are too few"):
         traffic.tail(3, below=PRIOR.tail(3))  # type: ignore[arg-type]
+
+
+def test_a_best_candidate_far_above_the_rest_is_taken_for_the_mate(tmp_path: Path) -> None:
+    """Traffic: a mate (hit or not) stands far apart from the impostors below it and is left
+    out; the best of a search that holds only impostors is an impostor, and stays in."""
+    store = GalleryStore(f"sqlite:///{tmp_path / 'g.sqlite'}", CriminalHistoryStore())
+    learner = CalibrationLearner(
+        Gallery(resolve_device("cpu")), store, PRIOR, LearningPolicy(from_traffic=True)
+    )
+    ten = {position: 0.1 for position in range(1, 11)}
+
+    def search(*scores: float) -> SearchResult:
+        return SearchResult([Match(f"UCN-{i}", s, ten, {}) for i, s in enumerate(scores)], 2000, 200)
+
+    # A mate below any hit threshold, but far above the impostors; then a search of strangers.
+    learner.observe([search(-1.0, -14.0, -15.0), search(-13.5, -14.0, -15.0)], [10, 10], k=3)
+    kept = [sorted(scores.tolist()) for scores in learner.traffic.impostors(10)]
+    assert kept == [[-15.0, -14.0], [-15.0, -14.0, -13.5]]
+    store.close()
 
 
 def enlarged(population_entries: list[GalleryEntry], copies: int) -> list[GalleryEntry]:

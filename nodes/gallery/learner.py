@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from nodes.gallery.store import CalibrationUpdate, GalleryStore
 
 log = structlog.get_logger(__name__)
 
+#: How many tail scales the best candidate must stand above the second to be taken for a mate
+#: (ln 1000: an exponential tail's two best impostors are that far apart once in 1,000 searches).
+MATE_GAP = math.log(1000.0)
 #: Pseudo-probes scored in one device call, and candidates gathered onto the device at a time.
 _PROBES, _CANDIDATES = 16, 2048
 
@@ -167,6 +171,8 @@ class CalibrationLearner:
             below = gallery[fingers - 1] if gallery else self.current.tail(fingers)
             assert below is not None  # active: the calibration has tails
             try:
+                if not self.policy.from_traffic:
+                    raise CalibrationError("learning from traffic is off")
                 tails.append(self.traffic.tail(fingers, below))
                 from_traffic.append(fingers)
             except CalibrationError:
@@ -186,20 +192,26 @@ class CalibrationLearner:
 
     def observe(self, results: Sequence[SearchResult], fingers: Sequence[int], k: int) -> None:
         """Adds the node's searches to the traffic sample: per probe (comparing ``fingers[i]``
-        fingers), the fused scores of the candidates compared on all of them, less the one it
-        decided a HIT (it may be the mate), and its ``k``-th score when it returned ``k``."""
-        if not self.active:
+        fingers), the fused scores of the candidates compared on all of them, and its ``k``-th
+        score when it returned ``k``. The best candidate is left out when it stands apart from
+        the second (:data:`MATE_GAP` tail scales above it): a mate, hit or not, does, and an
+        impostor's maximum almost never does (with an exponential tail the gap between the two
+        best impostors exceeds it once in a thousand searches). Leaving out every HIT instead
+        would keep the mates below the hit threshold, whose scores fatten the tail, raise the
+        thresholds and so keep more mates below them."""
+        if not (self.active and self.policy.from_traffic):
             return
         for result, probe_fingers in zip(results, fingers, strict=True):
             matches = result.matches
-            if not matches:
+            tail = self.current.tail(probe_fingers)
+            if not matches or tail is None:
                 continue
-            scores = np.array([m.fused for m in matches if len(m.finger_scores) == probe_fingers])
-            kth = matches[-1].fused if len(matches) >= k else -np.inf
-            best = max(matches, key=lambda m: m.fused)
-            hit = self.current.for_gallery(result.searched, len(best.finger_scores)).hit
-            if best.fused >= hit and scores.size:
-                scores = scores[scores != best.fused]
+            ordered = np.sort(np.array([m.fused for m in matches]))[::-1]
+            compared = np.array([len(m.finger_scores) == probe_fingers for m in matches])
+            scores = np.array([m.fused for m in matches])[compared]
+            kth = float(ordered[-1]) if len(matches) >= k else -np.inf
+            if len(ordered) > 1 and ordered[0] - ordered[1] > MATE_GAP * tail.scale:
+                scores = scores[scores < ordered[0]]
             self.traffic.add(probe_fingers, scores, kth, result.searched)
 
     def _score(self, ids: tuple[str, ...], full: FullTier, probes: npt.NDArray[np.int64]) -> None:
