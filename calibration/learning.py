@@ -116,6 +116,9 @@ class LearningPolicy(BaseModel):
     max_searches: int = Field(
         default=200_000, ge=100, description="searches kept per finger count (the newest)"
     )
+    max_pairs: int = Field(
+        default=2_000_000, ge=1000, description="gallery pairs kept per finger count (the newest)"
+    )
     seed: int = 0
 
 
@@ -131,8 +134,10 @@ class Duplicate:
 
 @dataclass
 class ImpostorSample:
-    """Fused impostor scores of gallery pairs, by fingers compared (1-10), and what was left out."""
+    """Fused impostor scores of gallery pairs, by fingers compared (1-10), and what was left out;
+    at most ``max_pairs`` per finger count, the newest (a node learns for as long as it runs)."""
 
+    max_pairs: int = 2_000_000
     sums: list[list[FloatArray]] = field(default_factory=lambda: [[] for _ in range(10)])
     subjects: set[str] = field(default_factory=set)
     duplicates: list[Duplicate] = field(default_factory=list)
@@ -170,7 +175,10 @@ class ImpostorSample:
             )
         for f, sums in enumerate(sums_by_fingers(llr[~duplicate], rng), start=1):
             if sums.size:
-                self.sums[f - 1].append(sums)
+                kept = self.sums[f - 1]
+                kept.append(sums)
+                while len(kept) > 1 and self.pairs(f) - kept[0].size >= self.max_pairs:
+                    kept.pop(0)
         self.subjects.update(names[int(r)] for r in np.unique(np.concatenate([first, second])))
 
 

@@ -97,6 +97,17 @@ def test_a_threshold_moves_at_most_the_bound_per_update_and_stays_near_the_prior
     assert max(abs(m) for m in settled.moves) < 1e-6
 
 
+def test_a_sample_keeps_the_newest_pairs_up_to_its_bound() -> None:
+    rng = np.random.default_rng(6)
+    sample = ImpostorSample(max_pairs=25_000)
+    names = [f"UCN-{i}" for i in range(100)]
+    for _ in range(5):
+        llr = impostor_llrs(rng, 10_000)
+        pairs = np.arange(10_000) % 100
+        sample.add(llr, pairs, (pairs + 1) % 100, names, PRIOR, rng)
+    assert 25_000 <= sample.pairs(1) < 35_000  # the oldest batches were dropped, whole
+
+
 def test_too_little_evidence_is_not_learned_from() -> None:
     rng = np.random.default_rng(4)
     with pytest.raises(CalibrationError, match="subjects are too few"):

@@ -78,7 +78,7 @@ class CalibrationLearner:
         self.policy = policy
         self.digest = prior_digest(prior, policy)
         self.current = prior
-        self.sample = ImpostorSample()
+        self.sample = ImpostorSample(max_pairs=policy.max_pairs)
         self.traffic = TrafficSample(policy)
         self.updates = 0
         self._drawn: list[str] = []
