@@ -111,11 +111,18 @@ class CalibrationLearner:
         drawn = set(self._drawn)
         fresh = np.array([r for r, s in enumerate(ids) if s not in drawn], dtype=np.int64)
         probes = self._rng.permutation(fresh)[: self.policy.probe_subjects]
-        before = sum(self.sample.pairs(f) for f in range(1, 11))
-        self._score(ids, full, probes)
+        seen = len(self.sample.duplicates)
+        added = self._score(ids, full, probes)
         if self._stopping.is_set():
             return LearningPass(0, None, "the node is stopping")
-        added = sum(self.sample.pairs(f) for f in range(1, 11)) - before
+        for dup in self.sample.duplicates[seen:]:
+            log.warning(
+                "suspected duplicate enrolment",
+                first=dup.first,
+                second=dup.second,
+                score=round(dup.score, 2),
+                fingers=dup.fingers,
+            )
         pairs = self.sample.pairs(10)
         try:
             tails, source = self._tails()
@@ -123,6 +130,8 @@ class CalibrationLearner:
         except CalibrationError as why:
             log.info("calibration not learned yet", reason=str(why), pairs_added=added)
             return LearningPass(added, None, str(why))
+        if self.updates and max(abs(m) for m in adoption.moves) < 1e-3:
+            return LearningPass(added, None, "the learned thresholds are where the node's are")
         self.store.record_calibration(
             CalibrationUpdate(
                 at=dt.datetime.now(dt.UTC),
@@ -147,14 +156,6 @@ class CalibrationLearner:
             moves=[round(m, 2) for m in adoption.moves],
             held_by_bounds=sum(adoption.held),
         )
-        for dup in self.sample.duplicates[-20:]:
-            log.warning(
-                "suspected duplicate enrolment",
-                first=dup.first,
-                second=dup.second,
-                score=round(dup.score, 2),
-                fingers=dup.fingers,
-            )
         return LearningPass(added, adoption)
 
     def _tails(self) -> tuple[list[TailModel], str]:
@@ -214,8 +215,10 @@ class CalibrationLearner:
                 scores = scores[scores < ordered[0]]
             self.traffic.add(probe_fingers, scores, kth, result.searched)
 
-    def _score(self, ids: tuple[str, ...], full: FullTier, probes: npt.NDArray[np.int64]) -> None:
-        """Scores ``probes`` (gallery rows) against the candidates and adds the impostor pairs."""
+    def _score(self, ids: tuple[str, ...], full: FullTier, probes: npt.NDArray[np.int64]) -> int:
+        """Scores ``probes`` (gallery rows) against the candidates and adds the impostor pairs;
+        returns how many pairs it added."""
+        added = 0
         device, params = self.gallery.device, self.gallery.params
         size = len(ids)
         earlier = {s: i for i, s in enumerate(self._drawn)}
@@ -232,7 +235,7 @@ class CalibrationLearner:
             candidates = np.sort(self._rng.choice(size, self.policy.max_candidates, replace=False))
         for lo in range(0, len(probes), _PROBES):
             if self._stopping.is_set():
-                return
+                return added
             batch = probes[lo : lo + _PROBES]
             probe_cylinders = full.select(batch, device, params)
             for clo in range(0, len(candidates), _CANDIDATES):
@@ -246,6 +249,8 @@ class CalibrationLearner:
                 keep = drawn_at[rows][None, :] > drawn_at[batch][:, None]
                 p, c = np.nonzero(keep)
                 self.sample.add(llr[p, c], batch[p], rows[c], ids, self.prior, self._rng)
+                added += len(p)
+        return added
 
 
 def _counts(fingers: list[int]) -> str:
