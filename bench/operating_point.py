@@ -48,6 +48,7 @@ from fedprint.rpc import open_channel
 from launcher.services import build_node
 from minutiae.dataset import CaptureRef, capture_refs
 from nodes.gallery.config import NodeConfig, ShortlistConfig
+from nodes.gallery.learner import LearningPass
 
 #: Probes per Identify call, and calls in flight (the node batches them on its device).
 _PER_CALL, _IN_FLIGHT = 8, 2
@@ -189,6 +190,12 @@ async def _search(
     return searches
 
 
+def _report(done: LearningPass) -> dict[str, Any]:
+    """One learning pass as the report lists it."""
+    moved = [round(m, 3) for m in done.adoption.moves] if done.adoption else []
+    return {"pairs_added": done.pairs, "moved": moved, "why_not": done.why_not}
+
+
 async def run_operating_point(config: OperatingPointConfig, progress: Any = None) -> dict[str, Any]:
     """Runs the bench; returns the report ``--json`` writes."""
     say = progress or (lambda text: None)
@@ -231,14 +238,7 @@ async def run_operating_point(config: OperatingPointConfig, progress: Any = None
             started = time.perf_counter()
             for i in range(config.learning_passes):
                 say(f"learning from the gallery: pass {i + 1} of {config.learning_passes}")
-                done = await asyncio.to_thread(learner.learn)
-                passes.append(
-                    {
-                        "pairs_added": done.pairs,
-                        "moved": [round(m, 3) for m in done.adoption.moves] if done.adoption else [],
-                        "why_not": done.why_not,
-                    }
-                )
+                passes.append(_report(await asyncio.to_thread(learner.learn)))
             learn_s = time.perf_counter() - started
             first_mated = mated[: round(config.traffic_share * len(mated))]
             first_nonmated = nonmated[: round(config.traffic_share * len(nonmated))]
@@ -257,15 +257,7 @@ async def run_operating_point(config: OperatingPointConfig, progress: Any = None
                 )
                 for i in range(config.traffic_passes):
                     say(f"learning from the gallery and the traffic: pass {i + 1} of {config.traffic_passes}")
-                    done = await asyncio.to_thread(learner.learn)
-                    passes.append(
-                        {
-                            "pairs_added": done.pairs,
-                            "moved": [round(m, 3) for m in done.adoption.moves] if done.adoption else [],
-                            "why_not": done.why_not,
-                            "after_traffic": True,
-                        }
-                    )
+                    passes.append(_report(await asyncio.to_thread(learner.learn)) | {"after_traffic": True})
             rest = [*mated[len(first_mated) :], *nonmated[len(first_nonmated) :]]
             say(f"searching {len(rest)} probes")
             started = time.perf_counter()

@@ -81,7 +81,8 @@ class CalibrationLearner:
         self.sample = ImpostorSample(max_pairs=policy.max_pairs)
         self.traffic = TrafficSample(policy)
         self.updates = 0
-        self._drawn: list[str] = []
+        #: Each subject drawn as a pseudo-probe, and when (its place in the order of draws).
+        self._drawn_at: dict[str, int] = {}
         self._rng = np.random.default_rng(policy.seed)
         self._stopping = threading.Event()
         if self.active:
@@ -108,11 +109,13 @@ class CalibrationLearner:
         if full is None or size < self.policy.min_subjects:
             needed = self.policy.min_subjects
             return LearningPass(0, None, f"{size} subjects enrolled: need {needed} to learn")
-        drawn = set(self._drawn)
-        fresh = np.array([r for r, s in enumerate(ids) if s not in drawn], dtype=np.int64)
-        probes = self._rng.permutation(fresh)[: self.policy.probe_subjects]
+        never = np.iinfo(np.int64).max
+        drawn_at = np.array([self._drawn_at.get(s, never) for s in ids], dtype=np.int64)
+        probes = self._rng.permutation(np.flatnonzero(drawn_at == never))[: self.policy.probe_subjects]
+        drawn_at[probes] = len(self._drawn_at) + np.arange(len(probes))
+        self._drawn_at.update((ids[int(r)], int(drawn_at[r])) for r in probes)
         seen = len(self.sample.duplicates)
-        added = self._score(ids, full, probes)
+        added = self._score(ids, full, probes, drawn_at)
         if self._stopping.is_set():
             return LearningPass(0, None, "the node is stopping")
         for dup in self.sample.duplicates[seen:]:
@@ -207,29 +210,29 @@ class CalibrationLearner:
             tail = self.current.tail(probe_fingers)
             if not matches or tail is None:
                 continue
-            ordered = np.sort(np.array([m.fused for m in matches]))[::-1]
+            fused = np.array([m.fused for m in matches])
+            ordered = np.sort(fused)[::-1]
             compared = np.array([len(m.finger_scores) == probe_fingers for m in matches])
-            scores = np.array([m.fused for m in matches])[compared]
+            scores = fused[compared]
             kth = float(ordered[-1]) if len(matches) >= k else -np.inf
             if len(ordered) > 1 and ordered[0] - ordered[1] > MATE_GAP * tail.scale:
                 scores = scores[scores < ordered[0]]
             self.traffic.add(probe_fingers, scores, kth, result.searched)
 
-    def _score(self, ids: tuple[str, ...], full: FullTier, probes: npt.NDArray[np.int64]) -> int:
+    def _score(
+        self,
+        ids: tuple[str, ...],
+        full: FullTier,
+        probes: npt.NDArray[np.int64],
+        drawn_at: npt.NDArray[np.int64],
+    ) -> int:
         """Scores ``probes`` (gallery rows) against the candidates and adds the impostor pairs;
-        returns how many pairs it added."""
+        returns how many pairs it added. ``drawn_at``: per gallery row, when it was drawn as a
+        pseudo-probe (never: the largest int64); a pair of two pseudo-probes counts once, from
+        the one drawn later."""
         added = 0
         device, params = self.gallery.device, self.gallery.params
         size = len(ids)
-        earlier = {s: i for i, s in enumerate(self._drawn)}
-        order = len(self._drawn)
-        self._drawn.extend(ids[int(r)] for r in probes)
-        # A pair of two pseudo-probes counts once: from the one drawn later.
-        drawn_at = np.full(size, np.iinfo(np.int64).max, dtype=np.int64)
-        for r, s in enumerate(ids):
-            if s in earlier:
-                drawn_at[r] = earlier[s]
-        drawn_at[probes] = order + np.arange(len(probes))
         candidates = np.arange(size)
         if size > self.policy.max_candidates:
             candidates = np.sort(self._rng.choice(size, self.policy.max_candidates, replace=False))
