@@ -161,7 +161,7 @@ async def settle(coordinator: str, admin: TlsFiles, timeout_s: float) -> tuple[b
     """Waits until the coordinator has nothing left to do (no incomplete booking, no retry, no
     undelivered notification) or ``timeout_s`` passes; returns (settled, seconds waited)."""
     started = time.monotonic()
-    async with open_channel(coordinator, admin) as channel:
+    async with open_channel(coordinator, admin, server="coordinator") as channel:
         stub = bk_grpc.BookingServiceStub(channel)
         while True:
             try:
@@ -208,7 +208,7 @@ async def account(
     decisions: dict[str, bk.BookingDecision] = {}
     lost = 0
     for ori, tcns in tcns_by_ori.items():
-        async with open_channel(coordinator, agencies[ori]) as channel:
+        async with open_channel(coordinator, agencies[ori], server="coordinator") as channel:
             stub = bk_grpc.BookingServiceStub(channel)
             for tcn in tcns:
                 decision = await _decision(stub, tcn)
@@ -261,7 +261,7 @@ async def _list_level(
     address: str, identity: TlsFiles, level: rec.ThreatLevel.ValueType
 ) -> list[ice.ReceivedNotification]:
     """One threat level's notices (the queue is read a level at a time: one call returns 1000)."""
-    async with open_channel(address, identity) as channel:
+    async with open_channel(address, identity, server="ice") as channel:
         response = await ice_grpc.IceNotificationServiceStub(channel).ListNotifications(
             ice.ListNotificationsRequest(limit=_LIST_LIMIT, level=level), timeout=30
         )

@@ -50,7 +50,7 @@ async def _lost_decisions(address: str, bookings: list[bk.Booking], agencies: di
     """Bookings the coordinator has no decision for (each asked for by its own agency)."""
     lost = 0
     for ori, identity in agencies.items():
-        async with open_channel(address, identity) as channel:
+        async with open_channel(address, identity, server="coordinator") as channel:
             stub = bk_grpc.BookingServiceStub(channel)
             for booking in (b for b in bookings if b.ori == ori):
                 try:

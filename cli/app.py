@@ -102,6 +102,7 @@ def enroll(
                 on_progress=lambda n: progress.advance(task, n),
                 tls=tls,
                 insecure=insecure,
+                node=node.value,
             )
         )
     console.print(f"{node.value}: gallery holds {size} subjects")

@@ -179,7 +179,7 @@ async def _final(coordinator: str, submission: Submission, agencies: dict[str, T
     """A reviewed booking's decision as the coordinator holds it after the examiner's verdict."""
     assert submission.decision is not None
     ori = submission.decision.ori
-    async with open_channel(coordinator, agencies[ori]) as channel:
+    async with open_channel(coordinator, agencies[ori], server="coordinator") as channel:
         decision = await bk_grpc.BookingServiceStub(channel).GetDecision(
             bk.GetDecisionRequest(tcn=submission.tcn), timeout=10
         )
@@ -244,8 +244,8 @@ async def run_demo(
             )
             with console.status("enrolling both galleries"):
                 await asyncio.gather(
-                    enroll(addresses["iafis"], population.iafis, tls=pki["admin"]),
-                    enroll(addresses["ident"], population.ident, tls=pki["admin"]),
+                    enroll(addresses["iafis"], population.iafis, tls=pki["admin"], node="iafis"),
+                    enroll(addresses["ident"], population.ident, tls=pki["admin"], node="ident"),
                 )
             partial = {
                 "lone": one_finger_booking(population.bookings),

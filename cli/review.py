@@ -120,7 +120,7 @@ def register(app: typer.Typer, console: Console) -> None:
     def stub_call(address: str, tls_dir: Path, insecure: bool, call: str, request: object) -> object:
         async def run() -> object:
             async with open_channel(
-                address, identity(tls_dir, "examiner", insecure), insecure=insecure
+                address, identity(tls_dir, "examiner", insecure), server="coordinator", insecure=insecure
             ) as ch:
                 return await getattr(rv_grpc.ReviewServiceStub(ch), call)(request, timeout=30)
 

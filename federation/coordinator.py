@@ -505,8 +505,13 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
     channels = [
         # No gRPC retries: a node that did not answer makes the decision incomplete, and the
         # coordinator retries the booking and the notice itself, durably.
-        open_channel(a, config.tls, insecure=config.insecure, retries=False)
-        for a in (config.iafis_address, config.ident_address, config.ice_address)
+        # Each address must answer with its own service's certificate (open_channel's server).
+        open_channel(a, config.tls, server=name, insecure=config.insecure, retries=False)
+        for name, a in (
+            ("iafis", config.iafis_address),
+            ("ident", config.ident_address),
+            ("ice", config.ice_address),
+        )
     ]
     outbox = OutboxDeliverer(
         store,

@@ -3,11 +3,18 @@ enforces both before a request is decoded.
 
 Every server of the federation runs :class:`AccessInterceptor` (``ServiceHost`` installs it).
 For each call it reads the peer's certificate from the TLS session, takes the role (and for an
-agency the ORI) from it (:func:`fedprint.pki.identity_of`), and looks the method up in
+agency the ORI) from it (:func:`fedprint.pki.identity_of`), refuses a certificate the CA revoked
+(:class:`fedprint.pki.RevocationList`, re-read when its file changes), and looks the method up in
 :data:`ACCESS`. A method missing from the table is refused (fail closed). A refusal is
 ``PERMISSION_DENIED``, logged as an ``access denied`` entry with the caller's certificate
 subject, role, ORI and address, and handed to the service's audit sink when it has one. Only
 then is the request decoded: an undecodable one is ``INVALID_ARGUMENT``, never a crash.
+
+Refusals are not free to ask for: each caller (its certificate, or its address without one) has a
+budget of refused calls (:class:`DenialLedger`); past it a refused call is ``RESOURCE_EXHAUSTED``
+with a retry delay. Repeats of one refusal (same caller, method, reason and TCN) within a window
+are one audit entry: the first at once, the others counted in a second entry when the window
+closes, so a caller cannot grow the audit trail by one row a call.
 
 Servicers learn the caller through :func:`current_caller` (an agency may only act for its own
 ORI) and refuse with :func:`deny`, which audits the same way.
@@ -15,6 +22,7 @@ ORI) and refuse with :func:`deny`, which audits the same way.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import time
@@ -28,7 +36,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from fedprint.pki import Identity, Role, identity_of
+from fedprint.pki import Identity, RevocationList, Role, identity_of
 
 log = structlog.get_logger(__name__)
 
@@ -91,18 +99,33 @@ class Caller:
         found = self.identity.describe() if self.identity else {"subject": "", "role": "", "ori": ""}
         return {**found, "peer": self.peer, "method": self.method}
 
+    def budget_key(self) -> str:
+        """Whose budget of refused calls this call spends: the certificate's (by serial, so that a
+        renewed certificate starts afresh and a revoked one keeps its own), else the peer's
+        address without its port (a new connection is not a new budget)."""
+        if self.identity is not None:
+            return f"serial:{self.identity.serial:x}"
+        return "peer:" + self.peer.rsplit(":", 1)[0]
+
 
 @dataclass(frozen=True)
 class Denial:
-    """A refused call, as audited."""
+    """A refused call, as audited; or, with ``count`` > 1, that many refusals of one kind."""
 
     caller: Caller
     reason: str
     #: The booking the call was about, when it named one.
     tcn: str = ""
+    #: How many refused calls the entry stands for: a window's repeats are one entry.
+    count: int = 1
+    #: The length of the window the repeats fell in (seconds), in a summary.
+    window_s: float = 0.0
 
     def fields(self) -> dict[str, str]:
-        return {**self.caller.describe(), "reason": self.reason, "tcn": self.tcn}
+        found = {**self.caller.describe(), "reason": self.reason, "tcn": self.tcn}
+        if self.count != 1:
+            found |= {"count": str(self.count), "window_s": f"{self.window_s:g}"}
+        return found
 
 
 #: Where a service keeps its denials besides the log (the coordinator: its audit trail).
@@ -133,6 +156,87 @@ class TokenBuckets:
         return (1.0 - tokens) / self.per_second
 
 
+#: The reason a refusal past the caller's budget is counted under (one entry per window).
+OVER_BUDGET = "over its budget of refused calls"
+
+
+@dataclass
+class _Window:
+    first: Denial
+    opened: float
+    repeats: int = 0
+
+
+class DenialLedger:
+    """Budgets of refused calls per caller, and repeated refusals folded into one audit entry.
+
+    ``per_second`` and ``burst`` bound each caller's refusals (:meth:`take`); :meth:`note` says which
+    entries to audit: a refusal unlike any in the last ``window_s`` at once; a repeat (same caller,
+    method, reason and TCN) only counted, and the count audited as one entry when its window closes
+    (:meth:`closed`). What one caller adds to the audit trail is then bounded by its budget and
+    the window, whatever it sends.
+    """
+
+    def __init__(
+        self,
+        per_second: float = 1.0,
+        burst: int = 30,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if window_s <= 0:
+            raise ValueError("a denial window needs window_s > 0")
+        self.budget = TokenBuckets(per_second, burst, clock)
+        self.window_s = window_s
+        self.clock = clock
+        # Insertion order is opening order: the oldest window is always first.
+        self._windows: dict[tuple[str, str, str, str], _Window] = {}
+        self.flusher: asyncio.Task[None] | None = None
+
+    def take(self, caller: Caller) -> float:
+        """Spends one of ``caller``'s refusals: 0.0 within budget, else seconds until there is one."""
+        return self.budget.take(caller.budget_key())
+
+    def note(self, denial: Denial) -> list[Denial]:
+        """Counts ``denial``; returns what to audit now: the summaries of windows that closed, and
+        ``denial`` itself unless it repeats one of an open window."""
+        now = self.clock()
+        due = self.closed(now)
+        key = (denial.caller.budget_key(), denial.caller.method, denial.reason, denial.tcn)
+        window = self._windows.get(key)
+        if window is not None:
+            window.repeats += 1
+            return due
+        self._windows[key] = _Window(denial, now)
+        return [*due, denial]
+
+    def closed(self, now: float | None = None) -> list[Denial]:
+        """Closes the windows that ended by ``now`` (all of them when None); the summaries of those
+        that counted repeats."""
+        summaries: list[Denial] = []
+        while self._windows:
+            key, window = next(iter(self._windows.items()))
+            if now is not None and window.opened + self.window_s > now:
+                break
+            del self._windows[key]
+            if window.repeats:
+                summaries.append(
+                    Denial(
+                        window.first.caller,
+                        window.first.reason,
+                        window.first.tcn,
+                        count=window.repeats,
+                        window_s=self.window_s,
+                    )
+                )
+        return summaries
+
+    def next_close(self) -> float | None:
+        """When the oldest window with repeats to report closes (clock time), None when none has."""
+        pending = [w.opened for w in self._windows.values() if w.repeats]
+        return min(pending) + self.window_s if pending else None
+
+
 @dataclass
 class AccessPolicy:
     """What a server's interceptor enforces."""
@@ -143,6 +247,18 @@ class AccessPolicy:
     #: Calls per agency ORI; None for no limit.
     rate_limit: TokenBuckets | None = None
     audit: AuditSink | None = None
+    #: The CA's revoked certificates (``ServiceHost`` sets it from ``tls.crl``); None: none.
+    revocation: RevocationList | None = None
+    #: Budgets of refused calls and their summaries in the audit trail.
+    denials: DenialLedger = field(default_factory=DenialLedger)
+
+    async def close(self) -> None:
+        """Audits the repeats still counted (a server stopping): no refusal goes unrecorded."""
+        flusher, self.denials.flusher = self.denials.flusher, None
+        if flusher is not None:
+            flusher.cancel()
+        for summary in self.denials.closed():
+            await _record(summary, self)
 
 
 @dataclass(frozen=True)
@@ -159,8 +275,7 @@ def current_caller() -> Caller:
     return _SCOPE.get().caller
 
 
-async def audit_denial(denial: Denial, policy: AccessPolicy) -> None:
-    """Logs a denial with the caller's identity and hands it to the service's audit sink."""
+async def _record(denial: Denial, policy: AccessPolicy) -> None:
     log.warning("access denied", audit=True, **denial.fields())
     if policy.audit is not None:
         try:
@@ -169,12 +284,49 @@ async def audit_denial(denial: Denial, policy: AccessPolicy) -> None:
             log.exception("could not record the denial in the audit trail", **denial.fields())
 
 
-async def deny(context: grpc.aio.ServicerContext[Any, Any], reason: str, *, tcn: str = "") -> NoReturn:
-    """Refuses the current call with PERMISSION_DENIED, audited with the caller's identity."""
-    scope = _SCOPE.get()
-    await audit_denial(Denial(scope.caller, reason, tcn), scope.policy)
-    await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+async def _summarise_when_due(policy: AccessPolicy) -> None:
+    """Audits each window's count of repeats when the window closes, while any is counting."""
+    ledger = policy.denials
+    while (due := ledger.next_close()) is not None:
+        await asyncio.sleep(max(0.0, due - ledger.clock()))
+        for summary in ledger.closed(ledger.clock()):
+            await _record(summary, policy)
+
+
+async def audit_denial(denial: Denial, policy: AccessPolicy) -> None:
+    """Logs a denial with the caller's identity and hands it to the service's audit sink; a repeat
+    of one in the current window is counted instead, and audited with its count when the window
+    closes (:class:`DenialLedger`)."""
+    for entry in policy.denials.note(denial):
+        await _record(entry, policy)
+    if policy.denials.next_close() is not None and (
+        policy.denials.flusher is None or policy.denials.flusher.done()
+    ):
+        policy.denials.flusher = asyncio.get_running_loop().create_task(_summarise_when_due(policy))
+
+
+async def refuse(
+    context: grpc.aio.ServicerContext[Any, Any], denial: Denial, policy: AccessPolicy
+) -> NoReturn:
+    """Ends a refused call: PERMISSION_DENIED, audited (:func:`audit_denial`); or, past the caller's
+    budget of refusals, RESOURCE_EXHAUSTED with a retry delay, counted under :data:`OVER_BUDGET`."""
+    wait = policy.denials.take(denial.caller)
+    if wait > 0.0:
+        await audit_denial(Denial(denial.caller, OVER_BUDGET), policy)
+        await context.abort_with_status(  # type: ignore[attr-defined]
+            _retry_status(wait, "too many refused calls from this caller; retry later")
+        )
+        raise AssertionError("abort returned")  # pragma: no cover
+    await audit_denial(denial, policy)
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, denial.reason)
     raise AssertionError("abort returned")  # pragma: no cover
+
+
+async def deny(context: grpc.aio.ServicerContext[Any, Any], reason: str, *, tcn: str = "") -> NoReturn:
+    """Refuses the current call with PERMISSION_DENIED, audited with the caller's identity (within
+    the caller's budget of refusals: :func:`refuse`)."""
+    scope = _SCOPE.get()
+    await refuse(context, Denial(scope.caller, reason, tcn), scope.policy)
 
 
 def _retry_status(seconds: float, message: str) -> grpc.Status:
@@ -243,6 +395,9 @@ class AccessInterceptor(_ServerInterceptor):
         reason = ""
         if identity is None:
             reason = "no client certificate"
+        elif self.policy.revocation is not None and self.policy.revocation.revoked(identity.serial):
+            # Before the table: a revoked certificate gets nothing, health checks included.
+            reason = f"the certificate (serial {identity.serial:x}) is revoked"
         elif identity.role is None:
             reason = "the certificate names no single known role"
         elif identity.role is Role.BOOKING_AGENCY and identity.ori is None:
@@ -252,8 +407,7 @@ class AccessInterceptor(_ServerInterceptor):
         elif identity.role not in allowed:
             reason = f"role {identity.role.value} may not call {method}"
         if reason:
-            await audit_denial(Denial(caller, reason), self.policy)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            await refuse(context, Denial(caller, reason), self.policy)
         if self.policy.rate_limit is not None and identity is not None and identity.ori is not None:
             wait = self.policy.rate_limit.take(identity.ori)
             if wait > 0.0:

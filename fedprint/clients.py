@@ -46,11 +46,13 @@ async def enroll(
     on_progress: Callable[[int], None] | None = None,
     tls: TlsFiles | None,
     insecure: bool = False,
+    node: str | None = None,
 ) -> int:
     """Enrolls ``entries`` in streams of :data:`ENROLL_CHUNK`, as the gallery administrator ``tls``;
-    returns the gallery size after."""
+    returns the gallery size after. ``node`` (``iafis``, ``ident``): the node expected at
+    ``address``; its certificate must say so (:func:`fedprint.rpc.open_channel`)."""
     size = 0
-    async with open_channel(address, tls, insecure=insecure) as channel:
+    async with open_channel(address, tls, server=node, insecure=insecure) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         for start in range(0, len(entries), ENROLL_CHUNK):
             chunk = entries[start : start + ENROLL_CHUNK]
@@ -65,9 +67,12 @@ async def enroll(
     return size
 
 
-async def gallery_stats(address: str, *, tls: TlsFiles | None, insecure: bool = False) -> gal.GalleryStats:
-    """A gallery node's (or router's) ``GetStats``, read as the gallery administrator ``tls``."""
-    async with open_channel(address, tls, insecure=insecure) as channel:
+async def gallery_stats(
+    address: str, *, tls: TlsFiles | None, insecure: bool = False, node: str | None = None
+) -> gal.GalleryStats:
+    """A gallery node's (or router's) ``GetStats``, read as the gallery administrator ``tls``; from
+    the node ``node`` only, when given."""
+    async with open_channel(address, tls, server=node, insecure=insecure) as channel:
         return await gal_grpc.GalleryServiceStub(channel).GetStats(gal.GetStatsRequest(), timeout=30)
 
 
@@ -132,7 +137,9 @@ async def submit_bookings(
     if agencies is not None and (missing := [o for o in oris if o not in agencies]):
         raise KeyError(f"no booking-agency certificate for ORI {', '.join(missing)}")
     channels = {
-        ori: open_channel(address, agencies[ori] if agencies is not None else None, insecure=insecure)
+        ori: open_channel(
+            address, agencies[ori] if agencies is not None else None, server="coordinator", insecure=insecure
+        )
         for ori in oris
     }
     try:
@@ -177,8 +184,9 @@ async def submit_bookings(
 async def list_notifications(
     address: str, limit: int = 1000, *, tls: TlsFiles | None, insecure: bool = False
 ) -> list[ice.ReceivedNotification]:
-    """The ICE queue, level 1 first, then by time received (read as ICE: ``tls``)."""
-    async with open_channel(address, tls, insecure=insecure) as channel:
+    """The ICE queue, level 1 first, then by time received (read as ICE: ``tls``), from a server
+    whose certificate is ICE's."""
+    async with open_channel(address, tls, server="ice", insecure=insecure) as channel:
         response = await ice_grpc.IceNotificationServiceStub(channel).ListNotifications(
             ice.ListNotificationsRequest(limit=limit), timeout=10
         )

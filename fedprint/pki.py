@@ -21,7 +21,15 @@ file               role            used by
 ``agency-<ORI>``   booking-agency  one per booking agency, naming its ORI
 ================== =============== ===================================================
 
-Production deployments bring their own PKI; the file layout and the URI names are the same.
+A server's certificate also names the service it is as a DNS name, ``<service>.fedprint``
+(:func:`service_host`), beside the hosts it is reached at (its own only): clients connect with that
+name as the TLS target (:func:`fedprint.rpc.open_channel`), so a certificate of another service,
+though from the same CA, fails the handshake. Certificates are short-lived (:data:`DEFAULT_DAYS`);
+running ``fedprint certs DIR`` again renews them under the same CA, and servers pick renewed files
+up without a restart. ``fedprint certs revoke NAME|SERIAL`` adds a certificate to ``crl.pem``
+(:func:`revoke`), which every server checks each caller against (:class:`RevocationList`).
+
+Production deployments bring their own PKI; the file layout and the names are the same.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import datetime as dt
 import enum
 import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +51,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedprint.validation import ORI
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+#: Days a development identity is valid: a leaked key is useful for weeks at most, and renewal is
+#: one command (``fedprint certs DIR`` again).
+DEFAULT_DAYS = 30
+#: Days the development CA is valid: it outlives many renewals of the identities it signs.
+CA_DAYS = 365
+#: The revocation list's file name in a PKI directory (absent: nothing is revoked).
+CRL_FILE = "crl.pem"
+#: Suffix of the DNS name that says which service a server certificate belongs to.
+SERVICE_SUFFIX = ".fedprint"
 ROLE_URI = "urn:fedprint:role:"
 ORI_URI = "urn:fedprint:ori:"
 
@@ -65,10 +83,22 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+    #: The CA's certificate revocation list; a server refuses callers it names. None, or a file
+    #: that does not exist (yet), revokes nothing.
+    crl: Path | None = None
 
     @classmethod
     def in_dir(cls, directory: Path, name: str) -> TlsFiles:
-        return cls(directory / "ca.pem", directory / f"{name}.pem", directory / f"{name}.key")
+        """``name``'s files in a directory ``fedprint certs`` wrote (with its ``crl.pem``)."""
+        return cls(
+            directory / "ca.pem", directory / f"{name}.pem", directory / f"{name}.key", directory / CRL_FILE
+        )
+
+
+def service_host(service: str) -> str:
+    """The DNS name a server certificate carries to say it is ``service``'s (``iafis.fedprint``),
+    and the TLS target name a client expecting that service verifies."""
+    return service + SERVICE_SUFFIX
 
 
 def agency_name(ori: str) -> str:
@@ -86,8 +116,9 @@ SERVICE_IDENTITIES: dict[str, Role] = {
     "examiner": Role.EXAMINER,
 }
 _ROLE_NAMES = frozenset(role.value for role in Role)
-#: Identities that serve: their certificates also carry the server-authentication usage.
-_SERVERS = frozenset({Role.COORDINATOR, Role.GALLERY_NODE, Role.ICE})
+#: Identities that serve (each is its own service): their certificates name the service and its
+#: hosts, and carry the server-authentication usage.
+SERVICES = ("coordinator", "iafis", "ident", "ice")
 
 
 @dataclass(frozen=True)
@@ -171,7 +202,7 @@ class DevCa:
         self.key = key
 
     @classmethod
-    def create(cls, directory: Path, days: int = 365, name: str = "fedprint development CA") -> DevCa:
+    def create(cls, directory: Path, days: int = CA_DAYS, name: str = "fedprint development CA") -> DevCa:
         directory.mkdir(parents=True, exist_ok=True)
         now = dt.datetime.now(dt.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -213,7 +244,7 @@ class DevCa:
         return cls(directory, cert, key)
 
     @classmethod
-    def open(cls, directory: Path, days: int = 365) -> DevCa:
+    def open(cls, directory: Path, days: int = CA_DAYS) -> DevCa:
         """The CA in ``directory``, created there if it holds none."""
         if (directory / "ca.pem").exists() and (directory / "ca.key").exists():
             return cls.load(directory)
@@ -225,27 +256,34 @@ class DevCa:
         role: Role,
         *,
         ori: str | None = None,
+        service: str | None = None,
         hosts: Sequence[str] = DEFAULT_HOSTS,
-        days: int = 365,
+        days: int = DEFAULT_DAYS,
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
     ) -> TlsFiles:
         """Issues ``name``'s certificate and key for ``role`` (a booking agency needs its ``ori``).
 
-        Servers' certificates name ``hosts`` (and ``name``) as subject alternative names; ``not_before``
-        and ``not_after`` override the validity (tests issue expired certificates with them).
+        A server's certificate (``service`` given: ``coordinator``, ``iafis``, ``ident``, ``ice``)
+        names :func:`service_host` of it and the ``hosts`` it is reached at as subject alternative
+        names; a client's names none. ``not_before`` and ``not_after`` override the validity
+        (tests issue expired certificates with them).
         """
         if role is Role.BOOKING_AGENCY and (ori is None or not ORI.valid(ori)):
             raise ValueError(f"a booking agency's certificate needs a valid ORI, not {ori!r}")
+        # A host named like a service name would let that certificate pass for the service.
+        if bad := [h for h in hosts if h.lower().rstrip(".").endswith(SERVICE_SUFFIX)]:
+            raise ValueError(f"{', '.join(bad)}: names ending in {SERVICE_SUFFIX} name services, not hosts")
         now = dt.datetime.now(dt.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
         uris: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI + role.value)]
         if ori is not None:
             uris.append(x509.UniformResourceIdentifier(ORI_URI + ori))
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        if role in _SERVERS:
+        if service is not None:
             usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-        alt_names = [*_host_names(hosts), x509.DNSName(name), *uris]
+        served = [x509.DNSName(service_host(service)), *_host_names(hosts)] if service is not None else []
+        alt_names = [*served, *uris]
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -269,12 +307,142 @@ def issue_dev_pki(
     directory: Path,
     oris: Sequence[str] = (),
     hosts: Sequence[str] = DEFAULT_HOSTS,
-    days: int = 365,
+    days: int = DEFAULT_DAYS,
+    service_hosts: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, TlsFiles]:
     """A CA in ``directory`` (reused when there is one) and an identity for every service and role,
-    plus one booking-agency identity per ORI in ``oris``; keyed by file name."""
-    ca = DevCa.open(directory, days)
-    issued = {name: ca.issue(name, role, hosts=hosts, days=days) for name, role in SERVICE_IDENTITIES.items()}
+    plus one booking-agency identity per ORI in ``oris``; keyed by file name. Run again, it renews
+    every identity (new keys, new validity) under the same CA.
+
+    Each service's certificate names its service (:func:`service_host`), the ``hosts`` every
+    service shares (loopback, on one machine), and its own ``service_hosts[service]`` only.
+    """
+    extra = dict(service_hosts or {})
+    if unknown := sorted(set(extra) - set(SERVICES)):
+        raise ValueError(f"hosts for {', '.join(unknown)}: only {', '.join(SERVICES)} serve")
+    ca = DevCa.open(directory)
+    issued = {
+        name: ca.issue(
+            name,
+            role,
+            service=name if name in SERVICES else None,
+            hosts=[*hosts, *extra.get(name, ())] if name in SERVICES else (),
+            days=days,
+        )
+        for name, role in SERVICE_IDENTITIES.items()
+    }
     for ori in oris:
         issued[agency_name(ori)] = ca.issue(agency_name(ori), Role.BOOKING_AGENCY, ori=ori, days=days)
     return issued
+
+
+def _serial_of(directory: Path, name_or_serial: str) -> int:
+    """The serial of identity ``name_or_serial`` in ``directory`` (its ``<name>.pem``), or the serial
+    itself given in hex (as logs and audit entries write it, ``0x`` optional)."""
+    cert = directory / f"{name_or_serial}.pem"
+    if "/" not in name_or_serial and cert.is_file():
+        return int(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number)
+    try:
+        return int(name_or_serial.removeprefix("0x"), 16)
+    except ValueError:
+        what = f"{name_or_serial!r} is neither an identity in {directory} nor a hex serial"
+        raise ValueError(what) from None
+
+
+def revoke(directory: Path, names_or_serials: Sequence[str], *, days: int = CA_DAYS) -> list[int]:
+    """Adds certificates (an identity's file name in ``directory``, or a serial in hex) to the CA's
+    revocation list ``directory/crl.pem``, signed by the CA; returns the serials added.
+
+    Entries stay for good: renewing a revoked identity (``fedprint certs DIR``) issues a new
+    certificate with a new serial, and the leaked one stays refused. The file is replaced whole
+    (written beside it, then renamed), so a server never reads half a list.
+    """
+    ca = DevCa.load(directory)
+    serials = [_serial_of(directory, n) for n in names_or_serials]
+    path = directory / CRL_FILE
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=days))
+    )
+    known: set[int] = set()
+    if path.exists():
+        for entry in load_revocations(path, ca.cert):
+            known.add(entry.serial_number)
+            builder = builder.add_revoked_certificate(entry)
+    added = [s for s in dict.fromkeys(serials) if s not in known]
+    for serial in added:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    crl = builder.sign(ca.key, hashes.SHA256())
+    staged = path.with_name(f".{CRL_FILE}.new")
+    staged.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    staged.replace(path)
+    return added
+
+
+def load_revocations(path: Path, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    """The revocation list in ``path``, checked to be signed by ``ca`` (ValueError otherwise)."""
+    crl = x509.load_pem_x509_crl(path.read_bytes())
+    public = ca.public_key()
+    if crl.issuer != ca.subject or not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{path} is not {ca.subject.rfc4514_string()}'s revocation list")
+    if not crl.is_signature_valid(public):
+        raise ValueError(f"{path} does not carry a valid signature of {ca.subject.rfc4514_string()}")
+    return crl
+
+
+class RevocationList:
+    """The serials a CA revoked, re-read from its CRL file when the file changes.
+
+    grpcio's Python credentials take no CRL, so servers ask :meth:`revoked` for each call's
+    certificate (:class:`fedprint.access.AccessInterceptor`). Each question costs one ``stat`` of the
+    file: a list replaced (``fedprint certs revoke``, a mounted ConfigMap updated) counts from the
+    next call. An absent file revokes nothing; a file that does not read or verify keeps the last
+    good list (logged), so a bad write never lets a revoked certificate back in.
+    """
+
+    def __init__(self, path: Path, ca: Path) -> None:
+        self.path = path
+        self.ca = ca
+        self._seen: tuple[int, int, int] | None = None
+        self._serials: frozenset[int] = frozenset()
+        self.reloads = 0
+        #: The last reason the file was not taken (empty while the list in force is the file's).
+        self.error = ""
+        self._refresh(strict=True)
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            s = os.stat(self.path)  # follows links: a ConfigMap volume swaps its ..data link
+        except FileNotFoundError:
+            return None
+        return (s.st_mtime_ns, s.st_size, s.st_ino)
+
+    def _refresh(self, *, strict: bool = False) -> None:
+        signature = self._signature()
+        if signature == self._seen:
+            return
+        if signature is None:
+            self._serials, self._seen, self.error = frozenset(), None, ""
+            return
+        try:
+            ca = x509.load_pem_x509_certificate(self.ca.read_bytes())
+            crl = load_revocations(self.path, ca)
+        except (OSError, ValueError) as error:
+            if strict:  # at start-up: a server with an unreadable list does not start
+                raise ValueError(f"revocation list {self.path}: {error}") from error
+            # Not read again until the file changes again: a broken file costs one read, not one a call.
+            self._seen, self.error = signature, str(error)
+            return
+        self._serials = frozenset(entry.serial_number for entry in crl)
+        self._seen, self.error = signature, ""
+        self.reloads += 1
+
+    def revoked(self, serial: int) -> bool:
+        """Whether the certificate with ``serial`` is revoked (re-reading a changed list first)."""
+        self._refresh()
+        return serial in self._serials

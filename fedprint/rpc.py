@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from fedprint import tracing
 from fedprint.access import AccessInterceptor, AccessPolicy
 from fedprint.metrics import ServiceMetrics
-from fedprint.pki import TlsFiles
+from fedprint.pki import RevocationList, TlsFiles, service_host
 from fedprint.validation import MAX_VIOLATIONS, FieldViolation, Violations
 
 __all__ = [
@@ -224,6 +224,9 @@ class ServiceHost:
         self.tls = tls
         self.access = access or AccessPolicy()
         self.access.authenticate = tls is not None
+        if tls is not None and tls.crl is not None and self.access.revocation is None:
+            # Callers are checked against the CA's revocation list before the access table.
+            self.access.revocation = RevocationList(tls.crl, tls.ca)
         self._reloader = _CertificateReloader(tls) if tls is not None else None
         self.metrics = ServiceMetrics()
         self.metrics_listen = metrics_listen
@@ -299,6 +302,7 @@ class ServiceHost:
         """Reports NOT_SERVING, lets in-flight calls finish for ``grace_s``, then stops."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
+        await self.access.close()  # repeated denials still counted are audited, not lost
         if self._health_server is not None:
             await self._health_server.stop(0)
         self.metrics.stop()
@@ -366,6 +370,7 @@ def open_channel(
     address: str,
     tls: TlsFiles | None,
     *,
+    server: str | None = None,
     insecure: bool = False,
     balanced: bool = False,
     retries: bool = True,
@@ -374,6 +379,12 @@ def open_channel(
     CA), the servers' message-size limits, and a short reconnect backoff. Plaintext only when
     ``tls`` is None and ``insecure`` is set. ``balanced``: spread calls round robin over every
     address the name resolves to (a headless Service's ready pods: the replicas of a shard).
+
+    ``server``: the service expected at ``address`` (``coordinator``, ``iafis``, ``ident``, ``ice``).
+    The handshake then verifies the server's certificate against that service's name
+    (:func:`fedprint.pki.service_host`) instead of the address's host, so another service's
+    certificate from the same CA fails it (UNAVAILABLE, "Peer name iafis.fedprint is not in peer
+    certificate"). Without it only the host name is checked. Ignored in plaintext.
 
     ``retries``: idempotent calls (:data:`IDEMPOTENT_METHODS`) that fail UNAVAILABLE are made again
     by gRPC. A service calling another service turns this off: it already handles a peer that did
@@ -387,6 +398,8 @@ def open_channel(
         if not insecure:
             raise InsecureNotAllowed(f"a channel to {address}")
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    if server is not None:
+        options = [*options, ("grpc.ssl_target_name_override", service_host(server))]
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),
         private_key=tls.key.read_bytes(),

@@ -458,7 +458,10 @@ def build_gallery_router(config: NodeConfig, records: RecordStore[Any]) -> Galle
     count = len(config.shards)
     channels = [
         # No gRPC retries: a shard that did not answer is reported missing, within the deadline.
-        open_channel(address, config.tls, insecure=config.insecure, balanced=True, retries=False)
+        # The shards serve with their node's certificate: only that node's is accepted.
+        open_channel(
+            address, config.tls, server=config.node, insecure=config.insecure, balanced=True, retries=False
+        )
         for address in config.shards
     ]
     shards = [
