@@ -16,11 +16,12 @@ from rich.progress import Progress
 
 from cli import accuracy as _accuracy
 from cli import operations as _operations
+from cli.certs import register as _register_certs
 from cli.identity import InsecureOption, TlsDirOption
 from cli.identity import identity as _identity
 from cli.review import register as _register_review
 from fedprint.logging import configure
-from fedprint.pki import DEFAULT_HOSTS, TlsFiles, agency_name, issue_dev_pki
+from fedprint.pki import TlsFiles, agency_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Piped output (CI logs, files) gets room for the decision tables.
@@ -195,32 +196,6 @@ def submit(
 
 
 @app.command()
-def certs(
-    out: Annotated[Path, typer.Argument(help="directory for ca.pem and <identity>.pem/.key")] = Path("pki"),
-    host: Annotated[
-        list[str] | None, typer.Option(help="host name or IP the services are reached at (repeatable)")
-    ] = None,
-    ori: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="a booking agency's ORI (repeatable); default: the synthetic population's agencies"
-        ),
-    ] = None,
-    days: Annotated[int, typer.Option(help="validity in days")] = 365,
-) -> None:
-    """Creates a development CA (or reuses the one in OUT) and a certificate for every role: the
-    coordinator, both nodes, ICE, a gallery administrator, an examiner, and one booking agency per ORI."""
-    from fedprint.validation import ORI
-    from synthetic.people import ORIS
-
-    oris = ori or list(ORIS)
-    if bad := [o for o in oris if not ORI.valid(o)]:
-        raise typer.BadParameter(f"not an ORI (nine upper-case letters or digits): {', '.join(bad)}")
-    issued = issue_dev_pki(out, oris=oris, hosts=host or list(DEFAULT_HOSTS), days=days)
-    console.print(f"wrote ca.pem and certificates for {', '.join(issued)} to {out}")
-
-
-@app.command()
 def demo(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the summary as JSON here")] = None,
     persons: Annotated[int, typer.Option(help="synthetic persons")] = 600,
@@ -275,6 +250,7 @@ _accuracy.register(app, console)
 _operations.register(app, console)
 # review: examiners' commands against the coordinator's ReviewService.
 _register_review(app, console)
+_register_certs(app, console)
 _operations.register_db(app, console)
 
 
