@@ -9,7 +9,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import structlog
@@ -366,6 +366,41 @@ _RETRYING_OPTIONS = [
 ]
 
 
+if TYPE_CHECKING:
+    _UnaryUnaryClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+else:  # generic only in the type stubs
+    _UnaryUnaryClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor
+
+
+class _NamesExpectedService(_UnaryUnaryClientInterceptor):
+    """Says, in a call's error, which service a handshake expected when the server's certificate was
+    not that service's: gRPC's own words ("Hostname Verification Check failed") name neither, and
+    the coordinator keeps the error in an incomplete decision for an operator to act on."""
+
+    def __init__(self, address: str, server: str) -> None:
+        self.note = (
+            f"the server at {address} showed no certificate of the {server} service "
+            f"({service_host(server)}): another service's certificate, or the wrong address"
+        )
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        call = await continuation(client_call_details, request)
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            details = error.details() or ""
+            if error.code() != grpc.StatusCode.UNAVAILABLE or "Verification" not in details:
+                raise
+            raise grpc.aio.AioRpcError(  # no metadata: a call whose handshake failed received none
+                error.code(),
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                f"{self.note}; {details}",
+                error.debug_error_string(),
+            ) from error
+        return call
+
+
 def open_channel(
     address: str,
     tls: TlsFiles | None,
@@ -383,8 +418,8 @@ def open_channel(
     ``server``: the service expected at ``address`` (``coordinator``, ``iafis``, ``ident``, ``ice``).
     The handshake then verifies the server's certificate against that service's name
     (:func:`fedprint.pki.service_host`) instead of the address's host, so another service's
-    certificate from the same CA fails it (UNAVAILABLE, "Peer name iafis.fedprint is not in peer
-    certificate"). Without it only the host name is checked. Ignored in plaintext.
+    certificate from the same CA fails it (UNAVAILABLE; a unary call's error names the service
+    expected). Without it only the host name is checked. Ignored in plaintext.
 
     ``retries``: idempotent calls (:data:`IDEMPOTENT_METHODS`) that fail UNAVAILABLE are made again
     by gRPC. A service calling another service turns this off: it already handles a peer that did
@@ -400,6 +435,7 @@ def open_channel(
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     if server is not None:
         options = [*options, ("grpc.ssl_target_name_override", service_host(server))]
+        interceptors = [*interceptors, _NamesExpectedService(address, server)]
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),
         private_key=tls.key.read_bytes(),
