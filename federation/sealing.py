@@ -3,7 +3,9 @@
 The coordinator keeps an incomplete booking (fingerprints included) only so that it can finish
 the search by itself, and only until the decision is final. The key comes from a file named in
 the configuration (a Kubernetes secret, say); without one, the coordinator creates a random key
-in its data directory on first start, readable by its own user only.
+in its data directory on first start, readable by its own user only (a development default: in
+production the key lives apart from the database, as the Helm chart mounts it from a Secret). A
+key file others may read stops the coordinator from starting.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fedprint.private import private_directory, require_private_key
 
 log = structlog.get_logger(__name__)
 
@@ -26,14 +30,17 @@ class SealingError(ValueError):
 
 
 def load_or_create_key(path: Path, what: str = "booking key") -> bytes:
-    """The 32-byte key in ``path`` (hex), created (mode 0600) when the file does not exist;
-    ``what`` names the key in messages."""
+    """The 32-byte key in ``path`` (hex), created (mode 0600, in a 0700 directory) when the file
+    does not exist; ``what`` names the key in messages. Raises
+    :class:`~fedprint.private.ExposedKeyFile` when others may read the file: the service does not
+    start on a key that has already leaked to every local user."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(KEY_BYTES) + "\n")
         log.warning(f"created a {what}; keep it apart from the database and backed up", path=str(path))
+    require_private_key(path, what)
     try:
         key = bytes.fromhex(path.read_text().strip())
     except ValueError:

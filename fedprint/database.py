@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Engine, make_url
 
+from fedprint.private import private_sqlite
+
 
 def database_url(url: str | URL) -> URL:
     """``url`` with PostgreSQL's driver made explicit: a plain ``postgresql://`` URL means the
@@ -23,7 +25,9 @@ def database_url(url: str | URL) -> URL:
 
 
 def connect(url: str | URL) -> Engine:
-    """An engine for ``url``; SQLite gets WAL and enforced foreign keys."""
+    """An engine for ``url``; SQLite gets WAL and enforced foreign keys, and its file is made
+    readable by this user only before it is opened (:func:`fedprint.private.private_sqlite`)."""
+    private_sqlite(url)
     engine = create_engine(database_url(url))
     if engine.dialect.name == "sqlite":
 

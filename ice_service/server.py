@@ -19,6 +19,7 @@ from fedprint.database import connect
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.migrations import Migrations, upgrade
+from fedprint.private import private_directory
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, service
 from fedprint.validation import (
@@ -180,7 +181,7 @@ class IceService:
 
 def build_ice(config: IceConfig, database_url: str | None = None) -> IceService:
     """The ICE notification server over its store (not yet started)."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(config.data_dir)
     server = IceNotificationServer(IceStore(database_url or f"sqlite:///{config.data_dir / 'ice.sqlite'}"))
     host = ServiceHost(
         config.listen,

@@ -13,7 +13,9 @@ import structlog
 from federation.config import CoordinatorConfig
 from fedprint import tracing
 from fedprint.logging import configure
+from fedprint.private import require_private_key
 from fedprint.rpc import ServiceHost
+from fedprint.settings import ServiceSettings
 from ice_service.config import IceConfig
 
 if TYPE_CHECKING:
@@ -65,6 +67,12 @@ def build_router(config: NodeConfig) -> GalleryRouterService:
 
 def build_service(role: str, config_path: Path | None, **overrides: Any) -> Service:
     """The service for ``role`` (coordinator, iafis, ident, ice), configured and not yet started."""
+def require_private_tls_key(settings: ServiceSettings) -> None:
+    """Refuses a TLS private key that others may read (:func:`fedprint.private.require_private_key`)."""
+    if settings.tls is not None:
+        require_private_key(settings.tls.key, "TLS private key")
+
+
     if role in GALLERY_NODES:
         from nodes.gallery.config import NodeConfig
 
@@ -74,6 +82,7 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
         if node_config.role == "router":
             return build_router(node_config)
         return build_node(node_config)
+        require_private_tls_key(node_config)
     if role == "coordinator":
         from federation.coordinator import build_coordinator
 
@@ -83,6 +92,7 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
         return build_coordinator(coordinator_config, coordinator_config.resolved_database_url())
     if role == "ice":
         from ice_service import build_ice
+        require_private_tls_key(coordinator_config)
 
         ice_config = IceConfig.load(config_path, **overrides)
         configure(ice_config.log_level)
@@ -90,6 +100,7 @@ def build_service(role: str, config_path: Path | None, **overrides: Any) -> Serv
         return build_ice(ice_config, ice_config.resolved_database_url())
     raise ValueError(f"unknown service {role!r}")
 
+        require_private_tls_key(ice_config)
 
 async def run_service(
     role: str,
