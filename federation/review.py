@@ -69,6 +69,13 @@ def opened_reviews(evidence: bk.BookingDecision) -> list[rv.Review]:
     return reviews
 
 
+#: What a node's refusal of GetSubject becomes for the examiner.
+_SUBJECT_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
 def _examiner() -> str:
     identity = current_caller().identity
     return identity.subject if identity is not None else "examiner (insecure mode)"
@@ -131,7 +138,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {review.review_id} does not open"
             )
-        subject = await self._subject(review, context)
+        subject = await self._subject(review, examiner, context)
         case.candidate_tenprint.CopyFrom(subject.tenprint)
         if node == "ident":
             case.candidate_record.CopyFrom(subject.immigration_history)
@@ -140,16 +147,24 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         log.info("review claimed", tcn=tcn, node=node, examiner=examiner)
         return case
 
-    async def _subject(self, review: rv.Review, context: grpc.aio.ServicerContext[Any, Any]) -> gal.Subject:
-        """The candidate's prints and record, from the review's node (for the examiner working it)."""
+    async def _subject(
+        self, review: rv.Review, examiner: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gal.Subject:
+        """The candidate's prints and record, from the review's node (for the examiner working
+        it). The node gives them only for the booking whose search returned the candidate to this
+        coordinator (need to know), and records the release with the TCN and the examiner."""
         node = self.coordinator.iafis if review.node == "iafis" else self.coordinator.ident
         try:
             return await node.stub.GetSubject(
-                gal.GetSubjectRequest(subject_id=review.candidate.subject_id),
+                gal.GetSubjectRequest(
+                    subject_id=review.candidate.subject_id, probe_id=review.tcn, examiner=examiner
+                ),
                 timeout=self.coordinator.config.node_deadline_s,
             )
         except grpc.aio.AioRpcError as error:
-            code = grpc.StatusCode.UNAVAILABLE if error.code() != grpc.StatusCode.NOT_FOUND else error.code()
+            # Removed since (NOT_FOUND), or no longer released for this booking (its release
+            # window passed: FAILED_PRECONDITION); anything else is the node being unavailable.
+            code = _SUBJECT_ERRORS.get(error.code(), grpc.StatusCode.UNAVAILABLE)
             subject = review.candidate.subject_id
             await context.abort(
                 code, f"{review.node.upper()} could not give subject {subject}: {error.details()}"
@@ -214,7 +229,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {tcn}/{node} does not open"
             )
-        subject = await self._subject(review, context)
+        subject = await self._subject(review, examiner, context)
         confirmed = (
             f"examiner {examiner} confirmed the {node.upper()} match {review.candidate.subject_id}"
             + (f": {note}" if note else "")

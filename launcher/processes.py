@@ -213,7 +213,8 @@ async def federation(
             "node": name,
             "role": "router",
             "shards": [p.address for p in parts],
-            "data_dir": str(workdir / f"{name}-router"),
+            # The node's database (its SQLite file here): the router keeps what it returned there.
+            "data_dir": str(workdir / name),
             "tls": tls(name),
         }
         return [*parts, await start_service(name, router, workdir, env=env(name))]

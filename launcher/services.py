@@ -61,46 +61,50 @@ def build_node(config: NodeConfig) -> GalleryNode:
 
 def build_router(config: NodeConfig) -> GalleryRouterService:
     """The router of the sharded gallery node ``config.node`` names, not yet started."""
-    router: GalleryRouterService = _node_package(config.node).build_router(config)
+    router: GalleryRouterService = _node_package(config.node).build_router(
+        config, config.resolved_database_url()
+    )
     return router
 
 
-def build_service(role: str, config_path: Path | None, **overrides: Any) -> Service:
-    """The service for ``role`` (coordinator, iafis, ident, ice), configured and not yet started."""
 def require_private_tls_key(settings: ServiceSettings) -> None:
     """Refuses a TLS private key that others may read (:func:`fedprint.private.require_private_key`)."""
     if settings.tls is not None:
         require_private_key(settings.tls.key, "TLS private key")
 
 
+def build_service(role: str, config_path: Path | None, **overrides: Any) -> Service:
+    """The service for ``role`` (coordinator, iafis, ident, ice), configured and not yet started.
+    It does not start on a key file others may read (its TLS key; the coordinator's booking and
+    audit keys as well)."""
     if role in GALLERY_NODES:
         from nodes.gallery.config import NodeConfig
 
         node_config = NodeConfig.load(config_path, node=role, **overrides)
         configure(node_config.log_level)
+        require_private_tls_key(node_config)
         tracing.configure(role, node_config.tracing)
         if node_config.role == "router":
             return build_router(node_config)
         return build_node(node_config)
-        require_private_tls_key(node_config)
     if role == "coordinator":
         from federation.coordinator import build_coordinator
 
         coordinator_config = CoordinatorConfig.load(config_path, **overrides)
         configure(coordinator_config.log_level)
+        require_private_tls_key(coordinator_config)
         tracing.configure(role, coordinator_config.tracing)
         return build_coordinator(coordinator_config, coordinator_config.resolved_database_url())
     if role == "ice":
         from ice_service import build_ice
-        require_private_tls_key(coordinator_config)
 
         ice_config = IceConfig.load(config_path, **overrides)
         configure(ice_config.log_level)
+        require_private_tls_key(ice_config)
         tracing.configure(role, ice_config.tracing)
         return build_ice(ice_config, ice_config.resolved_database_url())
     raise ValueError(f"unknown service {role!r}")
 
-        require_private_tls_key(ice_config)
 
 async def run_service(
     role: str,

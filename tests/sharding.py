@@ -1,6 +1,7 @@
 """A federation whose gallery nodes run sharded, in this process on 127.0.0.1: per node a router
-(the address the coordinator calls) in front of N shard servers that share the node's database,
-each a real gRPC server with the node's certificate."""
+(the address the coordinator calls) in front of N shard servers that share the node's database
+(as does the router, for its record of what it returned to whom), each a real gRPC server with
+the node's certificate."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ async def sharded_federation(
                     node=name,
                     role="router",
                     shards=[p.host.address for p in parts],
-                    data_dir=root / f"{name}-router",
+                    data_dir=root / name,  # the node's database: the router keeps what it returned there
                     tls=pki[name],
                 )
             )

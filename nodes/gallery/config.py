@@ -114,6 +114,19 @@ class NodeConfig(ServiceSettings):
         gt=0,
         description="a router's deadline for its shards when its caller sets none",
     )
+    # A day: reviews are reported overdue after four hours (the coordinator's review_overdue_s),
+    # and an examiner claims and decides a review well within a day of its opening.
+    release_window_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="how long after returning a subject as the deciding candidate in the review or hit "
+        "band the node releases its prints and record (GetSubject) to that caller, for that probe",
+    )
+    release_max_records: int = Field(
+        default=100_000,
+        ge=1,
+        description="most returned candidates the node remembers for release; the oldest go first",
+    )
     sync_interval_s: float = Field(
         default=2.0,
         gt=0,

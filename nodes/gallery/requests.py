@@ -194,6 +194,23 @@ def check_remove(request: gal.RemoveRequest, partition: Partition | None = None)
         raise InvalidRequest(violations, "malformed remove request")
 
 
+#: Longest examiner name a GetSubject request may carry (a certificate subject fits).
+MAX_EXAMINER = 512
+
+
+def check_get_subject(request: gal.GetSubjectRequest) -> None:
+    """Raises :class:`InvalidRequest` unless the subject id (and the probe id and examiner, when
+    given) are well formed."""
+    violations = Violations()
+    SUBJECT_ID.check(request.subject_id, "subject_id", violations)
+    if request.probe_id:
+        PROBE_ID.check(request.probe_id, "probe_id", violations)
+    if len(request.examiner) > MAX_EXAMINER or not request.examiner.isprintable():
+        violations.add("examiner", f"at most {MAX_EXAMINER} printable characters")
+    if violations:
+        raise InvalidRequest(violations, "malformed request")
+
+
 def usable_templates(request: gal.EnrollRequest, decoded: DecodedTenPrint) -> dict[int, tuple[int, bytes]]:
     """The stored form of an enrolment's usable fingers: position -> (format, record bytes)."""
     return {

@@ -18,6 +18,9 @@ address may resolve to several replicas of its partition, over which calls are s
   if a shard fails, the others' parts stay stored and the call fails naming the shard. An
   enrolment replaces, so sending the same stream again is safe.
 - ``Remove``: each id to the shard that owns it. ``GetStats``: the shards' sums.
+- ``GetSubject``: to the shard that owns the subject, once the router's own record says its caller
+  was given that subject for that probe (:mod:`nodes.gallery.releases`). The router keeps that
+  record, in the node's database: it sees the merged candidates its caller gets.
 
 The router calls its shards with the node's own certificate (role gallery-node), which is what
 shards answer (:class:`nodes.gallery.server.GalleryServicer`).
@@ -42,22 +45,26 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import Role
+from fedprint.private import private_directory
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel, service
 from fedprint.tenprint import decode_tenprint
 from fedprint.validation import Violations
 from nodes.gallery.config import NodeConfig
 from nodes.gallery.partition import Partition, by_owner, owner
 from nodes.gallery.records import RecordStore
+from nodes.gallery.releases import ReleaseLedger, caller_name
 from nodes.gallery.requests import (
     MAX_ENROLL_PER_STREAM,
     IdentifyPlan,
     check_enrollment,
+    check_get_subject,
     check_identify,
     check_remove,
     rank_candidates,
     thresholds_proto,
     with_memory_totals,
 )
+from nodes.gallery.store import GalleryStore
 
 log = structlog.get_logger(__name__)
 
@@ -106,12 +113,15 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
         config: NodeConfig,
         records: RecordStore[Any],
         shards: Sequence[ShardClient],
+        releases: ReleaseLedger,
     ) -> None:
         self.config = config
         self.node = config.node
         self.calibration_digest = calibration_digest(config.thresholds)
         self.records = records
         self.shards = list(shards)
+        #: What the router returned to whom, and so may release (in the node's database).
+        self.releases = releases
         self._missing: Counter | None = None
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -210,6 +220,7 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
                 + "; ".join(f"shard {m.partition.index} ({m.address}): {m.error}" for m in missing),
             )
         merged = self._merge(request, plan, responses, missing)
+        await asyncio.to_thread(self.releases.returned, caller_name(), merged)
         log.info(
             "identify",
             node=self.node,
@@ -384,14 +395,24 @@ class GalleryRouter(gal_grpc.GalleryServiceServicer):
     async def GetSubject(
         self, request: gal.GetSubjectRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.Subject:
-        """Passed on to the shard that owns the subject."""
+        """Passed on to the shard that owns the subject, if the caller may have it (need to know:
+        :mod:`nodes.gallery.releases`); the release recorded before it goes out."""
         await self._refuse_gallery_nodes(context)
+        try:
+            check_get_subject(request)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        caller = caller_name()
+        if not await asyncio.to_thread(self.releases.may_release, caller, request):
+            await deny(context, self.releases.refusal(), tcn=request.probe_id)
         shard = self.shards[owner(request.subject_id, len(self.shards))]
         try:
-            return await shard.stub.GetSubject(request, timeout=context.time_remaining())
+            subject = await shard.stub.GetSubject(request, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as error:
             await context.abort(error.code(), f"{shard.describe()}: {error.details()}")
             raise  # unreachable: abort raises
+        await asyncio.to_thread(self.releases.released, caller, request)
+        return subject
 
     async def GetStats(
         self, request: gal.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -448,13 +469,22 @@ class GalleryRouterService:
         await self.host.stop(grace_s)
         for channel in self.channels:
             await channel.close(None)
+        self.router.releases.store.close()
 
 
-def build_gallery_router(config: NodeConfig, records: RecordStore[Any]) -> GalleryRouterService:
-    """The router of a sharded node (not yet started). ``records`` checks enrolments; the router
-    stores nothing."""
+def build_gallery_router(
+    config: NodeConfig, records: RecordStore[Any], database_url: str | None = None
+) -> GalleryRouterService:
+    """The router of a sharded node (not yet started). ``records`` checks enrolments. The router
+    holds no gallery; in the node's database (``database_url``, else the SQLite file in its data
+    directory, which its shards on one machine share) it keeps only what it returned to whom."""
     if config.role != "router":
         raise ValueError(f"role {config.role!r} is not a router")
+    private_directory(config.data_dir)
+    store: GalleryStore[Any] = GalleryStore(
+        database_url or f"sqlite:///{config.data_dir / (config.node + '.sqlite')}", records
+    )
+    releases = ReleaseLedger(store, config.node, config.release_window_s, config.release_max_records)
     count = len(config.shards)
     channels = [
         # No gRPC retries: a shard that did not answer is reported missing, within the deadline.
@@ -468,7 +498,7 @@ def build_gallery_router(config: NodeConfig, records: RecordStore[Any]) -> Galle
         ShardClient(Partition(i, count), address, gal_grpc.GalleryServiceStub(channel))
         for i, (address, channel) in enumerate(zip(config.shards, channels, strict=True))
     ]
-    router = GalleryRouter(config, records, shards)
+    router = GalleryRouter(config, records, shards, releases)
     host = ServiceHost(
         config.listen,
         [

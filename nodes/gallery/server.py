@@ -27,9 +27,10 @@ from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.pki import Role, identity_of
+from fedprint.private import private_directory
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, exhausted_status, service
 from fedprint.tenprint import DecodedTenPrint, decode_tenprint
-from fedprint.validation import SUBJECT_ID, Violations
+from fedprint.validation import Violations
 from gpu_kernels import TenPrintCylinders
 from gpu_kernels.evidence import model_digest
 from minutiae.template import TenPrintTemplates
@@ -40,11 +41,13 @@ from nodes.gallery.learner import CalibrationLearner
 from nodes.gallery.metrics import GalleryMetrics
 from nodes.gallery.partition import Partition
 from nodes.gallery.records import RecordStore, RecordT
+from nodes.gallery.releases import ReleaseLedger, caller_name
 from nodes.gallery.replica import GalleryReplica, LoadedGallery
 from nodes.gallery.requests import (
     MAX_ENROLL_PER_STREAM,
     IdentifyPlan,
     check_enrollment,
+    check_get_subject,
     check_identify,
     check_remove,
     rank_candidates,
@@ -106,6 +109,8 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         )
         #: Set once the node's host exists (:func:`build_gallery_node`).
         self.metrics: GalleryMetrics | None = None
+        #: What this node returned to whom, and so may release (a shard's router keeps its own).
+        self.releases = ReleaseLedger(store, self.node, config.release_window_s, config.release_max_records)
 
     @property
     def records(self) -> RecordStore[RecordT]:
@@ -224,6 +229,8 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             fully_scored=[r.fully_scored for r in results],
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        if self.partition is None:  # a shard's caller is its router, which keeps the record
+            await asyncio.to_thread(self.releases.returned, caller_name(), response)
         if self.metrics is not None:
             self.metrics.observe_identify(response)
         return response
@@ -305,9 +312,15 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
         self, request: gal.GetSubjectRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gal.Subject:
         await self._admit(context, admin_may=False)
-        violations = Violations()
-        if not SUBJECT_ID.check(request.subject_id, "subject_id", violations):
-            await abort_invalid(context, InvalidRequest(violations, "malformed request"))
+        try:
+            check_get_subject(request)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        caller = caller_name()
+        # Need to know (nodes.gallery.releases), asked before the store: a refusal says nothing of
+        # whether the subject exists. A shard's router has asked already.
+        if self.partition is None and not await asyncio.to_thread(self.releases.may_release, caller, request):
+            await deny(context, self.releases.refusal(), tcn=request.probe_id)
         found = await asyncio.to_thread(self.store.subject, request.subject_id)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"subject {request.subject_id} is not enrolled")
@@ -320,7 +333,10 @@ class GalleryServicer(gal_grpc.GalleryServiceServicer, Generic[RecordT]):
             )
         if record is not None:
             getattr(subject, self.records.record_field).CopyFrom(record)
-        log.info("subject released for review", node=self.node, subject_id=request.subject_id)
+        if self.partition is None:
+            await asyncio.to_thread(self.releases.released, caller, request)  # recorded, then given
+        else:
+            log.info("subject given to the router", node=self.node, subject_id=request.subject_id)
         return subject
 
     async def GetStats(
@@ -418,7 +434,7 @@ def build_gallery_node(
     knows none by name."""
     if config.role == "router":
         raise ValueError("a router holds no gallery: build it with nodes.gallery.router.build_gallery_router")
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(config.data_dir)
     if config.torch_threads is not None:
         # Nodes sharing a machine must not each spin up one thread per core.
         torch.set_num_threads(config.torch_threads)

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Generic
+from typing import Any, Generic
 
 from sqlalchemy import (
     BigInteger,
@@ -110,6 +110,56 @@ class CalibrationUpdateRow(_Base):
     moves: Mapped[str] = mapped_column(Text)
 
 
+class ReturnedCandidateRow(_Base):
+    """A subject the node returned to a caller as the deciding candidate of a probe, in the review
+    or hit band: what lets that caller fetch the subject for an examiner's review (GetSubject),
+    for a while (:mod:`nodes.gallery.releases`). Rows expire and are purged."""
+
+    __tablename__ = "gallery_returned_candidates"
+    #: The caller's certificate subject ("" on a plaintext node).
+    caller: Mapped[str] = mapped_column(String(512), primary_key=True)
+    probe_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: biometrics.v1.DecisionBand the candidate was returned in.
+    band: Mapped[int] = mapped_column(Integer)
+    returned_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class SubjectReleaseRow(_Base):
+    """One release of a subject's prints and record (GetSubject): the node's audit of who got
+    which subject, for which probe (the review) and examiner."""
+
+    __tablename__ = "gallery_subject_releases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    released_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    caller: Mapped[str] = mapped_column(String(512))
+    probe_id: Mapped[str] = mapped_column(String(64), index=True)
+    subject_id: Mapped[str] = mapped_column(String(64))
+    #: The examiner the caller named (not checked by the node).
+    examiner: Mapped[str] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class ReturnedCandidate:
+    """A deciding candidate returned to ``caller`` for probe ``probe_id``."""
+
+    caller: str
+    probe_id: str
+    subject_id: str
+    band: int
+
+
+@dataclass(frozen=True)
+class SubjectRelease:
+    """A stored :class:`SubjectReleaseRow`."""
+
+    released_at: dt.datetime
+    caller: str
+    probe_id: str
+    subject_id: str
+    examiner: str
+
+
 @dataclass(frozen=True)
 class CalibrationUpdate:
     """A stored :class:`CalibrationUpdateRow`."""
@@ -122,6 +172,16 @@ class CalibrationUpdate:
     duplicates: int
     thresholds: str
     moves: list[float]
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes; everything stored here is UTC.
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
+def _rows(result: Any) -> int:
+    """How many rows a DELETE changed (SQLAlchemy types ``Session.execute`` without it)."""
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 #: The gallery tables' schema history (``nodes/gallery/migrations``).
@@ -318,6 +378,73 @@ class GalleryStore(Generic[RecordT]):
         with self._sessions() as session:
             return self.records.get(session, subject_ids)
 
+    # -- need to know: what was returned to whom, and what was released -------------------------
+
+    def record_returned(self, returned: Sequence[ReturnedCandidate]) -> None:
+        """Records (or renews) deciding candidates returned to their callers, now."""
+        if not returned:
+            return
+        now = dt.datetime.now(dt.UTC)
+        with self._sessions.begin() as session:
+            for r in returned:
+                key = (r.caller, r.probe_id, r.subject_id)
+                row = session.get(ReturnedCandidateRow, key)
+                if row is None:
+                    session.add(
+                        ReturnedCandidateRow(
+                            caller=r.caller,
+                            probe_id=r.probe_id,
+                            subject_id=r.subject_id,
+                            band=r.band,
+                            returned_at=now,
+                        )
+                    )
+                else:  # the same probe searched again (a retried booking): the window starts anew
+                    row.band, row.returned_at = r.band, now
+
+    def returned_since(self, caller: str, probe_id: str, subject_id: str, since: dt.datetime) -> bool:
+        """Whether ``subject_id`` was returned to ``caller`` for ``probe_id`` after ``since``."""
+        with self._sessions() as session:
+            row = session.get(ReturnedCandidateRow, (caller, probe_id, subject_id))
+            return row is not None and _aware(row.returned_at) > since
+
+    def record_release(self, release: SubjectRelease) -> None:
+        """Appends a release to the node's record of them."""
+        with self._sessions.begin() as session:
+            session.add(SubjectReleaseRow(**asdict(release)))
+
+    def releases(self, probe_id: str | None = None) -> list[SubjectRelease]:
+        """The recorded releases (of ``probe_id``), oldest first."""
+        query = select(SubjectReleaseRow).order_by(SubjectReleaseRow.id)
+        if probe_id is not None:
+            query = query.where(SubjectReleaseRow.probe_id == probe_id)
+        with self._sessions() as session:
+            return [
+                SubjectRelease(_aware(r.released_at), r.caller, r.probe_id, r.subject_id, r.examiner)
+                for r in session.scalars(query)
+            ]
+
+    def purge_returned(self, before: dt.datetime, keep: int) -> int:
+        """Deletes the returned candidates recorded before ``before``, and the oldest beyond the
+        newest ``keep``; returns how many."""
+        with self._sessions.begin() as session:
+            deleted = _rows(
+                session.execute(delete(ReturnedCandidateRow).where(ReturnedCandidateRow.returned_at < before))
+            )
+            cutoff = session.scalar(
+                select(ReturnedCandidateRow.returned_at)
+                .order_by(ReturnedCandidateRow.returned_at.desc())
+                .offset(keep)
+                .limit(1)
+            )
+            if cutoff is not None:
+                deleted += _rows(
+                    session.execute(
+                        delete(ReturnedCandidateRow).where(ReturnedCandidateRow.returned_at <= cutoff)
+                    )
+                )
+            return deleted
+
     def record_calibration(self, update: CalibrationUpdate) -> None:
         """Appends a learned calibration (see :class:`CalibrationUpdateRow`)."""
         with self._sessions.begin() as session:
@@ -344,4 +471,12 @@ class GalleryStore(Generic[RecordT]):
         self._engine.dispose()
 
 
-__all__ = ["Enrollment", "GalleryStore", "Removal", "StoreState", "StoredSubject"]
+__all__ = [
+    "Enrollment",
+    "GalleryStore",
+    "Removal",
+    "ReturnedCandidate",
+    "StoreState",
+    "StoredSubject",
+    "SubjectRelease",
+]

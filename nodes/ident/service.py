@@ -21,8 +21,9 @@ def build_node(config: NodeConfig, database_url: str | None = None) -> GalleryNo
     return build_gallery_node(config, ImmigrationHistoryStore(), database_url)
 
 
-def build_router(config: NodeConfig) -> GalleryRouterService:
-    """The IDENT router in front of the shards its config names, not yet started."""
+def build_router(config: NodeConfig, database_url: str | None = None) -> GalleryRouterService:
+    """The IDENT router in front of the shards its config names, not yet started (keeping its record
+    of what it returned to whom on the node's database, else its SQLite file)."""
     from nodes.gallery.router import build_gallery_router
 
-    return build_gallery_router(config, ImmigrationHistoryStore())
+    return build_gallery_router(config, ImmigrationHistoryStore(), database_url)

@@ -559,15 +559,27 @@ class GetSubjectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    PROBE_ID_FIELD_NUMBER: _builtins.int
+    EXAMINER_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
+    probe_id: _builtins.str
+    """The probe whose search returned the subject (the coordinator: the booking's TCN, which
+    names the review with the node: "<TCN>/<node>").
+    """
+    examiner: _builtins.str
+    """Who the caller asks for (the examiner working the review, as the caller names them):
+    recorded with the release, not checked.
+    """
     def __init__(
         self,
         *,
         subject_id: _builtins.str = ...,
+        probe_id: _builtins.str = ...,
+        examiner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examiner", b"examiner", "probe_id", b"probe_id", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -98,8 +98,13 @@ class GalleryServiceServicer:
 
     def GetSubject(self, request, context):
         """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
-        borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
-        when an examiner claims a review of this subject (and audits it).
+        borderline match. Callers: the coordinator only, which asks when an examiner claims or
+        decides a review of this subject (and audits it). Need to know: the node releases a subject
+        only to the caller (by certificate) it returned that subject to as the deciding (first)
+        candidate of probe `probe_id`, in the review or hit band, within the node's release window
+        (NodeConfig.release_window_s); each release is recorded with that probe and examiner.
+        Anything else is PERMISSION_DENIED, whether or not the subject exists. NOT_FOUND when the
+        subject was returned and has been removed since.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,8 +56,13 @@ class GalleryServiceStub:
     """Reports gallery size and template format version. Callers: gallery administrators."""
     GetSubject: _grpc.UnaryUnaryMultiCallable[_gallery_pb2.GetSubjectRequest, _gallery_pb2.Subject]
     """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
-    borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
-    when an examiner claims a review of this subject (and audits it).
+    borderline match. Callers: the coordinator only, which asks when an examiner claims or
+    decides a review of this subject (and audits it). Need to know: the node releases a subject
+    only to the caller (by certificate) it returned that subject to as the deciding (first)
+    candidate of probe `probe_id`, in the review or hit band, within the node's release window
+    (NodeConfig.release_window_s); each release is recorded with that probe and examiner.
+    Anything else is PERMISSION_DENIED, whether or not the subject exists. NOT_FOUND when the
+    subject was returned and has been removed since.
     """
 
 @_typing.type_check_only
@@ -79,8 +84,13 @@ class GalleryServiceAsyncStub(GalleryServiceStub):
     """Reports gallery size and template format version. Callers: gallery administrators."""
     GetSubject: _aio.UnaryUnaryMultiCallable[_gallery_pb2.GetSubjectRequest, _gallery_pb2.Subject]  # type: ignore[assignment]
     """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
-    borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
-    when an examiner claims a review of this subject (and audits it).
+    borderline match. Callers: the coordinator only, which asks when an examiner claims or
+    decides a review of this subject (and audits it). Need to know: the node releases a subject
+    only to the caller (by certificate) it returned that subject to as the deciding (first)
+    candidate of probe `probe_id`, in the review or hit band, within the node's release window
+    (NodeConfig.release_window_s); each release is recorded with that probe and examiner.
+    Anything else is PERMISSION_DENIED, whether or not the subject exists. NOT_FOUND when the
+    subject was returned and has been removed since.
     """
 
 class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -129,8 +139,13 @@ class GalleryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gallery_pb2.Subject, _abc.Awaitable[_gallery_pb2.Subject]]:
         """One enrolled subject's ten-print (as enrolled) and record, for an examiner's review of a
-        borderline match. NOT_FOUND when not enrolled. Callers: the coordinator only, which asks
-        when an examiner claims a review of this subject (and audits it).
+        borderline match. Callers: the coordinator only, which asks when an examiner claims or
+        decides a review of this subject (and audits it). Need to know: the node releases a subject
+        only to the caller (by certificate) it returned that subject to as the deciding (first)
+        candidate of probe `probe_id`, in the review or hit band, within the node's release window
+        (NodeConfig.release_window_s); each release is recorded with that probe and examiner.
+        Anything else is PERMISSION_DENIED, whether or not the subject exists. NOT_FOUND when the
+        subject was returned and has been removed since.
         """
 
 def add_GalleryServiceServicer_to_server(servicer: GalleryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
