@@ -376,6 +376,11 @@ def test_services_configs_load_with_the_services_own_settings(
         for path in (loaded.tls.ca, loaded.tls.cert, loaded.tls.key):
             volume = volumes[mounted[str(path.parent)]]
             assert path.name in {item["path"] for item in volume["secret"]["items"]}, path
+        # The CA's revocation list from an optional ConfigMap: absent, nothing is revoked.
+        assert loaded.tls.crl is not None
+        crl = volumes[mounted[str(loaded.tls.crl.parent)]]["configMap"]
+        assert crl["name"] == f"{RELEASE}-fedprint-crl" and crl["optional"] is True
+        assert {item["path"] for item in crl["items"]} == {loaded.tls.crl.name}
         if component(w) == "router":
             assert loaded.database_url_file is None  # a router keeps no data
         else:

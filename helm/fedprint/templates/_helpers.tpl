@@ -55,6 +55,11 @@ fedprint.io/shard: {{ .shard | quote }}
 {{- end -}}
 
 {{/* The Secret and key holding one service's database URL. */}}
+{{/* The ConfigMap holding the CA's revocation list (crl.pem); optional. */}}
+{{- define "fedprint.crlConfigMap" -}}
+{{- .Values.tls.crlConfigMap | default (printf "%s-crl" (include "fedprint.fullname" .)) -}}
+{{- end -}}
+
 {{- define "fedprint.databaseSecret" -}}
 {{- if .Values.postgresql.enabled -}}
 {{- printf "%s-database" (include "fedprint.fullname" .) -}}
@@ -91,7 +96,8 @@ Secrets are files named here, never values: (dict "ctx" $ "identity" "iafis" "da
 {{- $_ := set $cfg "tls" (dict
   "ca" "/etc/fedprint/tls/ca.pem"
   "cert" (printf "/etc/fedprint/tls/%s.pem" .identity)
-  "key" (printf "/etc/fedprint/tls/%s.key" .identity)) -}}
+  "key" (printf "/etc/fedprint/tls/%s.key" .identity)
+  "crl" "/etc/fedprint/crl/crl.pem") -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
@@ -197,6 +203,9 @@ and the data directory (an emptyDir unless the caller mounts a claim there).
 - name: tls
   mountPath: /etc/fedprint/tls
   readOnly: true
+- name: crl
+  mountPath: /etc/fedprint/crl
+  readOnly: true
 {{- end }}
 {{- if .database }}
 - name: database
@@ -225,6 +234,13 @@ and the data directory (an emptyDir unless the caller mounts a claim there).
       - {key: ca.pem, path: ca.pem}
       - {key: {{ printf "%s.pem" .identity }}, path: {{ printf "%s.pem" .identity }}}
       - {key: {{ printf "%s.key" .identity }}, path: {{ printf "%s.key" .identity }}}
+# Not a subPath: the kubelet updates a mounted ConfigMap in place, and the services re-read it.
+- name: crl
+  configMap:
+    name: {{ include "fedprint.crlConfigMap" .ctx }}
+    optional: true
+    items:
+      - {key: crl.pem, path: crl.pem}
 {{- end }}
 {{- if .database }}
 - name: database
