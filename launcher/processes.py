@@ -180,7 +180,9 @@ async def federation(
 
     def tls(role: str) -> dict[str, str]:
         files = pki[role]
-        return {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)}
+        found = {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)}
+        # The CA's revocation list: `fedprint certs revoke` reaches the running services.
+        return found | ({"crl": str(files.crl)} if files.crl is not None else {})
 
     def env(role: str) -> dict[str, str]:
         return {"FEDPRINT_DATABASE_URL": urls[role]} if role in urls else {}
