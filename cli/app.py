@@ -115,6 +115,9 @@ def stats(
     tls_dir: TlsDirOption = Path("pki"),
     insecure: InsecureOption = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="write GetStats as JSON here")] = None,
+    node: Annotated[
+        Role | None, typer.Option(help="iafis or ident: refuse a server whose certificate is another's")
+    ] = None,
 ) -> None:
     """A gallery node's statistics, as the gallery administrator: its size and the device and
     host memory its gallery holds, in all, per subject and by part (``GetStats``)."""
@@ -123,7 +126,14 @@ def stats(
 
     from fedprint.clients import gallery_stats
 
-    answer = asyncio.run(gallery_stats(address, tls=_identity(tls_dir, "admin", insecure), insecure=insecure))
+    answer = asyncio.run(
+        gallery_stats(
+            address,
+            tls=_identity(tls_dir, "admin", insecure),
+            insecure=insecure,
+            node=node.value if node is not None else None,
+        )
+    )
     if json_out is not None:
         json_out.write_text(json.dumps(json_format.MessageToDict(answer), indent=2) + "\n")
     console.print(

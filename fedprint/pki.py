@@ -43,12 +43,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedprint.validation import ORI
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 #: Days a development identity is valid: a leaked key is useful for weeks at most, and renewal is
@@ -437,10 +440,16 @@ class RevocationList:
                 raise ValueError(f"revocation list {self.path}: {error}") from error
             # Not read again until the file changes again: a broken file costs one read, not one a call.
             self._seen, self.error = signature, str(error)
+            log.error(
+                "revocation list not taken; the previous one stays in force",
+                path=str(self.path),
+                error=str(error),
+            )
             return
         self._serials = frozenset(entry.serial_number for entry in crl)
         self._seen, self.error = signature, ""
         self.reloads += 1
+        log.info("revocation list loaded", path=str(self.path), revoked=len(self._serials))
 
     def revoked(self, serial: int) -> bool:
         """Whether the certificate with ``serial`` is revoked (re-reading a changed list first)."""
