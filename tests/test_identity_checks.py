@@ -317,3 +317,33 @@ def test_the_revoke_command_names_what_it_revoked_and_keeps_earlier_entries(tmp_
     renewed = identity_of(pki["examiner"].cert.read_bytes()).serial
     assert renewed != first and not crl.revoked(renewed) and crl.revoked(first)
     assert runner.invoke(app, ["certs", "revoke", "nobody", "--tls-dir", str(tmp_path)]).exit_code != 0
+
+
+def test_a_caller_without_a_certificate_spends_its_address_budget_whatever_its_port() -> None:
+    from fedprint.access import Caller
+
+    one, other = (
+        Caller(None, GET_STATS, "ipv4:10.0.0.7:50000"),
+        Caller(None, GET_STATS, "ipv4:10.0.0.7:50001"),
+    )
+    assert one.budget_key() == other.budget_key() == "peer:ipv4:10.0.0.7"
+    assert Caller(None, GET_STATS, "ipv6:[::1]:50000").budget_key() == "peer:ipv6:[::1]"
+
+
+def test_a_window_audits_the_first_refusal_at_once_and_its_repeats_as_one_count() -> None:
+    from fedprint.access import Caller, Denial
+
+    now = [0.0]
+    ledger = DenialLedger(per_second=1.0, burst=2, window_s=10.0, clock=lambda: now[0])
+    caller = Caller(None, GET_STATS, "ipv4:10.0.0.7:50000")
+    first = Denial(caller, "no client certificate")
+    assert ledger.note(first) == [first]
+    assert [ledger.note(first) for _ in range(5)] == [[]] * 5  # counted, not audited
+    other = Denial(caller, "no client certificate", tcn="TCN-2")  # another booking: its own entry
+    assert ledger.note(other) == [other]
+    assert ledger.take(caller) == 0.0 and ledger.take(caller) == 0.0 and ledger.take(caller) > 0.0
+    assert ledger.next_close() == 10.0
+    now[0] = 10.0
+    [summary] = ledger.closed(now[0])  # the window with repeats; the other had none
+    assert (summary.count, summary.reason, summary.fields()["count"]) == (5, first.reason, "5")
+    assert ledger.note(first) == [first]  # a new window
