@@ -4,9 +4,9 @@ and key files.
 A service creates its data directory, its databases and the keys it makes itself private, and
 tightens those it owns that an earlier version left open. It refuses to start on a key file that
 others may read (:func:`require_private_key`); the rule is PostgreSQL's for its server key: a key
-owned by the service's user must be 0600 or tighter, one owned by root may also be readable by its
-group (a Kubernetes Secret mounted with an ``fsGroup`` is root's and group-readable, 0440), and
-none may be readable by the world.
+owned by the service's user must be 0600 or tighter, one owned by root (when the service runs as
+another user) may also be readable by its group (a Kubernetes Secret mounted with an ``fsGroup``
+is root's and group-readable, 0440), and none may be readable by the world.
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def require_private_key(path: Path, what: str) -> None:
     mode = stat.S_IMODE(info.st_mode)
     world = mode & stat.S_IRWXO
     group = mode & stat.S_IRWXG
-    root_group_read = info.st_uid == 0 and not group & ~stat.S_IRGRP
+    # Root's key, read through the group by a service running as another user (a Secret under
+    # an fsGroup); a service running as root holds its key alone like any other.
+    root_group_read = info.st_uid == 0 != os.geteuid() and not group & ~stat.S_IRGRP
     if world or (group and not root_group_read):
         raise ExposedKeyFile(
             f"{path}: the {what} may be read by others (mode {mode:04o}); a key must be readable by "
