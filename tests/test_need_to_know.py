@@ -65,7 +65,9 @@ async def test_the_coordinators_certificate_gets_no_subject_the_node_did_not_ret
     )
     (result,) = answer.results
     assert result.decision == bio.NO_HIT and result.candidates
-    await denied(node, gal.GetSubjectRequest(subject_id=result.candidates[0].subject_id, probe_id="P-STRANGER"))
+    await denied(
+        node, gal.GetSubjectRequest(subject_id=result.candidates[0].subject_id, probe_id="P-STRANGER")
+    )
 
     # The booking puts the mate in the review band: the examiner's claim gets prints and record.
     await in_review(reviewing, mate)
