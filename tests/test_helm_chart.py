@@ -381,19 +381,39 @@ def test_services_configs_load_with_the_services_own_settings(
         crl = volumes[mounted[str(loaded.tls.crl.parent)]]["configMap"]
         assert crl["name"] == f"{RELEASE}-fedprint-crl" and crl["optional"] is True
         assert {item["path"] for item in crl["items"]} == {loaded.tls.crl.name}
-        if component(w) == "router":
-            assert loaded.database_url_file is None  # a router keeps no data
-        else:
-            assert loaded.database_url_file is not None
-            volume = volumes[mounted[str(loaded.database_url_file.parent)]]
-            expected = (
-                "fedprint-database-urls"
-                if configuration == "external-postgresql"
-                else f"{RELEASE}-fedprint-database"
-            )
-            assert volume["secret"]["secretName"] == expected
+        # A router too: it keeps what it returned to whom in the node's database.
+        assert loaded.database_url_file is not None
+        volume = volumes[mounted[str(loaded.database_url_file.parent)]]
+        expected = (
+            "fedprint-database-urls"
+            if configuration == "external-postgresql"
+            else f"{RELEASE}-fedprint-database"
+        )
+        assert volume["secret"]["secretName"] == expected
         # No secret value sits in a ConfigMap.
         assert "database_url" not in config and "password" not in json.dumps(config)
+
+
+@parametrize_configurations
+def test_keys_come_from_secrets_never_from_the_data_volume(configuration: str) -> None:
+    """A copy of a data volume (or of the database) opens no sealed booking and re-chains no audit
+    log: every key file a service reads is mounted, read-only, from a Secret of its own."""
+    manifests = render(configuration)
+    for w in fedprint_workloads(manifests):
+        config = config_of(manifests, w)
+        (c,) = pod_spec(w)["containers"]
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod_spec(w)["volumes"]}
+        keys = [config[k] for k in ("booking_key_file", "audit_key_file") if k in config]
+        keys += [config["tls"]["key"]]
+        if component(w) == "coordinator":
+            assert len(keys) == 3
+        for key in keys:
+            assert not key.startswith(config["data_dir"] + "/"), key
+            mount = mounts[str(Path(key).parent)]
+            assert mount["readOnly"] is True and mount["name"] != "data", key
+            secret = volumes[mount["name"]]["secret"]
+            assert secret["defaultMode"] == 0o400 and Path(key).name in {i["path"] for i in secret["items"]}
 
 
 @parametrize_configurations
