@@ -20,7 +20,7 @@ from federation.audit import ChainBreak
 from federation.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from federation.config import CoordinatorConfig
 from federation.store import MIGRATIONS as COORDINATOR
-from federation.store import CoordinatorStore
+from federation.store import CoordinatorStore, DeadLetterPurged
 from fedprint.database import connect
 from fedprint.migrations import Migrations, current, new_revision, upgrade
 from fedprint.settings import ServiceSettings
@@ -132,7 +132,7 @@ def register(app: typer.Typer, console: Console) -> None:
             rows = [
                 {
                     "tcn": e.tcn,
-                    "state": "dead" if e.dead else "pending",
+                    "state": ("purged" if e.purged else "dead") if e.dead else "pending",
                     "level": e.level,
                     "attempts": e.attempts,
                     "age_s": round((now - e.created_at).total_seconds(), 1),
@@ -149,7 +149,9 @@ def register(app: typer.Typer, console: Console) -> None:
             age = now - e.created_at
             table.add_row(
                 e.tcn,
-                "[red]dead letter[/red]" if e.dead else "pending",
+                ("[red]dead letter (purged)[/red]" if e.purged else "[red]dead letter[/red]")
+                if e.dead
+                else "pending",
                 str(e.level),
                 str(e.attempts),
                 str(dt.timedelta(seconds=round(age.total_seconds()))),
@@ -175,6 +177,9 @@ def register(app: typer.Typer, console: Console) -> None:
             requeued = store.retry_dead_letter(
                 tcn, operator=f"operator {getpass.getuser()} (fedprint outbox)"
             )
+        except DeadLetterPurged as purged:
+            console.print(f"[red]{purged}[/red]")
+            raise typer.Exit(1) from None
         finally:
             store.close()
         if not requeued:

@@ -43,6 +43,12 @@ class CoordinatorConfig(ServiceSettings):
     outbox_max_attempts: int = Field(
         default=200, ge=1, description="failed deliveries before a notification becomes a dead letter"
     )
+    outbox_dead_letter_retention_s: float = Field(
+        default=30 * 24 * 3600.0,
+        gt=0,
+        description="how long a dead letter keeps its notice for an operator's retry; then the notice is "
+        "purged (TCN, level and digest stay)",
+    )
     retry_initial_s: float = Field(
         default=2.0, gt=0, description="first wait before an incomplete booking is searched again"
     )

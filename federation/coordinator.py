@@ -520,6 +520,7 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
         retry_initial_s=config.outbox_retry_initial_s,
         retry_max_s=config.outbox_retry_max_s,
         max_attempts=config.outbox_max_attempts,
+        dead_letter_retention_s=config.outbox_dead_letter_retention_s,
     )
     seal = BookingSeal(load_or_create_key(config.booking_key_file or config.data_dir / "booking.key"))
     coordinator = Coordinator(

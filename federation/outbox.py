@@ -1,7 +1,9 @@
 """Delivers queued ICE notifications: at least once, idempotent by TCN on the
 receiving side, retried with exponential backoff, surviving restarts (the queue
 is the coordinator's database, not memory). A notification that fails ``max_attempts``
-times becomes a dead letter that an operator retries (`fedprint outbox retry`). Replicas of the
+times becomes a dead letter that an operator retries (`fedprint outbox retry`). A notice leaves
+the outbox once ICE acknowledges it (the row keeps its TCN, level and digest), and a dead letter's
+once it is older than the retention (``dead_letter_retention_s``). Replicas of the
 coordinator share the outbox: each claims the entries it sends
 (:meth:`~federation.store.CoordinatorStore.claim_due_notifications`), so no entry goes out from
 two replicas at once.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 
 import grpc
 import structlog
@@ -25,6 +28,10 @@ log = structlog.get_logger(__name__)
 CLAIM_BATCH = 16
 #: Slack on top of the time a pass may take (a deadline per entry) before its claims run out.
 CLAIM_SLACK_S = 30.0
+#: The longest between two purges of notices that outlived their purpose.
+PURGE_EVERY_S = 60.0
+#: How long a dead letter keeps its notice for an operator's retry, unless configured.
+DEAD_LETTER_RETENTION_S = 30 * 24 * 3600.0
 
 
 class OutboxDeliverer:
@@ -39,6 +46,7 @@ class OutboxDeliverer:
         retry_initial_s: float,
         retry_max_s: float,
         max_attempts: int,
+        dead_letter_retention_s: float = DEAD_LETTER_RETENTION_S,
     ) -> None:
         self._store = store
         self._ice = ice
@@ -46,6 +54,8 @@ class OutboxDeliverer:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._max_attempts = max_attempts
+        self._dead_letter_retention_s = dead_letter_retention_s
+        self._purged_at = float("-inf")
         self._loop = DueWorkLoop("outbox", self.deliver_due, store.next_due_at, idle_s=retry_max_s)
         self.delivered = 0
 
@@ -64,7 +74,13 @@ class OutboxDeliverer:
         return backoff_s(attempts, self._retry_initial_s, self._retry_max_s)
 
     async def deliver_due(self) -> int:
-        """One pass over the due entries; returns how many were delivered."""
+        """One pass over the due entries; returns how many were delivered. Purges the notices
+        past their purpose first, at most every minute (or every retention, if shorter)."""
+        if time.monotonic() - self._purged_at >= min(PURGE_EVERY_S, self._dead_letter_retention_s):
+            self._purged_at = time.monotonic()
+            purged = await asyncio.to_thread(self._store.purge_notices, self._dead_letter_retention_s)
+            if purged:
+                log.info("notices purged", notices=purged)
         delivered = 0
         # The claim outlasts the pass: every entry may use its whole deadline.
         lease_s = self._deadline_s * CLAIM_BATCH + CLAIM_SLACK_S

@@ -88,9 +88,16 @@ class AuditHead(_Base):
 
 
 class OutboxRow(_Base):
+    """A notice for ICE. Once ICE acknowledges it, the notice itself (the immigration record in
+    it) is purged: the row keeps the TCN, the level and the notice's digest, what audit needs."""
+
     __tablename__ = "outbox"
     tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The ice.v1.Notification; empty once delivered.
     notification: Mapped[bytes] = mapped_column(LargeBinary)
+    #: Its records.v1.ThreatLevel and SHA-256 (hex), kept when the notice is purged.
+    level: Mapped[int] = mapped_column(Integer, server_default="0")
+    digest: Mapped[str] = mapped_column(String(64), server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -106,11 +113,29 @@ class DeadLetterRow(_Base):
 
     __tablename__ = "outbox_dead_letters"
     tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The notice; empty once the dead-letter retention has passed (it can no longer be retried).
     notification: Mapped[bytes] = mapped_column(LargeBinary)
+    level: Mapped[int] = mapped_column(Integer, server_default="0")
+    digest: Mapped[str] = mapped_column(String(64), server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer)
     dead_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str] = mapped_column(Text)
+
+
+def _outbox_row(tcn: str, notification: ice.Notification, now: dt.datetime) -> OutboxRow:
+    """A new outbox entry for ``notification``, due now."""
+    payload = notification.SerializeToString()
+    return OutboxRow(
+        tcn=tcn,
+        notification=payload,
+        level=notification.level,
+        digest=content_digest(payload),
+        created_at=now,
+        attempts=0,
+        next_attempt_at=now,
+        last_error="",
+    )
 
 
 class PendingBookingRow(_Base):
@@ -161,6 +186,7 @@ _STATE_EVENTS = frozenset(
         "notification_delivered",
         "notification_dead_lettered",
         "notification_requeued",
+        "notification_purged",
         "review_confirmed",
         "review_rejected",
     }
@@ -291,6 +317,12 @@ class OutboxEntry:
     created_at: dt.datetime
     last_error: str
     dead: bool
+    #: A dead letter whose notice was purged after the retention: it can no longer be sent.
+    purged: bool = False
+
+
+class DeadLetterPurged(Exception):
+    """A dead letter past its retention: its notice is gone, and it cannot be sent again."""
 
 
 @dataclass(frozen=True)
@@ -526,16 +558,7 @@ class CoordinatorStore:
                 )
             self._append_audit(session, decision.tcn, "decision", "; ".join(decision.reasons), payload)
             if notification is not None and session.get(OutboxRow, decision.tcn) is None:
-                session.add(
-                    OutboxRow(
-                        tcn=decision.tcn,
-                        notification=notification.SerializeToString(),
-                        created_at=now,
-                        attempts=0,
-                        next_attempt_at=now,
-                        last_error="",
-                    )
-                )
+                session.add(_outbox_row(decision.tcn, notification, now))
                 self._append_audit(
                     session, decision.tcn, "notification_queued", "", self._state(session, decision.tcn)
                 )
@@ -697,12 +720,13 @@ class CoordinatorStore:
             return None if due is None else _aware(due)
 
     def mark_delivered(self, tcn: str, duplicate: bool) -> None:
-        """Closes the outbox entry and moves the stored decision to DELIVERED."""
+        """Closes the outbox entry, purging the notice (ICE has it; the row keeps TCN, level and
+        digest), and moves the stored decision to DELIVERED."""
         with self._sessions.begin() as session:
             session.execute(
                 update(OutboxRow)
                 .where(OutboxRow.tcn == tcn)
-                .values(delivered_at=_now(), claimed_by=None, claimed_until=None)
+                .values(delivered_at=_now(), notification=b"", claimed_by=None, claimed_until=None)
             )
             _set_notification_state(session, tcn, bk.DELIVERED)
             detail = "acknowledged (already received)" if duplicate else "acknowledged"
@@ -725,6 +749,8 @@ class CoordinatorStore:
                 DeadLetterRow(
                     tcn=tcn,
                     notification=row.notification,
+                    level=row.level,
+                    digest=row.digest,
                     created_at=row.created_at,
                     attempts=row.attempts,
                     dead_at=_now(),
@@ -744,15 +770,23 @@ class CoordinatorStore:
 
     def retry_dead_letter(self, tcn: str, operator: str) -> bool:
         """Puts a dead letter back into the outbox with fresh attempts (audited with the
-        operator); False when ``tcn`` has no dead letter."""
+        operator); False when ``tcn`` has no dead letter. Raises :class:`DeadLetterPurged` when
+        its notice was purged after the retention."""
         with self._sessions.begin() as session:
             dead = session.get(DeadLetterRow, tcn)
             if dead is None:
                 return False
+            if not dead.notification:
+                raise DeadLetterPurged(
+                    f"the dead letter of {tcn} was purged after its retention "
+                    "(outbox_dead_letter_retention_s): its notice can no longer be sent"
+                )
             session.add(
                 OutboxRow(
                     tcn=tcn,
                     notification=dead.notification,
+                    level=dead.level,
+                    digest=dead.digest,
                     created_at=dead.created_at,
                     attempts=0,
                     next_attempt_at=_now(),
@@ -782,15 +816,46 @@ class CoordinatorStore:
             return [
                 OutboxEntry(
                     r.tcn,
-                    ice.Notification.FromString(r.notification).level,
+                    r.level,
                     r.attempts,
                     _aware(r.created_at),
                     r.last_error,
                     dead_letter,
+                    purged=not r.notification,
                 )
                 for rows, dead_letter in ((dead, True), (pending, False))
                 for r in rows
             ]
+
+    def purge_notices(self, dead_letter_retention_s: float) -> int:
+        """Purges the notices that outlived their purpose (audited, each keeping TCN, level and
+        digest): those ICE acknowledged (before deliveries purged them at once), and dead letters
+        older than ``dead_letter_retention_s``. Returns how many."""
+        cutoff = _now() - dt.timedelta(seconds=dead_letter_retention_s)
+        purged = 0
+        with self._sessions.begin() as session:
+            rows: list[OutboxRow | DeadLetterRow] = [
+                *session.scalars(
+                    select(OutboxRow).where(
+                        OutboxRow.delivered_at.is_not(None), OutboxRow.notification != b""
+                    )
+                ),
+                *session.scalars(
+                    select(DeadLetterRow).where(
+                        DeadLetterRow.dead_at < cutoff, DeadLetterRow.notification != b""
+                    )
+                ),
+            ]
+            for row in rows:
+                row.notification = b""
+                what = (
+                    "acknowledged by ICE" if isinstance(row, OutboxRow) else "dead letter past its retention"
+                )
+                self._append_audit(
+                    session, row.tcn, "notification_purged", what, self._state(session, row.tcn)
+                )
+                purged += 1
+        return purged
 
     # ------------------------------------------------------------------ examiner reviews
 
@@ -920,16 +985,7 @@ class CoordinatorStore:
                 verdict.apply(decision, node)
                 stored.decision, stored.updated_at = decision.SerializeToString(), now
             if verdict.notification is not None and session.get(OutboxRow, tcn) is None:
-                session.add(
-                    OutboxRow(
-                        tcn=tcn,
-                        notification=verdict.notification.SerializeToString(),
-                        created_at=now,
-                        attempts=0,
-                        next_attempt_at=now,
-                        last_error="",
-                    )
-                )
+                session.add(_outbox_row(tcn, verdict.notification, now))
             event = "review_confirmed" if confirmed else "review_rejected"
             outcome = (
                 "unchanged"
