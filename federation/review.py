@@ -37,7 +37,7 @@ from fedprint.rpc import InvalidRequest, abort_invalid
 from fedprint.validation import TCN, Violations
 
 if TYPE_CHECKING:
-    from federation.coordinator import Coordinator
+    from federation.coordinator import Coordinator, NodeClient
 
 log = structlog.get_logger(__name__)
 
@@ -133,12 +133,13 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         review, sealed = claimed
         case = rv.ReviewCase(review=review)
         try:
-            case.probe.CopyFrom(self.coordinator.open_booking(tcn, sealed).tenprint)
+            booking = self.coordinator.open_booking(tcn, sealed)
         except SealingError:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {review.review_id} does not open"
             )
-        subject = await self._subject(review, examiner, context)
+        case.probe.CopyFrom(booking.tenprint)
+        subject = await self._subject(review, examiner, booking, context)
         case.candidate_tenprint.CopyFrom(subject.tenprint)
         if node == "ident":
             case.candidate_record.CopyFrom(subject.immigration_history)
@@ -148,19 +149,31 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         return case
 
     async def _subject(
-        self, review: rv.Review, examiner: str, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        review: rv.Review,
+        examiner: str,
+        booking: bk.Booking,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> gal.Subject:
         """The candidate's prints and record, from the review's node (for the examiner working
         it). The node gives them only for the booking whose search returned the candidate to this
-        coordinator (need to know), and records the release with the TCN and the examiner."""
+        coordinator, within its release window (need to know), and records the release with the
+        TCN and the examiner. A review that waited past the window searches the booking again,
+        against the candidate alone: the node gives the subject once it returns it again."""
         node = self.coordinator.iafis if review.node == "iafis" else self.coordinator.ident
+        request = gal.GetSubjectRequest(
+            subject_id=review.candidate.subject_id, probe_id=review.tcn, examiner=examiner
+        )
+        timeout = self.coordinator.config.node_deadline_s
         try:
-            return await node.stub.GetSubject(
-                gal.GetSubjectRequest(
-                    subject_id=review.candidate.subject_id, probe_id=review.tcn, examiner=examiner
-                ),
-                timeout=self.coordinator.config.node_deadline_s,
-            )
+            try:
+                return await node.stub.GetSubject(request, timeout=timeout)
+            except grpc.aio.AioRpcError as refused:
+                if refused.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                if not await self._search_again(node, review, booking):
+                    raise
+            return await node.stub.GetSubject(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             # Removed since (NOT_FOUND), or no longer released for this booking (its release
             # window passed: FAILED_PRECONDITION); anything else is the node being unavailable.
@@ -170,6 +183,27 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
                 code, f"{review.node.upper()} could not give subject {subject}: {error.details()}"
             )
             raise  # unreachable: abort raises
+
+    async def _search_again(self, node: NodeClient, review: rv.Review, booking: bk.Booking) -> bool:
+        """Searches the booking against the review's candidate alone; whether the node returned
+        it again as the deciding candidate in the review or hit band (and so will release it)."""
+        request = gal.IdentifyRequest(
+            probes=[gal.Probe(probe_id=booking.tcn, tenprint=booking.tenprint)],
+            max_results=1,
+            subject_ids=[review.candidate.subject_id],
+        )
+        try:
+            response = await node.stub.Identify(request, timeout=self.coordinator.config.node_deadline_s)
+        except grpc.aio.AioRpcError as error:
+            log.warning("review search again failed", review=review.review_id, error=error.details())
+            return False
+        again = (
+            len(response.results) == 1
+            and response.results[0].decided_by == review.candidate.subject_id
+            and response.results[0].decision in (bio.REVIEW, bio.HIT)
+        )
+        log.info("review searched again past the release window", review=review.review_id, returned=again)
+        return again
 
     async def DecideReview(
         self, request: rv.DecideReviewRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -229,7 +263,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {tcn}/{node} does not open"
             )
-        subject = await self._subject(review, examiner, context)
+        subject = await self._subject(review, examiner, booking, context)
         confirmed = (
             f"examiner {examiner} confirmed the {node.upper()} match {review.candidate.subject_id}"
             + (f": {note}" if note else "")

@@ -6,6 +6,7 @@ node or sharded."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import grpc
@@ -132,6 +133,25 @@ async def test_a_review_waiting_longer_than_the_release_window_gets_nothing(
     assert expired.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "releases a subject only" in (expired.value.details() or "")
     assert reviewing.ident.servicer.store.releases(mate.booking.tcn) == []
+
+
+async def test_a_review_the_node_has_forgotten_is_searched_again_and_then_released(
+    reviewing: Federation, population: Population
+) -> None:
+    mate = ident_mates(population)[0]
+    await in_review(reviewing, mate)
+    store = reviewing.ident.servicer.store
+    # The node forgets what it returned, as it does once the release window has passed.
+    assert store.purge_returned(dt.datetime.now(dt.UTC) + dt.timedelta(days=1), keep=1) >= 1
+    node = gal_grpc.GalleryServiceStub(reviewing.channel(reviewing.ident.host.address, "coordinator"))
+    request = gal.GetSubjectRequest(subject_id=mate.truth.ident_subject_id, probe_id=mate.booking.tcn)
+    await denied(node, request)
+    # The claim searches the sealed booking again against the candidate alone: the node returns
+    # it again, and releases it.
+    examiner = rv_grpc.ReviewServiceStub(reviewing.channel(reviewing.address, "examiner"))
+    case = await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=ident_review(mate)), timeout=30)
+    assert case.candidate_record.subject_id == mate.truth.ident_subject_id
+    assert [r.subject_id for r in store.releases(mate.booking.tcn)] == [mate.truth.ident_subject_id]
 
 
 async def test_a_sharded_nodes_router_releases_only_what_it_returned(
