@@ -43,6 +43,7 @@ from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
+from fedprint.private import private_directory
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel, service
@@ -490,7 +491,7 @@ class CoordinatorService:
 
 def build_coordinator(config: CoordinatorConfig, database_url: str | None = None) -> CoordinatorService:
     """Wires store, policy, node clients and outbox into a coordinator server (not yet started)."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_directory(config.data_dir)
     store = CoordinatorStore(
         database_url or f"sqlite:///{config.data_dir / 'coordinator.sqlite'}",
         replica_id=config.replica_id,

@@ -31,20 +31,24 @@ class ExposedKeyFile(PermissionError):
 
 def private_directory(path: Path) -> Path:
     """Creates ``path`` (and missing parents) readable by its owner only; an existing directory
-    this user owns is made so too. Returns ``path``."""
+    this user owns is made so too, unless it is a shared one (sticky or world-writable, like
+    /tmp), which is left as it is. Returns ``path``."""
     missing = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     for created in missing:  # mkdir's mode yields to the umask, and parents get the default
         with contextlib.suppress(OSError):
             created.chmod(0o700)
-    _tighten(path, 0o700)
+    info = path.stat()
+    if not info.st_mode & (stat.S_ISVTX | stat.S_IWOTH):
+        _tighten(path, 0o700)
     return path
 
 
 def private_file(path: Path) -> Path:
-    """Creates ``path`` empty, 0600, unless it exists; an existing file this user owns is made
-    0600 too. Returns ``path``."""
-    private_directory(path.parent)
+    """Creates ``path`` empty, 0600, unless it exists (and the missing folders above it, 0700);
+    an existing file this user owns is made 0600 too. Returns ``path``."""
+    if not path.parent.exists():  # an existing folder is the service's to make private, not this
+        private_directory(path.parent)
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     _tighten(path, 0o600)

@@ -28,6 +28,9 @@ from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.pki import TlsFiles
 from fedprint.private import ExposedKeyFile
 from fedprint.records.v1 import records_pb2 as rec
+from ice_service import build_ice
+from ice_service.config import IceConfig
+from ice_service.server import IceStore
 from launcher.services import build_service
 from synthetic.population import Population
 from tests.conftest import Federation
@@ -178,15 +181,24 @@ async def test_data_folders_databases_and_keys_are_private(federation: Federatio
         assert mode(federation.root / "coordinator" / key) == 0o600
 
 
-def test_a_folder_and_database_left_open_are_made_private(tmp_path: Path) -> None:
+async def test_a_data_folder_and_database_left_open_are_made_private(
+    tmp_path: Path, pki: dict[str, TlsFiles]
+) -> None:
     folder = tmp_path / "old"
-    folder.mkdir(mode=0o755)
-    folder.chmod(0o755)
-    database = folder / "coordinator.sqlite"
-    CoordinatorStore(f"sqlite:///{database}").close()
+    folder.mkdir()
+    database = folder / "ice.sqlite"
+    IceStore(f"sqlite:///{database}").close()
+    folder.chmod(0o755)  # as an earlier version left them
     database.chmod(0o644)
-    CoordinatorStore(f"sqlite:///{database}").close()
+    service = build_ice(IceConfig(data_dir=folder, tls=pki["ice"]))
+    await service.stop(0)
     assert (mode(folder), mode(database)) == (0o700, 0o600)
+    # A shared folder (sticky, like /tmp) holding a database is left as it is.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    IceStore(f"sqlite:///{shared / 'ice.sqlite'}").close()
+    assert mode(shared) == 0o1777 and mode(shared / "ice.sqlite") == 0o600
 
 
 def coordinator_config(tmp_path: Path, pki: dict[str, TlsFiles], **settings: object) -> Path:
