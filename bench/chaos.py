@@ -14,7 +14,7 @@ import asyncio
 import collections
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -202,20 +202,23 @@ async def account(
     tcns_by_ori: Mapping[str, Sequence[str]],
     agencies: Mapping[str, TlsFiles],
     ice_identity: TlsFiles,
+    kept: Callable[[Iterable[str]], Mapping[str, bk.BookingDecision]],
 ) -> Accounting:
-    """Reads every booking's decision (each as its own agency) and the ICE queue, and compares
-    the coordinator's IDENT hits with ICE's notices by TCN."""
-    decisions: dict[str, bk.BookingDecision] = {}
+    """Reads every booking's decision (each as its own agency: a booking it cannot read is lost)
+    and the ICE queue, and compares the coordinator's IDENT hits, as it keeps them (``kept``:
+    TCNs to the coordinator's own record; an agency is not told of IDENT), with ICE's notices
+    by TCN."""
+    answered: list[str] = []
     lost = 0
     for ori, tcns in tcns_by_ori.items():
         async with open_channel(coordinator, agencies[ori], server="coordinator") as channel:
             stub = bk_grpc.BookingServiceStub(channel)
             for tcn in tcns:
-                decision = await _decision(stub, tcn)
-                if decision is None:
+                if await _decision(stub, tcn) is None:
                     lost += 1
                 else:
-                    decisions[tcn] = decision
+                    answered.append(tcn)
+    decisions = dict(kept(answered))
     hits = {
         tcn
         for tcn, d in decisions.items()

@@ -14,7 +14,6 @@ import collections
 import contextlib
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import Retry, Submission, enroll, submit_bookings, wait_for_notifications
 from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
 from fedprint.rpc import open_channel
-from launcher.processes import federation
+from launcher.processes import Federation, federation
 from synthetic.population import generate_population
 
 
@@ -136,7 +135,7 @@ async def _chaos_run(
     config: FederationBenchConfig,
     chaos: ChaosConfig,
     monkey: ChaosMonkey,
-    addresses: Mapping[str, str],
+    addresses: Federation,
     bookings: list[bk.Booking],
     agencies: dict[str, TlsFiles],
     pki: dict[str, TlsFiles],
@@ -164,7 +163,14 @@ async def _chaos_run(
     tcns_by_ori: dict[str, list[str]] = {}
     for booking in bookings:
         tcns_by_ori.setdefault(booking.ori, []).append(booking.tcn)
-    counts = await account(addresses["coordinator"], addresses["ice"], tcns_by_ori, agencies, pki["ice"])
+    counts = await account(
+        addresses["coordinator"],
+        addresses["ice"],
+        tcns_by_ori,
+        agencies,
+        pki["ice"],
+        addresses.kept_decisions,
+    )
     errors: collections.Counter[str] = collections.Counter(
         r.error.split(":", 1)[0] for r in results if r.decision is None
     )

@@ -222,6 +222,13 @@ def demo(
             "gets a database of its own there (dropped afterwards unless --workdir); default: SQLite files"
         ),
     ] = None,
+    agency_log: Annotated[
+        Path | None,
+        typer.Option(
+            help="write every decision the booking agencies received (answers, GetDecision, "
+            "WatchDecisions), one JSON object per line, for a disclosure audit"
+        ),
+    ] = None,
 ) -> None:
     """Starts all four services, enrolls both galleries, submits bookings, checks every decision."""
     from cli.demo import run_demo
@@ -236,6 +243,7 @@ def demo(
             workdir=workdir,
             shards=shards,
             database=database,
+            agency_log=agency_log,
         )
     )
     if json_out is not None:

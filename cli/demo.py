@@ -20,10 +20,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 
 from calibration.thresholds import calibrated_thresholds
@@ -175,8 +178,50 @@ async def _fedprint(*args: str) -> str:
     return output.decode()
 
 
+@dataclass(frozen=True)
+class AgencyMessage:
+    """A decision as a booking agency received it, and through which call."""
+
+    rpc: str
+    decision: bk.BookingDecision
+
+    def to_json(self) -> str:
+        return json.dumps({"rpc": self.rpc, "decision": MessageToDict(self.decision)}, sort_keys=True)
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    coordinator: str, agencies: dict[str, TlsFiles], into: list[AgencyMessage]
+) -> AsyncIterator[None]:
+    """Each agency watches its own ORI's decisions (``WatchDecisions``) while the block runs;
+    what they receive is appended to ``into``."""
+    channels = {ori: open_channel(coordinator, tls) for ori, tls in agencies.items()}
+    calls = []
+    try:
+        for ori, channel in channels.items():
+            call = bk_grpc.BookingServiceStub(channel).WatchDecisions(bk.WatchDecisionsRequest(ori=ori))
+            await call.initial_metadata()  # the watch is registered: it misses nothing decided after
+            calls.append(call)
+
+        async def drain(call: Any) -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                async for decision in call:
+                    into.append(AgencyMessage("WatchDecisions", decision))
+
+        tasks = [asyncio.create_task(drain(call)) for call in calls]
+        yield
+    finally:
+        for call in calls:
+            call.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channel in channels.values():
+            await channel.close(None)
+
+
 async def _final(coordinator: str, submission: Submission, agencies: dict[str, TlsFiles]) -> Submission:
-    """A reviewed booking's decision as the coordinator holds it after the examiner's verdict."""
+    """A reviewed booking's decision as its agency reads it after the examiner's verdict."""
     assert submission.decision is not None
     ori = submission.decision.ori
     async with open_channel(coordinator, agencies[ori], server="coordinator") as channel:
@@ -199,8 +244,11 @@ async def run_demo(
     workdir: Path | None = None,
     shards: int = 1,
     database: str | None = None,
+    agency_log: Path | None = None,
 ) -> dict[str, Any]:
-    """Runs the demo end to end; returns the summary that ``--json`` writes."""
+    """Runs the demo end to end; returns the summary that ``--json`` writes. With ``agency_log``,
+    writes there every decision the booking agencies received (:class:`AgencyMessage`, a JSON
+    object per line)."""
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         keep = workdir is not None
@@ -254,20 +302,30 @@ async def run_demo(
             }
             kinds = {b.booking.tcn: kind for kind, b in partial.items()}
             bookings_sent = [*population.bookings, *partial.values()]
-            with console.status("submitting bookings"):
-                results: list[Submission] = await submit_bookings(
-                    addresses["coordinator"],
-                    [b.booking for b in bookings_sent],
-                    concurrency=8,
-                    agencies=agencies,
+            # Everything an agency receives, for the disclosure audit (--agency-log).
+            seen: list[AgencyMessage] = []
+            async with watching(addresses["coordinator"], agencies, seen):
+                with console.status("submitting bookings"):
+                    answers: list[Submission] = await submit_bookings(
+                        addresses["coordinator"],
+                        [b.booking for b in bookings_sent],
+                        concurrency=8,
+                        agencies=agencies,
+                    )
+                seen += [AgencyMessage("SubmitBooking", a.decision) for a in answers if a.decision]
+                reviewed = await examine(
+                    addresses["coordinator"], workdir, {b.booking.tcn: b.truth for b in bookings_sent}
                 )
-            reviewed = await examine(
-                addresses["coordinator"], workdir, {b.booking.tcn: b.truth for b in bookings_sent}
-            )
-            worked = {r.tcn for r in reviewed}
-            results = [
-                await _final(addresses["coordinator"], r, agencies) if r.tcn in worked else r for r in results
-            ]
+                worked = {r.tcn for r in reviewed}
+                for answer in answers:
+                    if answer.tcn in worked:
+                        final = await _final(addresses["coordinator"], answer, agencies)
+                        if final.decision is not None:
+                            seen.append(AgencyMessage("GetDecision", final.decision))
+            # The agencies are told of IAFIS and of a referral to ICE only: the decisions are
+            # checked as the coordinator keeps them.
+            kept = await asyncio.to_thread(addresses.kept_decisions, [a.tcn for a in answers])
+            results = [dataclasses.replace(a, decision=kept.get(a.tcn)) for a in answers]
             verdicts = [
                 check_partial(r.decision, b.truth, kinds[r.tcn])
                 if r.tcn in kinds
@@ -316,6 +374,9 @@ async def run_demo(
             "database": "postgresql" if database is not None else "sqlite",
             "thresholds": thresholds.model_dump(mode="json", exclude={"fpir_curve"}),
         }
+        if agency_log is not None:
+            await asyncio.to_thread(agency_log.write_text, "".join(m.to_json() + "\n" for m in seen))
+        summary["agency_messages"] = len(seen)
         colour = "green" if summary["wrong"] == 0 else "red"
         console.print(
             f"[{colour}]{summary['correct']} of {summary['bookings']} decisions right, "

@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from federation.background import DueWorkLoop, backoff_s
 from federation.checkpoint import write_checkpoint
 from federation.config import CoordinatorConfig
-from federation.disclosure import agency_view
+from federation.disclosure import agency_view, kept_view
 from federation.intake import booking_content, changed_parts, check_booking_header, check_booking_tenprint
 from federation.metrics import CoordinatorStatsCollector
 from federation.outbox import CLAIM_SLACK_S, OutboxDeliverer
@@ -220,6 +220,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             ident=ident,
             level=outcome.level,
             reasons=outcome.reasons,
+            agency_reasons=outcome.agency_reasons,
             policy_version=self.policy.version,
             notification=outcome.notification,
         )
@@ -278,7 +279,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
                 )
             if previous.status == bk.COMPLETE:
                 log.info("booking already decided", tcn=booking.tcn)
-                return previous
+                return agency_view(previous)
         timeout = self.config.node_deadline_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -288,7 +289,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         if previous is not None:
             kept = await asyncio.to_thread(self.store.sealed_booking, booking.tcn)
             evidence = self._open_evidence(booking.tcn, kept, previous)
-        return await self._evaluate(booking, evidence, timeout)
+        return agency_view(await self._evaluate(booking, evidence, timeout))
 
     def _open_evidence(
         self, tcn: str, kept: PendingBooking | None, stored: bk.BookingDecision
@@ -308,13 +309,14 @@ class Coordinator(bk_grpc.BookingServiceServicer):
     ) -> bk.BookingDecision:
         """Decides, stores and publishes one attempt. ``previous`` is the evidence of the last
         (incomplete) attempt: its answered searches are kept. While incomplete, the booking and
-        the evidence stay sealed for the next retry, ``retries`` backoffs away."""
+        the evidence stay sealed for the next retry, ``retries`` backoffs away. Returns the
+        decision as kept (:func:`~federation.disclosure.kept_view`)."""
         evidence = await self.decide(booking, deadline_s, previous)
         evidence.attempt = (previous.attempt if previous is not None else 0) + 1
-        # ICE gets the immigration record in the notification; the agency, the store, the audit
-        # log and the watchers get the decision without it (federation.disclosure).
+        # ICE gets the immigration record in the notification; the store and the audit log keep
+        # the decision without it, and agencies see only their view of that (federation.disclosure).
         notification = self.notification(booking, evidence) if evidence.notification == bk.QUEUED else None
-        decision = agency_view(evidence)
+        decision = kept_view(evidence)
         sealed: tuple[bytes, bytes] | None = None
         retry_at: dt.datetime | None = None
         reviews: list[tuple[rv.Review, bytes]] = []
@@ -407,7 +409,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no decision for TCN {request.tcn}")
         if not current_caller().acts_for(decision.ori):
             await deny(context, f"TCN {request.tcn} is another agency's booking", tcn=request.tcn)
-        return decision
+        return agency_view(decision)
 
     async def GetStats(
         self, request: bk.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -433,7 +435,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             while True:
                 decision = await queue.get()
                 if not request.ori or decision.ori == request.ori:
-                    yield decision
+                    yield agency_view(decision)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -102,7 +102,11 @@ class PolicyOutcome:
 
     level: rec.ThreatLevel.ValueType
     notification: bk.NotificationState.ValueType
+    #: Every reason, for ICE, examiners and audit.
     reasons: list[str]
+    #: The reasons the booking agency may read: its IAFIS result, the level, completeness; never
+    #: anything of IDENT (see :func:`federation.disclosure.agency_view`).
+    agency_reasons: list[str] = field(default_factory=list)
 
 
 def agreeing_fingers(candidate: gal.Candidate) -> int:
@@ -173,57 +177,74 @@ class ThreatPolicy:
         """Level, notification state and reasons for a booking's two node results. A HIT that
         fails the evidence rule is lowered to REVIEW on the results given (see
         :meth:`weigh_evidence`), so the decision shows the band the policy acted on."""
-        reasons = [r for r in (self.weigh_evidence(iafis), self.weigh_evidence(ident)) if r is not None]
+        # Reasons about IAFIS, the level and completeness are the agency's too; those about IDENT
+        # are not (an agency learns only whether the booking was referred to ICE), nor the nodes'
+        # own errors, which name the services' hosts.
+        iafis_evidence = self.weigh_evidence(iafis)
+        ident_evidence = self.weigh_evidence(ident)
+        agency = [iafis_evidence] if iafis_evidence is not None else []
+        reasons = list(agency)
         complete = True
         for node in (iafis, ident):
             if node.outcome == bk.PARTIAL:
                 complete = False
                 reasons.append(f"{node.node} answered only in part ({node.error}): decision incomplete")
+                agency.append(f"{node.node} answered only in part: decision incomplete")
             elif node.outcome != bk.ANSWERED:
                 complete = False
-                reasons.append(
-                    f"{node.node} did not answer ({bk.NodeOutcome.Name(node.outcome)}): decision incomplete"
-                )
+                why = f"{node.node} did not answer ({bk.NodeOutcome.Name(node.outcome)}): decision incomplete"
+                reasons.append(why)
+                agency.append(why)
         history = None
+        iafis_reasons = []
         if iafis.outcome == bk.ANSWERED and iafis.band == bio.HIT and iafis.candidates:
             top = iafis.candidates[0]
             history = top.criminal_history
-            reasons.append(
+            iafis_reasons.append(
                 f"IAFIS hit {top.subject_id} (score {top.fused_score:.3f}, "
                 f"{agreeing_fingers(top)} of {len(top.finger_scores)} fingers agreeing)"
             )
         elif iafis.outcome == bk.ANSWERED and iafis.band == bio.REVIEW:
-            reasons.append(
+            iafis_reasons.append(
                 "IAFIS candidate in the review band: criminal history not used until an examiner verifies"
             )
         level, level_reasons = self.booking_level(charges, history)
-        reasons += level_reasons
+        agency += [*iafis_reasons, *level_reasons]
+        reasons += [*iafis_reasons, *level_reasons]
+        if ident_evidence is not None:
+            reasons.append(ident_evidence)
         if not complete:
-            return PolicyOutcome(level, bk.DEFERRED, reasons)
+            return PolicyOutcome(level, bk.DEFERRED, reasons, agency)
         if ident.band == bio.HIT and ident.candidates:
             top = ident.candidates[0]
             reasons.append(
                 f"IDENT hit {top.subject_id} (score {top.fused_score:.3f} >= {ident.thresholds.hit:.3f}, "
                 f"{agreeing_fingers(top)} of {len(top.finger_scores)} fingers agreeing)"
             )
-            return self.ident_identity(level, top.immigration_history, reasons)
+            return self.ident_identity(level, top.immigration_history, reasons, agency)
         if ident.band == bio.REVIEW:
             reasons.append(
                 "IDENT candidate in the review band: examiner verification before any notification"
             )
-            return PolicyOutcome(level, bk.EXAMINER_REVIEW, reasons)
+            return PolicyOutcome(level, bk.EXAMINER_REVIEW, reasons, agency)
         reasons.append("no IDENT hit: no notification")
-        return PolicyOutcome(level, bk.NOT_REQUIRED, reasons)
+        return PolicyOutcome(level, bk.NOT_REQUIRED, reasons, agency)
 
     def ident_identity(
-        self, level: rec.ThreatLevel.ValueType, record: rec.ImmigrationHistory, reasons: list[str]
+        self,
+        level: rec.ThreatLevel.ValueType,
+        record: rec.ImmigrationHistory,
+        reasons: list[str],
+        agency_reasons: list[str] | None = None,
     ) -> PolicyOutcome:
         """What an established IDENT identity means for notification, whoever established it: an
         automated HIT or an examiner's confirmation of a review-band match. The examiner
         confirms who the person is; the policy, not the examiner, decides what follows
-        (suppression rules apply alike). ``reasons`` are extended and returned."""
+        (suppression rules apply alike). ``reasons`` are extended and returned; the agency's
+        (``agency_reasons``) gain nothing: a suppression names an immigration status."""
+        agency = list(agency_reasons or [])
         suppressed = self._suppress.get(record.status)
         if suppressed is not None:
             reasons.append(f"notification suppressed: {suppressed}")
-            return PolicyOutcome(level, bk.SUPPRESSED, reasons)
-        return PolicyOutcome(level, bk.QUEUED, reasons)
+            return PolicyOutcome(level, bk.SUPPRESSED, reasons, agency)
+        return PolicyOutcome(level, bk.QUEUED, reasons, agency)

@@ -224,8 +224,14 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
                 f": {request.note}" if request.note else ""
             )
             # A rejected IDENT match notifies no one; a rejected IAFIS one leaves the level and
-            # what the agency sees as they are (that history never counted).
-            verdict = Verdict(rv.REJECT, (rejected,), bk.NOT_REQUIRED if node == "ident" else None)
+            # what the agency sees as they are (that history never counted). The agency hears of
+            # the IAFIS verdict only, without the examiner's name or note.
+            verdict = Verdict(
+                rv.REJECT,
+                (rejected,),
+                bk.NOT_REQUIRED if node == "ident" else None,
+                agency_reasons=("an examiner rejected the IAFIS candidate",) if node == "iafis" else (),
+            )
         try:
             review, decision = await asyncio.to_thread(
                 self.store.decide_review, tcn, node, examiner, verdict, request.note
@@ -313,9 +319,10 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         history = subject.criminal_history
         level, level_reasons = self.coordinator.policy.booking_level(booking.charges, history)
         reasons = [confirmed, *level_reasons]
+        agency = (f"an examiner confirmed the IAFIS match {review.candidate.subject_id}", *level_reasons)
         if level != decision.level and decision.notification in (bk.QUEUED, bk.DELIVERED, bk.UNDELIVERABLE):
             reasons.append(
                 f"the ICE notice went out at {rec.ThreatLevel.Name(decision.level)}, before this confirmation"
             )
         candidate = gal.Candidate(subject_id=review.candidate.subject_id, criminal_history=history)
-        return Verdict(rv.CONFIRM, tuple(reasons), level=level, confirmed=candidate)
+        return Verdict(rv.CONFIRM, tuple(reasons), level=level, confirmed=candidate, agency_reasons=agency)

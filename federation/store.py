@@ -267,6 +267,8 @@ class Verdict:
     notification: ice.Notification | None = None
     level: rec.ThreatLevel.ValueType | None = None
     confirmed: gal.Candidate | None = None
+    #: The reasons the booking agency may read (never an examiner's note, nothing of IDENT).
+    agency_reasons: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The invariant the store keeps: an ICE notice exists if and only if a confirmation queued it.
@@ -278,6 +280,7 @@ class Verdict:
     def apply(self, decision: bk.BookingDecision, node: str) -> None:
         """Changes ``decision`` (``node``'s review decided) as the verdict says."""
         decision.reasons.extend(self.reasons)
+        decision.agency_reasons.extend(self.agency_reasons)
         if self.notification_state is not None:
             decision.notification = self.notification_state
         if self.level is not None:

@@ -10,13 +10,15 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from federation.store import CoordinatorStore
+from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.pki import TlsFiles
 
 STARTUP_TIMEOUT_S = 90.0
@@ -143,8 +145,19 @@ class Federation(Mapping[str, str]):
     """The running federation: a mapping of service name to address (what most callers need),
     and the processes behind them (:attr:`services`) for callers that kill and restart them."""
 
-    def __init__(self, services: Sequence[ServiceProcess]) -> None:
+    def __init__(self, services: Sequence[ServiceProcess], coordinator_database: str) -> None:
         self.services: dict[str, ServiceProcess] = {s.role: s for s in services}
+        #: The coordinator's database URL.
+        self.coordinator_database = coordinator_database
+
+    def kept_decisions(self, tcns: Iterable[str]) -> dict[str, bk.BookingDecision]:
+        """The coordinator's own record of these bookings' decisions, read from its database: what
+        its operators, examiners and auditors see (an agency sees only its view of each)."""
+        store = CoordinatorStore(self.coordinator_database)
+        try:
+            return {tcn: d for tcn in tcns if (d := store.decision(tcn)) is not None}
+        finally:
+            store.close()
 
     def __getitem__(self, name: str) -> str:
         return self.services[name].address
@@ -245,7 +258,8 @@ async def federation(
             "replica_id": "coordinator",
         }
         started.append(await start_service("coordinator", coordinator, workdir, env=env("coordinator")))
-        yield Federation(started)
+        database = urls.get("coordinator", f"sqlite:///{workdir / 'coordinator' / 'coordinator.sqlite'}")
+        yield Federation(started, database)
     finally:
         # The coordinator first, so nothing new reaches the nodes while they stop; routers before
         # their shards.

@@ -14,6 +14,7 @@ import grpc
 
 from federation.config import CoordinatorConfig
 from federation.coordinator import CoordinatorService, build_coordinator
+from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.booking.v1 import booking_pb2_grpc as bk_grpc
 from fedprint.clients import enroll
 from fedprint.pki import TlsFiles, agency_name
@@ -68,6 +69,13 @@ class ShardedFederation:
         channel = open_channel(address, self.pki[identity], retries=identity not in SERVICE_IDENTITIES)
         self.channels.append(channel)
         return channel
+
+    def kept(self, tcn: str) -> bk.BookingDecision:
+        """The decision as the coordinator keeps it: what its examiners, ICE and audit act on (an
+        agency sees only its view of it, federation.disclosure.agency_view)."""
+        decision = self.coordinator.coordinator.store.decision(tcn)
+        assert decision is not None, f"no decision kept for {tcn}"
+        return decision
 
     def booking_stub(self, ori: str) -> bk_grpc.BookingServiceAsyncStub:
         return bk_grpc.BookingServiceStub(self.channel(self.address, agency_name(ori)))

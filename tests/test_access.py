@@ -245,14 +245,15 @@ async def test_a_no_hit_booking_discloses_no_candidates_record(
     sample = pick(population, iafis=False, ident=False)
     stub = federation.booking_stub(sample.booking.ori)
     decision = await stub.SubmitBooking(sample.booking, timeout=30)
-    assert (decision.iafis.band, decision.ident.band) == (bio.NO_HIT, bio.NO_HIT)
-    store = federation.coordinator.coordinator.store
-    stored = store.decision(sample.booking.tcn)
+    stored = federation.kept(sample.booking.tcn)
+    assert (decision.iafis.band, stored.ident.band) == (bio.NO_HIT, bio.NO_HIT)
     fetched = await stub.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)
+    assert stored.iafis.candidates and stored.ident.candidates  # the coordinator keeps the scores
     for kept in (decision, stored, fetched):
-        assert kept is not None and kept.iafis.candidates and kept.ident.candidates  # scores stay
+        assert kept.iafis.candidates  # an agency sees its IAFIS candidates' scores, no IDENT ones
         for candidate in [*kept.iafis.candidates, *kept.ident.candidates]:
             assert candidate.WhichOneof("record") is None, candidate.subject_id
+    assert not decision.ident.candidates and not fetched.ident.candidates
 
 
 async def test_the_agency_never_gets_an_immigration_record_ice_does(
@@ -260,13 +261,14 @@ async def test_the_agency_never_gets_an_immigration_record_ice_does(
 ) -> None:
     sample = pick(population, iafis=True, ident=True, notify=True)
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
-    assert decision.ident.band == bio.HIT and decision.notification == bk.QUEUED  # referred to ICE
-    assert all(c.WhichOneof("record") is None for c in decision.ident.candidates)
+    assert decision.notification == bk.QUEUED  # referred to ICE
+    assert not decision.ident.candidates and decision.ident.band == bio.DECISION_BAND_UNSPECIFIED
     # The criminal history of the IAFIS hit is the agency's; no other candidate's record is.
     assert decision.iafis.candidates[0].criminal_history.subject_id == sample.truth.iafis_subject_id
     assert all(c.WhichOneof("record") is None for c in decision.iafis.candidates if c.band != bio.HIT)
-    stored = federation.coordinator.coordinator.store.decision(sample.booking.tcn)
-    assert stored is not None and all(c.WhichOneof("record") is None for c in stored.ident.candidates)
+    stored = federation.kept(sample.booking.tcn)
+    assert stored.ident.band == bio.HIT
+    assert all(c.WhichOneof("record") is None for c in stored.ident.candidates)
     [received] = await federation.wait_for_notifications(1)
     assert received.notification.ident_match.immigration_history.subject_id == sample.truth.ident_subject_id
 

@@ -63,8 +63,8 @@ async def test_a_booking_left_incomplete_by_a_down_node_becomes_final_without_re
     watch.cancel()
     assert final is not None and final.attempt >= 2
     assert final.iafis.outcome == bk.ANSWERED  # kept from the first attempt, not searched again
-    assert final.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert final.notification == bk.QUEUED
+    assert federation.kept(sample.booking.tcn).ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]
     assert store.sealed_booking(sample.booking.tcn) is None  # deleted once final
     stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
@@ -239,7 +239,9 @@ async def test_a_retry_keeps_the_answered_search_with_the_record_that_only_ice_m
     await federation.iafis.stop(0)
     first = await stub.SubmitBooking(sample.booking, timeout=30)
     assert first.status == bk.INCOMPLETE and first.ident.outcome == bk.ANSWERED
-    assert first.ident.candidates[0].WhichOneof("record") is None  # the agency never sees it
+    assert not first.ident.candidates  # the agency never sees IDENT's candidates
+    kept = federation.kept(sample.booking.tcn)
+    assert kept.ident.candidates[0].WhichOneof("record") is None  # nor does the coordinator keep it
 
     await federation.restart_node("iafis")
     (received,) = await federation.wait_for_notifications(1)
@@ -248,7 +250,8 @@ async def test_a_retry_keeps_the_answered_search_with_the_record_that_only_ice_m
     assert match.subject_id == sample.truth.ident_subject_id
     assert match.immigration_history.subject_id == sample.truth.ident_subject_id
     final = await stub.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)
-    assert final.status == bk.COMPLETE and final.ident.candidates[0].WhichOneof("record") is None
+    assert final.status == bk.COMPLETE and not final.ident.candidates
+    assert federation.kept(sample.booking.tcn).ident.candidates[0].WhichOneof("record") is None
 
 
 async def test_a_one_finger_booking_never_reaches_ice_by_itself_while_the_full_ten_print_does(
@@ -261,15 +264,16 @@ async def test_a_one_finger_booking_never_reaches_ice_by_itself_while_the_full_t
     del one.tenprint.fingers[:]
     one.tenprint.fingers.extend(kept)
 
-    lone = await stub.SubmitBooking(one, timeout=30)
-    assert lone.status == bk.COMPLETE
+    seen = await stub.SubmitBooking(one, timeout=30)
+    assert seen.status == bk.COMPLETE and seen.notification == bk.NOT_REQUIRED
+    lone = federation.kept(one.tcn)
     assert lone.ident.band != bio.HIT and lone.notification != bk.QUEUED
     if lone.ident.band == bio.REVIEW:  # an examiner decides; the reasons say why
         assert lone.notification == bk.EXAMINER_REVIEW
         assert any("fewer than" in r or "review band" in r for r in lone.reasons)
 
     full = await stub.SubmitBooking(sample.booking, timeout=30)
-    assert full.ident.band == bio.HIT and full.notification == bk.QUEUED
+    assert full.notification == bk.QUEUED and federation.kept(sample.booking.tcn).ident.band == bio.HIT
     assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]
 
 
@@ -283,8 +287,9 @@ async def test_a_node_with_a_calibration_nobody_pinned_is_not_believed(
     await federation.restart_node("ident", pin=False, thresholds=rogue)
     decision = await federation.booking_stub(stranger.booking.ori).SubmitBooking(stranger.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE and decision.notification == bk.DEFERRED
-    assert decision.ident.outcome == bk.UNTRUSTED and "another calibration" in decision.ident.error
-    assert not decision.ident.candidates
+    kept = federation.kept(stranger.booking.tcn)
+    assert decision.ident.outcome == kept.ident.outcome == bk.UNTRUSTED
+    assert "another calibration" in kept.ident.error and not kept.ident.candidates
     store = federation.coordinator.coordinator.store
     assert any(event == "node_answer_refused" for event, _ in store.audit(stranger.booking.tcn))
     assert store.outbox_attempts(stranger.booking.tcn) is None and await federation.notifications() == []
@@ -301,8 +306,9 @@ async def test_a_node_restarted_on_an_empty_gallery_is_not_believed(
     await federation.restart_node("ident", data_dir=tmp_path / "empty-ident")
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE and decision.ident.outcome == bk.UNTRUSTED
-    assert "below the floor of 1" in decision.ident.error
-    assert decision.ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
+    kept = federation.kept(sample.booking.tcn)
+    assert "below the floor of 1" in kept.ident.error
+    assert kept.ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
 
 
 async def test_one_copied_finger_among_three_strangers_fingers_never_reaches_ice(
@@ -322,7 +328,8 @@ async def test_one_copied_finger_among_three_strangers_fingers_never_reaches_ice
         del mixed.tenprint.fingers[:]
         mixed.tenprint.fingers.append(fingers[copied])
         mixed.tenprint.fingers.extend([other[p] for p in sorted(other) if p != copied][:3])
-        decisions.append(await federation.booking_stub(mixed.ori).SubmitBooking(mixed, timeout=30))
+        await federation.booking_stub(mixed.ori).SubmitBooking(mixed, timeout=30)
+        decisions.append(federation.kept(mixed.tcn))
     assert all(d.status == bk.COMPLETE for d in decisions)
     assert all(d.ident.band != bio.HIT and d.notification != bk.QUEUED for d in decisions)
     assert await federation.notifications() == []

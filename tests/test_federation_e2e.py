@@ -48,10 +48,12 @@ async def test_iafis_only_match_returns_the_criminal_history_and_notifies_no_one
     assert top.subject_id == sample.truth.iafis_subject_id
     assert top.criminal_history.subject_id == sample.truth.iafis_subject_id
     assert len(top.finger_scores) >= 6 and top.fused_score >= decision.iafis.thresholds.hit
-    assert decision.ident.band == bio.NO_HIT
     assert decision.notification == bk.NOT_REQUIRED
     assert decision.level == sample.truth.expected_level
     assert decision.policy_version and decision.reasons
+    # Of IDENT the agency learns only that it answered; the coordinator keeps its result.
+    assert decision.ident.outcome == bk.ANSWERED and not decision.ident.candidates
+    assert federation.kept(sample.booking.tcn).ident.band == bio.NO_HIT
     # The outbox is written with the decision, in one transaction: no row, no notice ever.
     assert federation.coordinator.coordinator.store.outbox_attempts(sample.booking.tcn) is None
     assert await federation.notifications() == []
@@ -66,10 +68,11 @@ async def test_ident_match_with_a_level_1_charge_notifies_ice_at_level_1(
     booking.charges.add(ncic_code="1201", literal="ROBBERY - BUSINESS - GUN")
     decision = await federation.booking_stub(booking.ori).SubmitBooking(booking, timeout=30)
     assert decision.status == bk.COMPLETE
-    assert decision.ident.band == bio.HIT
-    assert decision.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert decision.level == rec.LEVEL_1
-    assert decision.notification == bk.QUEUED
+    assert decision.notification == bk.QUEUED  # referred to ICE: all the agency learns of IDENT
+    kept = federation.kept(booking.tcn)
+    assert kept.ident.band == bio.HIT
+    assert kept.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     received = await federation.wait_for_notifications(1)
     assert len(received) == 1
     notification = received[0].notification
@@ -92,7 +95,8 @@ async def test_a_subject_in_neither_gallery_is_a_no_hit_without_notification(
     sample = pick(population, iafis=False, ident=False)
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.COMPLETE
-    assert (decision.iafis.band, decision.ident.band) == (bio.NO_HIT, bio.NO_HIT)
+    assert decision.iafis.band == bio.NO_HIT
+    assert federation.kept(sample.booking.tcn).ident.band == bio.NO_HIT
     assert decision.notification == bk.NOT_REQUIRED
     # Candidates still come with their scores and the thresholds they were compared against.
     assert (
@@ -110,7 +114,7 @@ async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_complete
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE
     assert decision.ident.outcome == bk.UNAVAILABLE
-    assert decision.ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
+    assert federation.kept(sample.booking.tcn).ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
     assert decision.iafis.outcome == bk.ANSWERED
     assert decision.notification == bk.DEFERRED
     assert any("ident did not answer" in reason for reason in decision.reasons)
@@ -126,7 +130,7 @@ async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_complete
         what="the resubmitted booking completing",
     )
     assert retried.attempt >= 2
-    assert retried.ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    assert federation.kept(sample.booking.tcn).ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert retried.notification == bk.QUEUED
     assert len(await federation.wait_for_notifications(1)) == 1
 

@@ -37,9 +37,12 @@ def ident_mates(population: Population) -> list[SyntheticBooking]:
 
 async def in_review(federation: Federation, sample: SyntheticBooking) -> bk.BookingDecision:
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
-    assert decision.status == bk.COMPLETE and decision.notification == bk.EXAMINER_REVIEW
-    assert decision.ident.candidates[0].subject_id == sample.truth.ident_subject_id
-    return decision
+    # The agency is not told of an IDENT review: nothing is referred to ICE until a person decides.
+    assert decision.status == bk.COMPLETE and decision.notification == bk.NOT_REQUIRED
+    kept = federation.kept(sample.booking.tcn)
+    assert kept.notification == bk.EXAMINER_REVIEW
+    assert kept.ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    return kept
 
 
 async def review_band_for_every_mate(federation: Federation, node: str) -> Federation:
@@ -108,7 +111,9 @@ async def test_a_confirmed_review_notifies_ice_once_and_a_rejected_one_not_at_al
 
     agency = reviewing.booking_stub(reject.booking.ori)
     closed = await agency.GetDecision(bk.GetDecisionRequest(tcn=reject.booking.tcn), timeout=5)
-    assert closed.notification == bk.NOT_REQUIRED and "rejected" in closed.reasons[-1]
+    assert closed.notification == bk.NOT_REQUIRED and not any("cores differ" in r for r in closed.reasons)
+    kept = reviewing.kept(reject.booking.tcn)
+    assert kept.notification == bk.NOT_REQUIRED and "rejected" in kept.reasons[-1]
     store = reviewing.coordinator.coordinator.store
     assert [e for e, _ in store.audit(confirm.booking.tcn)][:4] == [
         "decision",
@@ -213,10 +218,14 @@ async def test_an_examiners_confirmation_of_a_naturalized_citizen_is_suppressed_
     )
     assert confirmed.state == rv.CONFIRMED
     agency = reviewing.booking_stub(citizen.booking.ori)
-    final = await agency.GetDecision(bk.GetDecisionRequest(tcn=citizen.booking.tcn), timeout=5)
+    final = reviewing.kept(citizen.booking.tcn)
     assert final.notification == bk.SUPPRESSED
     assert any("confirmed the IDENT match" in r for r in final.reasons)  # what the examiner did
     assert any("notification suppressed" in r for r in final.reasons)  # what the policy did with it
+    # The jail learns only that no one was referred: not the match, the status, nor the note.
+    seen = await agency.GetDecision(bk.GetDecisionRequest(tcn=citizen.booking.tcn), timeout=5)
+    assert seen.notification == bk.NOT_REQUIRED and not seen.ident.candidates
+    assert not any("IDENT" in r or "suppressed" in r or "same person" in r for r in seen.reasons)
     store = reviewing.coordinator.coordinator.store
     assert store.outbox_attempts(citizen.booking.tcn) is None  # no notice was ever queued
     assert await reviewing.notifications() == []
@@ -292,6 +301,7 @@ async def test_a_borderline_iafis_match_counts_only_once_an_examiner_confirms_it
     assert final.iafis.candidates[0].criminal_history.subject_id == confirm.truth.iafis_subject_id
     assert final.level == confirm.truth.expected_level  # the convictions count now
     assert any("confirmed the IAFIS match" in r for r in final.reasons)
+    assert not any("same cores" in r for r in final.reasons)  # the examiner's note stays inside
 
     await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=iafis_reviews[1].review_id), timeout=10)
     await examiner.DecideReview(
@@ -301,6 +311,7 @@ async def test_a_borderline_iafis_match_counts_only_once_an_examiner_confirms_it
     other = iafis_reviewing.booking_stub(reject.booking.ori)
     closed = await other.GetDecision(bk.GetDecisionRequest(tcn=reject.booking.tcn), timeout=5)
     assert not closed.iafis.confirmed_subject_id and closed.iafis.candidates[0].WhichOneof("record") is None
-    assert closed.level == charges_level(reject) and "rejected the IAFIS match" in closed.reasons[-1]
+    assert closed.level == charges_level(reject) and "rejected the IAFIS candidate" in closed.reasons[-1]
+    assert "rejected the IAFIS match" in iafis_reviewing.kept(reject.booking.tcn).reasons[-1]
     store = iafis_reviewing.coordinator.coordinator.store
     assert store.verify_audit()[1] is None

@@ -28,33 +28,33 @@ from fedprint.gallery.v1 import gallery_pb2 as fedprint_dot_gallery_dot_v1_dot_g
 from fedprint.records.v1 import records_pb2 as fedprint_dot_records_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedprint/booking/v1/booking.proto\x12\x13\x66\x65\x64print.booking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\'fedprint/biometrics/v1/biometrics.proto\x1a!fedprint/gallery/v1/gallery.proto\x1a!fedprint/records/v1/records.proto\"\xf1\x01\n\x07\x42ooking\x12\x0b\n\x03tcn\x18\x01 \x01(\t\x12\x0b\n\x03ori\x18\x02 \x01(\t\x12\x30\n\x0c\x62ooking_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x07subject\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.SubjectDescriptors\x12,\n\x07\x63harges\x18\x05 \x03(\x0b\x32\x1b.fedprint.records.v1.Charge\x12\x32\n\x08tenprint\x18\x06 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\"\xed\x02\n\nNodeResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .fedprint.booking.v1.NodeOutcome\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x32\n\x04\x62\x61nd\x18\x04 \x01(\x0e\x32$.fedprint.biometrics.v1.DecisionBand\x12\x32\n\ncandidates\x18\x05 \x03(\x0b\x32\x1e.fedprint.gallery.v1.Candidate\x12\x36\n\nthresholds\x18\x06 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12=\n\x10unusable_fingers\x18\x07 \x03(\x0b\x32#.fedprint.biometrics.v1.FingerIssue\x12\x12\n\nlatency_ms\x18\x08 \x01(\x01\x12\x1c\n\x14\x63onfirmed_subject_id\x18\t \x01(\t\"\x99\x03\n\x0f\x42ookingDecision\x12\x0b\n\x03tcn\x18\x01 \x01(\t\x12\x0b\n\x03ori\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.fedprint.booking.v1.DecisionStatus\x12.\n\x05iafis\x18\x04 \x01(\x0b\x32\x1f.fedprint.booking.v1.NodeResult\x12.\n\x05ident\x18\x05 \x01(\x0b\x32\x1f.fedprint.booking.v1.NodeResult\x12/\n\x05level\x18\x06 \x01(\x0e\x32 .fedprint.records.v1.ThreatLevel\x12\x0f\n\x07reasons\x18\x07 \x03(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12<\n\x0cnotification\x18\t \x01(\x0e\x32&.fedprint.booking.v1.NotificationState\x12.\n\ndecided_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\"!\n\x12GetDecisionRequest\x12\x0b\n\x03tcn\x18\x01 \x01(\t\"$\n\x15WatchDecisionsRequest\x12\x0b\n\x03ori\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xfe\x01\n\x10\x43oordinatorStats\x12\x11\n\tdecisions\x18\x01 \x01(\x04\x12\x12\n\nincomplete\x18\x02 \x01(\x04\x12\x19\n\x11retrying_bookings\x18\x03 \x01(\x04\x12\x16\n\x0eoutbox_pending\x18\x04 \x01(\x04\x12)\n!oldest_pending_notification_age_s\x18\x05 \x01(\x01\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x04\x12\x14\n\x0copen_reviews\x18\x07 \x01(\x04\x12\x17\n\x0foverdue_reviews\x18\x08 \x01(\x04\x12 \n\x18oldest_open_review_age_s\x18\t \x01(\x01*O\n\x0e\x44\x65\x63isionStatus\x12\x1f\n\x1b\x44\x45\x43ISION_STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43OMPLETE\x10\x01\x12\x0e\n\nINCOMPLETE\x10\x02*\x81\x01\n\x0bNodeOutcome\x12\x1c\n\x18NODE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41NSWERED\x10\x01\x12\r\n\tTIMED_OUT\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0b\n\x07PARTIAL\x10\x05\x12\r\n\tUNTRUSTED\x10\x06*\xaa\x01\n\x11NotificationState\x12\"\n\x1eNOTIFICATION_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cNOT_REQUIRED\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\r\n\tDELIVERED\x10\x03\x12\x13\n\x0f\x45XAMINER_REVIEW\x10\x04\x12\x0e\n\nSUPPRESSED\x10\x05\x12\x0c\n\x08\x44\x45\x46\x45RRED\x10\x06\x12\x11\n\rUNDELIVERABLE\x10\x07\x32\x82\x03\n\x0e\x42ookingService\x12S\n\rSubmitBooking\x12\x1c.fedprint.booking.v1.Booking\x1a$.fedprint.booking.v1.BookingDecision\x12\\\n\x0bGetDecision\x12\'.fedprint.booking.v1.GetDecisionRequest\x1a$.fedprint.booking.v1.BookingDecision\x12\x64\n\x0eWatchDecisions\x12*.fedprint.booking.v1.WatchDecisionsRequest\x1a$.fedprint.booking.v1.BookingDecision0\x01\x12W\n\x08GetStats\x12$.fedprint.booking.v1.GetStatsRequest\x1a%.fedprint.booking.v1.CoordinatorStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedprint/booking/v1/booking.proto\x12\x13\x66\x65\x64print.booking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\'fedprint/biometrics/v1/biometrics.proto\x1a!fedprint/gallery/v1/gallery.proto\x1a!fedprint/records/v1/records.proto\"\xf1\x01\n\x07\x42ooking\x12\x0b\n\x03tcn\x18\x01 \x01(\t\x12\x0b\n\x03ori\x18\x02 \x01(\t\x12\x30\n\x0c\x62ooking_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x07subject\x18\x04 \x01(\x0b\x32\'.fedprint.records.v1.SubjectDescriptors\x12,\n\x07\x63harges\x18\x05 \x03(\x0b\x32\x1b.fedprint.records.v1.Charge\x12\x32\n\x08tenprint\x18\x06 \x01(\x0b\x32 .fedprint.biometrics.v1.TenPrint\"\xed\x02\n\nNodeResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .fedprint.booking.v1.NodeOutcome\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x32\n\x04\x62\x61nd\x18\x04 \x01(\x0e\x32$.fedprint.biometrics.v1.DecisionBand\x12\x32\n\ncandidates\x18\x05 \x03(\x0b\x32\x1e.fedprint.gallery.v1.Candidate\x12\x36\n\nthresholds\x18\x06 \x01(\x0b\x32\".fedprint.biometrics.v1.Thresholds\x12=\n\x10unusable_fingers\x18\x07 \x03(\x0b\x32#.fedprint.biometrics.v1.FingerIssue\x12\x12\n\nlatency_ms\x18\x08 \x01(\x01\x12\x1c\n\x14\x63onfirmed_subject_id\x18\t \x01(\t\"\xb1\x03\n\x0f\x42ookingDecision\x12\x0b\n\x03tcn\x18\x01 \x01(\t\x12\x0b\n\x03ori\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.fedprint.booking.v1.DecisionStatus\x12.\n\x05iafis\x18\x04 \x01(\x0b\x32\x1f.fedprint.booking.v1.NodeResult\x12.\n\x05ident\x18\x05 \x01(\x0b\x32\x1f.fedprint.booking.v1.NodeResult\x12/\n\x05level\x18\x06 \x01(\x0e\x32 .fedprint.records.v1.ThreatLevel\x12\x0f\n\x07reasons\x18\x07 \x03(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12<\n\x0cnotification\x18\t \x01(\x0e\x32&.fedprint.booking.v1.NotificationState\x12.\n\ndecided_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12\x16\n\x0e\x61gency_reasons\x18\x0c \x03(\t\"!\n\x12GetDecisionRequest\x12\x0b\n\x03tcn\x18\x01 \x01(\t\"$\n\x15WatchDecisionsRequest\x12\x0b\n\x03ori\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xfe\x01\n\x10\x43oordinatorStats\x12\x11\n\tdecisions\x18\x01 \x01(\x04\x12\x12\n\nincomplete\x18\x02 \x01(\x04\x12\x19\n\x11retrying_bookings\x18\x03 \x01(\x04\x12\x16\n\x0eoutbox_pending\x18\x04 \x01(\x04\x12)\n!oldest_pending_notification_age_s\x18\x05 \x01(\x01\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x04\x12\x14\n\x0copen_reviews\x18\x07 \x01(\x04\x12\x17\n\x0foverdue_reviews\x18\x08 \x01(\x04\x12 \n\x18oldest_open_review_age_s\x18\t \x01(\x01*O\n\x0e\x44\x65\x63isionStatus\x12\x1f\n\x1b\x44\x45\x43ISION_STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43OMPLETE\x10\x01\x12\x0e\n\nINCOMPLETE\x10\x02*\x81\x01\n\x0bNodeOutcome\x12\x1c\n\x18NODE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41NSWERED\x10\x01\x12\r\n\tTIMED_OUT\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0b\n\x07PARTIAL\x10\x05\x12\r\n\tUNTRUSTED\x10\x06*\xaa\x01\n\x11NotificationState\x12\"\n\x1eNOTIFICATION_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cNOT_REQUIRED\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\r\n\tDELIVERED\x10\x03\x12\x13\n\x0f\x45XAMINER_REVIEW\x10\x04\x12\x0e\n\nSUPPRESSED\x10\x05\x12\x0c\n\x08\x44\x45\x46\x45RRED\x10\x06\x12\x11\n\rUNDELIVERABLE\x10\x07\x32\x82\x03\n\x0e\x42ookingService\x12S\n\rSubmitBooking\x12\x1c.fedprint.booking.v1.Booking\x1a$.fedprint.booking.v1.BookingDecision\x12\\\n\x0bGetDecision\x12\'.fedprint.booking.v1.GetDecisionRequest\x1a$.fedprint.booking.v1.BookingDecision\x12\x64\n\x0eWatchDecisions\x12*.fedprint.booking.v1.WatchDecisionsRequest\x1a$.fedprint.booking.v1.BookingDecision0\x01\x12W\n\x08GetStats\x12$.fedprint.booking.v1.GetStatsRequest\x1a%.fedprint.booking.v1.CoordinatorStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedprint.booking.v1.booking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISIONSTATUS']._serialized_start=1575
-  _globals['_DECISIONSTATUS']._serialized_end=1654
-  _globals['_NODEOUTCOME']._serialized_start=1657
-  _globals['_NODEOUTCOME']._serialized_end=1786
-  _globals['_NOTIFICATIONSTATE']._serialized_start=1789
-  _globals['_NOTIFICATIONSTATE']._serialized_end=1959
+  _globals['_DECISIONSTATUS']._serialized_start=1599
+  _globals['_DECISIONSTATUS']._serialized_end=1678
+  _globals['_NODEOUTCOME']._serialized_start=1681
+  _globals['_NODEOUTCOME']._serialized_end=1810
+  _globals['_NOTIFICATIONSTATE']._serialized_start=1813
+  _globals['_NOTIFICATIONSTATE']._serialized_end=1983
   _globals['_BOOKING']._serialized_start=203
   _globals['_BOOKING']._serialized_end=444
   _globals['_NODERESULT']._serialized_start=447
   _globals['_NODERESULT']._serialized_end=812
   _globals['_BOOKINGDECISION']._serialized_start=815
-  _globals['_BOOKINGDECISION']._serialized_end=1224
-  _globals['_GETDECISIONREQUEST']._serialized_start=1226
-  _globals['_GETDECISIONREQUEST']._serialized_end=1259
-  _globals['_WATCHDECISIONSREQUEST']._serialized_start=1261
-  _globals['_WATCHDECISIONSREQUEST']._serialized_end=1297
-  _globals['_GETSTATSREQUEST']._serialized_start=1299
-  _globals['_GETSTATSREQUEST']._serialized_end=1316
-  _globals['_COORDINATORSTATS']._serialized_start=1319
-  _globals['_COORDINATORSTATS']._serialized_end=1573
-  _globals['_BOOKINGSERVICE']._serialized_start=1962
-  _globals['_BOOKINGSERVICE']._serialized_end=2348
+  _globals['_BOOKINGDECISION']._serialized_end=1248
+  _globals['_GETDECISIONREQUEST']._serialized_start=1250
+  _globals['_GETDECISIONREQUEST']._serialized_end=1283
+  _globals['_WATCHDECISIONSREQUEST']._serialized_start=1285
+  _globals['_WATCHDECISIONSREQUEST']._serialized_end=1321
+  _globals['_GETSTATSREQUEST']._serialized_start=1323
+  _globals['_GETSTATSREQUEST']._serialized_end=1340
+  _globals['_COORDINATORSTATS']._serialized_start=1343
+  _globals['_COORDINATORSTATS']._serialized_end=1597
+  _globals['_BOOKINGSERVICE']._serialized_start=1986
+  _globals['_BOOKINGSERVICE']._serialized_end=2372
 # @@protoc_insertion_point(module_scope)

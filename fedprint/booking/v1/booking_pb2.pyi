@@ -107,7 +107,11 @@ class _NotificationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Not
     DESCRIPTOR: _descriptor.EnumDescriptor
     NOTIFICATION_STATE_UNSPECIFIED: _NotificationState.ValueType  # 0
     NOT_REQUIRED: _NotificationState.ValueType  # 1
-    """no IDENT hit"""
+    """What the agency sees is whether the booking was referred to ICE: QUEUED or DELIVERED
+    (UNDELIVERABLE shows as QUEUED), NOT_REQUIRED (also for SUPPRESSED and EXAMINER_REVIEW,
+    which would tell it of an IDENT match), DEFERRED. The other states are the coordinator's.
+    no IDENT hit
+    """
     QUEUED: _NotificationState.ValueType  # 2
     """in the durable outbox; delivered at least once"""
     DELIVERED: _NotificationState.ValueType  # 3
@@ -128,7 +132,11 @@ class NotificationState(_NotificationState, metaclass=_NotificationStateEnumType
 
 NOTIFICATION_STATE_UNSPECIFIED: NotificationState.ValueType  # 0
 NOT_REQUIRED: NotificationState.ValueType  # 1
-"""no IDENT hit"""
+"""What the agency sees is whether the booking was referred to ICE: QUEUED or DELIVERED
+(UNDELIVERABLE shows as QUEUED), NOT_REQUIRED (also for SUPPRESSED and EXAMINER_REVIEW,
+which would tell it of an IDENT match), DEFERRED. The other states are the coordinator's.
+no IDENT hit
+"""
 QUEUED: NotificationState.ValueType  # 2
 """in the durable outbox; delivered at least once"""
 DELIVERED: NotificationState.ValueType  # 3
@@ -264,6 +272,7 @@ class BookingDecision(_message.Message):
     NOTIFICATION_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    AGENCY_REASONS_FIELD_NUMBER: _builtins.int
     tcn: _builtins.str
     ori: _builtins.str
     status: Global___DecisionStatus.ValueType
@@ -280,10 +289,20 @@ class BookingDecision(_message.Message):
     def ident(self) -> Global___NodeResult: ...
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Why: each rule that fired, in plain words."""
+        """Why: each rule that fired, in plain words. The coordinator keeps them all (for ICE,
+        examiners and audit); the booking agency receives only agency_reasons, in this field.
+        """
 
     @_builtins.property
     def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def agency_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The reasons written for the booking agency: the IAFIS result, the level and why, whether
+        the decision is complete; nothing of immigration (no IDENT band, identifier, status or
+        examiner note). Kept by the coordinator; the agency's view moves them into reasons and
+        leaves this field empty (federation.disclosure.agency_view).
+        """
+
     def __init__(
         self,
         *,
@@ -298,10 +317,11 @@ class BookingDecision(_message.Message):
         notification: Global___NotificationState.ValueType = ...,
         decided_at: _timestamp_pb2.Timestamp | None = ...,
         attempt: _builtins.int = ...,
+        agency_reasons: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "iafis", b"iafis", "ident", b"ident"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "decided_at", b"decided_at", "iafis", b"iafis", "ident", b"ident", "level", b"level", "notification", b"notification", "ori", b"ori", "policy_version", b"policy_version", "reasons", b"reasons", "status", b"status", "tcn", b"tcn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency_reasons", b"agency_reasons", "attempt", b"attempt", "decided_at", b"decided_at", "iafis", b"iafis", "ident", b"ident", "level", b"level", "notification", b"notification", "ori", b"ori", "policy_version", b"policy_version", "reasons", b"reasons", "status", b"status", "tcn", b"tcn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
