@@ -83,6 +83,13 @@ ACCESS: Mapping[str, frozenset[Role]] = {
 }
 
 
+def table_without(role: Role, table: Mapping[str, frozenset[Role]] = ACCESS) -> dict[str, frozenset[Role]]:
+    """``table`` with ``role`` taken from every method that does not admit every role: for a server
+    that must refuse that role before a request is decoded (a whole gallery node or a router
+    refuses the gallery-node role, which only a shard answers)."""
+    return {method: roles if roles == ANY_ROLE else roles - {role} for method, roles in table.items()}
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is calling: the certificate's identity, or None on a plaintext (``--insecure``) server."""

@@ -4,11 +4,12 @@ The four services run in a background event loop with a small gallery. Each RPC 
 (booking, gallery, ICE, health, reflection) receives, for a fixed number of examples within a
 fixed time budget, messages generated from its request type's descriptor, valid messages mutated
 field by field, and serialized messages mutated byte by byte, mostly as the role allowed to call
-it and now and then as another. Every answer must be OK or a deliberate refusal
-(INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS, RESOURCE_EXHAUSTED); never
-UNKNOWN or INTERNAL (an unhandled exception), UNAVAILABLE (a crash) or a missed deadline on a
-unary call (a hang). Afterwards every server still serves. Inputs that once broke a server are
-kept as regression tests at the end of this file.
+it and otherwise as each identity whose role may not. A role the access table does not admit gets
+PERMISSION_DENIED for every message, never OK nor any other status. An admitted role gets OK or a
+deliberate refusal (INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS,
+RESOURCE_EXHAUSTED); never UNKNOWN or INTERNAL (an unhandled exception), UNAVAILABLE (a crash)
+or a missed deadline on a unary call (a hang). Afterwards every server still serves. Inputs that
+once broke a server are kept as regression tests at the end of this file.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from hypothesis import strategies as st
 
 from federation.config import CoordinatorConfig
 from federation.coordinator import CoordinatorService, build_coordinator
-from fedprint.access import ACCESS
+from fedprint.access import ACCESS, DenialLedger, table_without
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.clients import enroll
@@ -99,6 +100,12 @@ class FuzzFederation:
         return self.channels[key]
 
 
+def unlimited(service: IceService | GalleryNode | CoordinatorService) -> None:
+    """No budget on refused calls: the fuzzer calls as each refused role far past it, and every
+    one of those calls must be refused for its role (PERMISSION_DENIED), not for its number."""
+    service.host.access.denials = DenialLedger(per_second=1e6, burst=10**9)
+
+
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzFederation]:
     root = tmp_path_factory.mktemp("fuzz")
@@ -110,11 +117,13 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzFederation]
 
     async def start() -> dict[str, str]:
         ice_service = build_ice(IceConfig(data_dir=root / "ice", tls=pki["ice"]))
+        unlimited(ice_service)
         await ice_service.start()
         services.append(ice_service)
         nodes = {}
         for name in ("iafis", "ident"):
             node = build_node(NodeConfig(node=name, data_dir=root / name, tls=pki[name], torch_threads=1))
+            unlimited(node)
             await node.start()
             services.append(node)
             nodes[name] = node.host.address
@@ -129,6 +138,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzFederation]
                 tls=pki["coordinator"],
             )
         )
+        unlimited(coordinator)
         await coordinator.start()
         services.append(coordinator)
         await enroll(nodes["iafis"], population.iafis, tls=pki["admin"])
@@ -277,17 +287,26 @@ def _share_s(target: Target) -> float:
     return BUDGET_S * 0.9 * target.examples / _EXAMPLES
 
 
+def _allowed(target: Target) -> frozenset[Role]:
+    """The roles that may call ``target`` on these servers."""
+    # The gallery-node role is a router's, answered by shards only; these nodes are whole ones and
+    # refuse it like any other role the table leaves out.
+    return table_without(Role.GALLERY_NODE)[target.method]
+
+
+def _role(fed: FuzzFederation, identity: str) -> Role:
+    return identity_of(fed.pki[identity].cert.read_bytes()).role
+
+
 def _identities(target: Target, fed: FuzzFederation) -> list[str]:
-    """Identities to call with: those whose role may call the method (weighted), then one that may not."""
-    allowed = ACCESS[target.method]
-    names = list(fed.pki)
-    # The gallery-node role is a router's, answered by shards only; these nodes are whole ones.
-    allowed = allowed - {Role.GALLERY_NODE}
-    mine = [n for n in names if identity_of(fed.pki[n].cert.read_bytes()).role in allowed]
+    """Identities to call with: those whose role may call the method, weighted to at least half
+    of the calls, and every identity whose role may not (none for health: any role may check)."""
+    allowed = _allowed(target)
+    mine = [n for n in fed.pki if _role(fed, n) in allowed]
     if target.method.endswith("/SubmitBooking"):
         mine = [agency_name(fed.population.bookings[0].booking.ori)]  # the seeds' agency (_bookings)
-    others = [n for n in names if n not in mine][:1]  # none for health: every role may check it
-    return [*mine, *mine, *mine, *others]
+    refused = [n for n in fed.pki if _role(fed, n) not in allowed]
+    return [*mine * max(3, len(refused)), *refused]
 
 
 def _call(fed: FuzzFederation, target: Target, identity: str, payload: list[bytes]) -> grpc.StatusCode:
@@ -309,13 +328,21 @@ def _call(fed: FuzzFederation, target: Target, identity: str, payload: list[byte
                 pass
     except grpc.RpcError as error:
         code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-        # A stream that stays open is cut by its deadline: that is how a watch ends here.
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and target.response_streaming:
-            return grpc.StatusCode.OK
         details = error.details()  # type: ignore[attr-defined]
-        assert code in ACCEPTED, f"{target.name} as {identity}: {code.name}: {details}"
+    else:
+        code, details = grpc.StatusCode.OK, ""
+    if _role(fed, identity) not in _allowed(target):
+        # Whatever the message: refused for who is calling, before anything else is looked at. A
+        # stream that stayed open until its deadline would be a way in.
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (
+            f"{target.name} as {identity}, a role it does not admit: {code.name}: {details}"
+        )
         return code
-    return grpc.StatusCode.OK
+    # A stream that stays open is cut by its deadline: that is how a watch ends here.
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and target.response_streaming:
+        return grpc.StatusCode.OK
+    assert code in ACCEPTED, f"{target.name} as {identity}: {code.name}: {details}"
+    return code
 
 
 def _payloads(target: Target, fed: FuzzFederation) -> st.SearchStrategy[list[bytes]]:

@@ -40,7 +40,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from calibration.thresholds import calibration_digest
-from fedprint.access import current_caller, deny
+from fedprint.access import AccessPolicy, current_caller, deny, table_without
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
@@ -510,6 +510,8 @@ def build_gallery_router(
         ],
         config.tls,
         insecure=config.insecure,
+        # A router is called by the coordinator and administrators, never by a gallery node.
+        access=AccessPolicy(table=table_without(Role.GALLERY_NODE)),
         metrics_listen=config.metrics_listen,
         health_listen=config.health_listen,
     )

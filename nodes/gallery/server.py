@@ -22,7 +22,7 @@ import structlog
 import torch
 
 from calibration.thresholds import calibration_digest
-from fedprint.access import current_caller, deny
+from fedprint.access import AccessPolicy, current_caller, deny, table_without
 from fedprint.biometrics.v1 import biometrics_pb2 as bio
 from fedprint.gallery.v1 import gallery_pb2 as gal
 from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
@@ -469,6 +469,9 @@ def build_gallery_node(
         ],
         config.tls,
         insecure=config.insecure,
+        # Only a shard answers the gallery-node role (its router's); a whole node refuses it before
+        # anything is decoded.
+        access=None if config.role == "shard" else AccessPolicy(table=table_without(Role.GALLERY_NODE)),
         metrics_listen=config.metrics_listen,
         health_listen=config.health_listen,
     )
