@@ -19,6 +19,8 @@ from fedprint.pki import DevCa, Role, TlsFiles, identity_of
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from fedprint.rpc import open_channel
+from nodes.gallery.store import GalleryStore, ReturnedCandidate
+from nodes.ident.records import ImmigrationHistoryStore
 from synthetic.population import Population, SyntheticBooking
 from tests.conftest import Federation
 from tests.sharding import sharded_federation
@@ -182,3 +184,27 @@ async def test_a_sharded_nodes_router_releases_only_what_it_returned(
         # A shard answers its router only, whatever the coordinator was given.
         shard = gal_grpc.GalleryServiceStub(fed.channel(fed.ident.shards[0].host.address, "coordinator"))
         await denied(shard, request)
+
+
+def test_the_record_of_returned_candidates_expires_and_stays_bounded(database_url: str) -> None:
+    store = GalleryStore(database_url, ImmigrationHistoryStore())
+    try:
+        returned = [ReturnedCandidate("CN=coordinator", f"P-{i}", f"FIN-{i}", bio.REVIEW) for i in range(5)]
+        for candidate in returned:  # one at a time: each its own time
+            store.record_returned([candidate])
+        now = dt.datetime.now(dt.UTC)
+        assert store.returned_since("CN=coordinator", "P-4", "FIN-4", now - dt.timedelta(hours=1))
+        assert not store.returned_since("CN=elsewhere", "P-4", "FIN-4", now - dt.timedelta(hours=1))
+        # Bounded: beyond the newest three, the oldest go.
+        assert store.purge_returned(now - dt.timedelta(hours=1), keep=3) == 2
+        kept = [
+            c.probe_id
+            for c in returned
+            if store.returned_since(c.caller, c.probe_id, c.subject_id, now - dt.timedelta(hours=1))
+        ]
+        assert kept == ["P-2", "P-3", "P-4"]
+        # Expired: everything returned before the window's start.
+        assert store.purge_returned(now + dt.timedelta(seconds=1), keep=100) == 3
+        assert not store.returned_since("CN=coordinator", "P-4", "FIN-4", now - dt.timedelta(hours=1))
+    finally:
+        store.close()
