@@ -202,13 +202,13 @@ async def account(
     tcns_by_ori: Mapping[str, Sequence[str]],
     agencies: Mapping[str, TlsFiles],
     ice_identity: TlsFiles,
-    kept: Callable[[Iterable[str]], Mapping[str, bk.BookingDecision]],
+    kept: Callable[[Iterable[tuple[str, str]]], Mapping[tuple[str, str], bk.BookingDecision]],
 ) -> Accounting:
     """Reads every booking's decision (each as its own agency: a booking it cannot read is lost)
     and the ICE queue, and compares the coordinator's IDENT hits, as it keeps them (``kept``:
-    TCNs to the coordinator's own record; an agency is not told of IDENT), with ICE's notices
-    by TCN."""
-    answered: list[str] = []
+    bookings (ORI, TCN) to the coordinator's own record; an agency is not told of IDENT), with
+    ICE's notices by booking."""
+    answered: list[tuple[str, str]] = []
     lost = 0
     for ori, tcns in tcns_by_ori.items():
         async with open_channel(coordinator, agencies[ori], server="coordinator") as channel:
@@ -217,11 +217,11 @@ async def account(
                 if await _decision(stub, tcn) is None:
                     lost += 1
                 else:
-                    answered.append(tcn)
+                    answered.append((ori, tcn))
     decisions = dict(kept(answered))
     hits = {
-        tcn
-        for tcn, d in decisions.items()
+        booking
+        for booking, d in decisions.items()
         if d.status == bk.COMPLETE and d.ident.band == bio.HIT and d.notification in _TO_NOTIFY
     }
     suppressed = sum(
@@ -229,10 +229,10 @@ async def account(
         for d in decisions.values()
         if d.status == bk.COMPLETE and d.ident.band == bio.HIT and d.notification == bk.SUPPRESSED
     )
-    notices: collections.Counter[str] = collections.Counter()
+    notices: collections.Counter[tuple[str, str]] = collections.Counter()
     for level in (rec.LEVEL_1, rec.LEVEL_2, rec.LEVEL_3):
         received = await _list_level(ice_address, ice_identity, level)
-        notices.update(n.notification.tcn for n in received)
+        notices.update((n.notification.ori, n.notification.tcn) for n in received)
     return Accounting(
         lost=lost,
         not_final=sum(1 for d in decisions.values() if d.status != bk.COMPLETE),

@@ -324,8 +324,9 @@ async def run_demo(
                             seen.append(AgencyMessage("GetDecision", final.decision))
             # The agencies are told of IAFIS and of a referral to ICE only: the decisions are
             # checked as the coordinator keeps them.
-            kept = await asyncio.to_thread(addresses.kept_decisions, [a.tcn for a in answers])
-            results = [dataclasses.replace(a, decision=kept.get(a.tcn)) for a in answers]
+            sent = {b.booking.tcn: (b.booking.ori, b.booking.tcn) for b in bookings_sent}
+            kept = await asyncio.to_thread(addresses.kept_decisions, sent.values())
+            results = [dataclasses.replace(a, decision=kept.get(sent[a.tcn])) for a in answers]
             verdicts = [
                 check_partial(r.decision, b.truth, kinds[r.tcn])
                 if r.tcn in kinds

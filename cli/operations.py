@@ -161,7 +161,9 @@ def register(app: typer.Typer, console: Console) -> None:
 
     @outbox_app.command("retry")
     def retry(
-        tcn: Annotated[str, typer.Argument(help="TCN of the dead letter to send again")],
+        tcn: Annotated[
+            str, typer.Argument(help="the dead letter's booking, ORI/TCN (as `fedprint outbox list` shows)")
+        ],
         db: DbOption = None,
         config: ConfigOption = None,
         key: KeyOption = None,
@@ -183,7 +185,7 @@ def register(app: typer.Typer, console: Console) -> None:
         finally:
             store.close()
         if not requeued:
-            console.print(f"[red]no dead letter for TCN {tcn}[/red]")
+            console.print(f"[red]no dead letter for booking {tcn}[/red]")
             raise typer.Exit(1)
         console.print(f"{tcn}: back in the outbox")
 

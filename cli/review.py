@@ -182,7 +182,7 @@ def register(app: typer.Typer, console: Console) -> None:
 
     @review_app.command("show")
     def show(
-        review_id: Annotated[str, typer.Argument(help="the review: <TCN>/iafis or <TCN>/ident")],
+        review_id: Annotated[str, typer.Argument(help="the review: <ORI>/<TCN>/iafis or <ORI>/<TCN>/ident")],
         png: Annotated[Path, typer.Option(help="where to draw the side-by-side comparison")] = Path(
             "review.png"
         ),

@@ -47,7 +47,7 @@ from fedprint.private import private_directory
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from fedprint.rpc import InvalidRequest, ServiceHost, abort_invalid, open_channel, service
-from fedprint.validation import ORI, TCN, Violations
+from fedprint.validation import ORI, TCN, Violations, booking_key, booking_of
 
 log = structlog.get_logger(__name__)
 
@@ -148,7 +148,10 @@ class Coordinator(bk_grpc.BookingServiceServicer):
                 self.untrusted_answers.labels(node.name, reason).inc()
                 log.error("node answer not believed", node=node.name, reason=reason, error=explanation)
                 await asyncio.to_thread(
-                    self.store.record_event, booking.tcn, "node_answer_refused", f"{node.name}: {explanation}"
+                    self.store.record_event,
+                    booking_key(booking.ori, booking.tcn),
+                    "node_answer_refused",
+                    f"{node.name}: {explanation}",
                 )
                 return result
             probe = response.results[0]
@@ -255,21 +258,22 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             check_booking_tenprint(request)
         except InvalidRequest as error:
             await abort_invalid(context, error)
-        lock = self._tcn_locks.get(request.tcn)
+        key = booking_key(request.ori, request.tcn)
+        lock = self._tcn_locks.get(key)
         if lock is None:
-            lock = self._tcn_locks[request.tcn] = asyncio.Lock()
+            lock = self._tcn_locks[key] = asyncio.Lock()
         async with lock:
             return await self._submit(request, context)
 
     async def _submit(
         self, booking: bk.Booking, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bk.BookingDecision:
-        previous = await asyncio.to_thread(self.store.decision, booking.tcn)
+        # The agency's own booking of this TCN, if any: another agency's is another booking.
+        key = booking_key(booking.ori, booking.tcn)
+        previous = await asyncio.to_thread(self.store.decision, key)
         if previous is not None:
-            stored = await asyncio.to_thread(self.store.booking_content, booking.tcn)
+            stored = await asyncio.to_thread(self.store.booking_content, key)
             changed = changed_parts(stored or "", booking)
-            if previous.ori != booking.ori and "ori" not in changed:
-                changed.insert(0, "ori")
             if changed:
                 log.warning("resubmission differs", tcn=booking.tcn, ori=booking.ori, parts=changed)
                 await context.abort(
@@ -287,7 +291,7 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             timeout = max(0.1, min(timeout, remaining - 0.5))
         evidence = previous
         if previous is not None:
-            kept = await asyncio.to_thread(self.store.sealed_booking, booking.tcn)
+            kept = await asyncio.to_thread(self.store.sealed_booking, key)
             evidence = self._open_evidence(booking.tcn, kept, previous)
         return agency_view(await self._evaluate(booking, evidence, timeout))
 
@@ -370,21 +374,22 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         lease_s = self.config.node_deadline_s * RETRY_CLAIM_BATCH + CLAIM_SLACK_S
         claimed = await asyncio.to_thread(self.store.claim_due_bookings, lease_s, RETRY_CLAIM_BATCH)
         for pending in claimed:
-            lock = self._tcn_locks.get(pending.tcn)
+            key, (ori, tcn) = pending.tcn, booking_of(pending.tcn)
+            lock = self._tcn_locks.get(key)
             if lock is None:
-                lock = self._tcn_locks[pending.tcn] = asyncio.Lock()
+                lock = self._tcn_locks[key] = asyncio.Lock()
             async with lock:
-                previous = await asyncio.to_thread(self.store.decision, pending.tcn)
+                previous = await asyncio.to_thread(self.store.decision, key)
                 if previous is not None and previous.status == bk.COMPLETE:
                     continue  # a resubmission finished it meanwhile (and dropped the sealed copy)
                 try:
-                    booking = self.open_booking(pending.tcn, pending.sealed)
+                    booking = self.open_booking(tcn, pending.sealed)
                 except SealingError:
-                    log.error("sealed booking does not open; left for an operator", tcn=pending.tcn)
+                    log.error("sealed booking does not open; left for an operator", tcn=tcn, ori=ori)
                     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.config.retry_max_s)
-                    await asyncio.to_thread(self.store.reschedule_booking, pending.tcn, later)
+                    await asyncio.to_thread(self.store.reschedule_booking, key, later)
                     continue
-                evidence = self._open_evidence(pending.tcn, pending, previous) if previous else None
+                evidence = self._open_evidence(tcn, pending, previous) if previous else None
                 decision = await self._evaluate(
                     booking, evidence, self.config.node_deadline_s, retries=pending.retries + 1
                 )
@@ -395,20 +400,29 @@ class Coordinator(bk_grpc.BookingServiceServicer):
                         pending.retries + 1, self.config.retry_initial_s, self.config.retry_max_s
                     )
                     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-                    await asyncio.to_thread(self.store.reschedule_booking, pending.tcn, later)
+                    await asyncio.to_thread(self.store.reschedule_booking, key, later)
         return finished
 
     async def GetDecision(
         self, request: bk.GetDecisionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bk.BookingDecision:
+        caller = current_caller()
+        # A TCN is its agency's own: the booking looked up is the caller's, so another agency's
+        # TCN is answered exactly as one that does not exist.
+        ori = request.ori or (caller.identity.ori or "" if caller.identity is not None else "")
         violations = Violations()
-        if not TCN.check(request.tcn, "tcn", violations):
+        TCN.check(request.tcn, "tcn", violations)
+        if not ori:
+            violations.add("ori", "the agency's ORI is required where no certificate names it")
+        elif request.ori:
+            ORI.check(request.ori, "ori", violations)
+        if violations:
             await abort_invalid(context, InvalidRequest(violations, "malformed request"))
-        decision = await asyncio.to_thread(self.store.decision, request.tcn)
+        if not caller.acts_for(ori):
+            await deny(context, f"ORI {ori} is another agency's")
+        decision = await asyncio.to_thread(self.store.decision, booking_key(ori, request.tcn))
         if decision is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no decision for TCN {request.tcn}")
-        if not current_caller().acts_for(decision.ori):
-            await deny(context, f"TCN {request.tcn} is another agency's booking", tcn=request.tcn)
         return agency_view(decision)
 
     async def GetStats(

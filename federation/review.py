@@ -34,7 +34,7 @@ from fedprint.records.v1 import records_pb2 as rec
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from fedprint.rpc import InvalidRequest, abort_invalid
-from fedprint.validation import TCN, Violations
+from fedprint.validation import ORI, TCN, Violations, booking_of
 
 if TYPE_CHECKING:
     from federation.coordinator import Coordinator, NodeClient
@@ -106,15 +106,16 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
             log.info("review claims expired", reviews=released)
 
     async def _key(self, review_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
-        """(TCN, node) of a review id; INVALID_ARGUMENT when it is malformed."""
+        """(booking key, node) of a review id; INVALID_ARGUMENT when it is malformed."""
         violations = Violations()
         try:
-            tcn, node = parse_review_id(review_id)
+            key, node = parse_review_id(review_id)
         except ValueError as error:
             violations.add("review_id", str(error))
         else:
-            if TCN.check(tcn, "review_id", violations):
-                return tcn, node
+            ori, tcn = booking_of(key)
+            if ORI.check(ori, "review_id", violations) & TCN.check(tcn, "review_id", violations):
+                return key, node
         await abort_invalid(context, InvalidRequest(violations, "malformed request"))
         raise AssertionError("unreachable: abort raises")
 
@@ -133,7 +134,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         review, sealed = claimed
         case = rv.ReviewCase(review=review)
         try:
-            booking = self.coordinator.open_booking(tcn, sealed)
+            booking = self.coordinator.open_booking(booking_of(tcn)[1], sealed)
         except SealingError:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {review.review_id} does not open"
@@ -264,7 +265,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no review {tcn}/{node}")
         review, sealed = claimed
         try:
-            booking = self.coordinator.open_booking(tcn, sealed)
+            booking = self.coordinator.open_booking(booking_of(tcn)[1], sealed)
         except SealingError:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {tcn}/{node} does not open"

@@ -2,6 +2,11 @@
 together: the latest decision per TCN, the hash-chained append-only audit log, the
 notification outbox and its dead letters, and the sealed bookings of incomplete decisions.
 
+Every row of a booking is keyed by the booking's key, ``ORI/TCN``
+(:func:`fedprint.validation.booking_key`), which is what the ``tcn`` columns hold and what the
+methods here call ``tcn``: a TCN is its agency's own, so what one agency sends never meets another
+agency's booking. (Audit entries written before keys were ``ORI/TCN`` name the TCN alone.)
+
 SQLite or PostgreSQL, by URL, through the same code; the schema is the Alembic revisions in
 ``federation/migrations``, applied when the store opens its database. Several coordinator
 replicas may share one database: the outbox deliverer and the retrier of incomplete bookings
@@ -45,6 +50,7 @@ from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.migrations import Migrations, upgrade
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.review.v1 import review_pb2 as rv
+from fedprint.validation import booking_key, booking_of
 
 
 class _Base(DeclarativeBase):
@@ -200,8 +206,11 @@ def _contents_break(
     TCN, or that the log never recorded; None when all agree. A TCN whose last change predates
     state records (an older log) is not checked."""
     expected: dict[str, tuple[str | None, str | None, int]] = {}
+    # Entries from before keys were ORI/TCN name the TCN alone, which was unique then.
+    legacy = {booking_of(key)[1]: key for key in [*decisions, *notices] if "/" in key}
     for e in entries:
-        decision, notice, _ = expected.get(e.tcn, ("none", "none", 0))
+        key = e.tcn if "/" in e.tcn else legacy.get(e.tcn, e.tcn)
+        decision, notice, _ = expected.get(key, ("none", "none", 0))
         if e.event == "decision":
             decision = content_digest(e.payload)
         elif (state := parse_state(e.payload)) is not None:
@@ -210,7 +219,7 @@ def _contents_break(
             decision = notice = None  # changed without a record: unknown from here on
         else:
             continue
-        expected[e.tcn] = (decision, notice, e.seq)
+        expected[key] = (decision, notice, e.seq)
     for tcn, (decision, notice, seq) in expected.items():
         if decision is not None and content_digest(decisions.get(tcn)) != decision:
             what = "deleted" if tcn not in decisions else "changed"
@@ -233,16 +242,18 @@ REVIEW_NODES = ("iafis", "ident")
 
 
 def review_id(tcn: str, node: str) -> str:
-    """The review of ``node``'s candidate for booking ``tcn``: "<TCN>/<node>"."""
+    """The review of ``node``'s candidate for the booking keyed ``tcn``: "<ORI>/<TCN>/<node>"."""
     return f"{tcn}/{node}"
 
 
 def parse_review_id(text: str) -> tuple[str, str]:
-    """(TCN, node) of a review id; ValueError when it names no node. (A TCN holds no "/".)"""
-    tcn, _, node = text.rpartition("/")
-    if not tcn or node not in REVIEW_NODES:
-        raise ValueError(f"a review id is <TCN>/{' or <TCN>/'.join(REVIEW_NODES)}")
-    return tcn, node
+    """(booking key, node) of a review id; ValueError when it names no booking or no node. (An
+    ORI and a TCN hold no "/".)"""
+    key, _, node = text.rpartition("/")
+    ori, tcn = booking_of(key)
+    if not ori or not tcn or "/" in tcn or node not in REVIEW_NODES:
+        raise ValueError(f"a review id is <ORI>/<TCN>/{' or <ORI>/<TCN>/'.join(REVIEW_NODES)}")
+    return key, node
 
 
 def _not_held(row: ReviewRow) -> str:
@@ -530,7 +541,7 @@ class CoordinatorStore:
         """Stores the decision, appends it to the audit log and queues the notification, atomically.
 
         ``reviews`` (each review as opened, its ``node`` set, and the sealed booking) open
-        examiner reviews with the decision, each unless the TCN has one for that node already.
+        examiner reviews with the decision, each unless the booking has one for that node already.
 
         An incomplete decision keeps ``sealed`` (the sealed booking and the sealed evidence) for
         the coordinator's own retries, due at ``retry_at``; a complete one deletes them in the
@@ -538,12 +549,13 @@ class CoordinatorStore:
         """
         now = _now()
         payload = decision.SerializeToString()
+        key = booking_key(decision.ori, decision.tcn)
         with self._sessions.begin() as session:
-            row = session.get(DecisionRow, decision.tcn)
+            row = session.get(DecisionRow, key)
             if row is None:
                 session.add(
                     DecisionRow(
-                        tcn=decision.tcn,
+                        tcn=key,
                         ori=decision.ori,
                         status=decision.status,
                         attempt=decision.attempt,
@@ -559,18 +571,16 @@ class CoordinatorStore:
                     payload,
                     now,
                 )
-            self._append_audit(session, decision.tcn, "decision", "; ".join(decision.reasons), payload)
-            if notification is not None and session.get(OutboxRow, decision.tcn) is None:
-                session.add(_outbox_row(decision.tcn, notification, now))
-                self._append_audit(
-                    session, decision.tcn, "notification_queued", "", self._state(session, decision.tcn)
-                )
+            self._append_audit(session, key, "decision", "; ".join(decision.reasons), payload)
+            if notification is not None and session.get(OutboxRow, key) is None:
+                session.add(_outbox_row(key, notification, now))
+                self._append_audit(session, key, "notification_queued", "", self._state(session, key))
             for opened, sealed_booking in reviews:
-                if session.get(ReviewRow, (decision.tcn, opened.node)) is not None:
+                if session.get(ReviewRow, (key, opened.node)) is not None:
                     continue
                 session.add(
                     ReviewRow(
-                        tcn=decision.tcn,
+                        tcn=key,
                         node=opened.node,
                         ori=decision.ori,
                         state=rv.OPEN,
@@ -583,12 +593,12 @@ class CoordinatorStore:
                 )
                 self._append_audit(
                     session,
-                    decision.tcn,
+                    key,
                     "review_opened",
                     f"{opened.node} {opened.candidate.subject_id}",
                     b"",
                 )
-            pending = session.get(PendingBookingRow, decision.tcn)
+            pending = session.get(PendingBookingRow, key)
             if decision.status == bk.COMPLETE:
                 if pending is not None:
                     session.delete(pending)
@@ -596,7 +606,7 @@ class CoordinatorStore:
                 if pending is None:
                     session.add(
                         PendingBookingRow(
-                            tcn=decision.tcn,
+                            tcn=key,
                             sealed=sealed[0],
                             sealed_evidence=sealed[1],
                             created_at=now,
@@ -865,7 +875,8 @@ class CoordinatorStore:
     @staticmethod
     def _review(row: ReviewRow) -> rv.Review:
         review = rv.Review.FromString(row.review)
-        review.review_id, review.tcn, review.node = review_id(row.tcn, row.node), row.tcn, row.node
+        review.review_id, review.node = review_id(row.tcn, row.node), row.node
+        review.tcn = booking_of(row.tcn)[1]
         review.ori, review.state = row.ori, rv.ReviewState.ValueType(row.state)
         review.examiner, review.note = row.examiner, row.note
         review.opened_at.FromDatetime(_aware(row.opened_at))

@@ -85,12 +85,28 @@ def _ascii(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.ASCII)
 
 
-#: Transaction control number (the booking's idempotency key).
+#: Transaction control number: the agency's idempotency key for a booking. At most 54 characters
+#: (an EBTS TCN has at most 40), so that a booking's key, ``ORI/TCN``, fits 64.
 TCN = Identifier(
-    "TCN", _ascii(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"), "1-64 of A-Z a-z 0-9 _.:- starting alphanumeric"
+    "TCN", _ascii(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,53}"), "1-54 of A-Z a-z 0-9 _.:- starting alphanumeric"
 )
 #: Originating agency identifier: nine upper-case letters or digits (two-letter state code, seven more).
 ORI = Identifier("ORI", _ascii(r"[A-Z0-9]{9}"), "nine upper-case letters or digits")
+
+
+def booking_key(ori: str, tcn: str) -> str:
+    """A booking's identity, ``ORI/TCN``: a TCN is its agency's own, so two agencies may use the
+    same one, and what one agency sends never meets another's booking. (Neither an ORI nor a
+    TCN holds a ``/``.)"""
+    return f"{ori}/{tcn}"
+
+
+def booking_of(key: str) -> tuple[str, str]:
+    """The ORI and TCN of a booking's key (:func:`booking_key`)."""
+    ori, _, tcn = key.partition("/")
+    return ori, tcn
+
+
 #: NCIC uniform offense code.
 NCIC_CODE = Identifier("NCIC offense code", _ascii(r"[0-9]{4}"), "four digits 0-9")
 #: An enrolled subject's identifier in a gallery (UCN, FIN), and a probe's identifier in a search.

@@ -27,6 +27,7 @@ from fedprint.validation import (
     SUBJECT_ID,
     TCN,
     Violations,
+    booking_key,
     check_charges,
     check_count,
     check_text,
@@ -75,6 +76,7 @@ class _Base(DeclarativeBase):
 
 class NotificationRow(_Base):
     __tablename__ = "notifications"
+    #: The booking's key, ORI/TCN (fedprint.validation.booking_key): a TCN is its agency's own.
     tcn: Mapped[str] = mapped_column(String(64), primary_key=True)
     level: Mapped[int] = mapped_column(Integer, index=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -100,13 +102,15 @@ class IceStore:
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
 
     def add(self, notification: ice.Notification) -> tuple[bool, dt.datetime]:
-        """Stores a notification; returns (duplicate, when first received)."""
+        """Stores a notification, once per booking (ORI and TCN); returns (duplicate, when first
+        received)."""
         now = dt.datetime.now(dt.UTC)
+        key = booking_key(notification.ori, notification.tcn)
         try:
             with self._sessions.begin() as session:
                 session.add(
                     NotificationRow(
-                        tcn=notification.tcn,
+                        tcn=key,
                         level=int(notification.level),
                         received_at=now,
                         notification=notification.SerializeToString(),
@@ -115,7 +119,7 @@ class IceStore:
             return False, now
         except IntegrityError:
             with self._sessions() as session:
-                row = session.get(NotificationRow, notification.tcn)
+                row = session.get(NotificationRow, key)
                 assert row is not None
                 return True, _utc(row.received_at)
 

@@ -20,6 +20,7 @@ import yaml
 from federation.store import CoordinatorStore
 from fedprint.booking.v1 import booking_pb2 as bk
 from fedprint.pki import TlsFiles
+from fedprint.validation import booking_key
 
 STARTUP_TIMEOUT_S = 90.0
 
@@ -150,12 +151,14 @@ class Federation(Mapping[str, str]):
         #: The coordinator's database URL.
         self.coordinator_database = coordinator_database
 
-    def kept_decisions(self, tcns: Iterable[str]) -> dict[str, bk.BookingDecision]:
-        """The coordinator's own record of these bookings' decisions, read from its database: what
-        its operators, examiners and auditors see (an agency sees only its view of each)."""
+    def kept_decisions(
+        self, bookings: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], bk.BookingDecision]:
+        """The coordinator's own record of these bookings' decisions (by ORI and TCN), read from its
+        database: what its operators, examiners and auditors see (an agency sees only its view)."""
         store = CoordinatorStore(self.coordinator_database)
         try:
-            return {tcn: d for tcn in tcns if (d := store.decision(tcn)) is not None}
+            return {b: d for b in bookings if (d := store.decision(booking_key(*b))) is not None}
         finally:
             store.close()
 

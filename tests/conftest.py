@@ -23,6 +23,7 @@ from fedprint.clients import enroll, list_notifications, wait_for_notifications
 from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.pki import TlsFiles, agency_name, issue_dev_pki
 from fedprint.rpc import open_channel
+from fedprint.validation import booking_key
 from ice_service import build_ice
 from ice_service.config import IceConfig
 from ice_service.server import IceService
@@ -49,6 +50,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory, population: Population) -> dic
     ``agency-<ORI>`` for each agency that books in the population."""
     oris = sorted({b.booking.ori for b in population.bookings})
     return issue_dev_pki(tmp_path_factory.mktemp("pki"), oris=oris)
+
+
+def key(booking: bk.Booking) -> str:
+    """The booking's key in the coordinator's store: its ORI and TCN."""
+    return booking_key(booking.ori, booking.tcn)
+
+
+def kept_decision(coordinator: CoordinatorService, booking: bk.Booking) -> bk.BookingDecision:
+    """``booking``'s decision as the coordinator keeps it: what its examiners, ICE and audit act
+    on (an agency sees only its view of it, federation.disclosure.agency_view)."""
+    decision = coordinator.coordinator.store.decision(key(booking))
+    assert decision is not None, f"no decision kept for {booking.tcn}"
+    return decision
 
 
 @dataclass
@@ -79,12 +93,8 @@ class Federation:
         self.channels.append(channel)
         return channel
 
-    def kept(self, tcn: str) -> bk.BookingDecision:
-        """The decision as the coordinator keeps it: what its examiners, ICE and audit act on (an
-        agency sees only its view of it, federation.disclosure.agency_view)."""
-        decision = self.coordinator.coordinator.store.decision(tcn)
-        assert decision is not None, f"no decision kept for {tcn}"
-        return decision
+    def kept(self, booking: bk.Booking) -> bk.BookingDecision:
+        return kept_decision(self.coordinator, booking)
 
     def booking_stub(self, ori: str) -> bk_grpc.BookingServiceAsyncStub:
         """The coordinator's booking service, called as the agency ``ori``."""

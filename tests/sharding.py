@@ -26,7 +26,7 @@ from launcher.services import build_node, build_router
 from nodes.gallery import GalleryNode, GalleryRouterService
 from nodes.gallery.config import NodeConfig
 from synthetic.population import Population
-from tests.conftest import SERVICE_IDENTITIES
+from tests.conftest import SERVICE_IDENTITIES, kept_decision
 
 
 @dataclass
@@ -70,12 +70,8 @@ class ShardedFederation:
         self.channels.append(channel)
         return channel
 
-    def kept(self, tcn: str) -> bk.BookingDecision:
-        """The decision as the coordinator keeps it: what its examiners, ICE and audit act on (an
-        agency sees only its view of it, federation.disclosure.agency_view)."""
-        decision = self.coordinator.coordinator.store.decision(tcn)
-        assert decision is not None, f"no decision kept for {tcn}"
-        return decision
+    def kept(self, booking: bk.Booking) -> bk.BookingDecision:
+        return kept_decision(self.coordinator, booking)
 
     def booking_stub(self, ori: str) -> bk_grpc.BookingServiceAsyncStub:
         return bk_grpc.BookingServiceStub(self.channel(self.address, agency_name(ori)))

@@ -31,7 +31,7 @@ from fedprint.settings import RateLimit
 from launcher.services import build_node
 from nodes.gallery.config import NodeConfig
 from synthetic.population import Population
-from tests.conftest import Federation
+from tests.conftest import Federation, key
 from tests.test_federation_e2e import pick, with_tcn
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -161,13 +161,14 @@ async def test_a_booking_claiming_another_agencys_ori_is_refused_before_its_prin
     assert error.code() == DENIED and f"certificate is for ORI {mine}" in (error.details() or "")
     assert [(d["ori"], d["tcn"]) for d in denials()] == [(mine, booking.tcn)]
     store = federation.coordinator.coordinator.store
+    # Audited under the TCN the refused request named (no booking of that ORI and TCN exists).
     [(event, detail)] = store.audit(booking.tcn)
     assert (
         event == "access_denied"
         and f"subject=CN={agency_name(mine)}" in detail
         and "role=booking-agency" in detail
     )
-    assert store.decision(booking.tcn) is None
+    assert store.decision(key(booking)) is None
 
 
 async def test_an_agency_outside_the_allow_list_is_refused(
@@ -193,8 +194,11 @@ async def test_an_agency_reads_and_watches_only_its_own_decisions(
     assert (await owner.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)).tcn
     other = other_ori(population, sample.booking.ori)
     nosy = federation.booking_stub(other)
+    # Its TCN is the owner's: to another agency it is a TCN nobody used (see test_booking_ownership).
     error = await refused(nosy.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5))
-    assert error.code() == DENIED
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    asked = bk.GetDecisionRequest(tcn=sample.booking.tcn, ori=sample.booking.ori)
+    assert (await refused(nosy.GetDecision(asked, timeout=5))).code() == DENIED
     for ori in ("", sample.booking.ori):  # all decisions, and another agency's
         stream = nosy.WatchDecisions(bk.WatchDecisionsRequest(ori=ori), timeout=5)
         assert (await refused(stream.read())).code() == DENIED
@@ -203,8 +207,8 @@ async def test_an_agency_reads_and_watches_only_its_own_decisions(
         (other, "WatchDecisions"),
         (other, "WatchDecisions"),
     ]
-    events = [e for e, _ in federation.coordinator.coordinator.store.audit(sample.booking.tcn)]
-    assert events == ["decision", "access_denied"]
+    events = [e for e, _ in federation.coordinator.coordinator.store.audit(key(sample.booking))]
+    assert events == ["decision"]  # the refusals named an ORI, not this booking
 
 
 async def test_each_agency_is_held_to_its_rate_limit_with_a_retry_delay(
@@ -245,7 +249,7 @@ async def test_a_no_hit_booking_discloses_no_candidates_record(
     sample = pick(population, iafis=False, ident=False)
     stub = federation.booking_stub(sample.booking.ori)
     decision = await stub.SubmitBooking(sample.booking, timeout=30)
-    stored = federation.kept(sample.booking.tcn)
+    stored = federation.kept(sample.booking)
     assert (decision.iafis.band, stored.ident.band) == (bio.NO_HIT, bio.NO_HIT)
     fetched = await stub.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)
     assert stored.iafis.candidates and stored.ident.candidates  # the coordinator keeps the scores
@@ -266,7 +270,7 @@ async def test_the_agency_never_gets_an_immigration_record_ice_does(
     # The criminal history of the IAFIS hit is the agency's; no other candidate's record is.
     assert decision.iafis.candidates[0].criminal_history.subject_id == sample.truth.iafis_subject_id
     assert all(c.WhichOneof("record") is None for c in decision.iafis.candidates if c.band != bio.HIT)
-    stored = federation.kept(sample.booking.tcn)
+    stored = federation.kept(sample.booking)
     assert stored.ident.band == bio.HIT
     assert all(c.WhichOneof("record") is None for c in stored.ident.candidates)
     [received] = await federation.wait_for_notifications(1)

@@ -30,7 +30,7 @@ from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import open_channel
 from synthetic.population import Population
-from tests.conftest import Federation
+from tests.conftest import Federation, key
 from tests.test_federation_e2e import pick, with_tcn
 
 
@@ -46,7 +46,7 @@ async def test_a_booking_left_incomplete_by_a_down_node_becomes_final_without_re
     decision = await stub.SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE and decision.ident.outcome == bk.UNAVAILABLE
     store = federation.coordinator.coordinator.store
-    assert store.sealed_booking(sample.booking.tcn) is not None
+    assert store.sealed_booking(key(sample.booking)) is not None
     stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
     assert stats.incomplete == 1 and stats.retrying_bookings == 1
     # Sealed at rest: no finger template appears in the coordinator's database file.
@@ -64,9 +64,9 @@ async def test_a_booking_left_incomplete_by_a_down_node_becomes_final_without_re
     assert final is not None and final.attempt >= 2
     assert final.iafis.outcome == bk.ANSWERED  # kept from the first attempt, not searched again
     assert final.notification == bk.QUEUED
-    assert federation.kept(sample.booking.tcn).ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    assert federation.kept(sample.booking).ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]
-    assert store.sealed_booking(sample.booking.tcn) is None  # deleted once final
+    assert store.sealed_booking(key(sample.booking)) is None  # deleted once final
     stats = await admin.GetStats(bk.GetStatsRequest(), timeout=5)
     assert stats.incomplete == 0 and stats.retrying_bookings == 0
 
@@ -117,7 +117,7 @@ async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_
             await asyncio.sleep(0.01)
             assert await outbox.deliver_due() == 0
     assert store.due_notifications() == []  # no more attempts: it is not retried forever
-    stored = store.decision("TCN-DEAD-1")
+    stored = store.decision("XX0010000/TCN-DEAD-1")
     assert stored is not None and stored.notification == bk.UNDELIVERABLE
     (entry,) = store.undelivered()
     assert entry.dead and entry.attempts == 3 and entry.last_error.startswith("UNAVAILABLE")
@@ -128,13 +128,13 @@ async def test_a_notification_ice_never_takes_becomes_a_dead_letter_an_operator_
     listed = runner.invoke(app, ["outbox", "list", "--db", url, "--json"])
     assert listed.exit_code == 0 and '"state": "dead"' in listed.output
     assert runner.invoke(app, ["outbox", "retry", "TCN-NOPE", "--db", url]).exit_code == 1
-    assert runner.invoke(app, ["outbox", "retry", "TCN-DEAD-1", "--db", url]).exit_code == 0
+    assert runner.invoke(app, ["outbox", "retry", "XX0010000/TCN-DEAD-1", "--db", url]).exit_code == 0
 
     store = CoordinatorStore(url)
-    assert [p.tcn for p in store.due_notifications()] == ["TCN-DEAD-1"]
-    stored = store.decision("TCN-DEAD-1")
+    assert [p.tcn for p in store.due_notifications()] == ["XX0010000/TCN-DEAD-1"]
+    stored = store.decision("XX0010000/TCN-DEAD-1")
     assert stored is not None and stored.notification == bk.QUEUED
-    events = [event for event, _ in store.audit("TCN-DEAD-1")]
+    events = [event for event, _ in store.audit("XX0010000/TCN-DEAD-1")]
     assert events == [
         "decision",
         "notification_queued",
@@ -155,8 +155,8 @@ def filled_store(url: str, key: bytes | None = AUDIT_KEY) -> CoordinatorStore:
     store = CoordinatorStore(url, audit_key=key)
     for i in range(5):
         store.record_decision(decision(f"TCN-AUDIT-{i}"), notification(f"TCN-AUDIT-{i}"))
-    store.mark_delivered("TCN-AUDIT-0", duplicate=False)
-    store.record_event("TCN-AUDIT-1", "refused", "example of an entry of its own")
+    store.mark_delivered("XX0010000/TCN-AUDIT-0", duplicate=False)
+    store.record_event("XX0010000/TCN-AUDIT-1", "refused", "example of an entry of its own")
     return store
 
 
@@ -179,7 +179,7 @@ def test_the_audit_chain_finds_an_edited_entry_and_a_truncated_log(tmp_path: Pat
         db.execute("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 5")
     verified = runner.invoke(app, ["audit", "verify", "--db", url, "--key", str(key)])
     assert verified.exit_code == 1
-    assert "entry 5 (TCN TCN-AUDIT-2)" in verified.output and "changed" in verified.output
+    assert "entry 5 (TCN XX0010000/TCN-AUDIT-2)" in verified.output and "changed" in verified.output
 
     truncated = tmp_path / "truncated.sqlite"
     store = filled_store(f"sqlite:///{truncated}")
@@ -225,7 +225,7 @@ def test_stats_age_counts_from_when_the_notification_was_queued(database_url: st
     store = CoordinatorStore(database_url)
     store.record_decision(decision("TCN-AGE-1"), notification("TCN-AGE-1"))
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
-    store.mark_failed("TCN-AGE-1", "UNAVAILABLE: down", later, max_attempts=10)
+    store.mark_failed("XX0010000/TCN-AGE-1", "UNAVAILABLE: down", later, max_attempts=10)
     assert store.stats().outbox_pending == 1
     assert 0.0 <= store.stats().oldest_pending_notification_age_s < 30.0
     store.close()
@@ -240,7 +240,7 @@ async def test_a_retry_keeps_the_answered_search_with_the_record_that_only_ice_m
     first = await stub.SubmitBooking(sample.booking, timeout=30)
     assert first.status == bk.INCOMPLETE and first.ident.outcome == bk.ANSWERED
     assert not first.ident.candidates  # the agency never sees IDENT's candidates
-    kept = federation.kept(sample.booking.tcn)
+    kept = federation.kept(sample.booking)
     assert kept.ident.candidates[0].WhichOneof("record") is None  # nor does the coordinator keep it
 
     await federation.restart_node("iafis")
@@ -251,7 +251,7 @@ async def test_a_retry_keeps_the_answered_search_with_the_record_that_only_ice_m
     assert match.immigration_history.subject_id == sample.truth.ident_subject_id
     final = await stub.GetDecision(bk.GetDecisionRequest(tcn=sample.booking.tcn), timeout=5)
     assert final.status == bk.COMPLETE and not final.ident.candidates
-    assert federation.kept(sample.booking.tcn).ident.candidates[0].WhichOneof("record") is None
+    assert federation.kept(sample.booking).ident.candidates[0].WhichOneof("record") is None
 
 
 async def test_a_one_finger_booking_never_reaches_ice_by_itself_while_the_full_ten_print_does(
@@ -266,14 +266,14 @@ async def test_a_one_finger_booking_never_reaches_ice_by_itself_while_the_full_t
 
     seen = await stub.SubmitBooking(one, timeout=30)
     assert seen.status == bk.COMPLETE and seen.notification == bk.NOT_REQUIRED
-    lone = federation.kept(one.tcn)
+    lone = federation.kept(one)
     assert lone.ident.band != bio.HIT and lone.notification != bk.QUEUED
     if lone.ident.band == bio.REVIEW:  # an examiner decides; the reasons say why
         assert lone.notification == bk.EXAMINER_REVIEW
         assert any("fewer than" in r or "review band" in r for r in lone.reasons)
 
     full = await stub.SubmitBooking(sample.booking, timeout=30)
-    assert full.notification == bk.QUEUED and federation.kept(sample.booking.tcn).ident.band == bio.HIT
+    assert full.notification == bk.QUEUED and federation.kept(sample.booking).ident.band == bio.HIT
     assert [n.notification.tcn for n in await federation.wait_for_notifications(1)] == [sample.booking.tcn]
 
 
@@ -287,12 +287,12 @@ async def test_a_node_with_a_calibration_nobody_pinned_is_not_believed(
     await federation.restart_node("ident", pin=False, thresholds=rogue)
     decision = await federation.booking_stub(stranger.booking.ori).SubmitBooking(stranger.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE and decision.notification == bk.DEFERRED
-    kept = federation.kept(stranger.booking.tcn)
+    kept = federation.kept(stranger.booking)
     assert decision.ident.outcome == kept.ident.outcome == bk.UNTRUSTED
     assert "another calibration" in kept.ident.error and not kept.ident.candidates
     store = federation.coordinator.coordinator.store
-    assert any(event == "node_answer_refused" for event, _ in store.audit(stranger.booking.tcn))
-    assert store.outbox_attempts(stranger.booking.tcn) is None and await federation.notifications() == []
+    assert any(event == "node_answer_refused" for event, _ in store.audit(key(stranger.booking)))
+    assert store.outbox_attempts(key(stranger.booking)) is None and await federation.notifications() == []
     counted = federation.coordinator.coordinator.untrusted_answers.labels("ident", "calibration")
     assert counted._value.get() >= 1
 
@@ -306,7 +306,7 @@ async def test_a_node_restarted_on_an_empty_gallery_is_not_believed(
     await federation.restart_node("ident", data_dir=tmp_path / "empty-ident")
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE and decision.ident.outcome == bk.UNTRUSTED
-    kept = federation.kept(sample.booking.tcn)
+    kept = federation.kept(sample.booking)
     assert "below the floor of 1" in kept.ident.error
     assert kept.ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
 
@@ -329,7 +329,7 @@ async def test_one_copied_finger_among_three_strangers_fingers_never_reaches_ice
         mixed.tenprint.fingers.append(fingers[copied])
         mixed.tenprint.fingers.extend([other[p] for p in sorted(other) if p != copied][:3])
         await federation.booking_stub(mixed.ori).SubmitBooking(mixed, timeout=30)
-        decisions.append(federation.kept(mixed.tcn))
+        decisions.append(federation.kept(mixed))
     assert all(d.status == bk.COMPLETE for d in decisions)
     assert all(d.ident.band != bio.HIT and d.notification != bk.QUEUED for d in decisions)
     assert await federation.notifications() == []
@@ -421,8 +421,8 @@ def test_audit_verify_finds_a_decision_edited_and_its_notice_dropped(tmp_path: P
     url, checkpoints = tampered(
         tmp_path,
         "quiet",
-        f"UPDATE decisions SET decision = x'{edited}' WHERE tcn = 'TCN-AUDIT-3'",
-        "DELETE FROM outbox WHERE tcn = 'TCN-AUDIT-3'",
+        f"UPDATE decisions SET decision = x'{edited}' WHERE tcn = 'XX0010000/TCN-AUDIT-3'",
+        "DELETE FROM outbox WHERE tcn = 'XX0010000/TCN-AUDIT-3'",
     )
     output = verify_cli(tmp_path, url, checkpoints)
     assert "TCN-AUDIT-3" in output and "outside the log" in output
@@ -433,15 +433,18 @@ def test_an_operator_writes_to_a_keyed_audit_log_only_with_its_key(tmp_path: Pat
     store = CoordinatorStore(url, audit_key=AUDIT_KEY)
     store.record_decision(decision("TCN-KEYED-1"), notification("TCN-KEYED-1"))
     later = dt.datetime.now(dt.UTC)
-    assert store.mark_failed("TCN-KEYED-1", "UNAVAILABLE: down", later, max_attempts=1)
+    assert store.mark_failed("XX0010000/TCN-KEYED-1", "UNAVAILABLE: down", later, max_attempts=1)
     store.close()
     runner = CliRunner()
-    refused = runner.invoke(app, ["outbox", "retry", "TCN-KEYED-1", "--db", url])
+    refused = runner.invoke(app, ["outbox", "retry", "XX0010000/TCN-KEYED-1", "--db", url])
     assert refused.exit_code != 0 and "chained under a key" in refused.output
     key = tmp_path / "audit.key"
     key.write_text(AUDIT_KEY.hex())
     assert (
-        runner.invoke(app, ["outbox", "retry", "TCN-KEYED-1", "--db", url, "--key", str(key)]).exit_code == 0
+        runner.invoke(
+            app, ["outbox", "retry", "XX0010000/TCN-KEYED-1", "--db", url, "--key", str(key)]
+        ).exit_code
+        == 0
     )
     assert runner.invoke(app, ["audit", "verify", "--db", url, "--key", str(key)]).exit_code == 0
     # A coordinator started with another key refuses to fork the chain.

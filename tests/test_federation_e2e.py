@@ -17,7 +17,7 @@ from fedprint.gallery.v1 import gallery_pb2_grpc as gal_grpc
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import field_violations
 from synthetic.population import Population, SyntheticBooking
-from tests.conftest import Federation
+from tests.conftest import Federation, key
 from tests.waiting import eventually, eventually_awaited
 
 
@@ -53,9 +53,9 @@ async def test_iafis_only_match_returns_the_criminal_history_and_notifies_no_one
     assert decision.policy_version and decision.reasons
     # Of IDENT the agency learns only that it answered; the coordinator keeps its result.
     assert decision.ident.outcome == bk.ANSWERED and not decision.ident.candidates
-    assert federation.kept(sample.booking.tcn).ident.band == bio.NO_HIT
+    assert federation.kept(sample.booking).ident.band == bio.NO_HIT
     # The outbox is written with the decision, in one transaction: no row, no notice ever.
-    assert federation.coordinator.coordinator.store.outbox_attempts(sample.booking.tcn) is None
+    assert federation.coordinator.coordinator.store.outbox_attempts(key(sample.booking)) is None
     assert await federation.notifications() == []
 
 
@@ -70,7 +70,7 @@ async def test_ident_match_with_a_level_1_charge_notifies_ice_at_level_1(
     assert decision.status == bk.COMPLETE
     assert decision.level == rec.LEVEL_1
     assert decision.notification == bk.QUEUED  # referred to ICE: all the agency learns of IDENT
-    kept = federation.kept(booking.tcn)
+    kept = federation.kept(booking)
     assert kept.ident.band == bio.HIT
     assert kept.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     received = await federation.wait_for_notifications(1)
@@ -96,13 +96,13 @@ async def test_a_subject_in_neither_gallery_is_a_no_hit_without_notification(
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.COMPLETE
     assert decision.iafis.band == bio.NO_HIT
-    assert federation.kept(sample.booking.tcn).ident.band == bio.NO_HIT
+    assert federation.kept(sample.booking).ident.band == bio.NO_HIT
     assert decision.notification == bk.NOT_REQUIRED
     # Candidates still come with their scores and the thresholds they were compared against.
     assert (
         decision.iafis.candidates and decision.iafis.thresholds.hit > decision.iafis.candidates[0].fused_score
     )
-    assert federation.coordinator.coordinator.store.outbox_attempts(sample.booking.tcn) is None
+    assert federation.coordinator.coordinator.store.outbox_attempts(key(sample.booking)) is None
     assert await federation.notifications() == []
 
 
@@ -114,7 +114,7 @@ async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_complete
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
     assert decision.status == bk.INCOMPLETE
     assert decision.ident.outcome == bk.UNAVAILABLE
-    assert federation.kept(sample.booking.tcn).ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
+    assert federation.kept(sample.booking).ident.band == bio.DECISION_BAND_UNSPECIFIED  # not NO_HIT
     assert decision.iafis.outcome == bk.ANSWERED
     assert decision.notification == bk.DEFERRED
     assert any("ident did not answer" in reason for reason in decision.reasons)
@@ -130,7 +130,7 @@ async def test_a_stopped_node_makes_the_decision_incomplete_and_a_retry_complete
         what="the resubmitted booking completing",
     )
     assert retried.attempt >= 2
-    assert federation.kept(sample.booking.tcn).ident.candidates[0].subject_id == sample.truth.ident_subject_id
+    assert federation.kept(sample.booking).ident.candidates[0].subject_id == sample.truth.ident_subject_id
     assert retried.notification == bk.QUEUED
     assert len(await federation.wait_for_notifications(1)) == 1
 
@@ -151,7 +151,7 @@ async def test_a_malformed_template_is_refused_with_field_details_and_nothing_is
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await stub.GetDecision(bk.GetDecisionRequest(tcn=booking.tcn), timeout=5)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    assert federation.coordinator.coordinator.store.audit(booking.tcn) == []
+    assert federation.coordinator.coordinator.store.audit(key(booking)) == []
 
 
 async def test_a_malformed_enrollment_stores_nothing_of_its_stream(
@@ -188,7 +188,7 @@ async def test_resubmitting_a_tcn_returns_the_same_decision_and_notifies_once(
     assert first.decided_at == second.decided_at and first.attempt == second.attempt == 1
     store = federation.coordinator.coordinator.store
     await eventually(
-        lambda: store.outbox_attempts(sample.booking.tcn),
+        lambda: store.outbox_attempts(key(sample.booking)),
         lambda seen: seen is not None and seen[1],
         what="the notice delivered",
     )
@@ -202,7 +202,7 @@ async def test_notifications_survive_an_ice_outage(federation: Federation, popul
     assert decision.notification == bk.QUEUED
     store = federation.coordinator.coordinator.store
     attempts = await eventually(
-        lambda: store.outbox_attempts(sample.booking.tcn),
+        lambda: store.outbox_attempts(key(sample.booking)),
         lambda seen: seen is not None and seen[0] >= 1,
         what="a failed delivery attempt",
     )

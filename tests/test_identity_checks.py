@@ -26,7 +26,7 @@ from fedprint.rpc import open_channel
 from ice_service import build_ice
 from ice_service.config import IceConfig
 from synthetic.population import Population
-from tests.conftest import Federation
+from tests.conftest import Federation, key
 from tests.test_federation_e2e import pick, with_tcn
 from tests.waiting import eventually, eventually_awaited
 
@@ -67,7 +67,7 @@ async def test_a_coordinator_refuses_a_node_address_answered_with_another_servic
             misled.host.address, federation.pki[agency_name(booking.ori)], server="coordinator"
         ) as channel:
             await bk_grpc.BookingServiceStub(channel).SubmitBooking(booking, timeout=60)
-        kept = misled.coordinator.store.decision(booking.tcn)
+        kept = misled.coordinator.store.decision(key(booking))
         assert kept is not None and kept.status == bk.INCOMPLETE
         assert kept.iafis.outcome == bk.UNAVAILABLE
         assert "the iafis service (iafis.fedprint)" in kept.iafis.error, kept.iafis.error  # names it

@@ -92,7 +92,7 @@ async def test_every_service_serves_metrics_and_the_counters_move(
     assert moved("ident", "fedprint_gallery_probe_decisions_total", node="ident", band="HIT") == 1
     assert moved("ice", "grpc_server_handled_total", grpc_method="Notify", grpc_code="OK") >= 1
     # No identity reaches a label: not the TCN, ORI or any subject id.
-    matched = federation.kept(notifying.booking.tcn).ident.candidates[0].subject_id
+    matched = federation.kept(notifying.booking).ident.candidates[0].subject_id
     identities = {notifying.booking.tcn, notifying.booking.ori, matched}
     for samples in after.values():
         for _, labels in samples:

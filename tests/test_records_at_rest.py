@@ -33,7 +33,7 @@ from ice_service.config import IceConfig
 from ice_service.server import IceStore
 from launcher.services import build_service
 from synthetic.population import Population
-from tests.conftest import Federation
+from tests.conftest import Federation, key
 from tests.test_federation_e2e import pick
 from tests.waiting import eventually
 
@@ -63,7 +63,7 @@ async def test_an_acknowledged_notice_leaves_the_outbox_keeping_tcn_level_and_di
     database = federation.root / "coordinator" / "coordinator.sqlite"
     # ICE has it: once the coordinator records the acknowledgement, the notice is gone from its disk.
     notice, level, digest, _ = await eventually(
-        lambda: outbox_row(database, sample.booking.tcn),
+        lambda: outbox_row(database, key(sample.booking)),
         lambda row: row[3] is not None,
         what="the delivery recorded",
     )
@@ -72,7 +72,7 @@ async def test_an_acknowledged_notice_leaves_the_outbox_keeping_tcn_level_and_di
     with sqlite3.connect(database) as connection:
         (queued,) = connection.execute(
             "SELECT payload FROM audit_log WHERE tcn = ? AND event = 'notification_queued'",
-            (sample.booking.tcn,),
+            (key(sample.booking),),
         ).fetchone()
     state = parse_state(bytes(queued))
     assert state is not None and state[1] == digest
@@ -122,14 +122,17 @@ async def test_a_dead_letter_past_its_retention_loses_its_notice(database_url: s
         engine = create_engine(database_url)
         with engine.connect() as connection:
             row = connection.execute(
-                text("SELECT notification, level, digest FROM outbox_dead_letters WHERE tcn = 'TCN-DEAD-1'")
+                text(
+                    "SELECT notification, level, digest FROM outbox_dead_letters "
+                    "WHERE tcn = 'XX0010000/TCN-DEAD-1'"
+                )
             ).one()
         engine.dispose()
         expected = hashlib.sha256(notice("TCN-DEAD-1").SerializeToString()).hexdigest()
         assert (bytes(row[0]), row[1], row[2]) == (b"", rec.LEVEL_1, expected)
         with pytest.raises(DeadLetterPurged):
-            store.retry_dead_letter("TCN-DEAD-1", "operator")
-        assert [e for e, _ in store.audit("TCN-DEAD-1")][-1] == "notification_purged"
+            store.retry_dead_letter("XX0010000/TCN-DEAD-1", "operator")
+        assert [e for e, _ in store.audit("XX0010000/TCN-DEAD-1")][-1] == "notification_purged"
         assert store.verify_audit()[1] is None
     finally:
         await channel.close(None)
@@ -177,8 +180,8 @@ async def test_data_folders_databases_and_keys_are_private(federation: Federatio
         assert databases, service
         for database in databases:  # the database and its WAL and shared-memory files
             assert mode(database) == 0o600, database
-    for key in ("booking.key", "audit.key"):
-        assert mode(federation.root / "coordinator" / key) == 0o600
+    for secret in ("booking.key", "audit.key"):
+        assert mode(federation.root / "coordinator" / secret) == 0o600
 
 
 async def test_a_data_folder_and_database_left_open_are_made_private(

@@ -26,6 +26,7 @@ from fedprint.ice.v1 import ice_pb2_grpc as ice_grpc
 from fedprint.pki import TlsFiles
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.rpc import open_channel
+from fedprint.validation import booking_key, booking_of
 from ice_service import build_ice
 from ice_service.config import IceConfig
 from launcher.services import build_node
@@ -76,7 +77,7 @@ def test_two_replicas_never_claim_the_same_row(replicas: list[CoordinatorStore])
         notifications, bookings = [], []
         start.wait()  # both replicas at once
         while batch := store.claim_due_notifications(lease_s=60, limit=3):
-            notifications += [n.tcn for n in batch]
+            notifications += [booking_of(n.tcn)[1] for n in batch]
             time.sleep(0.001)  # let the other replica in between claims
         while due := store.claim_due_bookings(lease_s=60, limit=2):
             bookings += [b.tcn for b in due]
@@ -93,18 +94,18 @@ def test_a_dead_replicas_claims_run_out(replicas: list[CoordinatorStore]) -> Non
     first, second = replicas
     queued(first, ["TCN-D-1"])
     incomplete(first, ["TCN-D-2"])
-    assert [n.tcn for n in first.claim_due_notifications(lease_s=0.5)] == ["TCN-D-1"]
-    assert [b.tcn for b in first.claim_due_bookings(lease_s=0.5)] == ["TCN-D-2"]
+    assert [n.tcn for n in first.claim_due_notifications(lease_s=0.5)] == ["XX0010000/TCN-D-1"]
+    assert [b.tcn for b in first.claim_due_bookings(lease_s=0.5)] == ["XX0010000/TCN-D-2"]
     # The first replica dies holding them: the second waits for the claims, not for ever.
     assert second.claim_due_notifications(lease_s=60) == [] and second.claim_due_bookings(lease_s=60) == []
     due = second.next_due_at()
     assert due is not None and due > dt.datetime.now(dt.UTC)  # when the claim runs out, not now
     eventually_blocking(lambda: dt.datetime.now(dt.UTC) > due, what="the claims' leases running out")
-    assert [n.tcn for n in second.claim_due_notifications(lease_s=60)] == ["TCN-D-1"]
-    assert [b.tcn for b in second.claim_due_bookings(lease_s=60)] == ["TCN-D-2"]
+    assert [n.tcn for n in second.claim_due_notifications(lease_s=60)] == ["XX0010000/TCN-D-1"]
+    assert [b.tcn for b in second.claim_due_bookings(lease_s=60)] == ["XX0010000/TCN-D-2"]
     # An attempt's outcome ends the claim: the next retry is anyone's once due.
-    second.reschedule_booking("TCN-D-2", dt.datetime.now(dt.UTC))
-    assert [b.tcn for b in first.claim_due_bookings(lease_s=60)] == ["TCN-D-2"]
+    second.reschedule_booking("XX0010000/TCN-D-2", dt.datetime.now(dt.UTC))
+    assert [b.tcn for b in first.claim_due_bookings(lease_s=60)] == ["XX0010000/TCN-D-2"]
 
 
 def test_a_named_replica_restarted_after_a_crash_takes_back_its_claims_at_once(database_url: str) -> None:
@@ -112,15 +113,15 @@ def test_a_named_replica_restarted_after_a_crash_takes_back_its_claims_at_once(d
     a, b = CoordinatorStore(database_url, replica_id="a"), CoordinatorStore(database_url, replica_id="b")
     queued(a, ["TCN-R-1", "TCN-R-2"])
     incomplete(a, ["TCN-R-3"])
-    assert [n.tcn for n in a.claim_due_notifications(lease_s=600, limit=1)] == ["TCN-R-1"]
-    assert [p.tcn for p in a.claim_due_bookings(lease_s=600)] == ["TCN-R-3"]
-    assert [n.tcn for n in b.claim_due_notifications(lease_s=600)] == ["TCN-R-2"]
+    assert [n.tcn for n in a.claim_due_notifications(lease_s=600, limit=1)] == ["XX0010000/TCN-R-1"]
+    assert [p.tcn for p in a.claim_due_bookings(lease_s=600)] == ["XX0010000/TCN-R-3"]
+    assert [n.tcn for n in b.claim_due_notifications(lease_s=600)] == ["XX0010000/TCN-R-2"]
     a.close()
     # Its next life, under the same name, frees what the dead one held, and only that.
     again = CoordinatorStore(database_url, replica_id="a")
     assert again.release_own_claims() == 2
-    assert [n.tcn for n in again.claim_due_notifications(lease_s=60)] == ["TCN-R-1"]
-    assert [p.tcn for p in again.claim_due_bookings(lease_s=60)] == ["TCN-R-3"]
+    assert [n.tcn for n in again.claim_due_notifications(lease_s=60)] == ["XX0010000/TCN-R-1"]
+    assert [p.tcn for p in again.claim_due_bookings(lease_s=60)] == ["XX0010000/TCN-R-3"]
     # An unnamed replica frees nothing: its claims expire with their leases.
     unnamed = CoordinatorStore(database_url)
     assert unnamed.release_own_claims() == 0
@@ -160,7 +161,7 @@ async def test_two_coordinator_replicas_deliver_each_notification_once(
     events = Counter(
         (event, detail)
         for tcn in tcns
-        for event, detail in replicas[1].audit(tcn)
+        for event, detail in replicas[1].audit(booking_key("XX0010000", tcn))
         if event.startswith("notification")
     )
     assert events == {

@@ -23,12 +23,12 @@ from fedprint.records.v1 import records_pb2 as rec
 from fedprint.review.v1 import review_pb2 as rv
 from fedprint.review.v1 import review_pb2_grpc as rv_grpc
 from synthetic.population import Population, SyntheticBooking
-from tests.conftest import Federation
+from tests.conftest import Federation, key
 
 
 def ident_review(sample: SyntheticBooking) -> str:
     """The id of the review of ``sample``'s IDENT candidate."""
-    return f"{sample.booking.tcn}/ident"
+    return f"{key(sample.booking)}/ident"
 
 
 def ident_mates(population: Population) -> list[SyntheticBooking]:
@@ -39,7 +39,7 @@ async def in_review(federation: Federation, sample: SyntheticBooking) -> bk.Book
     decision = await federation.booking_stub(sample.booking.ori).SubmitBooking(sample.booking, timeout=30)
     # The agency is not told of an IDENT review: nothing is referred to ICE until a person decides.
     assert decision.status == bk.COMPLETE and decision.notification == bk.NOT_REQUIRED
-    kept = federation.kept(sample.booking.tcn)
+    kept = federation.kept(sample.booking)
     assert kept.notification == bk.EXAMINER_REVIEW
     assert kept.ident.candidates[0].subject_id == sample.truth.ident_subject_id
     return kept
@@ -112,16 +112,16 @@ async def test_a_confirmed_review_notifies_ice_once_and_a_rejected_one_not_at_al
     agency = reviewing.booking_stub(reject.booking.ori)
     closed = await agency.GetDecision(bk.GetDecisionRequest(tcn=reject.booking.tcn), timeout=5)
     assert closed.notification == bk.NOT_REQUIRED and not any("cores differ" in r for r in closed.reasons)
-    kept = reviewing.kept(reject.booking.tcn)
+    kept = reviewing.kept(reject.booking)
     assert kept.notification == bk.NOT_REQUIRED and "rejected" in kept.reasons[-1]
     store = reviewing.coordinator.coordinator.store
-    assert [e for e, _ in store.audit(confirm.booking.tcn)][:4] == [
+    assert [e for e, _ in store.audit(key(confirm.booking))][:4] == [
         "decision",
         "review_opened",
         "review_claimed",
         "review_confirmed",
     ]
-    assert [e for e, _ in store.audit(reject.booking.tcn)] == [
+    assert [e for e, _ in store.audit(key(reject.booking))] == [
         "decision",
         "review_opened",
         "review_claimed",
@@ -147,9 +147,16 @@ async def test_only_examiners_review_and_a_decision_needs_a_claim(
         )
     assert unclaimed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await examiner.ClaimReview(rv.ClaimReviewRequest(review_id="TCN-NO-SUCH/ident"), timeout=5)
+        await examiner.ClaimReview(rv.ClaimReviewRequest(review_id="XX0010000/TCN-NO-SUCH/ident"), timeout=5)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    for malformed in ("TCN-NO-SUCH", "TCN-NO-SUCH/ice", "/ident", "TCN NO/ident"):
+    for malformed in (
+        "TCN-NO-SUCH",
+        "XX0010000/TCN-NO-SUCH/ice",
+        "/ident",
+        "TCN-NO-SUCH/ident",  # no ORI: a TCN is its agency's
+        "XX/TCN/ident",
+        "XX0010000/TCN NO/ident",
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await examiner.ClaimReview(rv.ClaimReviewRequest(review_id=malformed), timeout=5)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, malformed
@@ -218,7 +225,7 @@ async def test_an_examiners_confirmation_of_a_naturalized_citizen_is_suppressed_
     )
     assert confirmed.state == rv.CONFIRMED
     agency = reviewing.booking_stub(citizen.booking.ori)
-    final = reviewing.kept(citizen.booking.tcn)
+    final = reviewing.kept(citizen.booking)
     assert final.notification == bk.SUPPRESSED
     assert any("confirmed the IDENT match" in r for r in final.reasons)  # what the examiner did
     assert any("notification suppressed" in r for r in final.reasons)  # what the policy did with it
@@ -227,9 +234,9 @@ async def test_an_examiners_confirmation_of_a_naturalized_citizen_is_suppressed_
     assert seen.notification == bk.NOT_REQUIRED and not seen.ident.candidates
     assert not any("IDENT" in r or "suppressed" in r or "same person" in r for r in seen.reasons)
     store = reviewing.coordinator.coordinator.store
-    assert store.outbox_attempts(citizen.booking.tcn) is None  # no notice was ever queued
+    assert store.outbox_attempts(key(citizen.booking)) is None  # no notice was ever queued
     assert await reviewing.notifications() == []
-    (_, detail) = next((e, d) for e, d in store.audit(citizen.booking.tcn) if e == "review_confirmed")
+    (_, detail) = next((e, d) for e, d in store.audit(key(citizen.booking)) if e == "review_confirmed")
     assert "notification SUPPRESSED" in detail
 
 
@@ -284,8 +291,8 @@ async def test_a_borderline_iafis_match_counts_only_once_an_examiner_confirms_it
     listed = (await examiner.ListReviews(rv.ListReviewsRequest(), timeout=5)).reviews
     iafis_reviews = [r for r in listed if r.node == "iafis"]
     assert [r.review_id for r in iafis_reviews] == [
-        f"{confirm.booking.tcn}/iafis",
-        f"{reject.booking.tcn}/iafis",
+        f"{key(confirm.booking)}/iafis",
+        f"{key(reject.booking)}/iafis",
     ]
     assert iafis_reviews[0].candidate.subject_id == confirm.truth.iafis_subject_id
 
@@ -312,6 +319,6 @@ async def test_a_borderline_iafis_match_counts_only_once_an_examiner_confirms_it
     closed = await other.GetDecision(bk.GetDecisionRequest(tcn=reject.booking.tcn), timeout=5)
     assert not closed.iafis.confirmed_subject_id and closed.iafis.candidates[0].WhichOneof("record") is None
     assert closed.level == charges_level(reject) and "rejected the IAFIS candidate" in closed.reasons[-1]
-    assert "rejected the IAFIS match" in iafis_reviewing.kept(reject.booking.tcn).reasons[-1]
+    assert "rejected the IAFIS match" in iafis_reviewing.kept(reject.booking).reasons[-1]
     store = iafis_reviewing.coordinator.coordinator.store
     assert store.verify_audit()[1] is None

@@ -46,12 +46,13 @@ def test_a_subject_belongs_to_one_partition_by_a_stable_hash() -> None:
 
 
 def kept_decisions(
-    fed: Federation | ShardedFederation, results: list[Submission]
+    fed: Federation | ShardedFederation, population: Population, results: list[Submission]
 ) -> list[bk.BookingDecision]:
-    """The decisions as the coordinator keeps them (what an agency sees leaves IDENT out), by TCN."""
+    """The population's decisions as the coordinator keeps them (what an agency sees leaves IDENT
+    out), by TCN; ``results`` are the agencies' answers, one each."""
     for r in results:
         assert r.decision is not None, r.error
-    return [fed.kept(r.tcn) for r in sorted(results, key=lambda r: r.tcn)]
+    return [fed.kept(b.booking) for b in sorted(population.bookings, key=lambda b: b.booking.tcn)]
 
 
 def tenprint_decisions(decisions: list[bk.BookingDecision]) -> list[tuple[object, ...]]:
@@ -100,7 +101,7 @@ async def decide_all(address: str, population: Population, pki: dict[str, TlsFil
 async def test_three_shards_and_one_decide_every_booking_as_an_unsharded_node_does(
     federation: Federation, population: Population, pki: dict[str, TlsFiles], tmp_path: Path
 ) -> None:
-    unsharded = kept_decisions(federation, await decide_all(federation.address, population, pki))
+    unsharded = kept_decisions(federation, population, await decide_all(federation.address, population, pki))
     await federation.coordinator.stop(0)  # its nodes stay up; only one federation decides at a time
     expected = tenprint_decisions(unsharded)
     assert all(status == "COMPLETE" for _, status, *_ in expected)
@@ -121,7 +122,7 @@ async def test_three_shards_and_one_decide_every_booking_as_an_unsharded_node_do
                 for i, shard in enumerate(node.shards):
                     held, _ = shard.servicer.gallery.contents()
                     assert all(owner(s, shards) == i for s in held)
-            results = kept_decisions(sharded, await decide_all(sharded.address, population, pki))
+            results = kept_decisions(sharded, population, await decide_all(sharded.address, population, pki))
         assert tenprint_decisions(results) == expected, f"{shards} shards decide otherwise"
         assert all(
             math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
@@ -140,7 +141,7 @@ async def test_a_stopped_shard_makes_the_decision_incomplete_naming_it_and_its_r
         assert decision.status == bk.INCOMPLETE and decision.notification == bk.DEFERRED
         assert decision.ident.outcome == bk.PARTIAL and not decision.ident.candidates
         assert any("ident answered only in part" in reason for reason in decision.reasons)
-        kept = fed.kept(sample.booking.tcn)
+        kept = fed.kept(sample.booking)
         assert kept.ident.band == bio.DECISION_BAND_UNSPECIFIED and not kept.ident.candidates  # not NO_HIT
         missing = fed.ident.shards[1].host.address
         assert f"shard 1 of 3 ({missing}) did not answer: UNAVAILABLE" in kept.ident.error
@@ -156,7 +157,7 @@ async def test_a_stopped_shard_makes_the_decision_incomplete_naming_it_and_its_r
             what="the coordinator's retry completing the booking",
         )
         assert final.attempt >= 2
-        assert fed.kept(sample.booking.tcn).ident.candidates[0].subject_id == sample.truth.ident_subject_id
+        assert fed.kept(sample.booking).ident.candidates[0].subject_id == sample.truth.ident_subject_id
         assert final.notification in (bk.QUEUED, bk.DELIVERED)
 
 

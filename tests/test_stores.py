@@ -21,6 +21,7 @@ from fedprint.ice.v1 import ice_pb2 as ice
 from fedprint.migrations import current, differences, upgrade
 from fedprint.records.v1 import records_pb2 as rec
 from fedprint.review.v1 import review_pb2 as rv
+from fedprint.validation import booking_key
 from ice_service.server import MIGRATIONS as ICE
 from ice_service.server import IceStore
 from nodes.gallery.partition import Partition, subject_bucket
@@ -76,13 +77,18 @@ def test_a_database_from_before_migrations_is_adopted_and_upgraded(database_url:
         assert gallery.state().token == "old-token"
         owner = Partition(subject_bucket("UCN-OLD-1") % 2, 2)
         assert [s.subject_id for s in gallery.templates(owner)] == ["UCN-OLD-1"]  # its bucket was computed
-        stored = coordinator.decision("TCN-OLD-1")
+        stored = coordinator.decision("XX0010000/TCN-OLD-1")  # keyed by its ORI and TCN now
         assert stored is not None and stored.tcn == "TCN-OLD-1"
-        coordinator.record_event("TCN-OLD-1", "adopted", "the audit log works on the adopted schema")
+        coordinator.record_event(
+            "XX0010000/TCN-OLD-1", "adopted", "the audit log works on the adopted schema"
+        )
         # The chain holds; the decision row this test wrote behind the log's back does not.
         checked, broken = coordinator.verify_audit()
         assert checked == 1 and broken is not None
-        assert (broken.tcn, broken.reason) == ("TCN-OLD-1", "a stored decision the log never recorded")
+        assert (broken.tcn, broken.reason) == (
+            "XX0010000/TCN-OLD-1",
+            "a stored decision the log never recorded",
+        )
     finally:
         gallery.close()
         coordinator.close()
@@ -192,7 +198,8 @@ def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if
     for i in range(rounds):
         tcn = f"TCN-RACE-{i:02d}"
         opened(store, tcn)
-        store.claim_review(tcn, "ident", "examiner-a")
+        key = booking_key("XX0010000", tcn)  # what the store keys a booking by: its ORI and TCN
+        store.claim_review(key, "ident", "examiner-a")
         notice.tcn = tcn
         verdicts = [
             Verdict(rv.CONFIRM, ("confirmed",), bk.QUEUED, notice),
@@ -200,10 +207,10 @@ def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if
         ]
         start = threading.Barrier(2)
 
-        def decide(verdict: Verdict, tcn: str = tcn, start: threading.Barrier = start) -> str:
+        def decide(verdict: Verdict, key: str = key, start: threading.Barrier = start) -> str:
             start.wait()
             try:
-                store.decide_review(tcn, "ident", "examiner-a", verdict, "")
+                store.decide_review(key, "ident", "examiner-a", verdict, "")
             except ReviewConflict:
                 return "refused"
             return "accepted"
@@ -212,30 +219,31 @@ def test_a_confirm_and_a_reject_racing_end_with_one_verdict_and_a_notice_only_if
             outcomes = list(pool.map(decide, verdicts))
         assert sorted(outcomes) == ["accepted", "refused"], outcomes
         (review,) = [r for r in store.reviews([rv.CONFIRMED, rv.REJECTED], 100) if r.tcn == tcn]
-        decision = store.decision(tcn)
+        decision = store.decision(key)
         assert decision is not None
         # An ICE notice exists if and only if the verdict that stands is a confirmation.
         if review.state == rv.CONFIRMED:
-            assert store.outbox_attempts(tcn) is not None and decision.notification == bk.QUEUED
+            assert store.outbox_attempts(key) is not None and decision.notification == bk.QUEUED
         else:
-            assert store.outbox_attempts(tcn) is None and decision.notification == bk.NOT_REQUIRED
+            assert store.outbox_attempts(key) is None and decision.notification == bk.NOT_REQUIRED
     store.close()
 
 
 def test_a_claim_runs_out_and_the_review_returns_to_the_queue(database_url: str) -> None:
     store = CoordinatorStore(database_url)
     opened(store, "TCN-CLAIM-1")
-    store.claim_review("TCN-CLAIM-1", "ident", "examiner-a")
+    key = booking_key("XX0010000", "TCN-CLAIM-1")
+    store.claim_review(key, "ident", "examiner-a")
     with pytest.raises(ReviewConflict, match="claimed by examiner-a"):
-        store.claim_review("TCN-CLAIM-1", "ident", "examiner-b")
+        store.claim_review(key, "ident", "examiner-b")
     assert store.release_expired_claims(claim_s=3600) == 0  # a fresh claim stands
     assert store.release_expired_claims(claim_s=0) == 1  # one older than the claim time does not
     (review,) = store.reviews([rv.OPEN], 10)
-    assert review.review_id == "TCN-CLAIM-1/ident" and review.examiner == ""
-    store.claim_review("TCN-CLAIM-1", "ident", "examiner-b")
+    assert review.review_id == "XX0010000/TCN-CLAIM-1/ident" and review.examiner == ""
+    store.claim_review(key, "ident", "examiner-b")
     with pytest.raises(ReviewConflict, match="claimed by examiner-b"):
-        store.decide_review("TCN-CLAIM-1", "ident", "examiner-a", Verdict(rv.REJECT, (), bk.NOT_REQUIRED), "")
-    assert [e for e, _ in store.audit("TCN-CLAIM-1")][-3:] == [
+        store.decide_review(key, "ident", "examiner-a", Verdict(rv.REJECT, (), bk.NOT_REQUIRED), "")
+    assert [e for e, _ in store.audit(key)][-3:] == [
         "review_claimed",
         "review_claim_expired",
         "review_claimed",
@@ -252,8 +260,9 @@ def test_both_reviews_of_a_booking_decided_at_once_keep_both_verdicts(database_u
     for i in range(rounds):
         tcn = f"TCN-BOTH-{i:02d}"
         opened(store, tcn, ("iafis", "ident"))
-        store.claim_review(tcn, "iafis", "examiner-a")
-        store.claim_review(tcn, "ident", "examiner-b")
+        key = booking_key("XX0010000", tcn)
+        store.claim_review(key, "iafis", "examiner-a")
+        store.claim_review(key, "ident", "examiner-b")
         history = rec.CriminalHistory(subject_id="IAFIS-1")
         iafis = Verdict(
             rv.CONFIRM,
@@ -264,20 +273,20 @@ def test_both_reviews_of_a_booking_decided_at_once_keep_both_verdicts(database_u
         ident = Verdict(rv.REJECT, ("IDENT rejected",), bk.NOT_REQUIRED)
         start = threading.Barrier(2)
 
-        def decide(job: tuple[str, str, Verdict], tcn: str = tcn, start: threading.Barrier = start) -> None:
+        def decide(job: tuple[str, str, Verdict], key: str = key, start: threading.Barrier = start) -> None:
             node, examiner, verdict = job
             start.wait()
-            store.decide_review(tcn, node, examiner, verdict, "")
+            store.decide_review(key, node, examiner, verdict, "")
 
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(decide, [("iafis", "examiner-a", iafis), ("ident", "examiner-b", ident)]))
-        decision = store.decision(tcn)
+        decision = store.decision(key)
         assert decision is not None
         assert sorted(decision.reasons) == ["IAFIS confirmed", "IDENT rejected"]
         assert decision.level == rec.LEVEL_1 and decision.notification == bk.NOT_REQUIRED
         assert decision.iafis.confirmed_subject_id == "IAFIS-1" and not decision.ident.confirmed_subject_id
         assert decision.iafis.candidates[0].criminal_history.subject_id == "IAFIS-1"
-    assert store.outbox_attempts("TCN-BOTH-00") is None
+    assert store.outbox_attempts(booking_key("XX0010000", "TCN-BOTH-00")) is None
     store.close()
 
 
@@ -298,10 +307,59 @@ def test_reviews_from_before_iafis_reviews_are_ident_reviews(database_url: str) 
     store = CoordinatorStore(database_url)
     try:
         (review,) = store.reviews([rv.OPEN], 10)
-        assert (review.review_id, review.tcn, review.node) == ("TCN-OLD-R/ident", "TCN-OLD-R", "ident")
+        assert (review.review_id, review.tcn, review.node) == (
+            "XX0010000/TCN-OLD-R/ident",
+            "TCN-OLD-R",
+            "ident",
+        )
         engine = create_engine(database_url)
         key = inspect(engine).get_pk_constraint("reviews")["constrained_columns"]
         engine.dispose()
         assert sorted(key) == ["node", "tcn"]
     finally:
         store.close()
+
+
+def test_bookings_from_before_are_keyed_by_their_ori_and_tcn(database_url: str) -> None:
+    """Revision 0007 keys every row of a booking ``ORI/TCN``, taking the ORI from its decision;
+    the audit entries keep their TCN and still verify. ICE's revision 0002 does the same from the
+    notices it holds."""
+    store = CoordinatorStore(database_url)
+    now = dt.datetime.now(dt.UTC)
+    decision = bk.BookingDecision(tcn="TCN-MIG-1", ori="XX0020000", status=bk.INCOMPLETE, attempt=1)
+    store.record_decision(decision, None, sealed=(b"booking", b"evidence"), retry_at=now)
+    store.close()
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        # The rows as revision 0006 kept them: by the TCN alone.
+        command.downgrade(COORDINATOR.config(connection), "0006")
+        assert connection.execute(text("SELECT tcn FROM pending_bookings")).scalar() == "TCN-MIG-1"
+        connection.commit()
+    engine.dispose()
+    store = CoordinatorStore(database_url)
+    try:
+        key = booking_key("XX0020000", "TCN-MIG-1")
+        assert store.decision(key) == decision and store.decision("TCN-MIG-1") is None
+        sealed = store.sealed_booking(key)
+        assert sealed is not None and (sealed.tcn, sealed.sealed) == (key, b"booking")
+        assert store.verify_audit()[1] is None  # the entry under the bare TCN is the booking's
+    finally:
+        store.close()
+
+    ice_store = IceStore(database_url)
+    ice_store.add(ice.Notification(tcn="TCN-MIG-2", ori="XX0020000", level=rec.LEVEL_1))
+    ice_store.close()
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        command.downgrade(ICE.config(connection), "0001")
+        connection.commit()
+        command.upgrade(ICE.config(connection), "head")
+        connection.commit()
+        assert connection.execute(text("SELECT tcn FROM notifications")).scalar() == "XX0020000/TCN-MIG-2"
+    engine.dispose()
+    ice_store = IceStore(database_url)
+    try:  # the same notice again is a duplicate; another agency's of the same TCN is not
+        assert ice_store.add(ice.Notification(tcn="TCN-MIG-2", ori="XX0020000", level=rec.LEVEL_1))[0]
+        assert not ice_store.add(ice.Notification(tcn="TCN-MIG-2", ori="XX0010000", level=rec.LEVEL_1))[0]
+    finally:
+        ice_store.close()

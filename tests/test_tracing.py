@@ -59,7 +59,7 @@ async def test_a_booking_is_one_trace_through_the_coordinator_and_both_nodes(
     for client in identify_clients:
         assert client.parent is not None and client.parent.span_id == submit.context.span_id
     # Nothing of a person: no subject id, name or template in any attribute.
-    kept = federation.kept(sample.booking.tcn)
+    kept = federation.kept(sample.booking)
     matched = {kept.iafis.candidates[0].subject_id, kept.ident.candidates[0].subject_id}
     for s in in_trace:
         values = {str(v) for v in (s.attributes or {}).values()}

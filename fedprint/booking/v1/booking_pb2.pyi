@@ -332,15 +332,21 @@ class GetDecisionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TCN_FIELD_NUMBER: _builtins.int
+    ORI_FIELD_NUMBER: _builtins.int
     tcn: _builtins.str
+    ori: _builtins.str
+    """The agency whose booking it is; empty: the ORI of the caller's certificate. A TCN is its
+    agency's own: another agency's booking of the same TCN is never found.
+    """
     def __init__(
         self,
         *,
         tcn: _builtins.str = ...,
+        ori: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tcn", b"tcn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ori", b"ori", "tcn", b"tcn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

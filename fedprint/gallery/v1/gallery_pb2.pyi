@@ -564,7 +564,7 @@ class GetSubjectRequest(_message.Message):
     subject_id: _builtins.str
     probe_id: _builtins.str
     """The probe whose search returned the subject (the coordinator: the booking's TCN, which
-    names the review with the node: "<TCN>/<node>").
+    names the review with its ORI and the node: "<ORI>/<TCN>/<node>").
     """
     examiner: _builtins.str
     """Who the caller asks for (the examiner working the review, as the caller names them):

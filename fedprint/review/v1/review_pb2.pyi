@@ -100,7 +100,7 @@ class Review(_message.Message):
     TCN_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     review_id: _builtins.str
-    """"<TCN>/<node>": one review per booking and node whose candidate is in the review band."""
+    """"<ORI>/<TCN>/<node>": one review per booking and node whose candidate is in the review band."""
     ori: _builtins.str
     state: Global___ReviewState.ValueType
     examiner: _builtins.str
