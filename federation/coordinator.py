@@ -573,6 +573,7 @@ def build_coordinator(config: CoordinatorConfig, database_url: str | None = None
             ),
             audit=coordinator.audit_denial,
         ),
+        denials=config.refusals.ledger(),
         metrics_listen=config.metrics_listen,
         health_listen=config.health_listen,
     )

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from fedprint import tracing
-from fedprint.access import AccessInterceptor, AccessPolicy
+from fedprint.access import AccessInterceptor, AccessPolicy, DenialLedger
 from fedprint.metrics import ServiceMetrics
 from fedprint.pki import RevocationList, TlsFiles, service_host
 from fedprint.validation import MAX_VIOLATIONS, FieldViolation, Violations
@@ -215,6 +215,7 @@ class ServiceHost:
         *,
         insecure: bool = False,
         access: AccessPolicy | None = None,
+        denials: DenialLedger | None = None,
         metrics_listen: str | None = None,
         health_listen: str | None = None,
     ) -> None:
@@ -223,6 +224,8 @@ class ServiceHost:
         self.listen = listen
         self.tls = tls
         self.access = access or AccessPolicy()
+        if denials is not None:  # the service's configured budget of refused calls
+            self.access.denials = denials
         self.access.authenticate = tls is not None
         if tls is not None and tls.crl is not None and self.access.revocation is None:
             # Callers are checked against the CA's revocation list before the access table.

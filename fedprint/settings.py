@@ -31,6 +31,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from fedprint.access import DenialLedger
 from fedprint.pki import TlsFiles
 from fedprint.tracing import TracingSettings
 
@@ -88,6 +89,19 @@ class RateLimit(BaseModel):
     burst: int = Field(default=40, ge=1)
 
 
+class RefusalBudget(BaseModel):
+    """How often one caller may be refused before its refusals are refused for their number
+    (RESOURCE_EXHAUSTED), and the window within which repeats of one refusal are audited as one
+    entry with a count (fedprint.access.DenialLedger)."""
+
+    per_second: float = Field(default=1.0, gt=0, description="refusals per caller per second, sustained")
+    burst: int = Field(default=30, ge=1, description="refusals per caller at once")
+    window_s: float = Field(default=60.0, gt=0, description="repeats within this are one audit entry")
+
+    def ledger(self) -> DenialLedger:
+        return DenialLedger(per_second=self.per_second, burst=self.burst, window_s=self.window_s)
+
+
 class ServiceSettings(BaseSettings):
     """Settings shared by all four services."""
 
@@ -114,6 +128,9 @@ class ServiceSettings(BaseSettings):
             "host:port of a plaintext gRPC server carrying only grpc.health.v1 (for Kubernetes probes, "
             "which speak no mTLS); off if unset"
         ),
+    )
+    refusals: RefusalBudget = Field(
+        default_factory=RefusalBudget, description="budget and audit window of refused calls, per caller"
     )
     tracing: TracingSettings | None = Field(
         default=None, description="OpenTelemetry traces: exporter and collector; off if unset"

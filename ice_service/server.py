@@ -198,6 +198,7 @@ def build_ice(config: IceConfig, database_url: str | None = None) -> IceService:
         ],
         config.tls,
         insecure=config.insecure,
+        denials=config.refusals.ledger(),
         metrics_listen=config.metrics_listen,
         health_listen=config.health_listen,
     )

@@ -347,3 +347,18 @@ def test_a_window_audits_the_first_refusal_at_once_and_its_repeats_as_one_count(
     [summary] = ledger.closed(now[0])  # the window with repeats; the other had none
     assert (summary.count, summary.reason, summary.fields()["count"]) == (5, first.reason, "5")
     assert ledger.note(first) == [first]  # a new window
+
+
+async def test_a_service_takes_its_refusal_budget_from_its_settings(
+    tmp_path: Path, pki: dict[str, TlsFiles]
+) -> None:
+    config = IceConfig(
+        data_dir=tmp_path / "ice",
+        tls=pki["ice"],
+        refusals={"per_second": 0.5, "burst": 3, "window_s": 5.0},
+    )
+    ledger = build_ice(config).host.access.denials
+    assert (ledger.budget.per_second, ledger.budget.burst, ledger.window_s) == (0.5, 3, 5.0)
+    # The default: 30 refusals at once, then one a second, repeats audited once a minute.
+    default = build_ice(IceConfig(data_dir=tmp_path / "ice2", tls=pki["ice"])).host.access.denials
+    assert (default.budget.per_second, default.budget.burst, default.window_s) == (1.0, 30, 60.0)

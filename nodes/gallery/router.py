@@ -512,6 +512,7 @@ def build_gallery_router(
         insecure=config.insecure,
         # A router is called by the coordinator and administrators, never by a gallery node.
         access=AccessPolicy(table=table_without(Role.GALLERY_NODE)),
+        denials=config.refusals.ledger(),
         metrics_listen=config.metrics_listen,
         health_listen=config.health_listen,
     )

@@ -472,6 +472,7 @@ def build_gallery_node(
         # Only a shard answers the gallery-node role (its router's); a whole node refuses it before
         # anything is decoded.
         access=None if config.role == "shard" else AccessPolicy(table=table_without(Role.GALLERY_NODE)),
+        denials=config.refusals.ledger(),
         metrics_listen=config.metrics_listen,
         health_listen=config.health_listen,
     )
