@@ -74,7 +74,7 @@ async def _load(
     the elapsed wall time (s)."""
     latencies: list[float] = []
     gate = asyncio.Semaphore(concurrency)
-    async with open_channel(address, tls) as channel:
+    async with open_channel(address, tls, server="iafis") as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         # One call first, so connection set-up (and, for a shortlisted gallery, building the
         # faiss index) is not charged to the first batch.
@@ -93,7 +93,7 @@ async def _load(
 
 async def _one_call(address: str, probes: list[gal.Probe], tls: TlsFiles) -> float:
     """Milliseconds one ``Identify`` call carrying all of ``probes`` takes."""
-    async with open_channel(address, tls) as channel:
+    async with open_channel(address, tls, server="iafis") as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
         started = time.perf_counter()
         await stub.Identify(gal.IdentifyRequest(probes=probes, max_results=5), timeout=600)

@@ -163,7 +163,7 @@ async def _search(
 ) -> list[Search]:
     searches: list[Search] = []
     queue = list(_chunks(probes, _PER_CALL))
-    async with open_channel(address, tls, retries=False) as channel:
+    async with open_channel(address, tls, server="iafis", retries=False) as channel:
         stub = gal_grpc.GalleryServiceStub(channel)
 
         async def worker() -> None:

@@ -195,7 +195,7 @@ async def watching(
 ) -> AsyncIterator[None]:
     """Each agency watches its own ORI's decisions (``WatchDecisions``) while the block runs;
     what they receive is appended to ``into``."""
-    channels = {ori: open_channel(coordinator, tls) for ori, tls in agencies.items()}
+    channels = {ori: open_channel(coordinator, tls, server="coordinator") for ori, tls in agencies.items()}
     calls = []
     try:
         for ori, channel in channels.items():
