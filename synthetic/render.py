@@ -1,0 +1,275 @@
+"""Synthetic ridge images of the generator's master fingers: 500 ppi, grayscale, dark ridges.
+
+Model (phase-based, after Larkin and Fletcher's "fingerprints as holograms"): the image is
+``cos(ψ)`` with ``ψ = ψ_c + Σ_k s_k · φ_k``.
+
+- ``ψ_c``, the continuous phase, is the least-squares integral (a Neumann Poisson solve by
+  DCT) of the gradient ``2π/T · n``, where ``n`` is the unit normal of the master's own ridge
+  flow (:meth:`synthetic.fingers.RidgeFlow.orientation`, the Sherlock-Monro model) and ``T``
+  the ridge period (:data:`RIDGE_PERIOD`). The normal's sign is taken from the orientation
+  written as ``½·arg((z - core)/(z - delta))`` per core-delta pair, so its only jump lies on the
+  segment between the pair, inside the pattern area, instead of on rays across the finger.
+- each master minutia ``k`` adds a spiral phase ``φ_k = atan2(ρ·n_k, ρ·d_k)`` (``ρ`` = pixel
+  minus minutia, ``d_k`` its direction, ``n_k`` the ridge normal there): one ridge more on one
+  side of the minutia than on the other, i.e. an ending or a bifurcation at the minutia's
+  position, opening along its direction. The sign ``s_k`` picks which of the two it is (dark
+  ridges: an ending is a valley bifurcation), :data:`_SPIRAL_SIGN` holds the per-type signs
+  that make extractors read the generator's type and direction.
+
+Minutiae closer than a ridge period interact (their spirals merge), so a few are lost and the
+core-delta segment gives a few spurious ones; the extraction benchmark measures how many.
+What is not modelled: pores, scars, pressure and ink variation, sensor noise beyond a little
+Gaussian grain. Impressions (:func:`render_impression`) are rigid moves and crops of the
+rendered master, not the generator's elastic impressions, whose transforms are not recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy import fft, ndimage
+
+from minutiae.template import FingerTemplate
+from synthetic.fingers import FINGER_SEMI_AXES, PatternClass, RidgeFlow
+
+#: Ridge period in pixels at 500 ppi (real fingers: about 8-11 px, i.e. 0.4-0.55 mm).
+RIDGE_PERIOD = 9.0
+#: Spiral sign by minutia type (index = :class:`MinutiaKind` code); fixed by a rotation test
+#: against the extractor (tests/test_render.py) so that the rendered type and direction are read back.
+_SPIRAL_SIGN = np.array([1.0, 1.0, 1.0])
+#: Where the phase ahead of a minutia is read (px along its direction), and the width of the
+#: local phase bump that makes it an ending or a bifurcation.
+_AHEAD = 3.0
+_BUMP_SIGMA = 4.0
+#: Gray levels: background, and the mean and half-contrast of the ridge pattern.
+_BACKGROUND = 235.0
+_MEAN = 128.0
+_CONTRAST = 100.0
+
+
+@dataclass(frozen=True)
+class RenderedFinger:
+    """A rendered finger: ``image`` ``[H, W]`` uint8 (dark ridges), ``mask`` ``[H, W]`` bool foreground,
+    and ``truth``, the minutiae it shows (inside the mask, in the image's own pixel frame)."""
+
+    image: npt.NDArray[np.uint8]
+    mask: npt.NDArray[np.bool_]
+    truth: FingerTemplate
+    ppi: int = 500
+
+
+def _pairs(flow: RidgeFlow) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Each core with its nearest unused delta (the generator makes as many deltas as cores)."""
+    deltas = list(flow.deltas)
+    out = []
+    for c in flow.cores:
+        if not deltas:
+            break
+        j = min(range(len(deltas)), key=lambda i: math.hypot(deltas[i][0] - c[0], deltas[i][1] - c[1]))
+        out.append((c, deltas.pop(j)))
+    return out
+
+
+def ridge_angle(
+    flow: RidgeFlow, x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Ridge orientation (radians, counter-clockwise as viewed), its sign continuous off core-delta segments.
+
+    Equal to ``flow.orientation`` modulo π.
+    """
+    if flow.pattern is PatternClass.ARCH or len(flow.cores) != len(flow.deltas):
+        return flow.orientation(x, y)
+    theta = np.zeros_like(x)
+    for (cx, cy), (dx, dy) in _pairs(flow):
+        # Viewed frame (y up): the argument of the ratio jumps only where it is a negative real.
+        zc = (x - cx) + 1j * (cy - y)
+        zd = (x - dx) + 1j * (dy - y)
+        theta += 0.5 * np.angle(zc / np.where(zd == 0, 1e-9, zd))
+    return theta
+
+
+def _poisson(gx: npt.NDArray[np.float64], gy: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Least-squares ``ψ`` with ``∇ψ ≈ (gx, gy)`` (Neumann boundary, DCT-II solve)."""
+    h, w = gx.shape
+    div = np.zeros_like(gx)
+    # Divergence of the half-pixel gradients (averages of neighbours): the discrete adjoint of
+    # the forward differences the DCT Laplacian inverts.
+    hx = 0.5 * (gx[:, 1:] + gx[:, :-1])
+    hy = 0.5 * (gy[1:, :] + gy[:-1, :])
+    div[:, :-1] += hx
+    div[:, 1:] -= hx
+    div[:-1, :] += hy
+    div[1:, :] -= hy
+    d = fft.dctn(-div, type=2, norm="ortho")
+    ky = 2.0 - 2.0 * np.cos(np.pi * np.arange(h) / h)
+    kx = 2.0 - 2.0 * np.cos(np.pi * np.arange(w) / w)
+    denom = ky[:, None] + kx[None, :]
+    denom[0, 0] = 1.0
+    d = d / denom
+    d[0, 0] = 0.0
+    out: npt.NDArray[np.float64] = fft.idctn(d, type=2, norm="ortho")
+    return out
+
+
+def ridge_phase(
+    flow: RidgeFlow, template: FingerTemplate, *, period: float = RIDGE_PERIOD
+) -> npt.NDArray[np.float64]:
+    """The phase ``ψ`` ``[H, W]`` of ``template``'s minutiae on ``flow`` (see the module doc)."""
+    h, w = template.height, template.width
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    theta = ridge_angle(flow, x, y)
+    k = 2.0 * math.pi / period
+    # Image frame (y down): ridge tangent (cos θ, -sin θ), normal (sin θ, cos θ).
+    nx, ny = np.sin(theta), np.cos(theta)
+    psi = _poisson(k * nx, k * ny)
+    m = template.minutiae.astype(np.float64)
+    if len(m):
+        mx, my, mt = m[:, 0], m[:, 1], m[:, 2]
+        ix = np.clip(np.rint(mx).astype(int), 0, w - 1)
+        iy = np.clip(np.rint(my).astype(int), 0, h - 1)
+        # The normal the continuous phase grows along at each minutia (its numerical gradient,
+        # so the sign is the one ψ_c really has there).
+        gy, gx = (np.asarray(g, np.float64) for g in np.gradient(psi))
+        n = np.stack([gx[iy, ix], gy[iy, ix]], axis=1)
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-9)
+        d = np.stack([np.cos(mt), -np.sin(mt)], axis=1)
+        sign = _SPIRAL_SIGN[np.minimum(template.kinds, 2)]
+        for j in range(len(m)):
+            rx, ry = x - mx[j], y - my[j]
+            psi += sign[j] * np.arctan2(rx * n[j, 0] + ry * n[j, 1], rx * d[j, 0] + ry * d[j, 1])
+        # The spiral fixes where the extra ridge opens; whether a dark ridge ends there or forks
+        # depends on the phase just ahead of the minutia (ridge centre: an ending, whose ridge
+        # lies ahead; valley centre: a bifurcation, whose branches enclose a valley ahead). A
+        # local bump of width about half a period sets it without moving the minutia.
+        ax = np.clip(np.rint(mx + _AHEAD * d[:, 0]).astype(int), 0, w - 1)
+        ay = np.clip(np.rint(my + _AHEAD * d[:, 1]).astype(int), 0, h - 1)
+        target = np.where(template.kinds == 2, math.pi, 0.0)
+        shift = np.angle(np.exp(1j * (target - psi[ay, ax])))
+        bumps = np.zeros_like(psi)
+        for j in range(len(m)):
+            lo_y, hi_y = max(int(my[j]) - 15, 0), min(int(my[j]) + 16, h)
+            lo_x, hi_x = max(int(mx[j]) - 15, 0), min(int(mx[j]) + 16, w)
+            r2 = (x[lo_y:hi_y, lo_x:hi_x] - mx[j]) ** 2 + (y[lo_y:hi_y, lo_x:hi_x] - my[j]) ** 2
+            bumps[lo_y:hi_y, lo_x:hi_x] += shift[j] * np.exp(-r2 / (2 * _BUMP_SIGMA**2))
+        psi += bumps
+    return psi
+
+
+def finger_mask(template: FingerTemplate, position: int | None = None) -> npt.NDArray[np.bool_]:
+    """Foreground: an ellipse around the master's minutiae, the size of the generator's finger."""
+    h, w = template.height, template.width
+    m = template.minutiae
+    cx, cy = (float(m[:, 0].mean()), float(m[:, 1].mean())) if len(m) else (w / 2, h / 2)
+    if len(m):
+        # The minutiae fill the generator's finger ellipse: their spread gives its axes.
+        ax = max(float(np.abs(m[:, 0] - cx).max()) + 12.0, 40.0)
+        ay = max(float(np.abs(m[:, 1] - cy).max()) + 12.0, 50.0)
+    else:
+        ax, ay = FINGER_SEMI_AXES
+    y, x = np.mgrid[0:h, 0:w]
+    inside: npt.NDArray[np.bool_] = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0
+    return inside
+
+
+def _to_image(
+    psi: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_], rng: np.random.Generator, noise: float
+) -> npt.NDArray[np.uint8]:
+    # Soft edge so the extractor's segmentation sees a finger border, not a cliff of minutiae.
+    soft = ndimage.gaussian_filter(mask.astype(np.float64), 3.0)
+    ridges = _MEAN - _CONTRAST * np.cos(psi)  # cos ψ = 1 on a ridge centre: dark
+    img = _BACKGROUND + soft * (ridges - _BACKGROUND) + rng.normal(0.0, noise, psi.shape)
+    out: npt.NDArray[np.uint8] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return out
+
+
+def render_master(
+    flow: RidgeFlow,
+    template: FingerTemplate,
+    *,
+    seed: int = 0,
+    period: float = RIDGE_PERIOD,
+    noise: float = 6.0,
+) -> RenderedFinger:
+    """The ridge image of a master finger (``template`` and its ``flow``), deterministic by ``seed``."""
+    psi = ridge_phase(flow, template, period=period)
+    mask = finger_mask(template)
+    image = _to_image(psi, mask, np.random.default_rng(seed), noise)
+    return RenderedFinger(image, mask, _inside(template, mask, template.minutiae.astype(np.float64)))
+
+
+def _inside(
+    template: FingerTemplate, mask: npt.NDArray[np.bool_], m: npt.NDArray[np.float64]
+) -> FingerTemplate:
+    h, w = mask.shape
+    ix, iy = np.rint(m[:, 0]).astype(int), np.rint(m[:, 1]).astype(int)
+    ok = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    ok[ok] = mask[iy[ok], ix[ok]]
+    return FingerTemplate.from_arrays(
+        m[ok],
+        width=w,
+        height=h,
+        kinds=template.kinds[ok],
+        quality=template.quality[ok],
+        resolution_ppi=template.resolution_ppi,
+        finger_position=template.finger_position,
+    )
+
+
+def render_impression(
+    master: RenderedFinger,
+    rng: np.random.Generator,
+    *,
+    rotation_deg: float = 10.0,
+    translation: float = 15.0,
+    contact: tuple[float, float] = (0.75, 0.95),
+    noise: float = 8.0,
+) -> RenderedFinger:
+    """One capture of a rendered master: rotated (σ ``rotation_deg``), moved (σ ``translation`` px),
+    cut to a contact ellipse of the given relative size, with fresh grain; ``truth`` is moved alike.
+
+    Rotation is counter-clockwise as viewed, like the project's angles.
+    """
+    h, w = master.image.shape
+    a = math.radians(float(np.clip(rng.normal(0, rotation_deg), -2.5 * rotation_deg, 2.5 * rotation_deg)))
+    t = np.clip(rng.normal(0, translation, 2), -2.5 * translation, 2.5 * translation)
+    c = np.array([w / 2, h / 2])
+    # Output pixel p comes from input R⁻¹(p - c - t) + c. Counter-clockwise as viewed with y down:
+    # x' = cos·x + sin·y, y' = -sin·x + cos·y.
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    inv = rot.T
+    # ndimage works in (row, col) = (y, x): swap axes of the matrix and offsets.
+    swap = np.array([[0, 1], [1, 0]])
+    matrix = swap @ inv @ swap
+    offset = swap @ (c - inv @ (c + t))
+    psi_like = ndimage.affine_transform(
+        master.image.astype(np.float64), matrix, offset, order=1, cval=_BACKGROUND
+    )
+    moved_mask = ndimage.affine_transform(master.mask.astype(np.float64), matrix, offset, order=0) > 0.5
+    # The contact area: a smaller ellipse inside the moved finger, off-centre a little.
+    ys, xs = np.nonzero(moved_mask)
+    scale = rng.uniform(*contact)
+    cx, cy = xs.mean() + rng.normal(0, 10), ys.mean() + rng.normal(0, 10)
+    ax, ay = (xs.max() - xs.min()) / 2 * scale, (ys.max() - ys.min()) / 2 * scale
+    y, x = np.mgrid[0:h, 0:w]
+    mask = moved_mask & (((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0)
+    soft = ndimage.gaussian_filter(mask.astype(np.float64), 3.0)
+    img = _BACKGROUND + soft * (psi_like - _BACKGROUND) + rng.normal(0.0, noise, (h, w))
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    m = master.truth.minutiae.astype(np.float64)
+    moved = (m[:, :2] - c) @ rot.T + c + t
+    truth = _inside(master.truth, mask, np.column_stack([moved, m[:, 2] + a]))
+    return RenderedFinger(image, mask, truth)
+
+
+__all__ = [
+    "RIDGE_PERIOD",
+    "RenderedFinger",
+    "finger_mask",
+    "render_impression",
+    "render_master",
+    "ridge_angle",
+    "ridge_phase",
+]
