@@ -38,8 +38,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
+import os
 import re
+import select
 import struct
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -70,6 +76,8 @@ PPI_TOLERANCE = 5
 #: Finger positions an image may have (EBTS FGP): 1-10 rolled, 11-14 plain thumbs and slaps.
 IMAGE_POSITIONS = range(1, 15)
 VERSION = "0500"
+#: Longest a WSQ decode may take (500x500 takes about 7 ms) before its worker is killed.
+WSQ_DECODE_TIMEOUT_S = 10.0
 
 Compression = Literal["WSQ", "PNG"]
 
@@ -217,21 +225,114 @@ def decode_image(
     _check_size(w, h)
     if (width is not None and w != width) or (height is not None and h != height):
         raise TransactionError(f"{compression} image is {w}x{h}, the record says {width}x{height}")
+    if compression == "WSQ":
+        size, flat = _WSQ_WORKER.decode(data, w * h)
+        if size != (w, h) or flat.size != w * h:
+            raise TransactionError(f"WSQ image decodes to {size}, its header says {w}x{h}")
+        return flat.reshape(h, w).copy()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[compression]) as image:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
                 if image.size != (w, h) or image.mode != "L":
-                    raise TransactionError(f"{compression} image decodes as {image.mode} {image.size}")
+                    raise TransactionError(f"PNG image decodes as {image.mode} {image.size}")
                 image.load()
-                pixels: npt.NDArray[np.uint8] = np.asarray(image, dtype=np.uint8).copy()
+                pixels = np.asarray(image, dtype=np.uint8).copy()
     except TransactionError:
         raise
-    except Exception as error:  # the codecs raise many kinds; all mean the same here
-        raise TransactionError(f"{compression} image does not decode: {error}") from error
+    except Exception as error:  # Pillow raises many kinds; all mean the same here
+        raise TransactionError(f"PNG image does not decode: {error}") from error
     if pixels.shape != (h, w):
         raise TransactionError(f"{compression} image decodes to {pixels.shape}, expected {(h, w)}")
     return pixels
+
+
+def _wsq_worker_main() -> None:
+    """The WSQ decoding process (``python -c``): frames of ``>I`` length + WSQ bytes on stdin,
+    answers ``>BII`` (0 ok / 1 error, width, height) + ``>I`` length + pixels or message on stdout."""
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = source.read(4)
+        if len(head) < 4:
+            return
+        data = source.read(struct.unpack(">I", head)[0])
+        try:
+            with Image.open(io.BytesIO(data), formats=["WSQ"]) as image:
+                image.load()
+                (width, height), payload, status = image.size, image.tobytes(), 0
+        except Exception as error:  # any codec failure is reported, the worker lives on
+            width = height = 0
+            payload, status = str(error).encode("utf-8", "replace")[:500], 1
+        sink.write(struct.pack(">BIII", status, width, height, len(payload)) + payload)
+        sink.flush()
+
+
+class _WsqWorker:
+    """NBIS's WSQ decoder (C) **segfaults** on some corrupt entropy-coded data (the fuzz test
+    found one changed byte enough), so untrusted WSQ is decoded in a child process: a crash or
+    a hang there is a :class:`TransactionError` here, and the next call starts a fresh child.
+    One child, decodes serialised, started on first use with ``python -c`` (no fork of a
+    process that holds gRPC threads, no re-import of the caller's main module)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            for pipe in (self._process.stdin, self._process.stdout):
+                if pipe is not None:
+                    pipe.close()
+        self._process = None
+
+    def _read(self, fd: int, size: int, deadline: float) -> bytes:
+        chunks: list[bytes] = []
+        while size > 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, min(size, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def decode(self, data: bytes, pixels: int) -> tuple[tuple[int, int], npt.NDArray[np.uint8]]:
+        """Decodes in the child; ``pixels`` bounds what the answer may hold."""
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._stop()
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", "from minutiae.an2 import _wsq_worker_main; _wsq_worker_main()"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            process = self._process
+            assert process.stdin is not None and process.stdout is not None
+            deadline = time.monotonic() + WSQ_DECODE_TIMEOUT_S
+            try:
+                process.stdin.write(struct.pack(">I", len(data)) + data)
+                process.stdin.flush()
+                fd = process.stdout.fileno()
+                status, width, height, length = struct.unpack(">BIII", self._read(fd, 13, deadline))
+                if length > max(pixels, 500):
+                    raise EOFError
+                payload = self._read(fd, length, deadline)
+            except TimeoutError:
+                self._stop()
+                raise TransactionError(f"WSQ image took over {WSQ_DECODE_TIMEOUT_S:g} s to decode") from None
+            except (EOFError, OSError):
+                self._stop()
+                raise TransactionError("WSQ image crashed the decoder") from None
+        if status != 0:
+            raise TransactionError(f"WSQ image does not decode: {payload.decode('utf-8', 'replace')}")
+        return (width, height), np.frombuffer(payload, np.uint8)
+
+
+_WSQ_WORKER = _WsqWorker()
 
 
 def encode_image(pixels: npt.ArrayLike, compression: Compression) -> bytes:
