@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cli import accuracy as _accuracy
+from cli import an2 as _an2
 from cli import operations as _operations
 from cli.certs import register as _register_certs
 from cli.identity import InsecureOption, TlsDirOption
@@ -270,6 +271,8 @@ _operations.register(app, console)
 _register_review(app, console)
 _register_certs(app, console)
 _operations.register_db(app, console)
+# an2: ANSI/NIST-ITL transactions (show, make).
+_an2.register(app, console)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,8 @@ class Transaction:
     tot: str = "CAR"
     dai: str = "XXFEDPRNT"
     version: str = VERSION
+    #: ``(record type, IDC)`` of every record after Type-1, in order (Type-1's CNT); set by the reader.
+    records: tuple[tuple[int, int], ...] = ()
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -566,10 +568,15 @@ def read_transaction(data: bytes, *, verify_images: bool = True) -> Transaction:
         charges=tuple(charges),
         images=tuple(im for im, _ in images.values()),
         templates=templates,
+        records=tuple((r.type, _record_idc(r, data)) for r in records[1:]),
         tot=tot,
         dai=dai,
         version=version,
     )
+
+
+def _record_idc(record: _Record, data: bytes) -> int:
+    return data[record.start + 4] if record.type == 4 else int(record.fields[2])
 
 
 def _in(record: _Record, tag: int, call: Any) -> Any:
