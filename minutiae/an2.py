@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -276,9 +277,12 @@ class _WsqWorker:
     One child, decodes serialised, started on first use with ``python -c`` (no fork of a
     process that holds gRPC threads, no re-import of the caller's main module)."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: Sequence[str] | None = None) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
+        self._command = list(
+            command or [sys.executable, "-c", "from minutiae.an2 import _wsq_worker_main; _wsq_worker_main()"]
+        )
 
     def _stop(self) -> None:
         if self._process is not None:
@@ -308,7 +312,7 @@ class _WsqWorker:
             if self._process is None or self._process.poll() is not None:
                 self._stop()
                 self._process = subprocess.Popen(
-                    [sys.executable, "-c", "from minutiae.an2 import _wsq_worker_main; _wsq_worker_main()"],
+                    self._command,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                 )
@@ -634,6 +638,8 @@ class _TextReader:
 
 def _read_charges(record: _Record) -> list[Charge]:
     text = _TextReader(2, record.index, record.fields)
+    if 45 in record.fields:
+        text.date(45)
     asl = [s.split("\x1f") for s in text.get(47).split("\x1e")]
     nci = [s.split("\x1f") for s in text.get(901).split("\x1e")]
     if len(asl) > MAX_CHARGES:
