@@ -26,11 +26,13 @@ rendered master, not the generator's elastic impressions, whose transforms are n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from scipy import fft, ndimage
+from scipy.sparse import linalg as sparse_linalg
 
 from minutiae.template import FingerTemplate
 from synthetic.fingers import FINGER_SEMI_AXES, PatternClass, RidgeFlow
@@ -44,6 +46,12 @@ _SPIRAL_SIGN = np.array([1.0, 1.0, 1.0])
 #: local phase bump that makes it an ending or a bifurcation.
 _AHEAD = 3.0
 _BUMP_SIGMA = 4.0
+#: Around each minutia the phase leans to the plane wave along the minutia's normal: weight
+#: ``_LOCK`` at the minutia against 1 for the global phase, falling off with ``_LOCK_SIGMA`` px.
+_LOCK = 4.0
+_LOCK_SIGMA = 7.0
+#: Conjugate-gradient steps at most for the continuous phase (it converges in far fewer).
+_CG_STEPS = 200
 #: Gray levels: background, and the mean and half-contrast of the ridge pattern.
 _BACKGROUND = 235.0
 _MEAN = 128.0
@@ -91,27 +99,67 @@ def ridge_angle(
     return theta
 
 
-def _poisson(gx: npt.NDArray[np.float64], gy: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Least-squares ``ψ`` with ``∇ψ ≈ (gx, gy)`` (Neumann boundary, DCT-II solve)."""
-    h, w = gx.shape
-    div = np.zeros_like(gx)
-    # Divergence of the half-pixel gradients (averages of neighbours): the discrete adjoint of
-    # the forward differences the DCT Laplacian inverts.
-    hx = 0.5 * (gx[:, 1:] + gx[:, :-1])
-    hy = 0.5 * (gy[1:, :] + gy[:-1, :])
-    div[:, :-1] += hx
-    div[:, 1:] -= hx
-    div[:-1, :] += hy
-    div[1:, :] -= hy
-    d = fft.dctn(-div, type=2, norm="ortho")
+def _dct_inverse_laplacian(h: int, w: int) -> Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]:
+    """``r -> ψ`` solving the Neumann 5-point Laplacian ``-Δψ = r`` by DCT-II (mean of ψ zero)."""
     ky = 2.0 - 2.0 * np.cos(np.pi * np.arange(h) / h)
     kx = 2.0 - 2.0 * np.cos(np.pi * np.arange(w) / w)
     denom = ky[:, None] + kx[None, :]
     denom[0, 0] = 1.0
-    d = d / denom
-    d[0, 0] = 0.0
-    out: npt.NDArray[np.float64] = fft.idctn(d, type=2, norm="ortho")
+
+    def solve(r: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        d = fft.dctn(r.reshape(h, w), type=2, norm="ortho") / denom
+        d[0, 0] = 0.0
+        out: npt.NDArray[np.float64] = fft.idctn(d, type=2, norm="ortho")
+        return out
+
+    return solve
+
+
+def _integrate(
+    gx: npt.NDArray[np.float64],
+    gy: npt.NDArray[np.float64],
+    wx: npt.NDArray[np.float64],
+    wy: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Weighted least-squares ``ψ`` with forward differences ``≈`` the half-pixel gradients.
+
+    ``wx`` ``[H, W-1]`` and ``wy`` ``[H-1, W]`` weigh each difference: zero across a core-delta
+    segment, where the normal's sign jumps and no phase can follow it. Conjugate gradients on the
+    normal equations, preconditioned by the unweighted Poisson solve (DCT), converge in a few
+    dozen steps.
+    """
+    h, w = gx.shape
+    hx = 0.5 * (gx[:, 1:] + gx[:, :-1])
+    hy = 0.5 * (gy[1:, :] + gy[:-1, :])
+
+    def div(fx: npt.NDArray[np.float64], fy: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        # Dᵀ of the forward differences: the negative divergence of edge values.
+        out = np.zeros((h, w))
+        out[:, :-1] -= fx
+        out[:, 1:] += fx
+        out[:-1, :] -= fy
+        out[1:, :] += fy
+        return out
+
+    def normal(v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        p = v.reshape(h, w)
+        return div(wx * np.diff(p, axis=1), wy * np.diff(p, axis=0)).ravel()
+
+    a = sparse_linalg.LinearOperator((h * w, h * w), matvec=normal, dtype=np.float64)
+    pre = _dct_inverse_laplacian(h, w)
+    m = sparse_linalg.LinearOperator((h * w, h * w), matvec=lambda r: pre(r).ravel(), dtype=np.float64)
+    b = div(wx * hx, wy * hy).ravel()
+    psi, _info = sparse_linalg.cg(a, b, x0=pre(b).ravel(), M=m, rtol=1e-4, maxiter=_CG_STEPS)
+    out: npt.NDArray[np.float64] = psi.reshape(h, w)
     return out
+
+
+def _window(cx: float, cy: float, h: int, w: int, half: int = 20) -> tuple[slice, slice]:
+    """The pixels within ``half`` of a point, clipped to the image (local terms stay local)."""
+    return (
+        slice(max(int(cy) - half, 0), min(int(cy) + half + 1, h)),
+        slice(max(int(cx) - half, 0), min(int(cx) + half + 1, w)),
+    )
 
 
 def ridge_phase(
@@ -124,7 +172,10 @@ def ridge_phase(
     k = 2.0 * math.pi / period
     # Image frame (y down): ridge tangent (cos θ, -sin θ), normal (sin θ, cos θ).
     nx, ny = np.sin(theta), np.cos(theta)
-    psi = _poisson(k * nx, k * ny)
+    # Constraints across a core-delta segment (the unwrapped angle jumps by π there) are dropped.
+    wx = (np.cos(np.diff(theta, axis=1)) > 0).astype(np.float64)
+    wy = (np.cos(np.diff(theta, axis=0)) > 0).astype(np.float64)
+    psi = _integrate(k * nx, k * ny, wx, wy)
     m = template.minutiae.astype(np.float64)
     if len(m):
         mx, my, mt = m[:, 0], m[:, 1], m[:, 2]
@@ -133,9 +184,22 @@ def ridge_phase(
         # The normal the continuous phase grows along at each minutia (its numerical gradient,
         # so the sign is the one ψ_c really has there).
         gy, gx = (np.asarray(g, np.float64) for g in np.gradient(psi))
-        n = np.stack([gx[iy, ix], gy[iy, ix]], axis=1)
-        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-9)
+        g = np.stack([gx[iy, ix], gy[iy, ix]], axis=1)
         d = np.stack([np.cos(mt), -np.sin(mt)], axis=1)
+        # The minutia's own normal (perpendicular to its direction), signed like ψ_c's gradient.
+        n = np.stack([-d[:, 1], d[:, 0]], axis=1)
+        n *= np.where((n * g).sum(axis=1) < 0, -1.0, 1.0)[:, None]
+        # ψ_c only approximates the flow (a unit-frequency field is no gradient), so around each
+        # minutia it is blended into the plane wave along the minutia's own normal: the ridges an
+        # extractor reads the direction from run the way the generator says.
+        num, den = psi.copy(), np.ones_like(psi)
+        for j in range(len(m)):
+            sl = _window(mx[j], my[j], h, w)
+            rx, ry = x[sl] - mx[j], y[sl] - my[j]
+            wgt = _LOCK * np.exp(-(rx**2 + ry**2) / (2 * _LOCK_SIGMA**2))
+            num[sl] += wgt * (psi[iy[j], ix[j]] + k * (rx * n[j, 0] + ry * n[j, 1]))
+            den[sl] += wgt
+        psi = num / den
         sign = _SPIRAL_SIGN[np.minimum(template.kinds, 2)]
         for j in range(len(m)):
             rx, ry = x - mx[j], y - my[j]
@@ -150,10 +214,9 @@ def ridge_phase(
         shift = np.angle(np.exp(1j * (target - psi[ay, ax])))
         bumps = np.zeros_like(psi)
         for j in range(len(m)):
-            lo_y, hi_y = max(int(my[j]) - 15, 0), min(int(my[j]) + 16, h)
-            lo_x, hi_x = max(int(mx[j]) - 15, 0), min(int(mx[j]) + 16, w)
-            r2 = (x[lo_y:hi_y, lo_x:hi_x] - mx[j]) ** 2 + (y[lo_y:hi_y, lo_x:hi_x] - my[j]) ** 2
-            bumps[lo_y:hi_y, lo_x:hi_x] += shift[j] * np.exp(-r2 / (2 * _BUMP_SIGMA**2))
+            sl = _window(mx[j], my[j], h, w)
+            r2 = (x[sl] - mx[j]) ** 2 + (y[sl] - my[j]) ** 2
+            bumps[sl] += shift[j] * np.exp(-r2 / (2 * _BUMP_SIGMA**2))
         psi += bumps
     return psi
 
