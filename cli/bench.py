@@ -354,3 +354,50 @@ def operating_point(
         f"{result['seconds_per_probe']:.3f} s per probe"
     )
     console.print(f"wrote {json_out}")
+
+
+@bench_app.command()
+def extraction(
+    json_out: Annotated[Path, typer.Option("--json", help="write the results here; the PNG goes beside it")],
+    fingers: Annotated[int, typer.Option(help="synthetic fingers rendered (two impressions each)")] = 100,
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    tolerance_px: Annotated[float, typer.Option(help="pairing distance tolerance, pixels at 500 ppi")] = 15.0,
+    tolerance_deg: Annotated[float, typer.Option(help="pairing direction tolerance, degrees")] = 30.0,
+    device: Annotated[str, typer.Option(help="matcher device: cpu or cuda")] = "cpu",
+) -> None:
+    """Extraction accuracy on rendered synthetic fingers, time per ten-print, and EER extracted vs true."""
+    from bench.extraction import (
+        ExtractionBenchConfig,
+        plot_scores,
+        run_extraction_bench,
+        to_json,
+        torch_device_available,
+    )
+
+    if not torch_device_available(device):
+        raise typer.BadParameter(f"device {device!r} is not available here")
+    config = ExtractionBenchConfig(
+        fingers=fingers, seed=seed, tolerance_px=tolerance_px, tolerance_deg=tolerance_deg, device=device
+    )
+    with stage_progress(console) as on_progress:
+        result = run_extraction_bench(config, progress=on_progress)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(to_json(result), indent=2) + "\n")
+    png = json_out.with_suffix(".png")
+    plot_scores(result, png)
+
+    table = Table(
+        title=f"{result['extractor']} {result['extractor_version']}, {fingers} fingers x 2 impressions"
+    )
+    for column in ("measure", "value"):
+        table.add_column(column)
+    tol = f"{tolerance_px:g} px, {tolerance_deg:g}°"
+    table.add_row(f"paired ({tol})", f"{100 * result['paired_rate']:.1f} % of {result['true_minutiae']}")
+    table.add_row("missed", f"{100 * result['missed_rate']:.1f} %")
+    table.add_row("spurious", f"{100 * result['spurious_rate']:.1f} % of {result['extracted_minutiae']}")
+    table.add_row("seconds per finger", f"{result['seconds_per_finger']:.3f}")
+    table.add_row("seconds per ten-print", f"{result['seconds_per_tenprint']:.2f}")
+    table.add_row("EER, extracted minutiae", f"{100 * result['eer_extracted']:.2f} %")
+    table.add_row("EER, true minutiae", f"{100 * result['eer_true']:.2f} %")
+    console.print(table)
+    console.print(f"wrote {json_out} and {png}")
