@@ -8,7 +8,9 @@ import dataclasses
 import datetime as dt
 import json
 import struct
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,3 +311,21 @@ def test_fuzz_only_transaction_error_escapes(data: bytes) -> None:
         read_transaction(data)
     except TransactionError as error:
         assert error.message
+
+
+@pytest.mark.slow
+def test_atheris_finds_nothing_in_a_few_seconds(tmp_path) -> None:
+    """Coverage-guided fuzzing (the optional ``fuzz`` extra), bounded to 8 s; skipped without it."""
+    pytest.importorskip("atheris")
+    harness = Path(__file__).with_name("atheris_an2.py")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(harness), str(corpus), "-max_total_time=8"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
+    tail = done.stderr.decode("utf-8", "replace")[-3000:]
+    assert done.returncode == 0, tail
+    assert not list(tmp_path.glob("crash-*")), tail
