@@ -1,4 +1,7 @@
-"""Minutiae templates: the in-memory model and the interchange formats (ISO/IEC 19794-2, NIST .xyt)."""
+"""Minutiae templates: the in-memory model and the interchange formats (ISO/IEC 19794-2, NIST .xyt).
+
+ANSI/NIST-ITL transactions and their WSQ/PNG images are :mod:`minutiae.an2`, imported on its own
+(it brings nistitl, wsq and Pillow, which template users do not need)."""
 
 from minutiae.iso19794_2 import (
     ANGLE_ERROR_BOUND_DEGREES,
