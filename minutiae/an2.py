@@ -71,6 +71,11 @@ MAX_CHARGES = 40
 MAX_MINUTIAE = 255
 #: Longest value of one text field (an AOL literal is at most 300 characters in EBTS).
 MAX_TEXT = 300
+#: Longest text field, and most separators (GS, RS, US) in one record's text: counted before any
+#: split, because a record made of separators would otherwise become millions of objects (ours
+#: and nistitl's). 255 minutiae of four items need about 1,300.
+MAX_FIELD_BYTES = 16 * 1024
+MAX_SEPARATORS = 4096
 NOMINAL_PPI = 500
 #: Accepted resolution: 500 ppi ± 1 % (the ANSI/NIST 19.69 ± 0.2 px/mm band, rounded).
 PPI_TOLERANCE = 5
@@ -424,6 +429,9 @@ def _tagged(data: bytes, start: int, rtype: int, index: int) -> _Record:
         )
     if _FS in body:
         raise TransactionError("separator FS inside the record", record=where)
+    separators = body.count(_GS) + body.count(_RS) + body.count(_US)
+    if separators > MAX_SEPARATORS:
+        raise TransactionError(f"{separators} separators, at most {MAX_SEPARATORS}", record=where)
     record = _Record(rtype, index, start, end)
     for n, item in enumerate(body.split(_GS)):
         match = _TAG.match(item)
@@ -608,7 +616,7 @@ class _TextReader:
         if tag not in self.fields:
             raise self.fail(tag, "missing")
         value = self.fields[tag]
-        if len(value) > MAX_TEXT * MAX_CHARGES or any(
+        if len(value) > MAX_FIELD_BYTES or any(
             c < 0x20 or c > 0x7E for c in value.translate(None, _RS + _US)
         ):
             raise self.fail(tag, "not printable ASCII or too long")

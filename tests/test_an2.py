@@ -329,3 +329,12 @@ def test_atheris_finds_nothing_in_a_few_seconds(tmp_path) -> None:
     tail = done.stderr.decode("utf-8", "replace")[-3000:]
     assert done.returncode == 0, tail
     assert not list(tmp_path.glob("crash-*")), tail
+
+
+def test_separators_are_counted_before_anything_splits_them() -> None:
+    records = _split_records(write_transaction(_transaction("PNG", positions=(2,)), image_record=14))
+    records[1] = bytearray(bytes(records[1]).replace(b"2.045:20250603", b"2.045:" + b"\x1f" * 5000))
+    with pytest.raises(TransactionError) as caught:
+        read_transaction(_with_lengths(records))
+    assert caught.value.record == "Type-2 record 2"
+    assert "separators" in caught.value.message
