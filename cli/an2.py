@@ -62,7 +62,7 @@ def _load_image(spec: str) -> tuple[int, np.ndarray[Any, np.dtype[np.uint8]]]:
     try:
         with Image.open(path) as image:
             return int(position), np.asarray(image.convert("L"), dtype=np.uint8)
-    except OSError as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise typer.BadParameter(f"{path}: {error}") from error
 
 
@@ -163,10 +163,13 @@ def register(app: typer.Typer, console: Console) -> None:
                     position, width=template.width, height=template.height, seed=seed
                 )
                 written_templates.append(template)
-        images = [
-            FingerImage(position, encode_image(p, method), method, p.shape[1], p.shape[0])
-            for position, p in sorted(pixels.items())
-        ]
+        try:
+            images = [
+                FingerImage(position, encode_image(p, method), method, p.shape[1], p.shape[0])
+                for position, p in sorted(pixels.items())
+            ]
+        except TransactionError as error:
+            raise typer.BadParameter(f"--image: {error}") from None
         t = Transaction(
             tcn=source.tcn,
             ori=source.ori,
