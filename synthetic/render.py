@@ -19,8 +19,10 @@ Model (phase-based, after Larkin and Fletcher's "fingerprints as holograms"): th
 Minutiae closer than a ridge period interact (their spirals merge), so a few are lost and the
 core-delta segment gives a few spurious ones; the extraction benchmark measures how many.
 What is not modelled: pores, scars, pressure and ink variation, sensor noise beyond a little
-Gaussian grain. Impressions (:func:`render_impression`) are rigid moves and crops of the
-rendered master, not the generator's elastic impressions, whose transforms are not recorded.
+Gaussian grain. Impressions (:func:`render_impression`) warp the rendered master with the
+generator's elastic distortion model, a rotation and a shift, and crop it to a contact area;
+they are not the generator's template impressions (whose transforms are not recorded), and
+they drop or add no minutiae beyond what the crop and the extractor do.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from scipy import fft, ndimage
 from scipy.sparse import linalg as sparse_linalg
 
 from minutiae.template import FingerTemplate
-from synthetic.fingers import FINGER_SEMI_AXES, PatternClass, RidgeFlow
+from synthetic.fingers import FINGER_SEMI_AXES, PatternClass, RidgeFlow, _displace, _smooth_field
 
 #: Ridge period in pixels at 500 ppi (real fingers: about 8-11 px, i.e. 0.4-0.55 mm).
 RIDGE_PERIOD = 9.0
@@ -287,43 +289,58 @@ def render_impression(
     *,
     rotation_deg: float = 10.0,
     translation: float = 15.0,
+    distortion: tuple[float, float] = (5.0, 12.0),
     contact: tuple[float, float] = (0.75, 0.95),
     noise: float = 8.0,
 ) -> RenderedFinger:
-    """One capture of a rendered master: rotated (σ ``rotation_deg``), moved (σ ``translation`` px),
-    cut to a contact ellipse of the given relative size, with fresh grain; ``truth`` is moved alike.
+    """One capture of a rendered master: elastically distorted (the generator's model,
+    :func:`synthetic.fingers._displace`, ``distortion`` px at the border, drawn uniformly), rotated
+    (σ ``rotation_deg``), moved (σ ``translation`` px), cut to a contact ellipse of the given
+    relative size, with fresh grain; ``truth`` is carried through the same mapping.
 
-    Rotation is counter-clockwise as viewed, like the project's angles.
+    Rotation is counter-clockwise as viewed, like the project's angles. ``distortion=(0, 0)``
+    gives a rigid move.
     """
     h, w = master.image.shape
     a = math.radians(float(np.clip(rng.normal(0, rotation_deg), -2.5 * rotation_deg, 2.5 * rotation_deg)))
     t = np.clip(rng.normal(0, translation, 2), -2.5 * translation, 2.5 * translation)
     c = np.array([w / 2, h / 2])
-    # Output pixel p comes from input R⁻¹(p - c - t) + c. Counter-clockwise as viewed with y down:
-    # x' = cos·x + sin·y, y' = -sin·x + cos·y.
+    m = master.truth.minutiae.astype(np.float64)
+    centre = m[:, :2].mean(axis=0) if len(m) else c
+    spread = float(np.sqrt(((m[:, :2] - centre) ** 2).sum(axis=1).max())) if len(m) else 100.0
+    field = _smooth_field(rng)
+    amplitude = rng.uniform(*distortion)
+
+    def forward(xy: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        # Skin stretches first (pinned at the finger centre), then the finger turns and moves.
+        # Counter-clockwise as viewed with y down: x' = cos·x + sin·y, y' = -sin·x + cos·y.
+        d = _displace(xy, centre, spread, amplitude, field) - c
+        out: npt.NDArray[np.float64] = d @ rot.T + c + t
+        return out
+
     rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
-    inv = rot.T
-    # ndimage works in (row, col) = (y, x): swap axes of the matrix and offsets.
-    swap = np.array([[0, 1], [1, 0]])
-    matrix = swap @ inv @ swap
-    offset = swap @ (c - inv @ (c + t))
-    psi_like = ndimage.affine_transform(
-        master.image.astype(np.float64), matrix, offset, order=1, cval=_BACKGROUND
-    )
-    moved_mask = ndimage.affine_transform(master.mask.astype(np.float64), matrix, offset, order=0) > 0.5
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    q = (np.column_stack([x.ravel(), y.ravel()]) - c - t) @ rot + c  # undo the rigid part
+    src = q.copy()
+    for _ in range(3):  # undo the smooth displacement by fixed-point steps (it is small and slow)
+        src = q - (_displace(src, centre, spread, amplitude, field) - src)
+    coords = [src[:, 1].reshape(h, w), src[:, 0].reshape(h, w)]
+    moved_image = ndimage.map_coordinates(master.image.astype(np.float64), coords, order=1, cval=_BACKGROUND)
+    moved_mask = ndimage.map_coordinates(master.mask.astype(np.float64), coords, order=0, cval=0.0) > 0.5
     # The contact area: a smaller ellipse inside the moved finger, off-centre a little.
     ys, xs = np.nonzero(moved_mask)
     scale = rng.uniform(*contact)
     cx, cy = xs.mean() + rng.normal(0, 10), ys.mean() + rng.normal(0, 10)
     ax, ay = (xs.max() - xs.min()) / 2 * scale, (ys.max() - ys.min()) / 2 * scale
-    y, x = np.mgrid[0:h, 0:w]
     mask = moved_mask & (((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0)
     soft = ndimage.gaussian_filter(mask.astype(np.float64), 3.0)
-    img = _BACKGROUND + soft * (psi_like - _BACKGROUND) + rng.normal(0.0, noise, (h, w))
+    img = _BACKGROUND + soft * (moved_image - _BACKGROUND) + rng.normal(0.0, noise, (h, w))
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    m = master.truth.minutiae.astype(np.float64)
-    moved = (m[:, :2] - c) @ rot.T + c + t
-    truth = _inside(master.truth, mask, np.column_stack([moved, m[:, 2] + a]))
+    # A point a few pixels ahead of each minutia, mapped alike, gives its new direction.
+    ahead = m[:, :2] + 6.0 * np.column_stack([np.cos(m[:, 2]), -np.sin(m[:, 2])])
+    new_xy, new_ahead = forward(m[:, :2]), forward(ahead)
+    step = new_ahead - new_xy
+    truth = _inside(master.truth, mask, np.column_stack([new_xy, np.arctan2(-step[:, 1], step[:, 0])]))
     return RenderedFinger(image, mask, truth)
 
 
