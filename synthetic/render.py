@@ -1,20 +1,25 @@
 """Synthetic ridge images of the generator's master fingers: 500 ppi, grayscale, dark ridges.
 
 Model (phase-based, after Larkin and Fletcher's "fingerprints as holograms"): the image is
-``cos(ψ)`` with ``ψ = ψ_c + Σ_k s_k · φ_k``.
+``cos(ψ)`` (dark where ``cos ψ = 1``) with ``ψ = ψ_c + Σ_k φ_k + Σ_k b_k``.
 
-- ``ψ_c``, the continuous phase, is the least-squares integral (a Neumann Poisson solve by
-  DCT) of the gradient ``2π/T · n``, where ``n`` is the unit normal of the master's own ridge
-  flow (:meth:`synthetic.fingers.RidgeFlow.orientation`, the Sherlock-Monro model) and ``T``
-  the ridge period (:data:`RIDGE_PERIOD`). The normal's sign is taken from the orientation
-  written as ``½·arg((z - core)/(z - delta))`` per core-delta pair, so its only jump lies on the
-  segment between the pair, inside the pattern area, instead of on rays across the finger.
-- each master minutia ``k`` adds a spiral phase ``φ_k = atan2(ρ·n_k, ρ·d_k)`` (``ρ`` = pixel
-  minus minutia, ``d_k`` its direction, ``n_k`` the ridge normal there): one ridge more on one
-  side of the minutia than on the other, i.e. an ending or a bifurcation at the minutia's
-  position, opening along its direction. The sign ``s_k`` picks which of the two it is (dark
-  ridges: an ending is a valley bifurcation), :data:`_SPIRAL_SIGN` holds the per-type signs
-  that make extractors read the generator's type and direction.
+- ``ψ_c``, the continuous phase, is the weighted least-squares integral of the gradient
+  ``2π/T · n``, where ``n`` is the unit normal of the master's own ridge flow
+  (:meth:`synthetic.fingers.RidgeFlow.orientation`, the Sherlock-Monro model) and ``T`` the
+  ridge period (:data:`RIDGE_PERIOD`); solved by conjugate gradients preconditioned with the
+  Neumann Poisson solve (DCT). The normal's sign comes from the orientation written as
+  ``½·arg((z - core)/(z - delta))`` per core-delta pair, so it jumps only on the segment between
+  the pair; the constraints across that segment are dropped (weight 0).
+- around each master minutia the phase leans to the plane wave along the minutia's own normal
+  (a Gaussian-weighted blend), because a constant-frequency field is no exact gradient and
+  ``ψ_c`` would otherwise turn the ridges there by several degrees;
+- each minutia ``k`` adds a spiral phase ``φ_k = atan2(ρ·n_k, ρ·d_k)`` (``ρ`` = pixel minus
+  minutia, ``d_k`` its direction, ``n_k`` its normal signed like ``∇ψ_c``): one ridge more on
+  the side the minutia points to, so a ridge discontinuity sits at the minutia, opening along
+  its direction (LEADER reads that direction as the minutia's);
+- a local bump ``b_k`` (Gaussian, σ 4 px) sets the phase just ahead of the minutia to a ridge
+  centre for an ending and a valley centre for a bifurcation, which picks the type without
+  moving the minutia.
 
 Minutiae closer than a ridge period interact (their spirals merge), so a few are lost and the
 core-delta segment gives a few spurious ones; the extraction benchmark measures how many.
@@ -41,9 +46,6 @@ from synthetic.fingers import FINGER_SEMI_AXES, PatternClass, RidgeFlow, _displa
 
 #: Ridge period in pixels at 500 ppi (real fingers: about 8-11 px, i.e. 0.4-0.55 mm).
 RIDGE_PERIOD = 9.0
-#: Spiral sign by minutia type (index = :class:`MinutiaKind` code); fixed by a rotation test
-#: against the extractor (tests/test_render.py) so that the rendered type and direction are read back.
-_SPIRAL_SIGN = np.array([1.0, 1.0, 1.0])
 #: Where the phase ahead of a minutia is read (px along its direction), and the width of the
 #: local phase bump that makes it an ending or a bifurcation.
 _AHEAD = 3.0
@@ -202,10 +204,9 @@ def ridge_phase(
             num[sl] += wgt * (psi[iy[j], ix[j]] + k * (rx * n[j, 0] + ry * n[j, 1]))
             den[sl] += wgt
         psi = num / den
-        sign = _SPIRAL_SIGN[np.minimum(template.kinds, 2)]
         for j in range(len(m)):
             rx, ry = x - mx[j], y - my[j]
-            psi += sign[j] * np.arctan2(rx * n[j, 0] + ry * n[j, 1], rx * d[j, 0] + ry * d[j, 1])
+            psi += np.arctan2(rx * n[j, 0] + ry * n[j, 1], rx * d[j, 0] + ry * d[j, 1])
         # The spiral fixes where the extra ridge opens; whether a dark ridge ends there or forks
         # depends on the phase just ahead of the minutia (ridge centre: an ending, whose ridge
         # lies ahead; valley centre: a bifurcation, whose branches enclose a valley ahead). A
