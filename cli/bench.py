@@ -364,6 +364,13 @@ def extraction(
     tolerance_px: Annotated[float, typer.Option(help="pairing distance tolerance, pixels at 500 ppi")] = 15.0,
     tolerance_deg: Annotated[float, typer.Option(help="pairing direction tolerance, degrees")] = 30.0,
     device: Annotated[str, typer.Option(help="matcher device: cpu or cuda")] = "cpu",
+    contact: Annotated[
+        str,
+        typer.Option(help="impression contact area relative to the finger, low,high (plain prints: 0.4,0.6)"),
+    ] = "0.75,0.95",
+    distortion: Annotated[
+        str, typer.Option(help="elastic distortion at the contact border, px, low,high")
+    ] = "5,12",
 ) -> None:
     """Extraction accuracy on rendered synthetic fingers, time per ten-print, and EER extracted vs true."""
     from bench.extraction import (
@@ -376,8 +383,21 @@ def extraction(
 
     if not torch_device_available(device):
         raise typer.BadParameter(f"device {device!r} is not available here")
+
+    def span(text: str, name: str) -> tuple[float, float]:
+        parts = [float(x) for x in text.split(",")]
+        if len(parts) != 2 or parts[0] > parts[1] or parts[0] < 0:
+            raise typer.BadParameter(f"--{name} takes low,high with 0 <= low <= high, not {text!r}")
+        return parts[0], parts[1]
+
     config = ExtractionBenchConfig(
-        fingers=fingers, seed=seed, tolerance_px=tolerance_px, tolerance_deg=tolerance_deg, device=device
+        fingers=fingers,
+        seed=seed,
+        tolerance_px=tolerance_px,
+        tolerance_deg=tolerance_deg,
+        device=device,
+        contact=span(contact, "contact"),
+        distortion=span(distortion, "distortion"),
     )
     with stage_progress(console) as on_progress:
         result = run_extraction_bench(config, progress=on_progress)
@@ -399,5 +419,9 @@ def extraction(
     table.add_row("seconds per ten-print", f"{result['seconds_per_tenprint']:.2f}")
     table.add_row("EER, extracted minutiae", f"{100 * result['eer_extracted']:.2f} %")
     table.add_row("EER, true minutiae", f"{100 * result['eer_true']:.2f} %")
+    table.add_row(
+        "median genuine score, extracted / true",
+        f"{result['genuine_score_median_extracted']:.3f} / {result['genuine_score_median_true']:.3f}",
+    )
     console.print(table)
     console.print(f"wrote {json_out} and {png}")
