@@ -175,9 +175,10 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         result.latency_ms = (time.perf_counter() - started) * 1000
         return result
 
-    def open_booking(self, tcn: str, sealed: bytes) -> bk.Booking:
-        """A booking the coordinator keeps sealed (incomplete, or under examiner review)."""
-        return bk.Booking.FromString(self.seal.open(tcn, sealed))
+    def open_booking(self, key: str, sealed: bytes) -> bk.Booking:
+        """A booking the coordinator keeps sealed (incomplete, or under examiner review), by its
+        key (ORI/TCN). It was sealed under its TCN, as before bookings were keyed by ORI too."""
+        return bk.Booking.FromString(self.seal.open(booking_of(key)[1], sealed))
 
     def notification(self, booking: bk.Booking, decision: bk.BookingDecision) -> ice.Notification:
         """The ICE notification of an IDENT hit: ``decision`` is the full evidence (with the
@@ -258,12 +259,15 @@ class Coordinator(bk_grpc.BookingServiceServicer):
             check_booking_tenprint(request)
         except InvalidRequest as error:
             await abort_invalid(context, error)
-        key = booking_key(request.ori, request.tcn)
+        async with self._lock(booking_key(request.ori, request.tcn)):
+            return await self._submit(request, context)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        """The lock one booking's attempts take in turn (a submission and a retry of it)."""
         lock = self._tcn_locks.get(key)
         if lock is None:
             lock = self._tcn_locks[key] = asyncio.Lock()
-        async with lock:
-            return await self._submit(request, context)
+        return lock
 
     async def _submit(
         self, booking: bk.Booking, context: grpc.aio.ServicerContext[Any, Any]
@@ -375,15 +379,12 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         claimed = await asyncio.to_thread(self.store.claim_due_bookings, lease_s, RETRY_CLAIM_BATCH)
         for pending in claimed:
             key, (ori, tcn) = pending.tcn, booking_of(pending.tcn)
-            lock = self._tcn_locks.get(key)
-            if lock is None:
-                lock = self._tcn_locks[key] = asyncio.Lock()
-            async with lock:
+            async with self._lock(key):
                 previous = await asyncio.to_thread(self.store.decision, key)
                 if previous is not None and previous.status == bk.COMPLETE:
                     continue  # a resubmission finished it meanwhile (and dropped the sealed copy)
                 try:
-                    booking = self.open_booking(tcn, pending.sealed)
+                    booking = self.open_booking(key, pending.sealed)
                 except SealingError:
                     log.error("sealed booking does not open; left for an operator", tcn=tcn, ori=ori)
                     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.config.retry_max_s)
@@ -409,7 +410,8 @@ class Coordinator(bk_grpc.BookingServiceServicer):
         caller = current_caller()
         # A TCN is its agency's own: the booking looked up is the caller's, so another agency's
         # TCN is answered exactly as one that does not exist.
-        ori = request.ori or (caller.identity.ori or "" if caller.identity is not None else "")
+        own = caller.identity.ori if caller.identity is not None else None
+        ori = request.ori or own or ""
         violations = Violations()
         TCN.check(request.tcn, "tcn", violations)
         if not ori:

@@ -28,12 +28,17 @@ def kept_view(decision: bk.BookingDecision) -> bk.BookingDecision:
     only the records of IAFIS candidates that are a HIT or were confirmed by an examiner."""
     view = bk.BookingDecision()
     view.CopyFrom(decision)
-    for candidate in view.iafis.candidates:
-        if candidate.band != bio.HIT and candidate.subject_id != view.iafis.confirmed_subject_id:
-            candidate.ClearField("record")
+    _drop_unmatched_records(view.iafis)
     for candidate in view.ident.candidates:
         candidate.ClearField("record")
     return view
+
+
+def _drop_unmatched_records(result: bk.NodeResult) -> None:
+    """Clears the record of every candidate of ``result`` that is neither a HIT nor confirmed."""
+    for candidate in result.candidates:
+        if candidate.band != bio.HIT and candidate.subject_id != result.confirmed_subject_id:
+            candidate.ClearField("record")
 
 
 #: The notification state an agency sees: whether its booking was referred to ICE. A suppression
@@ -78,7 +83,5 @@ def _agency_iafis(result: bk.NodeResult) -> bk.NodeResult:
     view = bk.NodeResult()
     view.CopyFrom(result)
     view.ClearField("error")
-    for candidate in view.candidates:
-        if candidate.band != bio.HIT and candidate.subject_id != view.confirmed_subject_id:
-            candidate.ClearField("record")
+    _drop_unmatched_records(view)
     return view

@@ -134,7 +134,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
         review, sealed = claimed
         case = rv.ReviewCase(review=review)
         try:
-            booking = self.coordinator.open_booking(booking_of(tcn)[1], sealed)
+            booking = self.coordinator.open_booking(tcn, sealed)
         except SealingError:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {review.review_id} does not open"
@@ -265,7 +265,7 @@ class ReviewServicer(rv_grpc.ReviewServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no review {tcn}/{node}")
         review, sealed = claimed
         try:
-            booking = self.coordinator.open_booking(booking_of(tcn)[1], sealed)
+            booking = self.coordinator.open_booking(tcn, sealed)
         except SealingError:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS, f"the booking of review {tcn}/{node} does not open"
